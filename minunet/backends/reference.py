@@ -1,0 +1,275 @@
+"""The NumPy reference implementation of every U-Net op: the oracle.
+
+Every function here is plain, vectorized NumPy whose heavy lifting is one BLAS matrix multiply
+(``@``), so it is both the definition the CUDA kernels are checked against and a usable CPU
+backend. The reference is dtype-generic: give it float64 and it computes in float64, which is how
+the finite-difference gradient checks (tests/test_gradcheck.py) verify it.
+
+Shapes and weight layouts follow PyTorch: activations (N, C, H, W), conv weights (Co, Ci, kH, kW),
+transposed-conv weights (Ci, Co, 2, 2). The interface is described in docs/backends.md.
+
+The trick used by the 3x3 convolution ("full-width im2col")
+----------------------------------------------------------
+A valid 3x3 convolution reads, for output pixel (i, j), the input pixels (i+ky, j+kx). Flatten each
+input channel to a row of length H*W: pixel (i+ky, j+kx) sits at flat index (i*W + j) + (ky*W + kx).
+So if we compute outputs on the *full-width* grid p = i*W + j for j in [0, W) (instead of [0, W-2)),
+the input needed by the tap (ky, kx) is one contiguous slice ``flat[ky*W+kx : ky*W+kx + Ho*W]``.
+Nine slices stacked give the im2col matrix (9*Ci, Ho*W) and the convolution is a single GEMM
+``W (Co, 9*Ci) @ cols``. The two extra columns per row (j = W-2, W-1) wrap around into the next
+row; they are computed and thrown away (a 2/W overhead).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+xp = np  # the array module of this backend
+device = "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3x3 valid convolution
+# ----------------------------------------------------------------------------------------------
+def _flat_padded(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, C, H*W + 2): each channel flattened, plus 2 zeros so the last tap's
+    slice of the full-width grid (which reaches index Ho*W - 1 + 2*W + 2 = H*W + 1) stays in bounds."""
+    n, c, h, w = x.shape
+    flat = np.zeros((n, c, h * w + 2), dtype=x.dtype)
+    flat[:, :, : h * w] = x.reshape(n, c, h * w)
+    return flat
+
+
+def _im2col3x3(x: np.ndarray) -> np.ndarray:
+    """(N, Ci, H, W) -> cols (Ci*9, N*Ho*W), rows ordered (ci, ky, kx) like w.reshape(Co, Ci*9)."""
+    n, ci, h, w = x.shape
+    length = (h - 2) * w  # the full-width output grid of one image
+    flat = _flat_padded(x)
+    s_n, s_c, s_p = flat.strides
+    # view[n, c, ky, kx, p] = flat[n, c, ky*W + kx + p]  -- no copy yet
+    view = as_strided(flat, shape=(n, ci, 3, 3, length), strides=(s_n, s_c, w * s_p, s_p, s_p),
+                      writeable=False)
+    # the one copy: bring (ci, ky, kx) to the rows and (n, p) to the columns
+    return view.transpose(1, 2, 3, 0, 4).reshape(ci * 9, n * length)
+
+
+def conv3x3_forward(x, w, b=None):
+    """y[n,co,i,j] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] * x[n,ci,i+ky,j+kx]  (no padding)."""
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    ho, wo = h - 2, wd - 2
+    cols = _im2col3x3(x)
+    y_full = w.reshape(co, ci * 9) @ cols                     # (Co, N*Ho*W), one GEMM
+    y = y_full.reshape(co, n, ho, wd)[:, :, :, :wo].transpose(1, 0, 2, 3)
+    y = np.ascontiguousarray(y)
+    if b is not None:
+        y += b.reshape(1, co, 1, 1)
+    return y
+
+
+def _full_width(gy: np.ndarray, width: int) -> np.ndarray:
+    """(N, Co, Ho, Wo) -> (Co, N*Ho*W): gy on the full-width grid, zeros in the 2 wrap columns."""
+    n, co, ho, wo = gy.shape
+    g = np.zeros((co, n, ho, width), dtype=gy.dtype)
+    g[:, :, :, :wo] = gy.transpose(1, 0, 2, 3)
+    return g.reshape(co, n * ho * width)
+
+
+def conv3x3_backward(x, w, gy, with_bias=True):
+    """Gradients of the valid 3x3 convolution.
+
+    gw = gy_full @ cols^T (the same im2col as the forward, recomputed rather than stored, which
+    keeps the memory of a 572x572 network small); gx is the transpose: gcols = W^T @ gy_full,
+    then "col2im" adds each of the 9 tap slices back at its offset in the flattened input.
+    """
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    length = (h - 2) * wd
+    g = _full_width(gy, wd)                                   # (Co, N*L)
+    cols = _im2col3x3(x)                                      # (Ci*9, N*L)
+    gw = (g @ cols.T).reshape(w.shape)
+    gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
+    gcols = (w.reshape(co, ci * 9).T @ g).reshape(ci, 3, 3, n, length)
+    gflat = np.zeros((n, ci, h * wd + 2), dtype=x.dtype)
+    for ky in range(3):            # 9 tap offsets, each a whole-array add: no per-pixel loop
+        for kx in range(3):
+            off = ky * wd + kx
+            gflat[:, :, off:off + length] += gcols[:, ky, kx].transpose(1, 0, 2)
+    gx = gflat[:, :, : h * wd].reshape(n, ci, h, wd)
+    return gx, gw, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# 2x2 max-pooling, stride 2 (floor: odd last row/column dropped, as PyTorch)
+# ----------------------------------------------------------------------------------------------
+def _windows(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, C, H//2, W//2, 4): each 2x2 window's pixels in row-major order."""
+    n, c, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    x = x[:, :, : 2 * ho, : 2 * wo].reshape(n, c, ho, 2, wo, 2)
+    return x.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, 4)
+
+
+def max_pool2x2_forward(x):
+    """(y, argmax): y the window maxima, argmax = dy*2+dx of the (first) max, as uint8."""
+    win = _windows(x)
+    argmax = win.argmax(axis=-1)       # np.argmax returns the first maximum: the tie rule
+    y = np.take_along_axis(win, argmax[..., None], axis=-1)[..., 0]
+    return np.ascontiguousarray(y), argmax.astype(np.uint8)
+
+
+def max_pool2x2_backward(gy, argmax, x_shape):
+    """Route each output gradient to the input pixel that was the max; zero elsewhere."""
+    n, c, h, w = x_shape
+    ho, wo = h // 2, w // 2
+    g4 = np.zeros((n, c, ho, wo, 4), dtype=gy.dtype)
+    np.put_along_axis(g4, argmax[..., None].astype(np.intp), gy[..., None], axis=-1)
+    gx = np.zeros(x_shape, dtype=gy.dtype)
+    gx[:, :, : 2 * ho, : 2 * wo] = g4.reshape(n, c, ho, wo, 2, 2).transpose(0, 1, 2, 4, 3, 5) \
+                                     .reshape(n, c, 2 * ho, 2 * wo)
+    return gx
+
+
+# ----------------------------------------------------------------------------------------------
+# 2x2 stride-2 transposed convolution ("up-convolution", paper Section 2)
+# ----------------------------------------------------------------------------------------------
+def conv_transpose2x2_forward(x, w, b=None):
+    """y[n,co,2i+a,2j+b] = bias[co] + sum_ci x[n,ci,i,j] * w[ci,co,a,b]: every input pixel paints
+    its own 2x2 output block, so the op is one GEMM (Co*4, Ci) @ (Ci, N*H*W) and a reshuffle."""
+    n, ci, h, wd = x.shape
+    co = w.shape[1]
+    x2 = x.transpose(1, 0, 2, 3).reshape(ci, n * h * wd)
+    y = (w.reshape(ci, co * 4).T @ x2).reshape(co, 2, 2, n, h, wd)
+    y = y.transpose(3, 0, 4, 1, 5, 2).reshape(n, co, 2 * h, 2 * wd)  # (n, co, i, a, j, b)
+    if b is not None:
+        y += b.reshape(1, co, 1, 1)
+    return y
+
+
+def conv_transpose2x2_backward(x, w, gy, with_bias=True):
+    n, ci, h, wd = x.shape
+    co = w.shape[1]
+    g = gy.reshape(n, co, h, 2, wd, 2).transpose(1, 3, 5, 0, 2, 4).reshape(co * 4, n * h * wd)
+    x2 = x.transpose(1, 0, 2, 3).reshape(ci, n * h * wd)
+    w2 = w.reshape(ci, co * 4)
+    gx = (w2 @ g).reshape(ci, n, h, wd).transpose(1, 0, 2, 3)
+    gw = (x2 @ g.T).reshape(w.shape)
+    gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
+    return np.ascontiguousarray(gx), gw, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# crop-and-concatenate (the skip connections of Fig. 1, grey arrows)
+# ----------------------------------------------------------------------------------------------
+def crop_offsets(skip_shape, up_shape) -> tuple[int, int]:
+    """The center-crop offset (dH//2, dW//2) of the skip map relative to the upsampled map."""
+    return (skip_shape[2] - up_shape[2]) // 2, (skip_shape[3] - up_shape[3]) // 2
+
+
+def crop_concat_forward(skip, up):
+    """[center crop of skip to up's H, W ; up] concatenated on the channel axis."""
+    n, cs = skip.shape[:2]
+    hu, wu = up.shape[2:]
+    oy, ox = crop_offsets(skip.shape, up.shape)
+    y = np.empty((n, cs + up.shape[1], hu, wu), dtype=up.dtype)
+    y[:, :cs] = skip[:, :, oy:oy + hu, ox:ox + wu]
+    y[:, cs:] = up
+    return y
+
+
+def crop_concat_backward(gy, skip_shape, up_shape):
+    cs = skip_shape[1]
+    hu, wu = up_shape[2:]
+    oy, ox = crop_offsets(skip_shape, up_shape)
+    gskip = np.zeros(skip_shape, dtype=gy.dtype)
+    gskip[:, :, oy:oy + hu, ox:ox + wu] = gy[:, :cs]
+    return gskip, np.ascontiguousarray(gy[:, cs:])
+
+
+# ----------------------------------------------------------------------------------------------
+# 1x1 convolution (the final classifier layer)
+# ----------------------------------------------------------------------------------------------
+def conv1x1_forward(x, w, b=None):
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    y = np.matmul(w.reshape(co, ci), x.reshape(n, ci, h * wd)).reshape(n, co, h, wd)
+    if b is not None:
+        y += b.reshape(1, co, 1, 1)
+    return y
+
+
+def conv1x1_backward(x, w, gy, with_bias=True):
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    g = gy.reshape(n, co, h * wd)
+    gx = np.matmul(w.reshape(co, ci).T, g).reshape(x.shape)
+    gw = np.einsum("nop,nip->oi", g, x.reshape(n, ci, h * wd), optimize=True).reshape(w.shape)
+    gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
+    return gx, gw, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# ReLU and dropout
+# ----------------------------------------------------------------------------------------------
+def relu_forward(x):
+    return np.maximum(x, 0)
+
+
+def relu_backward(y, gy):
+    return np.where(y > 0, gy, 0).astype(gy.dtype, copy=False)
+
+
+def dropout_uniform(size: int, seed: int) -> np.ndarray:
+    """u in [0, 1) for flat indices 0..size-1: the counter-based lowbias32 hash of docs/backends.md,
+    bit-identical to the CUDA kernel (all arithmetic is uint32, wrapping modulo 2^32)."""
+    h = np.arange(size, dtype=np.uint32)
+    h += np.uint32((int(seed) * 0x9E3779B9) & 0xFFFFFFFF)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
+    h ^= h >> np.uint32(16)
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+
+
+def dropout_forward(x, p, seed):
+    """Inverted dropout: keep where u >= p, scale kept values by 1/(1-p) so E[y] = x."""
+    mask = (dropout_uniform(x.size, seed) >= np.float32(p)).reshape(x.shape).astype(np.uint8)
+    scale = x.dtype.type(1.0 / (1.0 - p))
+    return x * mask * scale, mask
+
+
+def dropout_backward(gy, mask, p):
+    return gy * mask * gy.dtype.type(1.0 / (1.0 - p))
+
+
+# ----------------------------------------------------------------------------------------------
+# weighted softmax cross-entropy (paper eq. 1), fused with its gradient
+# ----------------------------------------------------------------------------------------------
+def weighted_cross_entropy_forward(logits, target, weight=None):
+    """loss = mean_x w(x) * -log softmax(logits)[target(x)], and d loss / d logits.
+
+    Stable: subtracting the per-pixel channel max keeps exp() <= 1, so logits of magnitude 100
+    neither overflow nor lose the answer (log-sum-exp)."""
+    n, c, h, w = logits.shape
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    sum_e = e.sum(axis=1)                                     # (N, H, W), >= 1
+    idx = target.astype(np.intp)[:, None]
+    z_target = np.take_along_axis(z, idx, axis=1)[:, 0]
+    nll = np.log(sum_e) - z_target                            # -log p_target(x)
+    wmap = np.ones((n, h, w), logits.dtype) if weight is None else weight.astype(logits.dtype)
+    npix = n * h * w
+    loss = np.asarray((wmap * nll).sum() / npix, dtype=logits.dtype)
+    grad = e / sum_e[:, None]                                 # softmax
+    np.put_along_axis(grad, idx, np.take_along_axis(grad, idx, axis=1) - 1, axis=1)
+    grad *= (wmap / npix)[:, None]
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# SGD with momentum (PyTorch's formulation), in place
+# ----------------------------------------------------------------------------------------------
+def sgd_step(param, grad, velocity, lr, momentum):
+    velocity *= velocity.dtype.type(momentum)
+    velocity += grad
+    param -= param.dtype.type(lr) * velocity
