@@ -1,0 +1,26 @@
+"""Shared test helpers: seeded random arrays and tolerance checks that print the mismatches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def assert_close(actual, expected, rtol: float, atol: float, what: str = "") -> None:
+    """|actual - expected| <= atol + rtol * |expected| everywhere; print the first mismatches."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    bad = diff > atol + rtol * np.abs(expected.astype(np.float64))
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        rows = "; ".join(f"{tuple(int(k) for k in i)}: got {actual[tuple(i)]:.7g}, "
+                         f"want {expected[tuple(i)]:.7g}" for i in idx)
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.size} elements differ beyond "
+                             f"atol={atol} + rtol={rtol}*|ref| (max abs diff {diff.max():.3g}); {rows}")
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test, seeded from the test's name (reproducible, different per test)."""
+    seed = abs(hash(request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
