@@ -13,10 +13,11 @@ The trick used by the 3x3 convolution ("full-width im2col")
 A valid 3x3 convolution reads, for output pixel (i, j), the input pixels (i+ky, j+kx). Flatten each
 input channel to a row of length H*W: pixel (i+ky, j+kx) sits at flat index (i*W + j) + (ky*W + kx).
 So if we compute outputs on the *full-width* grid p = i*W + j for j in [0, W) (instead of [0, W-2)),
-the input needed by the tap (ky, kx) is one contiguous slice ``flat[ky*W+kx : ky*W+kx + Ho*W]``.
-Nine slices stacked give the im2col matrix (9*Ci, Ho*W) and the convolution is a single GEMM
-``W (Co, 9*Ci) @ cols``. The two extra columns per row (j = W-2, W-1) wrap around into the next
-row; they are computed and thrown away (a 2/W overhead).
+the input needed by the tap (ky, kx) is one contiguous slice ``flat[ky*W+kx : ky*W+kx + Ho*W]``:
+the convolution is nine GEMMs ``w[:, :, ky, kx] (Co, Ci) @ slice (Ci, Ho*W)`` summed, and BLAS
+reads each slice in place (no im2col copy: copying dominated the time on a 2-core CPU). The two
+extra columns per row (j = W-2, W-1) wrap around into the next row; they are computed and thrown
+away (a 2/W overhead).
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def _flat_padded(x: np.ndarray) -> np.ndarray:
     return flat
 
 
+def _taps(w: np.ndarray) -> np.ndarray:
+    """(Co, Ci, 3, 3) -> (3, 3, Co, Ci) contiguous: one (Co, Ci) matrix per tap, ready for BLAS."""
+    return np.ascontiguousarray(w.transpose(2, 3, 0, 1))
+
+
 def _im2col3x3(x: np.ndarray) -> np.ndarray:
     """(N, Ci, H, W) -> cols (Ci*9, N*Ho*W), rows ordered (ci, ky, kx) like w.reshape(Co, Ci*9)."""
     n, ci, h, w = x.shape
@@ -52,80 +58,101 @@ def _im2col3x3(x: np.ndarray) -> np.ndarray:
     return view.transpose(1, 2, 3, 0, 4).reshape(ci * 9, n * length)
 
 
+# Below this many input channels the 9-tap sum has too little work per GEMM (K = Ci), so the
+# forward builds the im2col matrix and does one GEMM with K = 9*Ci instead (the first layer).
+_IM2COL_MAX_CHANNELS = 8
+
+
 def conv3x3_forward(x, w, b=None):
-    """y[n,co,i,j] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] * x[n,ci,i+ky,j+kx]  (no padding)."""
+    """y[n,co,i,j] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] * x[n,ci,i+ky,j+kx]  (no padding).
+
+    Nine GEMMs, one per tap (ky, kx): ``w[:, :, ky, kx] (Co, Ci) @ flat[:, off:off+L]`` where the
+    right operand is a strided *view* of the flattened input (BLAS takes it without a copy),
+    accumulated on the full-width grid. For few input channels: im2col + one GEMM."""
     n, ci, h, wd = x.shape
     co = w.shape[0]
     ho, wo = h - 2, wd - 2
-    cols = _im2col3x3(x)
-    y_full = w.reshape(co, ci * 9) @ cols                     # (Co, N*Ho*W), one GEMM
-    y = y_full.reshape(co, n, ho, wd)[:, :, :, :wo].transpose(1, 0, 2, 3)
-    y = np.ascontiguousarray(y)
+    length = ho * wd
+    if ci < _IM2COL_MAX_CHANNELS:
+        y_full = (w.reshape(co, ci * 9) @ _im2col3x3(x)).reshape(co, n, ho, wd).transpose(1, 0, 2, 3)
+    else:
+        flat, taps = _flat_padded(x), _taps(w)
+        y_full = np.zeros((n, co, length), dtype=x.dtype)
+        tmp = np.empty_like(y_full)
+        for ky in range(3):          # 9 taps, each a whole-image GEMM: no per-pixel loop
+            for kx in range(3):
+                off = ky * wd + kx
+                np.matmul(taps[ky, kx], flat[:, :, off:off + length], out=tmp)
+                y_full += tmp
+        y_full = y_full.reshape(n, co, ho, wd)
+    y = np.ascontiguousarray(y_full[:, :, :, :wo])
     if b is not None:
         y += b.reshape(1, co, 1, 1)
     return y
 
 
-def _full_width(gy: np.ndarray, width: int) -> np.ndarray:
-    """(N, Co, Ho, Wo) -> (Co, N*Ho*W): gy on the full-width grid, zeros in the 2 wrap columns."""
-    n, co, ho, wo = gy.shape
-    g = np.zeros((co, n, ho, width), dtype=gy.dtype)
-    g[:, :, :, :wo] = gy.transpose(1, 0, 2, 3)
-    return g.reshape(co, n * ho * width)
-
-
 def conv3x3_backward(x, w, gy, with_bias=True):
-    """Gradients of the valid 3x3 convolution.
+    """Gradients of the valid 3x3 convolution, tap by tap on the full-width grid.
 
-    gw = gy_full @ cols^T (the same im2col as the forward, recomputed rather than stored, which
-    keeps the memory of a 572x572 network small); gx is the transpose: gcols = W^T @ gy_full,
-    then "col2im" adds each of the 9 tap slices back at its offset in the flattened input.
-    """
+    With g = gy on the full-width grid (zeros in the 2 wrap columns, so they contribute nothing):
+    gw[:, :, ky, kx] = sum_n g[n] @ flat[n, :, off:off+L]^T  (a GEMM with K = H*W), and
+    gx is the transpose of the forward: each tap's ``w[:, :, ky, kx]^T @ g`` is added back into
+    the flattened input at the tap's offset ("col2im", one slice-add per tap)."""
     n, ci, h, wd = x.shape
     co = w.shape[0]
-    length = (h - 2) * wd
-    g = _full_width(gy, wd)                                   # (Co, N*L)
-    cols = _im2col3x3(x)                                      # (Ci*9, N*L)
-    gw = (g @ cols.T).reshape(w.shape)
-    gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
-    gcols = (w.reshape(co, ci * 9).T @ g).reshape(ci, 3, 3, n, length)
+    ho, wo = h - 2, wd - 2
+    length = ho * wd
+    g = np.zeros((n, co, ho, wd), dtype=gy.dtype)
+    g[:, :, :, :wo] = gy
+    g = g.reshape(n, co, length)
+    flat, taps = _flat_padded(x), _taps(w)
+    gw = np.empty((co, ci, 3, 3), dtype=x.dtype)
     gflat = np.zeros((n, ci, h * wd + 2), dtype=x.dtype)
-    for ky in range(3):            # 9 tap offsets, each a whole-array add: no per-pixel loop
+    taps_t = np.ascontiguousarray(taps.transpose(0, 1, 3, 2))   # (3, 3, Ci, Co)
+    tmp = np.empty((n, ci, length), dtype=x.dtype)
+    for ky in range(3):
         for kx in range(3):
             off = ky * wd + kx
-            gflat[:, :, off:off + length] += gcols[:, ky, kx].transpose(1, 0, 2)
+            window = flat[:, :, off:off + length]               # (N, Ci, L) view
+            gw[:, :, ky, kx] = np.matmul(g, window.transpose(0, 2, 1)).sum(axis=0)
+            np.matmul(taps_t[ky, kx], g, out=tmp)
+            gflat[:, :, off:off + length] += tmp
     gx = gflat[:, :, : h * wd].reshape(n, ci, h, wd)
+    gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
     return gx, gw, gb
 
 
 # ----------------------------------------------------------------------------------------------
 # 2x2 max-pooling, stride 2 (floor: odd last row/column dropped, as PyTorch)
 # ----------------------------------------------------------------------------------------------
-def _windows(x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) -> (N, C, H//2, W//2, 4): each 2x2 window's pixels in row-major order."""
-    n, c, h, w = x.shape
-    ho, wo = h // 2, w // 2
-    x = x[:, :, : 2 * ho, : 2 * wo].reshape(n, c, ho, 2, wo, 2)
-    return x.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, 4)
+def _corners(x: np.ndarray) -> list[np.ndarray]:
+    """The four strided views x[..., dy::2, dx::2] in the order (0,0), (0,1), (1,0), (1,1),
+    each cut to (H//2, W//2): pixel k of every 2x2 window, for all windows at once."""
+    ho, wo = x.shape[2] // 2, x.shape[3] // 2
+    return [x[:, :, dy: 2 * ho: 2, dx: 2 * wo: 2] for dy in (0, 1) for dx in (0, 1)]
 
 
 def max_pool2x2_forward(x):
-    """(y, argmax): y the window maxima, argmax = dy*2+dx of the (first) max, as uint8."""
-    win = _windows(x)
-    argmax = win.argmax(axis=-1)       # np.argmax returns the first maximum: the tie rule
-    y = np.take_along_axis(win, argmax[..., None], axis=-1)[..., 0]
-    return np.ascontiguousarray(y), argmax.astype(np.uint8)
+    """(y, argmax): y the window maxima, argmax = dy*2+dx of the first max, as uint8.
+
+    Three elementwise passes over the four window corners; a strict ``>`` keeps the first
+    maximum on ties (the convention the kernel follows too)."""
+    corners = _corners(x)
+    y = corners[0].copy()
+    argmax = np.zeros(y.shape, dtype=np.uint8)
+    for k in (1, 2, 3):
+        better = corners[k] > y
+        argmax[better] = k
+        np.maximum(y, corners[k], out=y)
+    return y, argmax
 
 
 def max_pool2x2_backward(gy, argmax, x_shape):
-    """Route each output gradient to the input pixel that was the max; zero elsewhere."""
-    n, c, h, w = x_shape
-    ho, wo = h // 2, w // 2
-    g4 = np.zeros((n, c, ho, wo, 4), dtype=gy.dtype)
-    np.put_along_axis(g4, argmax[..., None].astype(np.intp), gy[..., None], axis=-1)
+    """Route each output gradient to the input pixel that was the max; zero elsewhere (also in
+    an odd last row/column, which the floor dropped)."""
     gx = np.zeros(x_shape, dtype=gy.dtype)
-    gx[:, :, : 2 * ho, : 2 * wo] = g4.reshape(n, c, ho, wo, 2, 2).transpose(0, 1, 2, 4, 3, 5) \
-                                     .reshape(n, c, 2 * ho, 2 * wo)
+    for k, corner in enumerate(_corners(gx)):
+        corner[...] = np.where(argmax == k, gy, 0)
     return gx
 
 
