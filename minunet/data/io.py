@@ -1,0 +1,159 @@
+"""Reading and writing images: PNG (Pillow) and TIFF (tifffile), 8- or 16-bit, gray or RGB.
+
+A file holds one or more 2-D *slices*: a PNG is one slice, a multi-page TIFF (like ISBI 2012's
+train-volume.tif, 30 pages of 512x512) is a stack of them. Raw images become float32 in [0, 1]
+by *per-slice* min/max normalisation: microscopes often use a small part of the 16-bit range, so
+dividing by the dtype's maximum would leave images nearly black, and per-slice scaling also
+evens out exposure differences between frames. Label images keep their integer values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_TIFF_SUFFIXES = (".tif", ".tiff")
+# ITU-R BT.601 luma, the weights Pillow's RGB -> L conversion uses.
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3 or 4) RGB(A) -> (..., H, W) float64 luma; alpha is ignored."""
+    return rgb[..., :3].astype(np.float64) @ _LUMA
+
+
+def normalize_intensity(image: np.ndarray) -> np.ndarray:
+    """Rescale one slice to [0, 1] by its own min and max; a constant slice becomes all zeros.
+
+    Returns float32 of the input's shape."""
+    image = np.asarray(image, np.float64)
+    lo, hi = image.min(), image.max()
+    if hi <= lo:
+        return np.zeros(image.shape, np.float32)
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF as (S, H, W[, samples]) with the samples (colour) axis, if any, last."""
+    with tifffile.TiffFile(path) as tif:
+        array = tif.asarray()
+        axes = tif.series[0].axes
+    if "S" in axes:
+        array = np.moveaxis(array, axes.index("S"), -1)
+        return array.reshape((-1,) + array.shape[-3:])
+    return array.reshape((-1,) + array.shape[-2:])
+
+
+def _read_pillow(path: Path, as_label: bool) -> np.ndarray:
+    """A PNG/JPEG/BMP as (1, H, W[, channels]). Palette images: indices for labels (they are the
+    class ids), RGB colours for images."""
+    with Image.open(path) as img:
+        if img.mode == "P":
+            img = img if as_label else img.convert("RGB")
+        elif img.mode in ("LA", "PA"):
+            img = img.convert("L") if img.mode == "LA" else img.getchannel(0)
+        elif img.mode in ("CMYK", "YCbCr", "HSV", "LAB", "1"):
+            img = img.convert("RGB" if img.mode != "1" else "L")
+        array = np.asarray(img)
+    return array[None]
+
+
+def read_slices(path: str | Path, as_label: bool = False) -> list[np.ndarray]:
+    """All 2-D slices of an image file, colour converted to gray, values not rescaled.
+
+    Args:
+        path: a .png / .tif / .tiff (also .jpg, .bmp) file.
+        as_label: for label images, a colour image is accepted only if its channels are equal
+            (a gray image saved as RGB) -- mixing colours into luma would corrupt class ids.
+    Returns:
+        list of 2-D arrays (H, W) in the file's dtype (gray luma as float64 for colour images).
+    Raises:
+        ValueError (one line naming the file) if it cannot be read.
+    """
+    path = Path(path)
+    try:
+        stack = _read_tiff(path) if path.suffix.lower() in _TIFF_SUFFIXES \
+            else _read_pillow(path, as_label)
+    except Exception as error:  # any decoder failure: report the file, not a deep traceback
+        raise ValueError(f"cannot read image file {path}: {error}; check that it is a valid "
+                         f"PNG or TIFF") from None
+    if stack.ndim == 4:  # colour: (S, H, W, channels)
+        if stack.shape[-1] == 1:
+            stack = stack[..., 0]
+        elif stack.shape[-1] in (3, 4) and not as_label:
+            stack = rgb_to_gray(stack)
+        elif stack.shape[-1] in (3, 4) and np.all(stack[..., :3] == stack[..., :1]):
+            stack = stack[..., 0]
+        else:
+            raise ValueError(f"label image {path} has {stack.shape[-1]} differing colour "
+                             f"channels; save labels as single-channel gray or indexed images")
+    if stack.ndim != 3 or stack.shape[1] == 0 or stack.shape[2] == 0:
+        raise ValueError(f"image file {path} has unsupported shape {stack.shape}; expected 2-D "
+                         "slices (a gray or RGB image, or a multi-page TIFF stack)")
+    return list(stack)
+
+
+def read_image(path: str | Path) -> list[np.ndarray]:
+    """The slices of a raw image file, each float32 (H, W) in [0, 1] (per-slice min/max)."""
+    return [normalize_intensity(s) for s in read_slices(path, as_label=False)]
+
+
+def labels_to_classes(label: np.ndarray, num_classes: int, source: str = "label") -> np.ndarray:
+    """Label image -> int32 class indices: {0, 255} (ISBI's black/white) becomes {0, 1}, other
+    values are class indices already and must lie in 0..num_classes-1.
+
+    Raises ValueError naming `source` for out-of-range or non-integer values."""
+    label = np.asarray(label)
+    if label.dtype.kind == "f":
+        if not np.all(label == np.round(label)):
+            raise ValueError(f"{source} holds fractional values; label images must hold "
+                             "integer class indices (or 0/255)")
+    if label.dtype == bool:
+        return label.astype(np.int32)
+    values = np.unique(label)
+    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
+        label = label // 255
+    label = label.astype(np.int64)
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        raise ValueError(f"{source} has values {sorted(set(np.unique(label).tolist()))[:8]} "
+                         f"outside 0..{num_classes - 1}; use {{0, 255}} or class indices below "
+                         f"num_classes (or raise num_classes)")
+    return label.astype(np.int32)
+
+
+def write_image(path: str | Path, array: np.ndarray) -> None:
+    """Write one 2-D array (or a (S, H, W) stack as a multi-page TIFF).
+
+    * .tif / .tiff: any numeric dtype as is (float32 probability maps, 16-bit masks, stacks).
+    * .png: bool (written as 0/255, so it reads back as {0, 1}), uint8 or uint16 2-D arrays;
+      other integer arrays are written as uint8/uint16 when their values fit.
+    Parent folders are created. Raises ValueError for a PNG of floats or out-of-range values.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in _TIFF_SUFFIXES:
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        # Gray pages: without this, tifffile would store a (3, H, W) stack as one RGB image.
+        tifffile.imwrite(path, array, photometric="minisblack")
+        return
+    if suffix != ".png":
+        raise ValueError(f"cannot write {path}: use a .png (masks) or .tif (probability maps) name")
+    if array.ndim != 2:
+        raise ValueError(f"cannot write shape {array.shape} to PNG {path}; a PNG holds one 2-D "
+                         "slice, use .tif for stacks")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype.kind in "iu":
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ValueError(f"values of {path} do not fit a 16-bit PNG; write a .tif instead")
+        array = array.astype(np.uint8 if array.size == 0 or array.max() <= 255 else np.uint16)
+    else:
+        raise ValueError(f"cannot write {array.dtype} values to PNG {path}; write float "
+                         "probability maps to a .tif, or convert masks to uint8")
+    Image.fromarray(array).save(path)
