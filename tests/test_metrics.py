@@ -1,0 +1,177 @@
+"""Metrics on hand-made cases whose answers are known."""
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import minunet.metrics as M
+
+TOL = 1e-12
+
+
+def _square_image(shape=(20, 20), box=(5, 15, 5, 15)):
+    m = np.zeros(shape, bool)
+    m[box[0]:box[1], box[2]:box[3]] = True
+    return m
+
+
+def test_perfect_prediction():
+    rng = np.random.default_rng(0)
+    truth = rng.random((17, 23)) > 0.4
+    assert M.pixel_error(truth, truth) == 0.0
+    assert M.rand_error(truth, truth) == 0.0
+    assert M.warping_error(truth, truth) == 0.0
+    assert M.iou(truth, truth) == 1.0
+    assert M.seg(truth, truth) == 1.0
+    assert M.evaluate_all(truth.astype(np.float32), truth) == {
+        "pixel_error": 0.0, "rand_error": 0.0, "warping_error": 0.0, "iou": 1.0}
+
+
+def test_rand_error_by_hand_on_a_2x3_image():
+    truth = np.array([[1, 1, 2], [1, 2, 2]])
+    pred = np.array([[1, 1, 1], [2, 2, 2]])
+    # n_ij = [[2, 1], [1, 2]]: sum n_ij^2 = 10, row and column sums 3, 3 -> 18 each.
+    # P = R = 10/18, error = 1 - 10/18 = 4/9
+    assert abs(M.rand_error(pred, truth) - 4 / 9) < TOL
+    # One proposal-background pixel inside truth segment 2: a singleton.
+    pred_with_gap = np.array([[1, 1, 0], [2, 2, 2]])
+    # joint: 2^2 + 1^2 + 2^2 + 1 = 10; truth rows: 3^2 + 3^2 = 18; proposal: 2^2 + 3^2 + 1 = 14
+    p, r = 10 / 14, 10 / 18
+    assert abs(M.rand_error(pred_with_gap, truth) - (1 - 2 * p * r / (p + r))) < TOL
+    # Truth background (0) pixels are ignored, whatever the proposal says there.
+    truth_bg = np.array([[1, 1, 0], [1, 0, 0]])
+    assert M.rand_error(np.array([[1, 1, 5], [1, 7, 3]]), truth_bg) == 0.0
+
+
+def test_split_and_merge_raise_rand_and_warping_error_but_a_shift_does_not_warp():
+    truth = _square_image()
+    split = truth.copy()
+    split[5:15, 10] = False                 # one cell predicted as two
+    two = truth.copy()
+    two[5:15, 10] = False                   # two true cells ...
+    merged = truth                          # ... predicted as one
+    shifted = np.roll(truth, 1, axis=0)     # same cell, boundary moved by 1 px
+    n = truth.size
+
+    assert M.rand_error(split, truth) > 0.05
+    assert M.rand_error(merged, two) > 0.3
+    # The truth can be cut open from either end of the cut, pixel by pixel, until the last pixel
+    # would split it: exactly one pixel remains.
+    assert M.warping_error(split, truth) == pytest.approx(1 / n)
+    # Filling the 10-pixel gap: every gap pixel touches both true cells, so adding any of them
+    # would merge them: all 10 remain.
+    assert M.warping_error(merged, two) == pytest.approx(10 / n)
+    # a shift is only geometry
+    assert M.warping_error(shifted, truth) == 0.0
+    assert M.pixel_error(shifted, truth) > 0.05
+    # missing object: a whole cell vanishes -> it cannot be warped away entirely
+    assert M.warping_error(np.zeros_like(truth), truth) == pytest.approx(1 / n)
+
+
+def test_warped_truth_keeps_the_truth_topology():
+    rng = np.random.default_rng(1)
+    truth = ndimage.binary_opening(rng.random((40, 40)) > 0.45)
+    prob = np.clip(truth + rng.normal(0, 0.5, truth.shape), 0, 1)
+    warped = M.warp_truth(prob, truth, threshold=0.5)
+    four, eight = ndimage.generate_binary_structure(2, 1), ndimage.generate_binary_structure(2, 2)
+    count = lambda a: (ndimage.label(np.pad(a, 1), four)[1], ndimage.label(~np.pad(a, 1), eight)[1])
+    assert count(warped) == count(truth)
+    remaining = np.count_nonzero(warped != (prob > 0.5))
+    assert remaining < np.count_nonzero(truth != (prob > 0.5))
+    assert M.warping_error(prob, truth) == pytest.approx(remaining / truth.size)
+
+
+def test_simple_point_table_matches_global_topology():
+    """Flipping a pixel the table calls simple keeps the number of 4-connected objects and of
+    8-connected background components; flipping any other pixel changes one of them."""
+    table = M.simple_point_table()
+    four, eight = ndimage.generate_binary_structure(2, 1), ndimage.generate_binary_structure(2, 2)
+
+    def counts(a):
+        padded = np.pad(a, 1)
+        return ndimage.label(padded, four)[1], ndimage.label(~padded, eight)[1]
+
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        a = rng.random((6, 6)) < rng.uniform(0.3, 0.7)
+        before, padded = counts(a), np.pad(a, 1)
+        for y in range(6):
+            for x in range(6):
+                code = sum(int(padded[y + 1 + dy, x + 1 + dx]) << k
+                           for k, (dy, dx) in enumerate(M._NEIGHBOURS))
+                flipped = a.copy()
+                flipped[y, x] = ~flipped[y, x]
+                assert bool(table[code]) == (counts(flipped) == before)
+
+
+def test_iou_pixel_error_and_seg_by_hand():
+    pred = np.array([[1, 1, 0, 0], [0, 1, 1, 0]])
+    truth = np.array([[1, 0, 0, 0], [1, 1, 1, 0]])
+    # TP 3, FP 1, FN 1
+    assert M.iou(pred, truth) == pytest.approx(3 / 5)
+    assert M.pixel_error(pred, truth) == pytest.approx(1 - 6 / 8)
+    true_labels = np.array([[1, 1, 0, 2],
+                            [1, 1, 0, 2],
+                            [0, 0, 0, 0],
+                            [3, 3, 3, 0]])
+    pred_labels = np.array([[5, 5, 0, 6],
+                            [5, 9, 0, 0],
+                            [0, 0, 0, 0],
+                            [7, 7, 7, 7]])
+    # R1 (4 px) ~ S5 (3 px): overlap 3 > 2 -> 3/4; R2 (2 px) ~ S6: overlap 1, not > 1 -> 0;
+    # R3 (3 px) in S7 (4 px): 3/4.  SEG = (3/4 + 0 + 3/4) / 3
+    assert M.seg(pred_labels, true_labels) == pytest.approx(0.5)
+    assert np.isnan(M.seg(pred_labels, np.zeros_like(true_labels)))
+    assert M.iou(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
+    assert M.pixel_error(np.zeros((3, 3)), np.zeros((3, 3))) == 0.0
+
+
+def test_best_over_thresholds_and_evaluate_all_on_probabilities():
+    truth = _square_image()
+    prob = np.where(truth, 0.35, 0.25)
+    assert M.best_over_thresholds(prob, truth, M.pixel_error) == (0.0, 0.3)
+    assert M.best_over_thresholds(prob, truth, M.iou) == (1.0, 0.3)
+    # at 0.0 everything is foreground: one object, background connected to the outside, the
+    # same topology as the truth -- so the warping error is 0 there already (first threshold)
+    assert M.best_over_thresholds(prob, truth, M.warping_error) == (0.0, 0.0)
+    assert M.warping_error(prob, truth, threshold=0.3) == 0.0
+    # at 0.5 nothing is segmented (every truth pixel a singleton); at 0.1 everything is one
+    # segment, which the foreground-restricted Rand error does not penalise
+    assert M.rand_error(prob > 0.5, truth) > 0.9
+    assert M.best_over_thresholds(prob, truth, M.rand_error, thresholds=(0.5, 0.1)) == (0.0, 0.1)
+    assert M.best_over_thresholds(prob, truth, M.pixel_error, thresholds=(0.31, 0.3)) == (0.0, 0.31)
+    report = M.evaluate_all(prob, truth)
+    assert set(report) == {"pixel_error", "rand_error", "warping_error", "iou"}
+    assert report["pixel_error"] == 0.0 and report["rand_error"] == 0.0
+    assert report["warping_error"] == 0.0
+    assert report["iou"] == 0.0  # at 0.5 nothing is foreground
+
+
+def test_stacks_average_per_slice():
+    truth = np.stack([_square_image(), _square_image(box=(2, 9, 3, 18))])
+    pred = truth.copy()
+    pred[0, 5:15, 10] = False
+    per_slice = [M.rand_error(p, t) for p, t in zip(pred, truth)]
+    assert M.rand_error(pred, truth) == pytest.approx(np.mean(per_slice))
+    assert M.warping_error(pred, truth) == pytest.approx(0.5 / 400)
+
+
+def test_warping_error_is_fast_on_256x256():
+    from minunet.data.synthetic import em_images
+
+    images, labels = em_images(1, size=256, seed=4)
+    start = time.perf_counter()
+    M.warping_error(images[0], labels[0], threshold=0.3)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_errors_on_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        M.iou(np.zeros((3, 4)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="binary mask"):
+        M.pixel_error(np.full((3, 3), 0.7), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="outside"):
+        M.evaluate_all(np.full((3, 3), 2.5), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="empty"):
+        M.best_over_thresholds(np.zeros((3, 3)), np.zeros((3, 3)), M.iou, thresholds=())
