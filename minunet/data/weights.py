@@ -41,7 +41,8 @@ def separate_touching(instances: np.ndarray) -> np.ndarray:
     A cell pixel becomes background when its 3x3 neighbourhood holds a cell with a *larger* id.
     Only one side of each contact gives up pixels, so the gap is one pixel wide, and because the
     test uses all 8 neighbours, no pixel of one cell stays 4- or 8-adjacent to another cell.
-    Cells that touch nothing are returned unchanged.
+    Cells that touch nothing are returned unchanged (a cell only one pixel thick along a
+    contact can lose those pixels).
 
     Args:
         instances: int (H, W), 0 = background, 1..K = cells.
