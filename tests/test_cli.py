@@ -1,0 +1,162 @@
+"""The command-line entry points: train -> predict -> evaluate on tiny synthetic data, exact
+resumption, Ctrl-C, NaN handling, and one-line errors with exit status 2 for bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minunet import evaluate, predict, train
+from minunet.checkpoint import load_checkpoint
+from minunet.cli import run
+
+# A depth-2, 2-channel U-Net on 48x48 synthetic images: each step takes milliseconds.
+TINY = ["--device", "cpu", "--synthetic-count", "3", "--synthetic-size", "48", "--base-channels",
+        "2", "--depth", "2", "--tile", "44", "--max-minutes", "0", "--quiet", "--lr", "0.01"]
+
+
+def train_cli(tmp_path, *extra, out="run"):
+    return run(train.main, TINY + ["--out", str(tmp_path / out), *extra])
+
+
+def test_train_writes_every_output(tmp_path, capsys):
+    assert train_cli(tmp_path, "--iterations", "4") == 0
+    out = tmp_path / "run"
+    for name in ("checkpoint.npz", "metrics.json", "log.csv", "loss.png", "prediction.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"iou", "pixel_error", "rand_error", "warping_error", "loss"} <= metrics.keys()
+    assert 0 <= metrics["iou"] <= 1 and np.isfinite(metrics["loss"])
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 4
+    assert "validation: IoU" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 iterations straight == 3 iterations, then --resume to 6 (same seed, on cpu)."""
+    assert train_cli(tmp_path, "--iterations", "6", out="straight") == 0
+    assert train_cli(tmp_path, "--iterations", "3", out="resumed") == 0
+    assert train_cli(tmp_path, "--iterations", "6", "--resume", out="resumed") == 0
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")
+    assert a["meta"]["iteration"] == b["meta"]["iteration"] == 6
+    for name, value in a["params"].items():
+        assert np.array_equal(value, b["params"][name]), name
+    log = (tmp_path / "resumed" / "log.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, monkeypatch, capsys):
+    class InterruptAfterTwoSteps(train._InterruptFlag):
+        checks = 0
+
+        @property
+        def raised(self):
+            type(self).checks += 1
+            return type(self).checks >= 2
+
+        @raised.setter
+        def raised(self, value):
+            pass
+
+    monkeypatch.setattr(train, "_InterruptFlag", InterruptAfterTwoSteps)
+    assert train_cli(tmp_path, "--iterations", "10") == train.EXIT_INTERRUPTED
+    assert "--resume" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert ckpt["meta"]["iteration"] == 2
+    monkeypatch.undo()
+    assert train_cli(tmp_path, "--iterations", "4", "--resume") == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.npz")["meta"]["iteration"] == 4
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    status = train_cli(tmp_path, "--iterations", "50", "--lr", "1e9", "--checkpoint-every", "1")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "the loss became" in err and "last good checkpoint" in err
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert all(np.isfinite(v).all() for v in ckpt["params"].values())
+    assert ckpt["meta"]["iteration"] < 50
+
+
+def test_predict_then_evaluate(tmp_path, capsys):
+    from minunet.data.io import write_image
+    from minunet.data.synthetic import em_images
+
+    assert train_cli(tmp_path, "--iterations", "2") == 0
+    images, labels = em_images(2, size=40, seed=5)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "truth").mkdir()
+    for k in range(2):
+        write_image(tmp_path / "in" / f"img{k}.png", (images[k] * 255).astype(np.uint8))
+        write_image(tmp_path / "truth" / f"img{k}.png", labels[k].astype(np.uint8) * 255)
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    inputs = [str(tmp_path / "in" / f"img{k}.png") for k in range(2)]
+    assert run(predict.main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "pred"),
+                              "--device", "cpu", *inputs]) == 0
+    assert (tmp_path / "pred" / "img0_prob.tif").is_file()
+    assert (tmp_path / "pred" / "img1_mask.png").is_file()
+    assert run(evaluate.main, ["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 0
+    scores = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
+    assert set(evaluate.METRICS) <= scores["mean"].keys() and len(scores["images"]) == 2
+    assert "mean" in capsys.readouterr().out
+
+
+def test_evaluate_scores_a_perfect_prediction_as_perfect(tmp_path):
+    from minunet.data.io import write_image
+    from minunet.data.synthetic import em_images
+
+    _, labels = em_images(1, size=40, seed=1)
+    for d in ("pred", "truth"):
+        write_image(tmp_path / d / "a.png", labels[0].astype(np.uint8) * 255)
+    assert run(evaluate.main, ["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 0
+    mean = json.loads((tmp_path / "pred" / "evaluation.json").read_text())["mean"]
+    assert mean["iou"] == 1.0 and mean["pixel_error"] == 0.0 and mean["warping_error"] == 0.0
+    assert mean["rand_error"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--data", "/nonexistent/folder"], "does not exist"),
+    (["--tile", "45"], "not valid"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+])
+def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
+    assert train_cli(tmp_path, *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1
+
+
+def test_resume_with_another_architecture_or_corrupt_checkpoint(tmp_path, capsys):
+    assert train_cli(tmp_path, "--iterations", "1") == 0
+    assert train_cli(tmp_path, "--iterations", "2", "--resume", "--base-channels", "4") == 2
+    assert "base_channels=2" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoint.npz").write_bytes(b"not a zip file")
+    assert run(predict.main, ["--checkpoint", str(tmp_path / "run" / "checkpoint.npz"), "--out",
+                              str(tmp_path / "p"), str(tmp_path / "x.png")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_predict_and_evaluate_bad_input(tmp_path, capsys):
+    assert train_cli(tmp_path, "--iterations", "1") == 0
+    ckpt = str(tmp_path / "run" / "checkpoint.npz")
+    assert run(predict.main, ["--checkpoint", ckpt, "--out", str(tmp_path / "p"),
+                              str(tmp_path / "missing.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert run(predict.main, ["--checkpoint", ckpt, "--out", str(tmp_path / "p"), "--tile", "50",
+                              ckpt]) == 2
+    assert "not valid" in capsys.readouterr().err
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run(evaluate.main, ["--pred", str(tmp_path / "a"), "--truth", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_status(tmp_path):
+    """`python -m minunet.train` itself: bad input -> status 2 and no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "minunet.train", "--data", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
