@@ -71,6 +71,7 @@ inline char* dynamic_shared;  // the `extern __shared__` buffer of the current l
 
 // Implemented in emu_runtime.h.
 void syncthreads(int line);
+void register_shared(const void* array, size_t bytes, size_t element_bytes, const char* name);
 [[noreturn]] void device_failure(const char* what, const char* file, int line);
 }  // namespace emu
 
@@ -80,6 +81,22 @@ static const uint3& blockIdx = emu::block_idx;
 static const dim3& blockDim = emu::block_dim;
 static const dim3& gridDim = emu::grid_dim;
 static const int warpSize = 32;
+
+namespace emu {
+// compiler.py rewrites `__shared__ float tile[16][17];` into
+//     __shared__ emu::SharedArray<float[16][17]> emu_shared_tile{"tile"}; auto& tile = emu_shared_tile.value;
+// so the array sits between two 64-byte redzones and the runtime knows its name and bounds: an
+// access that lands in a redzone (tile[16][0], tile[-1][0]) fails the launch with the name.
+template <class T>
+struct SharedArray {
+    char front_redzone[64];
+    T value;
+    char back_redzone[64];
+    explicit SharedArray(const char* name) {
+        register_shared(&value, sizeof(T), sizeof(std::remove_all_extents_t<T>), name);
+    }
+};
+}  // namespace emu
 
 template <class T>
 static inline T* emu_dynamic_shared() { return reinterpret_cast<T*>(emu::dynamic_shared); }

@@ -49,6 +49,7 @@ enum Failure : int32_t {
     BARRIER_EXIT = 7,        // some threads returned while others wait at a __syncthreads()
     DEVICE_ASSERT = 8,       // assert() or __trap() in the kernel
     SETUP = 9,               // the runtime could not allocate its memory
+    SHARED_OUT_OF_BOUNDS = 10,  // an access in a redzone around a static __shared__ array
 };
 
 struct Region {              // one contiguous stretch of host memory = one emulated device buffer
@@ -75,8 +76,9 @@ struct Report {
     int32_t line, other_line;  // barrier lines (BARRIER_*), assert line
     uint32_t other_thread[3];
     int32_t used_fibers;     // out: 1 if the kernel ran (or had to run) in fiber mode
-    int32_t reserved;
-    char text[256];          // assert text / file name
+    int32_t element_bytes;   // SHARED_OUT_OF_BOUNDS: the array's element size ...
+    uint64_t array_bytes;    // ... and total size
+    char text[256];          // assert text / file name / shared array name
 };
 
 // ---- Launch state (one launch at a time: launcher.py holds a lock) ----------------------------
@@ -110,6 +112,19 @@ EMU_NOSAN static void copy_uint3(uint32_t* dst, uint3 v) { dst[0] = v.x; dst[1] 
     siglongjmp(g_jump, 1);
 }
 
+// ---- Static __shared__ arrays, registered by emu::SharedArray (cuda_emu.h) -------------------
+struct SharedSpan { uintptr_t lo, hi; size_t element; const char* name; };
+static const int kMaxSharedArrays = 1024;
+static const uintptr_t kSharedRedzone = 64;
+static SharedSpan g_shared_arrays[kMaxSharedArrays];
+static int g_nshared_arrays;
+static uintptr_t g_shared_lo, g_shared_size;  // the "emu_shared" section
+
+EMU_NOSAN void register_shared(const void* array, size_t bytes, size_t element_bytes, const char* name) {
+    if (g_nshared_arrays < kMaxSharedArrays)
+        g_shared_arrays[g_nshared_arrays++] = SharedSpan{(uintptr_t)array, (uintptr_t)array + bytes, element_bytes, name};
+}
+
 // The buffer an address belongs to or lies nearest to (for guard-page hits and slack hits).
 EMU_NOSAN static int nearest_span(uintptr_t a) {
     int best = -1;
@@ -140,7 +155,10 @@ EMU_NOSAN static int nearest_span(uintptr_t a) {
 // one buffer's data; anything else (fiber stacks, __shared__ arrays, globals) is let through. So
 // x[-1] and x[n] are caught exactly, however the buffer size relates to the page size, for reads
 // and writes alike, and the report names the buffer, the element and the CUDA thread.
+EMU_NOSAN static void check_shared(uintptr_t a, size_t n, int is_write);
+
 EMU_NOSAN static inline void check(uintptr_t a, size_t n, int is_write) {
+    if (a - g_shared_lo < g_shared_size) return check_shared(a, n, is_write);
     if (a - (uintptr_t)g_arena >= g_arena_size) return;  // not a kernel buffer (one compare)
     for (int i = 0; i < g_nspans; ++i) {
         const Span& s = g_spans[i];
@@ -151,6 +169,31 @@ EMU_NOSAN static inline void check(uintptr_t a, size_t n, int is_write) {
         }
     }
     fail_access(OUT_OF_BOUNDS, a, (int)n, is_write);  // a guard page: it would fault next
+}
+
+// An address inside the shared section: fine inside a registered array or outside all redzones
+// (unregistered __shared__ variables); an access touching a redzone is reported with the nearest array.
+EMU_NOSAN static void check_shared(uintptr_t a, size_t n, int is_write) {
+    int hit = -1;
+    uintptr_t best = ~(uintptr_t)0;
+    for (int i = 0; i < g_nshared_arrays; ++i) {
+        const SharedSpan& s = g_shared_arrays[i];
+        if (a >= s.lo && a + n <= s.hi) return;
+        bool in_redzone = (a < s.hi + kSharedRedzone && a + n > s.hi) || (a + n > s.lo - kSharedRedzone && a < s.lo);
+        if (!in_redzone) continue;
+        uintptr_t d = a < s.lo ? s.lo - a : a + n - s.hi;
+        if (d < best) { best = d; hit = i; }
+    }
+    if (hit < 0) return;
+    const SharedSpan& s = g_shared_arrays[hit];
+    g_report->offset = (int64_t)(a - s.lo);
+    g_report->size = (int)n;
+    g_report->is_write = is_write;
+    g_report->address = a;
+    g_report->element_bytes = (int32_t)s.element;
+    g_report->array_bytes = s.hi - s.lo;
+    snprintf(g_report->text, sizeof g_report->text, "%s", s.name);
+    fail(SHARED_OUT_OF_BOUNDS);
 }
 
 }  // namespace emu
@@ -517,6 +560,8 @@ EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Reg
     for (int i = 0; i < nbindings; ++i)
         *(void**)args[bindings[i].arg] = all[bindings[i].region].device + bindings[i].offset;
 
+    g_shared_lo = (uintptr_t)__start_emu_shared;
+    g_shared_size = static_shared_bytes();
     g_fiber_mode = fiber_mode;
     SavedSignals saved;
     install_fault_handlers(&saved);
@@ -598,3 +643,6 @@ EMU_NOSAN static const char* signature(void (*)(A...)) {
 #define EMU_KERNEL(name)                                                                      \
     EMU_EXPORT EMU_NOSAN void emu_entry__##name(void** args) { emu::invoke(name, args); }              \
     EMU_EXPORT const char* emu_signature__##name() { return emu::signature(name); }
+// The kernel's __launch_bounds__ value (source.py defines emu_bound_value__<name> after the kernel).
+#define EMU_LAUNCH_BOUND(name) \
+    EMU_EXPORT int emu_launch_bound__##name() { return emu_bound_value__##name; }

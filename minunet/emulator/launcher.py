@@ -52,7 +52,8 @@ class _Report(ctypes.Structure):
                 ("block", ctypes.c_uint32 * 3), ("thread", ctypes.c_uint32 * 3),
                 ("address", ctypes.c_uint64), ("line", ctypes.c_int32), ("other_line", ctypes.c_int32),
                 ("other_thread", ctypes.c_uint32 * 3), ("used_fibers", ctypes.c_int32),
-                ("reserved", ctypes.c_int32), ("text", ctypes.c_char * 256)]
+                ("element_bytes", ctypes.c_int32), ("array_bytes", ctypes.c_uint64),
+                ("text", ctypes.c_char * 256)]
 
 
 def _default_seed() -> int:
@@ -132,9 +133,9 @@ class EmuFunction:
         signature = getattr(library, f"emu_signature__{name}")
         signature.restype = ctypes.c_char_p
         self.param_types: tuple[str, ...] = tuple(signature().decode().split())
-        static_shared = library.emu_static_shared_bytes
-        static_shared.restype = ctypes.c_uint64
-        self.static_shared_bytes = int(static_shared())
+        self.launch_bound = None  # __launch_bounds__ as the compiler evaluated it (macros resolved)
+        if self.info.launch_bound and self.info.body_end > 0:
+            self.launch_bound = int(getattr(library, f"emu_launch_bound__{name}")())
         self._launch = library.emu_launch
         self._launch.restype = ctypes.c_int
         self.launch_count = 0
@@ -167,17 +168,16 @@ class EmuFunction:
         if threads > MAX_THREADS_PER_BLOCK:
             raise LaunchError(f"{self._where()}: block {block} has {threads} threads; a block "
                               f"holds at most {MAX_THREADS_PER_BLOCK}")
-        bound = self.info.launch_bound
+        bound = self.launch_bound
         if bound is not None and threads > bound:
             raise LaunchError(f"{self._where()}: block {block} has {threads} threads but the kernel "
                               f"declares __launch_bounds__({bound}); a GPU refuses this launch")
         if not isinstance(shared_mem, (int, np.integer)) or shared_mem < 0:
             raise LaunchError(f"{self._where()}: shared_mem must be a byte count >= 0, got {shared_mem!r}")
         shared_mem = int(shared_mem)
-        if shared_mem + self.static_shared_bytes > MAX_SHARED_BYTES:
-            raise LaunchError(f"{self._where()}: needs {shared_mem + self.static_shared_bytes} bytes of "
-                              f"shared memory per block ({self.static_shared_bytes} static + {shared_mem} "
-                              f"dynamic); a GPU allows {MAX_SHARED_BYTES} without opting in")
+        if shared_mem > MAX_SHARED_BYTES:  # (static sizes are per kernel, which the module can't tell)
+            raise LaunchError(f"{self._where()}: shared_mem={shared_mem} bytes of dynamic shared memory "
+                              f"per block; a GPU allows {MAX_SHARED_BYTES} without opting in")
         return grid, block, shared_mem
 
     def _check_arg(self, i: int, code: str, arg):

@@ -6,7 +6,7 @@ import numpy as np
 
 # The values of emu::Failure.
 OUT_OF_BOUNDS, WRITE_TO_CONST, WILD_ACCESS, STACK_OVERFLOW, ARITHMETIC = 1, 2, 3, 4, 5
-BARRIER_DIVERGENCE, BARRIER_EXIT, DEVICE_ASSERT, SETUP = 6, 7, 8, 9
+BARRIER_DIVERGENCE, BARRIER_EXIT, DEVICE_ASSERT, SETUP, SHARED_OUT_OF_BOUNDS = 6, 7, 8, 9, 10
 
 
 def _xyz(v) -> str:
@@ -52,6 +52,12 @@ def describe_failure(fn, report, values, owners, nregions, shared_mem, seed, lau
     if kind == OUT_OF_BOUNDS:
         text = (f"out-of-bounds {_access(report)} by {who}: "
                 f"{_buffer_text(fn, report, values, owners, nregions, shared_mem)}")
+    elif kind == SHARED_OUT_OF_BOUNDS:
+        count = report.array_bytes // max(report.element_bytes, 1)
+        index = report.offset // max(report.element_bytes, 1)
+        text = (f"out-of-bounds {_access(report)} by {who}: __shared__ array "
+                f"`{report.text.decode(errors='replace')}` ({count} elements, flattened) at "
+                f"{_element_text(index, count)}")
     elif kind == WRITE_TO_CONST:
         text = (f"write through a const pointer by {who}: "
                 f"{_buffer_text(fn, report, values, owners, nregions, shared_mem)}")

@@ -24,7 +24,8 @@ class KernelInfo:
 
     name: str
     param_names: tuple[str, ...]
-    launch_bound: int | None  # the first __launch_bounds__ argument when it is a literal
+    launch_bound: str | None  # the first __launch_bounds__ argument (an expression, e.g. BLOCK)
+    body_end: int             # offset just after the closing brace of the definition, -1 if none
 
 
 _COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
@@ -35,6 +36,13 @@ _EXTERN_SHARED = re.compile(
     r"([A-Za-z_][\w\s]*?)\s+"                            # the element type, e.g. "unsigned char"
     r"(?:__align__\s*\((?:[^()]|\([^()]*\))*\)\s*)?"
     r"([A-Za-z_]\w*)\s*\[\s*\]\s*;"
+)
+
+
+_STATIC_SHARED = re.compile(
+    r"(?<![\w])(?<!extern )__shared__\s+"
+    r"((?:__align__\s*\((?:[^()]|\([^()]*\))*\)\s*)?[A-Za-z_][\w\s:]*?)\s+"  # element type
+    r"([A-Za-z_]\w*)\s*((?:\[[^\[\];]+\])+)\s*;"                              # name[dims]
 )
 
 
@@ -61,6 +69,18 @@ def _matching_paren(text: str, open_at: int) -> int:
             if depth == 0:
                 return i
     raise ValueError("unbalanced parentheses")
+
+
+def _matching_brace(text: str, open_at: int) -> int:
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(text) - 1
 
 
 def _param_names(params: str) -> tuple[str, ...]:
@@ -91,15 +111,16 @@ def find_kernels(code: str) -> list[KernelInfo]:
                 break
             inside = clean[token.end():close]
             if word == "__launch_bounds__":
-                first = inside.split(",")[0].strip()
-                bound = int(first) if first.isdigit() else None
+                bound = inside.split(",")[0].strip() or None
                 pos = close + 1
                 continue
             if word in ("__attribute__", "__align__"):
                 pos = close + 1
                 continue
-            if word not in kernels:
-                kernels[word] = KernelInfo(word, _param_names(inside), bound)
+            body = re.compile(r"\s*\{").match(clean, close + 1)
+            end = _matching_brace(clean, body.end() - 1) + 1 if body else -1
+            if word not in kernels or kernels[word].body_end < 0:
+                kernels[word] = KernelInfo(word, _param_names(inside), bound, end)
             break
     return list(kernels.values())
 
@@ -122,14 +143,50 @@ def rewrite_extern_shared(code: str) -> str:
     return "".join(pieces)
 
 
+def guard_shared_arrays(code: str) -> str:
+    """``__shared__ float tile[16][17];`` -> the array inside an ``emu::SharedArray`` (redzones
+    before and after it, registered with the runtime by name), plus a reference named ``tile``
+    to it, so the kernel text works unchanged and ``tile[16][0]`` is reported as out of bounds.
+
+    Declarations of another form (scalars, several names in one declaration) stay as they are:
+    poisoned with NaN like every __shared__ variable, but not bounds-checked."""
+    clean = blank_comments_and_strings(code)
+    pieces, last = [], 0
+    for found in _STATIC_SHARED.finditer(clean):
+        element, name = " ".join(found.group(1).split()), found.group(2)
+        dims = "".join(found.group(3).split())
+        if "__align__" in element:  # an aligned array keeps its plain form (unchecked)
+            continue
+        pieces.append(code[last:found.start()])
+        pieces.append(f'__shared__ emu::SharedArray<{element}{dims}> emu_shared_{name}{{"{name}"}}; '
+                      f"auto& {name} = emu_shared_{name}.value;")
+        last = found.end()
+    pieces.append(code[last:])
+    return "".join(pieces)
+
+
+def add_launch_bound_constants(code: str, kernels: list[KernelInfo]) -> str:
+    """After each kernel with ``__launch_bounds__(EXPR)`` define ``emu_launch_bound__<name> =
+    (EXPR)``: the compiler evaluates EXPR where the kernel's own macros are in scope."""
+    pieces, last = [], 0
+    for k in sorted((k for k in kernels if k.launch_bound and k.body_end > 0), key=lambda k: k.body_end):
+        pieces.append(code[last:k.body_end])
+        pieces.append(f" static constexpr int emu_bound_value__{k.name} = ({k.launch_bound});")
+        last = k.body_end
+    pieces.append(code[last:])
+    return "".join(pieces)
+
+
 def translation_unit(code: str, file_label: str, kernels: list[KernelInfo]) -> str:
     """The C++ text g++ compiles: header, the (rewritten) kernel source, the runtime, entry points."""
     label = file_label.replace("\\", "\\\\").replace('"', '\\"')
-    entries = "\n".join(f"EMU_KERNEL({k.name})" for k in kernels)
+    entries = "\n".join(f"EMU_KERNEL({k.name})" + (f"\nEMU_LAUNCH_BOUND({k.name})" if k.launch_bound and k.body_end > 0 else "")
+                        for k in kernels)
+    body = rewrite_extern_shared(guard_shared_arrays(add_launch_bound_constants(code, kernels)))
     return (
         '#include "cuda_emu.h"\n'
         f'#line 1 "{label}"\n'
-        f"{rewrite_extern_shared(code)}\n"
+        f"{body}\n"
         '#line 1 "minunet-emulator-entry-points"\n'
         '#include "emu_runtime.h"\n'
         f"{entries}\n"
