@@ -3,7 +3,6 @@ kernel bugs (out-of-bounds, missing __syncthreads(), unwritten shared memory, di
 are caught. The kernels live in tests/emu_kernels/*.cu."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -210,7 +209,7 @@ def test_divergent_barrier_is_reported(broken):
         broken.get_function("divergent_barrier")(1, 64, (np.zeros(64, np.float32),))
 
 
-def test_device_assert_integer_division_and_wild_pointer_are_reported(broken):
+def test_device_assert_faults_const_writes_and_stack_overflow_are_reported(broken):
     x = np.ones(200, np.float32)
     x[77] = -1
     with pytest.raises(EmulatorError, match=r"assert\(x\[i\] > 0.0f\) failed \(broken.cu:\d+\) in thread \(77,0,0\)"):
@@ -219,6 +218,10 @@ def test_device_assert_integer_division_and_wild_pointer_are_reported(broken):
         broken.get_function("divide_by")(1, 32, (np.zeros(32, np.int32), np.int32(0)))
     with pytest.raises(EmulatorError, match=r"segmentation fault at address 0x10 by thread \(3,0,0\)"):
         broken.get_function("store_to_address")(1, 8, (np.uint64(16),))
+    with pytest.raises(EmulatorError, match=r"write through a const pointer .*argument 0 `x`"):
+        broken.get_function("write_through_const")(1, 8, (np.ones(8, np.float32),))
+    with pytest.raises(EmulatorError, match=r"overflowed its 64 KiB emulator stack"):
+        broken.get_function("huge_local_array")(1, 4, (np.zeros(4, np.float32), np.int32(32 * 1024)))
     y = np.zeros(32, np.int32)  # and the process is fine afterwards
     broken.get_function("divide_by")(1, 32, (y, np.int32(7)))
     assert (y == 14).all()

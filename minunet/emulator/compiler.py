@@ -14,6 +14,8 @@ Flags, and why:
     -fvisibility=hidden                only the entry points are exported; each module keeps its own runtime
     -fno-strict-aliasing               kernels may reinterpret bits (as CUDA code often does)
     -U_FORTIFY_SOURCE                  the runtime siglongjmps out of fibers, which fortify's check rejects
+    -fstack-clash-protection           a large local array touches each stack page in turn, so a fiber
+                                       that outgrows its stack hits its guard page (STACK_OVERFLOW)
     -fsanitize=kernel-address ...      calls our bounds check before every load/store (GCC only; see
                                        emu_runtime.h, "Exact bounds checks")
 """
@@ -102,7 +104,7 @@ def _compiler_identity(command: tuple[str, ...]) -> str:
 
 def _flags(identity: str) -> list[str]:
     flags = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing",
-             "-U_FORTIFY_SOURCE", "-w"]
+             "-U_FORTIFY_SOURCE", "-fstack-clash-protection", "-w"]
     flags += ["-O0", "-g", "-fno-omit-frame-pointer"] if debug_build() else ["-O2"]
     if "clang" not in identity.lower():  # GCC: exact bounds checks (clang: guard pages only)
         flags += list(_GCC_BOUNDS_CHECKS)

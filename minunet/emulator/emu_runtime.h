@@ -270,7 +270,7 @@ EMU_NOSAN static void poison_shared() {  // 0xFF bytes: NaN as float, -1 as int
 
 // ---- Fibers: one stack per CUDA thread of a block ---------------------------------------------
 // A context switch saves the callee-saved registers on the current stack, stores the stack
-// pointer, loads the other one and pops its registers (x86-64: 14 instructions, no system call;
+// pointer, loads the other one and pops its registers (x86-64: 15 instructions, no system call;
 // glibc's swapcontext also saves the signal mask with a system call, ~0.5 us). Other CPUs use
 // ucontext. Stacks are 64 KiB with a PROT_NONE page below each (overflow = STACK_OVERFLOW), mapped
 // once and reused for every block and launch.

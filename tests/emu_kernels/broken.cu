@@ -95,3 +95,16 @@ extern "C" __global__ void shared_tile_too_small(const float* x, float* y) {
     __syncthreads();
     y[threadIdx.x] = tile[threadIdx.x];
 }
+
+// Writing through a const parameter (casting the const away): the caller's input changes.
+extern "C" __global__ void write_through_const(const float* x) {
+    const_cast<float*>(x)[threadIdx.x] = 0.0f;
+}
+
+// 128 KiB of local memory per thread: more than an emulator fiber's 64 KiB stack.
+extern "C" __global__ void huge_local_array(float* y, int n) {
+    volatile float scratch[32 * 1024];
+    __syncthreads();  // (makes the threads run as fibers, on their own small stacks)
+    for (int i = 0; i < n; ++i) scratch[i] = (float)i;
+    y[threadIdx.x] = scratch[n - 1];
+}
