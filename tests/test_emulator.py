@@ -137,6 +137,27 @@ def test_math_functions_match_numpy(rng):
     assert_close(y, expected, rtol=1e-6, atol=1e-6, what="math functions")
 
 
+def test_uint32_hash_matches_numpy(rng):
+    n, seed = int(rng.integers(100, 3000)), np.uint32(rng.integers(0, 2**32))
+    u = np.zeros(n, np.float32)
+    load("features.cu").get_function("hash_uniform")(blocks_for(n, 128), 128, (u, seed, np.int32(n)))
+    h = np.arange(n, dtype=np.uint32) + np.array([seed]) * np.uint32(0x9E3779B9)  # arrays wrap like C
+    for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = (h ^ (h >> np.uint32(shift))) * np.uint32(factor)
+    h ^= h >> np.uint32(16)
+    assert_close(u, (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24), rtol=0, atol=0, what="hash")
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_tiled_transpose_with_2d_blocks(rng, seed):
+    height, width = (int(v) for v in rng.integers(1, 40, 2))
+    x = rng.standard_normal((height, width)).astype(np.float32)
+    out = np.full((width, height), np.nan, np.float32)
+    load("features.cu", shuffle_seed=seed).get_function("transpose")(
+        (blocks_for(width, 8), blocks_for(height, 8)), (8, 8), (x, out, np.int32(height), np.int32(width)))
+    assert_close(out, x.T, rtol=0, atol=0, what=f"transpose {height}x{width}")
+
+
 # ---- bugs the emulator catches ---------------------------------------------------------------
 
 def test_read_one_past_the_end_fails_the_launch_and_names_the_buffer(broken):
