@@ -1,0 +1,63 @@
+// elementwise.cu -- the ops that treat every element on its own: ReLU, dropout and the SGD update.
+// One thread per element, flat C-order index t = blockIdx.x * blockDim.x + threadIdx.x, so the
+// threads of a warp touch 32 consecutive floats (one or two 128-byte transactions: coalesced).
+// These kernels do one or two arithmetic operations per element: their speed is the memory
+// bandwidth, nothing else.
+//
+//   relu_forward      y = max(x, 0)                               x, y (n,)
+//   relu_backward     gx = gy where y > 0, else 0                 (uses the OUTPUT y: y > 0 iff x > 0)
+//   dropout_forward   keep = u(t, seed) >= p;  y = keep ? x * scale : 0;  mask = keep (uint8)
+//   dropout_backward  gx = mask ? gy * scale : 0                  scale = 1 / (1 - p)  (inverted dropout)
+//   sgd_momentum      v = momentum * v + g;  param -= lr * v      (PyTorch's formulation, in place)
+//
+// Dropout (paper Section 3.1: "Drop-out layers at the end of the contracting path") needs random
+// numbers. Instead of a random-number generator with state per thread, u is a hash of the
+// element's flat index t and the seed (a "counter-based" generator): any thread can compute its
+// own u independently, and the CPU reference computes the very same bits, so masks are identical
+// on every device. The hash is lowbias32 (C. Wellons), see docs/backends.md. All arithmetic is on
+// unsigned 32-bit ints, which wrap modulo 2^32 in C, exactly as the reference's uint32 NumPy math.
+
+extern "C" __global__ void relu_forward(const float* __restrict__ x, float* __restrict__ y, int n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) y[t] = fmaxf(x[t], 0.0f);
+}
+
+extern "C" __global__ void relu_backward(const float* __restrict__ y, const float* __restrict__ gy,
+                                         float* __restrict__ gx, int n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) gx[t] = y[t] > 0.0f ? gy[t] : 0.0f;
+}
+
+__device__ __forceinline__ float dropout_uniform(unsigned int index, unsigned int seed) {
+    unsigned int h = index + seed * 0x9E3779B9u;  // 0x9E3779B9 = 2^32 / golden ratio: spreads seeds apart
+    h ^= h >> 16;  h *= 0x7FEB352Du;
+    h ^= h >> 15;  h *= 0x846CA68Bu;
+    h ^= h >> 16;
+    // the top 24 bits as a float in [0, 1): exact, since float32 has a 24-bit significand
+    return (float)(h >> 8) * (1.0f / 16777216.0f);
+}
+
+extern "C" __global__ void dropout_forward(const float* __restrict__ x, float* __restrict__ y,
+                                           unsigned char* __restrict__ mask, int n, float p, float scale,
+                                           unsigned int seed) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    const bool keep = dropout_uniform((unsigned int)t, seed) >= p;
+    mask[t] = keep ? 1 : 0;
+    y[t] = keep ? x[t] * scale : 0.0f;
+}
+
+extern "C" __global__ void dropout_backward(const float* __restrict__ gy, const unsigned char* __restrict__ mask,
+                                            float* __restrict__ gx, int n, float scale) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) gx[t] = mask[t] ? gy[t] * scale : 0.0f;
+}
+
+extern "C" __global__ void sgd_momentum(float* __restrict__ param, const float* __restrict__ grad,
+                                        float* __restrict__ velocity, int n, float lr, float momentum) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    const float v = momentum * velocity[t] + grad[t];
+    velocity[t] = v;
+    param[t] -= lr * v;
+}
