@@ -291,3 +291,41 @@ def test_a_failed_launch_names_the_kernel():
     backend = make_backend("emu")
     with pytest.raises(KernelError, match="kernel relu_forward .*elementwise.cu"):
         backend._launch("elementwise", "relu_forward", (1,), (32,), (np.zeros(4, np.float32),))
+
+
+def test_every_backend_function_has_the_reference_signature():
+    import inspect
+
+    from minunet.backends import OP_NAMES
+
+    for name in OP_NAMES:
+        want = inspect.signature(getattr(R, name))
+        got = inspect.signature(getattr(KernelBackend, name))
+        params = list(got.parameters.values())[1:]  # without self
+        assert got.replace(parameters=params) == want, f"{name}{got} differs from the reference {name}{want}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 12), c2=st.integers(1, 12), h=st.integers(1, 19),
+       w=st.integers(1, 19), seed=st.integers(0, 2**32 - 1))
+def test_pool_transpose_conv1x1_crop_random_shapes(device, n, c, c2, h, w, seed):
+    backend = make_backend(device, split=bool(seed % 2))
+    rng = np.random.default_rng(seed)
+    x, gy_t = f32(rng, n, c, h, w), f32(rng, n, c2, 2 * h, 2 * w)
+    y, argmax = backend.max_pool2x2_forward(dev(backend, x))
+    y_ref, argmax_ref = R.max_pool2x2_forward(x)
+    assert_close(to_host(y), y_ref, what="pool", **EXACT)
+    assert_close(to_host(argmax), argmax_ref, what="argmax", **EXACT)
+    gy = f32(rng, *y_ref.shape)
+    assert_close(to_host(backend.max_pool2x2_backward(dev(backend, gy), argmax, x.shape)),
+                 R.max_pool2x2_backward(gy, argmax_ref, x.shape), what="pool backward", **EXACT)
+    wt, w1 = f32(rng, c, c2, 2, 2), f32(rng, c2, c, 1, 1)
+    check_grads(backend.conv_transpose2x2_backward(dev(backend, x), dev(backend, wt), dev(backend, gy_t), True),
+                R.conv_transpose2x2_backward(f64(x), f64(wt), f64(gy_t), True), ("gx", "gw", "gb"), "conv_t")
+    gy1 = f32(rng, n, c2, h, w)
+    check_grads(backend.conv1x1_backward(dev(backend, x), dev(backend, w1), dev(backend, gy1), True),
+                R.conv1x1_backward(f64(x), f64(w1), f64(gy1), True), ("gx", "gw", "gb"), "conv1x1")
+    up = f32(rng, n, c2, (h + 1) // 2, (w + 2) // 3)
+    assert_close(to_host(backend.crop_concat_forward(dev(backend, x), dev(backend, up))),
+                 R.crop_concat_forward(x, up), what="crop_concat", **EXACT)

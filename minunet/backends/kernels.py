@@ -198,7 +198,7 @@ class KernelBackend:
                  "use smaller batches or MINUNET_CONV3X3=naive")
         return tiles, groups, n
 
-    def conv3x3_forward(self, x, w, b):
+    def conv3x3_forward(self, x, w, b=None):
         x, w, (n, ci, h, wd, co) = self._conv3x3_args(x, w)
         b = self._bias(b, co)
         y = self._empty((n, co, h - 2, wd - 2))
@@ -210,7 +210,7 @@ class KernelBackend:
             self._launch("conv3x3", "conv3x3_forward_tiled", grid, CONV3X3_BLOCK, args)
         return y
 
-    def conv3x3_backward(self, x, w, gy, with_bias):
+    def conv3x3_backward(self, x, w, gy, with_bias=True):
         x, w, (n, ci, h, wd, co) = self._conv3x3_args(x, w)
         gy = self._float(gy, "gy", 4)
         _require(gy.shape == (n, co, h - 2, wd - 2),
@@ -259,7 +259,7 @@ class KernelBackend:
                                             f"expected ({ci}, Co, 2, 2) for an input with {ci} channels")
         return x, w, (n, ci, h, wd, co)
 
-    def conv_transpose2x2_forward(self, x, w, b):
+    def conv_transpose2x2_forward(self, x, w, b=None):
         x, w, (n, ci, h, wd, co) = self._conv_t_args(x, w)
         b = self._bias(b, co)
         y = self._empty((n, co, 2 * h, 2 * wd))
@@ -268,7 +268,7 @@ class KernelBackend:
                           (x, w, b, y, *_int32(n, ci, h, wd, co)))
         return y
 
-    def conv_transpose2x2_backward(self, x, w, gy, with_bias):
+    def conv_transpose2x2_backward(self, x, w, gy, with_bias=True):
         x, w, (n, ci, h, wd, co) = self._conv_t_args(x, w)
         gy = self._float(gy, "gy", 4)
         _require(gy.shape == (n, co, 2 * h, 2 * wd), f"conv_transpose2x2 gy has shape "
@@ -324,14 +324,14 @@ class KernelBackend:
                                             f"(Co, {ci}, 1, 1) for an input with {ci} channels")
         return x, w, (n, ci, h * wd, co)
 
-    def conv1x1_forward(self, x, w, b):
+    def conv1x1_forward(self, x, w, b=None):
         x, w, (n, ci, p, co) = self._conv1x1_args(x, w)
         b = self._bias(b, co)
         y = self._empty((n, co) + x.shape[2:])
         self._elementwise("conv1x1", "conv1x1_forward", y.size, (x, w, b, y, *_int32(n, ci, p, co)))
         return y
 
-    def conv1x1_backward(self, x, w, gy, with_bias):
+    def conv1x1_backward(self, x, w, gy, with_bias=True):
         x, w, (n, ci, p, co) = self._conv1x1_args(x, w)
         gy = self._float(gy, "gy", 4)
         _require(gy.shape == (n, co) + x.shape[2:],
@@ -393,7 +393,7 @@ class KernelBackend:
                           (param, grad, velocity, np.int32(param.size), np.float32(lr), np.float32(momentum)))
 
     # ---- weighted softmax cross-entropy (kernels/cross_entropy.cu) --------------------------------
-    def weighted_cross_entropy_forward(self, logits, target, weight):
+    def weighted_cross_entropy_forward(self, logits, target, weight=None):
         xp = self.xp
         logits = self._float(logits, "logits", 4)
         n, c, h, wd = logits.shape
