@@ -44,7 +44,7 @@ def compact_png(fig):
     return small.getvalue()
 
 plt.close(plt.figure())  # the inline backend installs its PNG formatter with the first figure: replace it after
-get_ipython().display_formatter.formatters["image/png"].for_type(plt.Figure, compact_png)"""
+get_ipython().display_formatter.formatters["image/png"].type_printers[plt.Figure] = compact_png"""
 
 
 def md(text: str):
@@ -463,7 +463,9 @@ def the_unet():
         """),
         md(r"""
         Most parameters sit at the bottom of the U (the 3x3 convolutions from 512 to 1024 channels
-        and back), while most of the *computation* happens at the top, where the maps are large.
+        and back), yet the *computation* is spread nearly evenly over the levels: one level down,
+        the maps have 4 times fewer pixels and the convolutions 4 times more weights (twice the
+        input channels times twice the output channels).
 
         ## Checking the table against a real forward pass
 
@@ -669,10 +671,10 @@ def elastic_deformation():
         The ISBI 2012 training set has 30 images. The paper (Section 3.1) makes up for it with
         data augmentation, above all **elastic deformations**: "Especially random elastic
         deformations of the training samples seem to be the key concept to train a segmentation
-        network with very few annotated images." In biomedical images deformation "is the most
-        common variation in tissue" (Section 1), and realistic deformations can be simulated
-        cheaply, so the network learns to be invariant to them without ever seeing them in the
-        annotated data.
+        network with very few annotated images." The introduction (Section 1) says why: in
+        biomedical segmentation "deformation used to be the most common variation in tissue and
+        realistic deformations can be simulated efficiently", so the network can learn to be
+        invariant to them without ever seeing them in the annotated data.
 
         The recipe: "We generate smooth deformations using random displacement vectors on a
         coarse 3 by 3 grid. The displacements are sampled from a Gaussian distribution with 10
@@ -1048,10 +1050,10 @@ def overlap_tile():
         the naive tiling square by square (white lines: square borders); the right one is zero
         up to float32 rounding.
 
-        For a *trained* network the differences between pooling phases are much smaller (it has
-        learned to give nearly the same answer for an image shifted by a few pixels), which is
-        why the paper's tiling looks seamless — but only tiles on the pooling grid reproduce the
-        whole-image pass exactly.
+        For a *trained* network the differences between pooling phases are much smaller — it has
+        learned to give nearly the same answer for an image shifted by a few pixels; notebook 8
+        measures it — which is why the paper's tiling looks seamless. But only tiles on the
+        pooling grid reproduce the whole-image pass exactly.
 
         ## What to take away
 
@@ -1106,10 +1108,8 @@ def train_and_evaluate():
         from minunet.data import synthetic_samples, TileSampler
         from minunet.train import standardize, predict_probabilities
 
-        train = synthetic_samples("em", n=16, size=192, seed=0)
+        train = synthetic_samples("em", n=16, size=192, seed=0)     # images in [0, 1]
         val = synthetic_samples("em", n=2, size=192, seed=10_000)     # other seeds: unseen images
-        for sample in train:
-            sample.image = standardize(sample.image)                  # zero mean, unit variance
         s = train[0]
         print(len(train), "training and", len(val), "validation images;", s.image.shape,
               "| target classes", np.unique(s.target), "| weights", np.unique(s.weight).round(2))
@@ -1119,12 +1119,10 @@ def train_and_evaluate():
         Membranes are the minority class, so eq. 2's $w_c$ gives each membrane pixel the weight
         #cell pixels / #membrane pixels: both classes then pull equally on the loss, and the
         thin membranes — which decide whether two cells are separated — are not ignored.
-        Images are standardised (zero mean, unit variance): with no normalisation layers in the
-        network, a centred input keeps the first layers well-behaved.
         """),
         code("""
         fig, axes = plt.subplots(1, 3, figsize=(8, 2.9))
-        for ax, (im, title, cmap) in zip(axes, [(s.image, "image (standardised)", "gray"),
+        for ax, (im, title, cmap) in zip(axes, [(s.image, "image", "gray"),
                                                 (s.target, "target: 1 = cell", "gray"),
                                                 (s.weight, "weight map w(x)", "viridis")]):
             shown = ax.imshow(im, cmap=cmap); ax.set_title(title); ax.axis("off")
@@ -1163,19 +1161,19 @@ def train_and_evaluate():
         ## The training loop
 
         Each step: forward, the weighted loss of eq. 1, backward (notebook 1), one SGD update,
-        reset the gradients. This is the loop of `minunet.train`, without its checkpoints and
-        logs: 500 steps at about 0.1 s each. One addition for such a short run: the last 100
-        steps use a 10 times smaller learning rate, so that the weights settle instead of ending
-        wherever the momentum swings them (the paper gives no schedule; `minunet.train` keeps
-        the rate constant over its much longer runs).
+        reset the gradients: the loop of `minunet.train` without its checkpoints and logs,
+        400 steps at about 0.1 s each. Each tile is **standardised** (zero mean, unit variance)
+        after augmentation — the gray-value changes work on intensities in [0, 1] — and
+        `predict_probabilities` below standardises each image the same way: with no
+        normalisation layers in the network, a centred input keeps the first layers
+        well-behaved, and training and prediction must see inputs on the same scale.
         """),
         code("""
         optimizer = mu.optim.SGD(model.parameters(), lr=0.003, momentum=0.99)
         losses, start = [], time.perf_counter()
-        for step in range(1, 501):
-            if step == 401:
-                optimizer.lr = 0.0003                                 # settle for the last 100 steps
+        for step in range(1, 401):
             x, target, weight = sampler.batch(1)                      # (1, 1, 180, 180), (1, 92, 92) x 2
+            x = standardize(x)
             logits = model(mu.Tensor(x))                              # (1, 2, 92, 92)
             loss = F.weighted_cross_entropy(logits, mu.Tensor(target), mu.Tensor(weight))
             loss.backward()
@@ -1190,7 +1188,8 @@ def train_and_evaluate():
         fig, ax = plt.subplots(figsize=(6, 2.8))
         ax.plot(losses, lw=0.6, alpha=0.4, label="loss of one tile")
         ax.plot(np.arange(19, len(losses)), np.convolve(losses, np.ones(20) / 20, "valid"), label="running mean of 20")
-        ax.set_xlabel("step"); ax.set_ylabel("weighted cross-entropy (eq. 1)"); ax.legend(); ax.grid(alpha=0.3)
+        ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_ylabel("weighted cross-entropy (eq. 1)")
+        ax.legend(); ax.grid(alpha=0.3, which="both")
         plt.show()
         """),
         md(r"""
@@ -1212,6 +1211,22 @@ def train_and_evaluate():
                                                    (prob, "P(cell)", "magma"), (prob > 0.5, "P > 0.5", "gray")]):
                 ax.imshow(im, cmap=cmap); ax.set_title(title, fontsize=8); ax.axis("off")
         plt.tight_layout(); plt.show()
+        """),
+        md(r"""
+        The tiles of `predict_probabilities` start at 0, 92 and 100 — not multiples of 8 — so,
+        as notebook 7 showed for an untrained network, they do not exactly reproduce one pass
+        over the whole mirror-padded image. For the trained network the difference is small:
+        """),
+        code("""
+        from minunet.data import mirror_pad
+        image = standardize(val[0].image)
+        m = (TILE - OUT) // 2
+        side = model.valid_input_size(192 + 2 * m)
+        padded = mirror_pad(image, ((m, side - 192 - m), (m, side - 192 - m)))[None, None]
+        with mu.no_grad():
+            logits = model(mu.Tensor(padded)).numpy()[0, :, :192, :192].astype(np.float64)
+        whole = np.exp(logits[1]) / np.exp(logits).sum(axis=0)
+        print("max |P(cell) from tiles - P(cell) from one pass| =", np.abs(probs[0] - whole).max())
         """),
         md(r"""
         ## How to measure a segmentation: pixel, Rand and warping error
@@ -1290,7 +1305,7 @@ def train_and_evaluate():
         """),
         md(r"""
         A network trained for under a minute already gets most pixels right; its Rand error shows
-        that many membranes still have gaps, each merging two cells. Training longer, with a
+        that some membranes still have gaps, each merging two cells. Training longer, with a
         wider and deeper network, closes them.
 
         ## The full run: the command line
@@ -1325,6 +1340,7 @@ def train_and_evaluate():
 def execute(nb, timeout: int = 600):
     """Run a notebook in a fresh python3 kernel with notebooks/ as the working directory."""
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                            coalesce_streams=True,  # one stdout block per cell, however it was flushed
                             resources={"metadata": {"path": str(HERE)}})
     client.execute()
     return nb
