@@ -99,9 +99,8 @@ def load_data(args):
                                         seed=args.seed + 10_000, **weights)
         what = (f"synthetic {args.synthetic} data: {len(train)} training / {len(val)} validation "
                 f"images of {args.synthetic_size}x{args.synthetic_size}")
-    for sample in train:
-        sample.image = standardize(sample.image)
-        if args.no_weights:
+    if args.no_weights:
+        for sample in train:
             sample.weight = np.ones_like(sample.weight)
     return train, val, what
 
@@ -112,6 +111,16 @@ def standardize(image: np.ndarray) -> np.ndarray:
     runs (weighted loss 0.42 vs 0.83 after 300 steps). Idempotent, so applying it twice is harmless."""
     image = np.asarray(image, np.float32)
     return (image - image.mean()) / (image.std() + 1e-6)
+
+
+def training_batch(sampler, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of augmented tiles, each standardised *after* augmentation. The order matters:
+    the gray-value variation (a gamma curve) works on intensities in [0, 1], as the loaders give
+    them, and would clip a standardised image's negative half to 0. Standardising last also makes
+    the network see what prediction gives it (a standardised image); linear gray-value changes then
+    cancel out, and the gamma curve is what remains of that augmentation."""
+    xs, targets, weights = sampler.batch(batch_size)
+    return np.stack([standardize(x) for x in xs]), targets, weights
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ def train(args) -> int:
     iteration, status, message = start, EXIT_OK, ""
     with _InterruptFlag() as interrupt:
         while iteration < args.iterations:
-            xs, targets, weights = sampler.batch(args.batch_size)
+            xs, targets, weights = training_batch(sampler, args.batch_size)
             x, target, weight = (Tensor(a, device=device) for a in (xs, targets, weights))
             loss = F.weighted_cross_entropy(model(x), target, weight)
             value = loss.item()

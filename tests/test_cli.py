@@ -160,3 +160,19 @@ def test_module_entry_point_exit_status(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_training_tiles_are_standardised_after_augmentation():
+    """The network trains on augmented tiles with zero mean and unit variance, and the gray-value
+    augmentation (a gamma curve on [0, 1] intensities) runs before that standardisation: done the
+    other way round it would clip every below-mean pixel to one value."""
+    from minunet.data import TileSampler, synthetic_samples
+
+    samples = synthetic_samples("em", n=2, size=96, seed=3)
+    sampler = TileSampler(samples, 92, 4, np.random.default_rng(0))
+    xs, targets, weights = train.training_batch(sampler, 3)
+    assert xs.shape == (3, 1, 92, 92) and targets.shape == weights.shape == (3, 4, 4)
+    for x in xs:
+        assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+        at_minimum = float(np.mean(x == x.min()))
+        assert at_minimum < 0.01, f"{at_minimum:.0%} of the pixels share the minimum: clipped"
