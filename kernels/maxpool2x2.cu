@@ -9,6 +9,9 @@
 //             scanned in row-major order (0,0), (0,1), (1,0), (1,1) with a strict `>`, so on ties
 //             the first one wins -- the convention of docs/backends.md, shared with the NumPy
 //             reference, so both pick the same pixel and route the gradient identically.
+//             A NaN beats every number (as in PyTorch): `v > best` is false whenever v or best
+//             is NaN, so NaN needs its own test, or a NaN anywhere but the first corner would
+//             silently disappear from the output. Among NaNs the first one wins.
 //   backward  gx[n,c,yy,xx] = gy[n,c,yy/2,xx/2] if (yy%2)*2 + xx%2 is that window's argmax, else 0;
 //             pixels in a dropped last row/column (yy >= 2*Ho or xx >= 2*Wo) get 0.
 //
@@ -34,8 +37,9 @@ extern "C" __global__ void maxpool2x2_forward(const float* __restrict__ x, float
     unsigned char arg = 0;
     const float candidates[3] = {win[1], win[W], win[W + 1]};  // (0,1), (1,0), (1,1)
     for (int k = 0; k < 3; ++k) {
-        if (candidates[k] > best) {            // strict: on ties the earlier corner stays
-            best = candidates[k];
+        const float v = candidates[k];
+        if (v > best || (isnan(v) && !isnan(best))) {   // strict: on ties the earlier corner stays
+            best = v;
             arg = (unsigned char)(k + 1);
         }
     }

@@ -6,11 +6,13 @@ import pytest
 
 
 def assert_close(actual, expected, rtol: float, atol: float, what: str = "") -> None:
-    """|actual - expected| <= atol + rtol * |expected| everywhere; print the first mismatches."""
+    """|actual - expected| <= atol + rtol * |expected| everywhere, NaN exactly where the expected
+    value is NaN; print the first mismatches."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
     bad = diff > atol + rtol * np.abs(expected.astype(np.float64))
+    bad |= np.isnan(actual) != np.isnan(expected)  # NaN - x is NaN, and NaN > tol is False
     if bad.any():
         idx = np.argwhere(bad)[:5]
         rows = "; ".join(f"{tuple(int(k) for k in i)}: got {actual[tuple(i)]:.7g}, "

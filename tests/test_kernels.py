@@ -121,6 +121,29 @@ def test_max_pool_matches_reference_with_ties(rng, device, shape):
                  what=f"pool backward {shape}", **EXACT)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_pool_nan_wins_like_pytorch(rng, device):
+    """A NaN in a window is the window's maximum and its argmax (the first NaN among several), on
+    every device: the kernel's `>` alone is false for NaN, which would drop a NaN that is not in
+    the window's first corner. Every pattern of NaNs over the 4 corners, beside numbers that tie."""
+    backend = make_backend(device)
+    patterns = np.array([[(p >> k) & 1 for k in range(4)] for p in range(16)], bool)  # 16 windows
+    x = rng.integers(0, 2, (2, 3, 16, 4)).astype(np.float32)
+    x = x.reshape(2, 3, 16, 2, 2).copy()
+    x[..., 0, 0][..., patterns[:, 0]] = np.nan
+    x[..., 0, 1][..., patterns[:, 1]] = np.nan
+    x[..., 1, 0][..., patterns[:, 2]] = np.nan
+    x[..., 1, 1][..., patterns[:, 3]] = np.nan
+    x = x.reshape(2, 3, 32, 2)  # window k: rows 2k..2k+1, columns 0..1
+    y, argmax = backend.max_pool2x2_forward(dev(backend, x))
+    y_ref, argmax_ref = R.max_pool2x2_forward(x)
+    first_nan = np.where(patterns.any(1), patterns.argmax(1), -1)
+    assert np.array_equal(np.isnan(y_ref[0, 0, :, 0]), first_nan >= 0)
+    assert np.array_equal(argmax_ref[0, 0, :, 0][first_nan >= 0], first_nan[first_nan >= 0])
+    assert_close(to_host(y), y_ref, what="pool forward with NaNs", **EXACT)
+    assert_close(to_host(argmax), argmax_ref, what="pool argmax with NaNs", **EXACT)
+
+
 # ---- transposed convolution -------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,split", [((1, 1, 1, 1, 1), False), ((2, 6, 5, 7, 9), False),
