@@ -4,7 +4,7 @@
 // These kernels do one or two arithmetic operations per element: their speed is the memory
 // bandwidth, nothing else.
 //
-//   relu_forward      y = max(x, 0)                               x, y (n,)
+//   relu_forward      y = max(x, 0), NaN stays NaN                x, y (n,)
 //   relu_backward     gx = gy where y > 0, else 0                 (uses the OUTPUT y: y > 0 iff x > 0)
 //   dropout_forward   keep = u(t, seed) >= p;  y = keep ? x * scale : 0;  mask = keep (uint8)
 //   dropout_backward  gx = mask ? gy * scale : 0                  scale = 1 / (1 - p)  (inverted dropout)
@@ -19,7 +19,13 @@
 
 extern "C" __global__ void relu_forward(const float* __restrict__ x, float* __restrict__ y, int n) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t < n) y[t] = fmaxf(x[t], 0.0f);
+    // Not fmaxf(x, 0): fmaxf returns the non-NaN argument, so a NaN would become 0 and a diverging
+    // run would look healthy. Written this way a NaN fails `v < 0` and passes through, as in NumPy
+    // and PyTorch.
+    if (t < n) {
+        const float v = x[t];
+        y[t] = v < 0.0f ? 0.0f : v;
+    }
 }
 
 extern "C" __global__ void relu_backward(const float* __restrict__ y, const float* __restrict__ gy,

@@ -206,6 +206,7 @@ def test_relu_matches_reference(rng, device, shape):
     backend = make_backend(device)
     x, gy = f32(rng, *shape), f32(rng, *shape)
     x.flat[0] = 0.0  # the kink: y = 0 there, so no gradient passes
+    x.flat[-1] = np.nan  # a NaN stays NaN (CUDA's fmaxf(NaN, 0) would give 0) and passes no gradient
     y = backend.relu_forward(dev(backend, x))
     assert_close(to_host(y), R.relu_forward(x), what="relu forward", **EXACT)
     y_ref = R.relu_forward(x)
