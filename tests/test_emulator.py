@@ -186,10 +186,12 @@ def test_overrun_of_dynamic_shared_memory_is_caught(broken):
         broken.get_function("dynamic_shared_overrun")(1, 64, (np.zeros(64, np.float32),), shared_mem=256)
 
 
-def test_overrun_of_a_static_shared_array_names_it(broken):
+@pytest.mark.parametrize("kernel", ["shared_tile_too_small", "shared_tile_too_small_template"])
+def test_overrun_of_a_static_shared_array_names_it(broken, kernel):
+    """Also when the array is declared in a template device function (conv3x3.cu's tiled kernels)."""
     with pytest.raises(EmulatorError, match=r"out-of-bounds write .*thread \(63,0,0\).*__shared__ array `tile` "
                                             r"\(64 elements, flattened\) at element 64 "):
-        broken.get_function("shared_tile_too_small")(1, 64, (np.ones(64, np.float32), np.zeros(64, np.float32)))
+        broken.get_function(kernel)(1, 64, (np.ones(64, np.float32), np.zeros(64, np.float32)))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -207,16 +209,29 @@ def test_missing_syncthreads_changes_the_result(rng, seed):
     assert abs(out[0] - ref) > 1e-4 + 1e-5 * ref, f"missing __syncthreads() not exposed for seed {seed}"
 
 
-def test_read_of_unwritten_shared_memory_shows_nan(broken, rng):
+@pytest.mark.parametrize("kernel", ["shared_neighbour_unwritten", "shared_neighbour_unwritten_template"])
+def test_read_of_unwritten_shared_memory_shows_nan(broken, rng, kernel):
     n, block = int(rng.integers(200, 600)), 128
     x = rng.random(n, np.float32)
     y = np.zeros(n, np.float32)
-    broken.get_function("shared_neighbour_unwritten")(blocks_for(n, block), block, (x, y, np.int32(n)))
+    broken.get_function(kernel)(blocks_for(n, block), block, (x, y, np.int32(n)))
     t = np.arange(n) % block
     assert np.array_equal(np.isnan(y), t >= block - 2), "NaN exactly where tile[block-1] is read"
     ok = t < block - 2
     right_neighbour = np.append(x[1:], np.float32(0))  # the kernel stores 0 for i >= n
     assert_close(y[ok], (x + right_neighbour)[ok], rtol=0, atol=0, what="other slots")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_shared_memory_does_not_carry_over_between_blocks(seed, rng):
+    """Whatever order the blocks run in, a block never sees what another block left in shared
+    memory: only block 0 writes its tile, and every other block reads NaN."""
+    blocks, block = 6, 32
+    x = rng.random(block, np.float32)
+    y = np.zeros(blocks * block, np.float32)
+    load("broken.cu", shuffle_seed=seed).get_function("shared_left_by_another_block_template")(blocks, block, (x, y))
+    assert_close(y[:block], x, rtol=0, atol=0, what="block 0")
+    assert np.isnan(y[block:]).all(), f"{int((~np.isnan(y[block:])).sum())} values leaked between blocks"
 
 
 def test_early_return_before_a_barrier_is_reported(broken):

@@ -18,11 +18,13 @@ How it works
    with a ``#line`` directive so errors and ``__LINE__`` use the ``.cu`` line numbers. Python finds
    the ``__global__`` functions and generates an exported entry point for each; it rewrites
    ``extern __shared__ T s[];`` into a reference to the launch's dynamic buffer, and each
-   ``__shared__ T a[N];`` array into one surrounded by registered redzones.
+   ``__shared__ T a[N];`` array into a reference to storage the runtime hands out from its
+   shared-memory arena, between registered redzones (this works in template functions too).
 2. ``cuda_emu.h``: CUDA's qualifiers become nothing or ``static``; ``threadIdx``, ``blockIdx``,
    ``blockDim``, ``gridDim`` are read-only references to variables the runtime sets per thread;
-   ``__shared__`` is a ``static`` variable in the linker section ``emu_shared`` (one copy, and
-   blocks run one at a time: one copy per block); math intrinsics map to libm; atomics are plain
+   a ``__shared__`` array lives in the runtime's arena and a ``__shared__`` scalar is a
+   ``static`` variable in the linker section ``emu_shared`` (one copy, and blocks run one at a
+   time: one copy per block; both are refilled with NaN bytes before every block); math intrinsics map to libm; atomics are plain
    read-modify-writes (one thread runs at a time).
 3. ``compiler.py``: ``g++ -std=c++17 -O2 -shared -fPIC`` with ``-fsanitize=kernel-address`` in
    "call" mode, which makes GCC call our bounds check before every load and store. Libraries are

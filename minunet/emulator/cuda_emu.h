@@ -34,10 +34,13 @@
 #define __constant__            // a plain global: fine for constants initialised in the source
 
 // `__shared__` memory: one copy per block. Blocks run one after another, so a *static* variable is
-// exactly one copy per block. The section attribute puts every static __shared__ array into the
-// linker section "emu_shared"; the linker then defines __start_emu_shared / __stop_emu_shared around
-// all of them, and the runtime fills that range with 0xFF bytes (a NaN for floats) at the start of
-// each block, so reading a slot no thread wrote shows up as NaN instead of a stale value.
+// exactly one copy per block. Arrays are rewritten by compiler.py into emu::SharedArray (below),
+// whose storage the runtime hands out from one arena that it fills with 0xFF bytes (a NaN for
+// floats) at the start of each block, so reading a slot no thread wrote shows up as NaN instead of
+// a stale value. Other __shared__ variables (scalars) get the section attribute: the linker puts
+// them between __start_emu_shared / __stop_emu_shared and the runtime poisons that range too.
+// (GCC ignores the section attribute on the static locals of a *template* function, which is why
+// arrays, the ones that matter, do not rely on it.)
 // `extern __shared__ T name[];` (dynamic shared memory, sized by `shared_mem` at launch) is
 // rewritten by compiler.py into a pointer to a runtime buffer, see emu_dynamic_shared() below.
 #define __shared__ static __attribute__((section("emu_shared")))
@@ -71,7 +74,7 @@ inline char* dynamic_shared;  // the `extern __shared__` buffer of the current l
 
 // Implemented in emu_runtime.h.
 void syncthreads(int line);
-void register_shared(const void* array, size_t bytes, size_t element_bytes, const char* name);
+void* allocate_shared(size_t bytes, size_t element_bytes, size_t alignment, const char* name);
 [[noreturn]] void device_failure(const char* what, const char* file, int line);
 }  // namespace emu
 
@@ -84,17 +87,18 @@ static const int warpSize = 32;
 
 namespace emu {
 // compiler.py rewrites `__shared__ float tile[16][17];` into
-//     __shared__ emu::SharedArray<float[16][17]> emu_shared_tile{"tile"}; auto& tile = emu_shared_tile.value;
-// so the array sits between two 64-byte redzones and the runtime knows its name and bounds: an
-// access that lands in a redzone (tile[16][0], tile[-1][0]) fails the launch with the name.
+//     static emu::SharedArray<float[16][17]> emu_shared_tile{"tile"}; auto& tile = *emu_shared_tile.value;
+// The holder is an ordinary static (one per declaration, and one per template instantiation); its
+// constructor, run once when a thread first reaches the declaration, asks the runtime for the
+// storage. The runtime places every array 64 bytes (a redzone) from the next and knows its name
+// and bounds: an access that lands in a redzone (tile[16][0], tile[-1][0]) fails the launch with
+// the array's name.
 template <class T>
 struct SharedArray {
-    char front_redzone[64];
-    T value;
-    char back_redzone[64];
-    explicit SharedArray(const char* name) {
-        register_shared(&value, sizeof(T), sizeof(std::remove_all_extents_t<T>), name);
-    }
+    T* value;
+    explicit SharedArray(const char* name)
+        : value(static_cast<T*>(allocate_shared(sizeof(T), sizeof(std::remove_all_extents_t<T>),
+                                                alignof(T) > 16 ? alignof(T) : 16, name))) {}
 };
 }  // namespace emu
 

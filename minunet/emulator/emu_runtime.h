@@ -112,17 +112,41 @@ EMU_NOSAN static void copy_uint3(uint32_t* dst, uint3 v) { dst[0] = v.x; dst[1] 
     siglongjmp(g_jump, 1);
 }
 
-// ---- Static __shared__ arrays, registered by emu::SharedArray (cuda_emu.h) -------------------
+// ---- Static __shared__ arrays: storage for emu::SharedArray (cuda_emu.h) -----------------------
+// One arena holds every static __shared__ array of the module, each 64 bytes (a redzone) from the
+// next, in the order threads first reach their declarations. The runtime fills the used part with
+// 0xFF at the start of every block (poison_shared) and check() sends every access inside it to
+// check_shared(), which fails an access that touches a redzone. The arena is reserved once (4 MiB
+// of address space; only touched pages use memory) and kept for the life of the module, as the
+// arrays' holders are statics that are constructed once.
 struct SharedSpan { uintptr_t lo, hi; size_t element; const char* name; };
 static const int kMaxSharedArrays = 1024;
 static const uintptr_t kSharedRedzone = 64;
+static const size_t kSharedArenaBytes = (size_t)4 << 20;
 static SharedSpan g_shared_arrays[kMaxSharedArrays];
 static int g_nshared_arrays;
-static uintptr_t g_shared_lo, g_shared_size;  // the "emu_shared" section
+static char* g_shared_arena;
+static size_t g_shared_used;                    // bytes of the arena in use, the last redzone included
+static uintptr_t g_shared_lo, g_shared_size;    // what check() sends to check_shared(): the arena's used part
 
-EMU_NOSAN void register_shared(const void* array, size_t bytes, size_t element_bytes, const char* name) {
-    if (g_nshared_arrays < kMaxSharedArrays)
-        g_shared_arrays[g_nshared_arrays++] = SharedSpan{(uintptr_t)array, (uintptr_t)array + bytes, element_bytes, name};
+EMU_NOSAN void* allocate_shared(size_t bytes, size_t element_bytes, size_t alignment, const char* name) {
+    if (!g_shared_arena) {
+        void* m = mmap(nullptr, kSharedArenaBytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) device_failure("cannot map the emulator's __shared__ arena", __FILE__, __LINE__);
+        g_shared_arena = (char*)m;
+        g_shared_used = kSharedRedzone;         // the first array's front redzone
+    }
+    size_t offset = (g_shared_used + alignment - 1) / alignment * alignment;
+    if (offset + bytes + kSharedRedzone > kSharedArenaBytes || g_nshared_arrays == kMaxSharedArrays)
+        device_failure("static __shared__ arrays exceed the emulator's 4 MiB / 1024-array arena", __FILE__, __LINE__);
+    char* array = g_shared_arena + offset;
+    g_shared_arrays[g_nshared_arrays++] = SharedSpan{(uintptr_t)array, (uintptr_t)array + bytes, element_bytes, name};
+    g_shared_used = offset + bytes + kSharedRedzone;
+    memset(array, 0xFF, bytes);                 // poisoned from the start: this block is already running
+    g_shared_lo = (uintptr_t)g_shared_arena;
+    g_shared_size = g_shared_used;
+    return array;
 }
 
 // The buffer an address belongs to or lies nearest to (for guard-page hits and slack hits).
@@ -171,8 +195,8 @@ EMU_NOSAN static inline void check(uintptr_t a, size_t n, int is_write) {
     fail_access(OUT_OF_BOUNDS, a, (int)n, is_write);  // a guard page: it would fault next
 }
 
-// An address inside the shared section: fine inside a registered array or outside all redzones
-// (unregistered __shared__ variables); an access touching a redzone is reported with the nearest array.
+// An address inside the shared arena: fine inside an array; an access touching a redzone is
+// reported with the nearest array.
 EMU_NOSAN static void check_shared(uintptr_t a, size_t n, int is_write) {
     int hit = -1;
     uintptr_t best = ~(uintptr_t)0;
@@ -259,12 +283,19 @@ extern "C" char __start_emu_shared[] __attribute__((weak, visibility("hidden")))
 extern "C" char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
 static size_t g_dynamic_shared_bytes;
 
-EMU_NOSAN static size_t static_shared_bytes() {
+EMU_NOSAN static size_t section_shared_bytes() {  // the __shared__ scalars
     return __start_emu_shared ? (size_t)(__stop_emu_shared - __start_emu_shared) : 0;
 }
 
+EMU_NOSAN static size_t static_shared_bytes() {  // scalars and the arrays reached so far
+    size_t arrays = 0;
+    for (int i = 0; i < g_nshared_arrays; ++i) arrays += g_shared_arrays[i].hi - g_shared_arrays[i].lo;
+    return section_shared_bytes() + arrays;
+}
+
 EMU_NOSAN static void poison_shared() {  // 0xFF bytes: NaN as float, -1 as int
-    if (__start_emu_shared) memset(__start_emu_shared, 0xFF, static_shared_bytes());
+    if (__start_emu_shared) memset(__start_emu_shared, 0xFF, section_shared_bytes());
+    if (g_shared_used) memset(g_shared_arena, 0xFF, g_shared_used);
     if (g_dynamic_shared_bytes) memset(dynamic_shared, 0xFF, g_dynamic_shared_bytes);
 }
 
@@ -560,8 +591,8 @@ EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Reg
     for (int i = 0; i < nbindings; ++i)
         *(void**)args[bindings[i].arg] = all[bindings[i].region].device + bindings[i].offset;
 
-    g_shared_lo = (uintptr_t)__start_emu_shared;
-    g_shared_size = static_shared_bytes();
+    g_shared_lo = (uintptr_t)g_shared_arena;
+    g_shared_size = g_shared_used;
     g_fiber_mode = fiber_mode;
     SavedSignals saved;
     install_fault_handlers(&saved);
@@ -588,7 +619,8 @@ EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Reg
     return report->failure;
 }
 
-// Bytes of static __shared__ memory in this module (all kernels together, an upper bound for one).
+// Bytes of static __shared__ memory in this module (all kernels together, an upper bound for one;
+// arrays count once a thread has reached their declaration).
 EMU_EXPORT uint64_t emu_static_shared_bytes() { return emu::static_shared_bytes(); }
 
 namespace emu {

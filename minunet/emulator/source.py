@@ -144,9 +144,11 @@ def rewrite_extern_shared(code: str) -> str:
 
 
 def guard_shared_arrays(code: str) -> str:
-    """``__shared__ float tile[16][17];`` -> the array inside an ``emu::SharedArray`` (redzones
-    before and after it, registered with the runtime by name), plus a reference named ``tile``
-    to it, so the kernel text works unchanged and ``tile[16][0]`` is reported as out of bounds.
+    """``__shared__ float tile[16][17];`` -> an ``emu::SharedArray`` holder whose storage the
+    runtime hands out (between redzones, registered by name, poisoned with NaN at every block),
+    plus a reference named ``tile`` to it, so the kernel text works unchanged and ``tile[16][0]``
+    is reported as out of bounds. This also works inside template functions, where GCC ignores
+    the linker-section attribute that plain ``__shared__`` variables rely on.
 
     Declarations of another form (scalars, several names in one declaration) stay as they are:
     poisoned with NaN like every __shared__ variable, but not bounds-checked."""
@@ -158,8 +160,8 @@ def guard_shared_arrays(code: str) -> str:
         if "__align__" in element:  # an aligned array keeps its plain form (unchecked)
             continue
         pieces.append(code[last:found.start()])
-        pieces.append(f'__shared__ emu::SharedArray<{element}{dims}> emu_shared_{name}{{"{name}"}}; '
-                      f"auto& {name} = emu_shared_{name}.value;")
+        pieces.append(f'static emu::SharedArray<{element}{dims}> emu_shared_{name}{{"{name}"}}; '
+                      f"auto& {name} = *emu_shared_{name}.value;")
         last = found.end()
     pieces.append(code[last:])
     return "".join(pieces)

@@ -108,3 +108,43 @@ extern "C" __global__ void huge_local_array(float* y, int n) {
     for (int i = 0; i < n; ++i) scratch[i] = (float)i;
     y[threadIdx.x] = scratch[n - 1];
 }
+
+// The same bugs with the shared array declared in a *template* device function, as conv3x3.cu's
+// tiled kernels do (GCC ignores a linker-section attribute on a template's static locals, so the
+// emulator must not rely on one to find, poison and check shared memory).
+template <int TILE>
+__device__ void neighbour_sum_in_template(const float* x, float* y, int n) {
+    __shared__ float tile[TILE];
+    const int t = threadIdx.x;
+    const int i = blockIdx.x * blockDim.x + t;
+    if (t < blockDim.x - 1) tile[t] = i < n ? x[i] : 0.0f;  // bug: slot blockDim.x-1 stays unwritten
+    __syncthreads();
+    if (i < n) y[i] = tile[t] + tile[min(t + 1, (int)blockDim.x - 1)];
+}
+extern "C" __global__ void shared_neighbour_unwritten_template(const float* x, float* y, int n) {
+    neighbour_sum_in_template<128>(x, y, n);
+}
+
+template <int TILE>
+__device__ void copy_through_small_tile(const float* x, float* y) {
+    __shared__ float tile[TILE];
+    tile[threadIdx.x + 1] = x[threadIdx.x];  // bug: should be tile[threadIdx.x]
+    __syncthreads();
+    y[threadIdx.x] = tile[threadIdx.x];
+}
+extern "C" __global__ void shared_tile_too_small_template(const float* x, float* y) {
+    copy_through_small_tile<64>(x, y);
+}
+
+// Only block 0 fills the tile; every other block reads it anyway. On a GPU those blocks may see
+// what block 0 left (if they share its multiprocessor) or anything else; the emulator gives NaN.
+template <int TILE>
+__device__ void read_block_zeros_tile(const float* x, float* y) {
+    __shared__ float tile[TILE];
+    if (blockIdx.x == 0) tile[threadIdx.x] = x[threadIdx.x];  // bug: the other blocks never write it
+    __syncthreads();
+    y[blockIdx.x * blockDim.x + threadIdx.x] = tile[threadIdx.x];
+}
+extern "C" __global__ void shared_left_by_another_block_template(const float* x, float* y) {
+    read_block_zeros_tile<32>(x, y);
+}
