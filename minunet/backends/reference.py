@@ -180,24 +180,22 @@ def max_pool2x2_forward(x):
     """(y, argmax): y the window maxima, argmax = dy*2+dx of the first max, as uint8.
 
     A small tournament over the four window corners c0..c3 (all windows at once): the winner of
-    (c0, c1), the winner of (c2, c3), then the final. A challenger beats the holder if it is
-    strictly greater, so on ties the earlier corner in row-major order wins; a NaN beats any
-    number (as in PyTorch: a NaN in the input shows up in the output instead of vanishing), and
-    the first NaN wins among NaNs. The kernel follows exactly these rules."""
+    (c0, c1), the winner of (c2, c3), then the final. Every comparison is a strict ``>``, so on
+    ties the earlier corner in row-major order wins (the convention the kernel follows too).
+    A NaN beats any number (as in PyTorch: a NaN in the input shows up in the output instead of
+    vanishing) and the first NaN wins among NaNs: ``np.maximum`` already puts the NaN in y, and
+    the rare windows whose maximum is NaN get their argmax fixed afterwards, which keeps the
+    common case as fast as without NaN handling."""
     c0, c1, c2, c3 = _corners(x)
-    top_idx = _beats(c1, c0)
-    top = np.where(top_idx, c1, c0)
-    bottom_idx = _beats(c3, c2)
-    bottom = np.where(bottom_idx, c3, c2)
-    bottom_wins = _beats(bottom, top)
-    y = np.where(bottom_wins, bottom, top)
-    argmax = np.where(bottom_wins, bottom_idx.view(np.uint8) + np.uint8(2), top_idx.view(np.uint8))
+    top, top_idx = np.maximum(c0, c1), (c1 > c0).astype(np.uint8)
+    bottom, bottom_idx = np.maximum(c2, c3), (c3 > c2).astype(np.uint8) + np.uint8(2)
+    bottom_wins = bottom > top
+    y = np.maximum(top, bottom)
+    argmax = np.where(bottom_wins, bottom_idx, top_idx)
+    nan = np.isnan(y)
+    if nan.any():
+        argmax[nan] = np.select([np.isnan(c[nan]) for c in (c0, c1, c2)], [0, 1, 2], 3)
     return y, argmax
-
-
-def _beats(challenger, holder):
-    """Does the later corner take the window? Strictly greater, or NaN against a number."""
-    return (challenger > holder) | (np.isnan(challenger) & ~np.isnan(holder))
 
 
 def max_pool2x2_backward(gy, argmax, x_shape):
