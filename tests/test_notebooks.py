@@ -20,8 +20,16 @@ CELL_TIMEOUT_S = 300
 MAX_SIZE_KB = 1024
 
 
+EXPECTED = ["01_tensors_and_autograd", "02_conv3x3", "03_pooling_and_upconv", "04_the_unet",
+            "05_weighted_loss", "06_elastic_deformation", "07_overlap_tile", "08_train_and_evaluate"]
+
+
 def test_notebooks_exist():
-    assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
+    """The eight notebooks, each linked from the README."""
+    assert [p.stem for p in NOTEBOOKS] == EXPECTED
+    readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+    missing = [name for name in EXPECTED if f"(notebooks/{name}.ipynb)" not in readme]
+    assert not missing, f"README does not link {missing}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
