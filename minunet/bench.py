@@ -91,6 +91,8 @@ def _torch_device(device: str) -> str | None:
 
 
 def _torch_time(fn, tdev: str, repeat: int) -> float:
+    """Like time_it, with three warm-up calls: oneDNN compiles a kernel for each new shape on its
+    first call (measured here: 15 ms instead of 0.3 ms for the first layer's conv)."""
     torch = _torch()
 
     def run():
@@ -98,7 +100,17 @@ def _torch_time(fn, tdev: str, repeat: int) -> float:
         if tdev == "cuda":
             torch.cuda.synchronize()
 
-    return time_it(run, "cpu", repeat)
+    return time_it(run, "cpu", repeat, warmup=3)
+
+
+def _torch_backward_time(forward, inputs, grad_output, tdev: str, repeat: int) -> float:
+    """PyTorch's backward alone: the graph is built once and ``autograd.grad`` replays it
+    (``retain_graph``), so no forward time has to be subtracted (a difference of two noisy
+    medians, which came out negative for small ops)."""
+    torch = _torch()
+    out = forward()
+    return _torch_time(lambda: torch.autograd.grad(out, inputs, grad_output, retain_graph=True),
+                       tdev, repeat)
 
 
 # ---- per-op benchmarks -------------------------------------------------------------------------
@@ -160,9 +172,8 @@ def bench_ops(device: str, base: int, tile: int, batch: int, repeat: int) -> lis
                     ty = cf(tx, tw, tb)
                     diff = float((ty.cpu() - torch.from_numpy(np.asarray(_host(y)))).abs().max())
                     rows[-2].extra["max_abs_diff_vs_torch"] = diff
-                rows[-1].torch_ms = _torch_time(
-                    lambda: torch.autograd.grad(cf(tx, tw, tb), (tx, tw, tb), tgy), tdev, repeat) \
-                    - rows[-2].torch_ms
+                rows[-1].torch_ms = _torch_backward_time(lambda: cf(tx, tw, tb), (tx, tw, tb), tgy,
+                                                         tdev, repeat)
         elif name == "max_pool2x2":
             y, am = be.max_pool2x2_forward(x)
             rows.append(Row("max_pool2x2 fwd", str(xs), 3.0 * y.size, 4.0 * x.size + 5.0 * y.size,
@@ -171,9 +182,11 @@ def bench_ops(device: str, base: int, tile: int, batch: int, repeat: int) -> lis
             rows.append(Row("max_pool2x2 bwd", str(xs), 0.0, 4.0 * x.size + 5.0 * y.size,
                             time_it(lambda: be.max_pool2x2_backward(gy, am, xs), device, repeat)))
             if tdev:
-                tx = tarr(x)
+                tx = tarr(x).requires_grad_()
                 with torch.no_grad():
                     rows[-2].torch_ms = _torch_time(lambda: torch.nn.functional.max_pool2d(tx, 2), tdev, repeat)
+                rows[-1].torch_ms = _torch_backward_time(lambda: torch.nn.functional.max_pool2d(tx, 2),
+                                                         (tx,), tarr(gy), tdev, repeat)
         elif name == "conv_transpose2x2":
             wt, b = arr(ws), arr((ws[1],))
             y = be.conv_transpose2x2_forward(x, wt, b)
@@ -184,10 +197,12 @@ def bench_ops(device: str, base: int, tile: int, batch: int, repeat: int) -> lis
             rows.append(Row("up-conv2x2 bwd", f"{xs}->{ws[1]}", 2 * fl, 4.0 * (2 * x.size + 2 * wt.size + y.size),
                             time_it(lambda: be.conv_transpose2x2_backward(x, wt, gy, True), device, repeat)))
             if tdev:
-                tx, tw, tb = tarr(x), tarr(wt), tarr(b)
+                tx, tw, tb = (tarr(a).requires_grad_() for a in (x, wt, b))
+                up = torch.nn.functional.conv_transpose2d
                 with torch.no_grad():
-                    rows[-2].torch_ms = _torch_time(
-                        lambda: torch.nn.functional.conv_transpose2d(tx, tw, tb, stride=2), tdev, repeat)
+                    rows[-2].torch_ms = _torch_time(lambda: up(tx, tw, tb, stride=2), tdev, repeat)
+                rows[-1].torch_ms = _torch_backward_time(lambda: up(tx, tw, tb, stride=2), (tx, tw, tb),
+                                                         tarr(gy), tdev, repeat)
         elif name == "relu":
             rows.append(Row("relu fwd", str(xs), float(x.size), 8.0 * x.size,
                             time_it(lambda: be.relu_forward(x), device, repeat)))
