@@ -211,13 +211,17 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None
     """The paper's energy (eq. 1): mean over pixels of w(x) * -log softmax(logits)[target(x)].
 
     logits (N,C,H,W) float; target (N,H,W) integer class indices in [0, C); weight (N,H,W) float
-    or None (all ones). Returns a scalar tensor."""
+    or None (all ones), a constant: the gradient flows to the logits only. Returns a scalar tensor."""
     _check_tensor("logits", logits, 4)
     _check_tensor("target", target, 3, floating=False)
     if target.dtype.kind not in "iu":
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     if weight is not None:
         _check_tensor("weight", weight, 3)
+        if weight.requires_grad:
+            raise ValueError("weighted_cross_entropy: the weight map is a constant of the loss "
+                             "(eq. 2 is computed from the labels) and gets no gradient; pass it "
+                             "with requires_grad=False")
     _check_same("weighted_cross_entropy", {"logits": logits, "weight": weight})
     if target.device != logits.device:
         raise ValueError(f"weighted_cross_entropy: target is on {target.device!r} but logits on "

@@ -85,6 +85,9 @@ def test_op_shape_errors_name_both_shapes():
         F.weighted_cross_entropy(logits, mu.Tensor(np.zeros((1, 3, 4), np.int64)))
     with pytest.raises(TypeError, match="integer class indices"):
         F.weighted_cross_entropy(logits, mu.Tensor(np.zeros((1, 3, 3)), dtype="float32"))
+    with pytest.raises(ValueError, match="weight map is a constant"):
+        F.weighted_cross_entropy(logits, mu.Tensor(np.zeros((1, 3, 3), np.int64)),
+                                 mu.Tensor(np.ones((1, 3, 3)), requires_grad=True))
     with pytest.raises(ValueError, match=r"dropout: p must be in \[0, 1\)"):
         F.dropout(logits, 1.0, training=True)
 
