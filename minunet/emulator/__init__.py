@@ -78,6 +78,9 @@ What it cannot tell
   multiply-adds as nvcc does, so results differ from a GPU's in the last bits (compare with
   tolerances). Static ``__shared__`` sizes are not checked per kernel against the 48 KiB limit.
 - Global ``__device__`` variables keep their values across launches and are not bounds-checked.
+- An out-of-range *constant* index into a static ``__shared__`` array (``tile[70]`` in a
+  ``float tile[64]``) is undefined behaviour that GCC may fold away before the bounds check sees
+  it; indices computed at run time (``tile[threadIdx.x + 6]``) are always checked.
   Out-of-bounds accesses are checked on arrays only; pointers the kernel computes into its own
   stack or globals are not.
 
