@@ -81,6 +81,8 @@ What it cannot tell
 - An out-of-range *constant* index into a static ``__shared__`` array (``tile[70]`` in a
   ``float tile[64]``) is undefined behaviour that GCC may fold away before the bounds check sees
   it; indices computed at run time (``tile[threadIdx.x + 6]``) are always checked.
+- A ``__shared__`` *scalar* declared inside a template function is not refilled with NaN between
+  blocks (GCC ignores the linker-section attribute there; arrays do not depend on it).
   Out-of-bounds accesses are checked on arrays only; pointers the kernel computes into its own
   stack or globals are not.
 
