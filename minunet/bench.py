@@ -58,8 +58,17 @@ def _sync(device: str) -> None:
         cupy.cuda.runtime.deviceSynchronize()
 
 
+SETTLE_S = 0.3
+
+
 def time_it(fn, device: str, repeat: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in milliseconds (device synchronised around each run)."""
+    """Median wall time of ``fn()`` in milliseconds (device synchronised around each run).
+
+    It first waits ``SETTLE_S``: after a call, OpenBLAS's and OpenMP's worker threads spin for a
+    while before they sleep, and on a 2-core machine the spinning threads of the library timed
+    just before (minunet's BLAS, or PyTorch's OpenMP) steal the cores from the one timed now
+    (measured: PyTorch's 1.5 ms convolution took 22 ms right after a NumPy GEMM)."""
+    time.sleep(SETTLE_S)
     for _ in range(warmup):
         fn()
     _sync(device)
