@@ -176,3 +176,13 @@ def test_training_tiles_are_standardised_after_augmentation():
         assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
         at_minimum = float(np.mean(x == x.min()))
         assert at_minimum < 0.01, f"{at_minimum:.0%} of the pixels share the minimum: clipped"
+
+
+@pytest.mark.parametrize("argv,lr", [([], 0.002), (["--synthetic", "cells"], 0.001),
+                                     (["--synthetic", "cells", "--no-weights"], 0.002),
+                                     (["--data", "d", "--instances"], 0.001),
+                                     (["--synthetic", "cells", "--lr", "0.05"], 0.05)])
+def test_default_learning_rate_is_smaller_with_border_weights(argv, lr):
+    """Eq. 2's border weights enlarge the loss and its gradient: lr 0.002 diverged on them."""
+    args = train.build_parser().parse_args(argv)
+    assert (args.lr if args.lr is not None else train.default_lr(args)) == lr
