@@ -309,6 +309,11 @@ def test_conv3x3_version_from_argument_or_environment(monkeypatch):
         KernelBackend("emu")
     with pytest.raises(ValueError, match="'cuda' or 'emu'"):
         KernelBackend("cpu")
+    backend = KernelBackend("emu", conv3x3="tiled")
+    backend.conv3x3_version = "naive"          # switching later, e.g. on get_backend("emu")
+    assert backend.conv3x3_version == "naive"
+    with pytest.raises(ValueError, match="use 'naive' or 'tiled'"):
+        backend.conv3x3_version = "fast"
 
 
 def test_a_failed_launch_names_the_kernel():

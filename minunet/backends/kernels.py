@@ -15,7 +15,8 @@ What this Python side does, and the kernels do not:
 
 The 3x3 convolution has two versions (see kernels/conv3x3.cu): ``"naive"`` (one thread per
 output) and ``"tiled"`` (shared-memory tiles and register blocking, the default). Choose with
-``KernelBackend(device, conv3x3="naive")`` or the environment variable ``MINUNET_CONV3X3``.
+``KernelBackend(device, conv3x3="naive")`` or the environment variable ``MINUNET_CONV3X3`` (read
+when the backend is created), or later with ``get_backend(device).conv3x3_version = "naive"``.
 """
 from __future__ import annotations
 
@@ -76,10 +77,23 @@ class KernelBackend:
         if version not in CONV3X3_VERSIONS:
             raise ValueError(f"unknown conv3x3 kernel version {version!r} (from "
                              f"{'the argument' if conv3x3 else 'MINUNET_CONV3X3'}); use 'naive' or 'tiled'")
-        self.conv3x3_version = version
+        self._conv3x3_version = version
         # A weight-gradient block reduces at least this many pixels before the reduction is split
         # over more blocks (blockIdx.y slices). Tests lower it to exercise the split on small images.
         self.min_pixels_per_slice = 4096
+
+    @property
+    def conv3x3_version(self) -> str:
+        """"naive" or "tiled". Tensors use the backend that ``get_backend(device)`` created once
+        (reading MINUNET_CONV3X3 then), so to switch later set this attribute on it:
+        ``minunet.backends.get_backend("emu").conv3x3_version = "naive"``."""
+        return self._conv3x3_version
+
+    @conv3x3_version.setter
+    def conv3x3_version(self, version: str) -> None:
+        if version not in CONV3X3_VERSIONS:
+            raise ValueError(f"unknown conv3x3 kernel version {version!r}; use 'naive' or 'tiled'")
+        self._conv3x3_version = version
 
     def __repr__(self) -> str:
         return f"KernelBackend({self.device!r}, conv3x3={self.conv3x3_version!r})"
