@@ -19,12 +19,9 @@
 //                           Threads of a warp take consecutive pixels, so each read of channel c
 //                           is coalesced. A target outside [0, C) makes that pixel's loss and
 //                           gradient NaN (a visible error) instead of reading out of bounds.
-//   sum_scaled              out[b] = scale * (sum of the block's share of x): each thread adds a
-//                           grid-strided subset, then a shared-memory tree reduction (step s:
-//                           thread t < s adds thread t+s's value; barrier between steps). The
-//                           launcher runs it twice: many blocks -> one partial sum per block, then
-//                           one block -> the mean, scale = 1 / (N*P). Two passes instead of an
-//                           atomicAdd per block keep the summation order, and the result, fixed.
+//
+// The mean over pixels is reduce.cu's sum_scaled, run by the launcher on loss_pixel (the one
+// shared sum reduction of all kernels).
 
 extern "C" __global__ void cross_entropy_forward(const float* __restrict__ logits, const int* __restrict__ target,
                                                  const float* __restrict__ weight, float* __restrict__ loss_pixel,
@@ -52,21 +49,4 @@ extern "C" __global__ void cross_entropy_forward(const float* __restrict__ logit
         const float softmax = expf(z[c * P] - m) * inv_S;
         g[c * P] = scale * (softmax - (c == label ? 1.0f : 0.0f));
     }
-}
-
-#define SUM_THREADS 256
-
-extern "C" __global__ void __launch_bounds__(SUM_THREADS)
-sum_scaled(const float* __restrict__ x, float* __restrict__ out, int n, float scale) {
-    __shared__ float s_sum[SUM_THREADS];
-    const int t = threadIdx.x;
-    float acc = 0.0f;
-    for (int e = blockIdx.x * SUM_THREADS + t; e < n; e += gridDim.x * SUM_THREADS) acc += x[e];
-    s_sum[t] = acc;
-    __syncthreads();
-    for (int stride = SUM_THREADS / 2; stride > 0; stride /= 2) {
-        if (t < stride) s_sum[t] += s_sum[t + stride];
-        __syncthreads();  // outside the `if`: every thread must reach every barrier
-    }
-    if (t == 0) out[blockIdx.x] = s_sum[0] * scale;
 }

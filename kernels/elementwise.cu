@@ -50,13 +50,15 @@ extern "C" __global__ void dropout_forward(const float* __restrict__ x, float* _
     if (t >= n) return;
     const bool keep = dropout_uniform((unsigned int)t, seed) >= p;
     mask[t] = keep ? 1 : 0;
-    y[t] = keep ? x[t] * scale : 0.0f;
+    // multiply by 0 rather than write 0: a NaN input stays NaN (NaN * 0 = NaN), as in the reference
+    // and PyTorch, so a broken activation is never hidden by the mask
+    y[t] = x[t] * (keep ? scale : 0.0f);
 }
 
 extern "C" __global__ void dropout_backward(const float* __restrict__ gy, const unsigned char* __restrict__ mask,
                                             float* __restrict__ gx, int n, float scale) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t < n) gx[t] = mask[t] ? gy[t] * scale : 0.0f;
+    if (t < n) gx[t] = gy[t] * (mask[t] ? scale : 0.0f);  // a NaN gradient stays NaN, as above
 }
 
 extern "C" __global__ void sgd_momentum(float* __restrict__ param, const float* __restrict__ grad,

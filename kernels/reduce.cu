@@ -1,13 +1,22 @@
-// reduce.cu -- the two sums the backward passes of the convolutions share.
+// reduce.cu -- the sums every op shares: one block-level tree reduction, used three ways.
+//
+//   block_sum      (a __device__ helper) the sum of one float per thread of a block, with a tree
+//                  reduction in shared memory: at step s = 128, 64, ..., 1 thread t < s adds the
+//                  partial of thread t+s, and a barrier separates the steps. log2(256) = 8 steps
+//                  instead of 255 serial adds. channel_sum and sum_scaled end with it.
 //
 //   channel_sum    out[c] = sum_{n,p} g[n,c,p] for g (N, C, P): the bias gradient of every conv
 //                  layer (gb[co] = sum over images and pixels of gy[n,co,:,:]).
 //                  One block per channel c, REDUCE_THREADS = 256 threads. Thread t adds up the
 //                  elements t, t+256, t+512, ... of the N*P values of channel c (consecutive
-//                  threads read consecutive addresses of one image's plane: coalesced), then the
-//                  block combines its 256 partial sums with a tree reduction in shared memory:
-//                  at step s = 128, 64, ..., 1 thread t < s adds the partial of thread t+s, and a
-//                  barrier separates the steps. log2(256) = 8 steps instead of 255 serial adds.
+//                  threads read consecutive addresses of one image's plane: coalesced), then
+//                  block_sum combines the block's 256 partial sums.
+//
+//   sum_scaled     out[b] = scale * (the sum of block b's share of x): each thread adds a
+//                  grid-strided subset, then block_sum. The loss launcher runs it twice: many
+//                  blocks -> one partial sum per block, then one block -> the mean with
+//                  scale = 1 / (N*P). Two passes instead of an atomicAdd per block keep the
+//                  summation order, and so the result, fixed from run to run.
 //
 //   sum_partials   out[m] = sum_{s<S} partial[s*M + m] for partial (S, M): combines the per-slice
 //                  results of the weight-gradient kernels (conv3x3_grad_weight and friends split a
@@ -18,9 +27,24 @@
 
 #define REDUCE_THREADS 256
 
+// The sum of `value` over the REDUCE_THREADS threads of the block, returned to every thread (the
+// last barrier makes s_sum[0] complete for all). Every thread of the block must call it, since
+// it has barriers, and a kernel calls it once (a second call would overwrite s_sum while slower
+// threads may still be reading s_sum[0]).
+__device__ float block_sum(float value) {
+    __shared__ float s_sum[REDUCE_THREADS];
+    const int t = threadIdx.x;
+    s_sum[t] = value;
+    __syncthreads();
+    for (int stride = REDUCE_THREADS / 2; stride > 0; stride /= 2) {
+        if (t < stride) s_sum[t] += s_sum[t + stride];
+        __syncthreads();  // outside the `if`: every thread must reach every barrier
+    }
+    return s_sum[0];
+}
+
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 channel_sum(const float* __restrict__ g, float* __restrict__ out, int N, int C, int P) {
-    __shared__ float s_sum[REDUCE_THREADS];
     const int c = blockIdx.x;
     const int t = threadIdx.x;
     float acc = 0.0f;
@@ -28,13 +52,17 @@ channel_sum(const float* __restrict__ g, float* __restrict__ out, int N, int C, 
         const int n = e / P, p = e % P;
         acc += g[(n * C + c) * P + p];
     }
-    s_sum[t] = acc;
-    __syncthreads();
-    for (int stride = REDUCE_THREADS / 2; stride > 0; stride /= 2) {
-        if (t < stride) s_sum[t] += s_sum[t + stride];
-        __syncthreads();  // outside the `if`: every thread must reach every barrier
-    }
-    if (t == 0) out[c] = s_sum[0];
+    const float total = block_sum(acc);
+    if (t == 0) out[c] = total;
+}
+
+extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
+sum_scaled(const float* __restrict__ x, float* __restrict__ out, int n, float scale) {
+    const int t = threadIdx.x;
+    float acc = 0.0f;
+    for (int e = blockIdx.x * REDUCE_THREADS + t; e < n; e += gridDim.x * REDUCE_THREADS) acc += x[e];
+    const float total = block_sum(acc);
+    if (t == 0) out[blockIdx.x] = total * scale;
 }
 
 extern "C" __global__ void sum_partials(const float* __restrict__ partial, float* __restrict__ out, int S, int M) {

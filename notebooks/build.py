@@ -1524,9 +1524,9 @@ def pooling_and_upconv():
         compare_upconv("emu")
 
         class LoggedBackend(KernelBackend):                      # prints every kernel launch
-            def _launch(self, file, kernel, grid, block, args):
+            def launch(self, file, kernel, grid, block, args):
                 print(f"  launch {kernel:30s} grid={grid}, block={block}")
-                return super()._launch(file, kernel, grid, block, args)
+                return super().launch(file, kernel, grid, block, args)
 
         sliced = LoggedBackend("emu")
         sliced.min_pixels_per_slice = 8
@@ -1565,12 +1565,13 @@ def pooling_and_upconv():
         element written; the forward:
         """),
         code(r"""
+        from minunet.ops.crop_concat import crop_offsets
         print(function_source("crop_concat", "crop_concat_forward", comment=False))
 
         rng = np.random.default_rng(8)
         skip, upm = rng.standard_normal((2, 2, 9, 8)).astype(np.float32), rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
         gyc = rng.standard_normal((2, 5, 4, 4)).astype(np.float32)
-        oy, ox = get_backend("cpu").crop_offsets(skip.shape, upm.shape)
+        oy, ox = crop_offsets(skip.shape, upm.shape)  # minunet/ops/crop_concat.py
         outside = np.ones((9, 8), bool); outside[oy:oy + 4, ox:ox + 4] = False
         out = {}
         for device in ("cpu", "emu"):
@@ -2414,8 +2415,10 @@ def weighted_loss():
         `kernels/reduce.cu`, which sums the bias gradients of the convolutions):
         """),
         code("""
-        print("#define SUM_THREADS 256\\n")
-        print(function_source("cross_entropy", "sum_scaled", comment=False))
+        print("#define REDUCE_THREADS 256\\n")
+        print(function_source("reduce", "block_sum", comment=False))
+        print()
+        print(function_source("reduce", "sum_scaled", comment=False))
         """),
         md(r"""
         In words, for a block of 256 threads:
@@ -2465,7 +2468,7 @@ def weighted_loss():
         values = np.random.default_rng(3).uniform(0, 5, 2000).astype(np.float32)
         blocks = 3
         partial_k, mean_k = np.empty(blocks, np.float32), np.empty(1, np.float32)
-        sum_scaled = module.get_function("sum_scaled")
+        sum_scaled = EmuModule(kernel_source("reduce"), name=str(kernels_dir() / "reduce.cu")).get_function("sum_scaled")
         sum_scaled((blocks,), (256,), (values, partial_k, np.int32(values.size), np.float32(1.0)))
         sum_scaled((1,), (256,), (partial_k, mean_k, np.int32(blocks), np.float32(1 / values.size)))
         partial_np = sum_scaled_numpy(values, blocks, 1.0)
@@ -2485,13 +2488,13 @@ def weighted_loss():
         compile again, and sum the same 2,000 numbers with three shuffle seeds:
         """),
         code("""
-        no_barrier = kernel_source("cross_entropy").replace(
+        no_barrier = kernel_source("reduce").replace(
             "__syncthreads();  // outside the `if`: every thread must reach every barrier", "// barrier deleted")
-        variants = {"with the barrier": kernel_source("cross_entropy"), "barrier deleted": no_barrier}
+        variants = {"with the barrier": kernel_source("reduce"), "barrier deleted": no_barrier}
         for label, source in variants.items():
             sums = []
             for seed in (0, 1, 2):
-                mod = EmuModule(source, name="cross_entropy.cu", shuffle_seed=seed)
+                mod = EmuModule(source, name="reduce.cu", shuffle_seed=seed)
                 out = np.empty(blocks, np.float32)
                 mod.get_function("sum_scaled")((blocks,), (256,), (values, out, np.int32(values.size), np.float32(1.0)))
                 sums.append(float(out.sum()))

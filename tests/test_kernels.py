@@ -14,11 +14,15 @@ argmax and the dropout mask.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minunet import ops
+from minunet.backends import function_names
 from minunet.backends import reference as R
 from minunet.backends.kernels import KernelBackend, KernelError
 from minunet.devices import cuda_status, to_host
@@ -61,14 +65,86 @@ def check_grads(got, want, names, what, tol=SUM_TOL):
             assert_close(to_host(g), r, what=f"{what} {name}", **tol)
 
 
-# ---- conv3x3 ----------------------------------------------------------------------------------
-# (N, Ci, H, W, Co): the smallest input; odd sizes; Ci > 8 and Co > 8 (two channel chunks/groups,
-# the second partly empty); an output 16 rows tall and 33 wide (exactly one tile row, two tile
-# columns); an output taller than one tile; 3 x 3 tiles and 3 channel chunks/groups per image.
-CONV3X3_SHAPES = [(1, 1, 3, 3, 1), (2, 3, 9, 11, 5), (1, 9, 18, 35, 10), (3, 2, 20, 7, 3),
-                  (2, 17, 37, 70, 17)]
+# ---- every backend function of every op, on the registry's cases (minunet/ops) ------------------
+def _variants(op, function):
+    """(conv3x3 version, split weight-gradient reduction) pairs worth running for a function."""
+    variants = [("tiled", False)]
+    if op is ops.conv3x3:
+        variants.append(("naive", False))
+    if function.endswith("_backward") and hasattr(op, "GW_THREADS"):
+        variants.append(("tiled", True))   # many pixel slices, the last one only partly full
+    return variants
 
 
+REGISTRY_CASES = [pytest.param(op, function, case, version, split,
+                               id=f"{function}-{case}-{version}{'-split' if split else ''}")
+                  for op in ops.OPS for case in op.TEST_CASES for function in op.IMPLEMENTATIONS
+                  for version, split in _variants(op, function)]
+
+
+def _on_device(backend, args):
+    """Copies of the array arguments on the backend's device (a kernel may update them in place)."""
+    return tuple(backend.xp.array(a) if isinstance(a, np.ndarray) else a for a in args)
+
+
+def _in_float64(args):
+    return tuple((f64(a) if a.dtype.kind == "f" else a.copy()) if isinstance(a, np.ndarray) else a
+                 for a in args)
+
+
+def _outputs(result, args):
+    """A function's outputs as a list; for an in-place function (None), its array arguments."""
+    if result is None:
+        return [a for a in args if hasattr(a, "shape")]
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op,function,case,version,split", REGISTRY_CASES)
+def test_kernel_matches_reference(rng, device, op, function, case, version, split):
+    """The kernels' result for one function on one case of its op's TEST_CASES, against the
+    reference in float64 on the same float32 inputs, within the op's stated tolerance (exact for
+    ops that move or select values; argmax and dropout masks always exact)."""
+    backend = make_backend(device, version, split)
+    args = op.example(rng, case)[function]
+    dev_args = _on_device(backend, args)
+    got = _outputs(getattr(backend, function)(*dev_args), dev_args)
+    ref_args = _in_float64(args)
+    want = _outputs(getattr(R, function)(*ref_args), ref_args)
+    assert len(got) == len(want), f"{function}: {len(got)} outputs, the reference has {len(want)}"
+    tol = ops.tolerance(op, function, case)
+    for k, (g, r) in enumerate(zip(got, want)):
+        what = f"{function} {case} output {k} on {device} [{version}{', split' if split else ''}]"
+        if r is None:
+            assert g is None, f"{what} should be None"
+            continue
+        g = to_host(g)
+        if r.dtype.kind in "iu":   # argmax, masks: exact, and of the reference's dtype
+            assert g.dtype == r.dtype, f"{what}: dtype {g.dtype}, the reference's is {r.dtype}"
+            assert_close(g, r, what=what, **EXACT)
+        else:
+            assert_close(g, r, what=what, **tol)
+
+
+def test_every_function_has_one_signature_on_every_backend():
+    """The contract: for each backend function the reference, the fast CPU path and the kernel
+    launcher (without its backend argument) take the same parameters."""
+    import inspect
+
+    table = ops.functions()
+    assert set(table) == set(function_names())
+    for name, impls in table.items():
+        want = inspect.signature(impls["reference"])
+        for kind in ("cpu", "kernels"):
+            got = inspect.signature(impls[kind])
+            params = list(got.parameters.values())[1 if kind == "kernels" else 0:]
+            assert got.replace(parameters=params) == want, \
+                f"{name}: the {kind} implementation takes {got}, the reference {want}"
+        for backend in (R, KernelBackend):
+            assert callable(getattr(backend, name)), f"{name} is missing on {backend}"
+
+
+# ---- conv3x3: more shapes, no bias ----------------------------------------------------------------
 def run_conv3x3(backend, rng, n, ci, h, w, co, bias=True):
     x, wt = f32(rng, n, ci, h, w), f32(rng, co, ci, 3, 3)
     b = f32(rng, co) if bias else None
@@ -80,13 +156,6 @@ def run_conv3x3(backend, rng, n, ci, h, w, co, bias=True):
     got = backend.conv3x3_backward(dev(backend, x), dev(backend, wt), dev(backend, gy), bias)
     want = R.conv3x3_backward(f64(x), f64(wt), f64(gy), bias)
     check_grads(got, want, ("gx", "gw", "gb"), what)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("version", ["naive", "tiled"])
-@pytest.mark.parametrize("shape", CONV3X3_SHAPES)
-def test_conv3x3_matches_reference(rng, device, version, shape):
-    run_conv3x3(make_backend(device, version), rng, *shape)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,22 +174,6 @@ def test_conv3x3_random_shapes(device, n, ci, co, h, w, version, split, seed):
 
 
 # ---- max-pooling ------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (2, 3, 9, 11), (3, 2, 8, 7), (1, 4, 1, 5)])
-def test_max_pool_matches_reference_with_ties(rng, device, shape):
-    backend = make_backend(device)
-    x = rng.integers(0, 3, shape).astype(np.float32)  # small integers: many ties in every window
-    y, argmax = backend.max_pool2x2_forward(dev(backend, x))
-    y_ref, argmax_ref = R.max_pool2x2_forward(x)
-    assert to_host(argmax).dtype == np.uint8
-    assert_close(to_host(y), y_ref, what=f"pool forward {shape}", **EXACT)
-    assert_close(to_host(argmax), argmax_ref, what=f"pool argmax {shape}", **EXACT)
-    gy = f32(rng, *y_ref.shape)
-    gx = backend.max_pool2x2_backward(dev(backend, gy), argmax, x.shape)
-    assert_close(to_host(gx), R.max_pool2x2_backward(gy, argmax_ref, x.shape),
-                 what=f"pool backward {shape}", **EXACT)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_max_pool_nan_wins_like_pytorch(rng, device):
     """A NaN in a window is the window's maximum and its argmax (the first NaN among several), on
@@ -144,76 +197,7 @@ def test_max_pool_nan_wins_like_pytorch(rng, device):
     assert_close(to_host(argmax), argmax_ref, what="pool argmax with NaNs", **EXACT)
 
 
-# ---- transposed convolution -------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,split", [((1, 1, 1, 1, 1), False), ((2, 6, 5, 7, 9), False),
-                                         ((3, 10, 4, 3, 17), True), ((2, 3, 6, 5, 2), True)])
-def test_conv_transpose2x2_matches_reference(rng, device, shape, split):
-    backend = make_backend(device, split=split)
-    n, ci, h, w, co = shape
-    x, wt, b = f32(rng, n, ci, h, w), f32(rng, ci, co, 2, 2), f32(rng, co)
-    for bias in (b, None):
-        y = backend.conv_transpose2x2_forward(dev(backend, x), dev(backend, wt),
-                                              None if bias is None else dev(backend, bias))
-        assert_close(to_host(y), R.conv_transpose2x2_forward(f64(x), f64(wt), None if bias is None else f64(bias)),
-                     what=f"conv_transpose2x2 forward {shape}", **SUM_TOL)
-    gy = f32(rng, n, co, 2 * h, 2 * w)
-    for with_bias in (True, False):
-        got = backend.conv_transpose2x2_backward(dev(backend, x), dev(backend, wt), dev(backend, gy), with_bias)
-        want = R.conv_transpose2x2_backward(f64(x), f64(wt), f64(gy), with_bias)
-        check_grads(got, want, ("gx", "gw", "gb"), f"conv_transpose2x2 {shape}")
-
-
-# ---- crop and concatenate ---------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("skip_shape,up_shape", [((1, 1, 4, 4), (1, 1, 4, 4)),      # no crop
-                                                 ((2, 3, 11, 12), (2, 4, 6, 7)),    # odd margins
-                                                 ((3, 5, 9, 17), (3, 2, 4, 12))])
-def test_crop_concat_matches_reference(rng, device, skip_shape, up_shape):
-    backend = make_backend(device)
-    skip, up = f32(rng, *skip_shape), f32(rng, *up_shape)
-    y = backend.crop_concat_forward(dev(backend, skip), dev(backend, up))
-    assert_close(to_host(y), R.crop_concat_forward(skip, up), what="crop_concat forward", **EXACT)
-    gy = f32(rng, *y.shape)
-    got = backend.crop_concat_backward(dev(backend, gy), skip_shape, up_shape)
-    check_grads(got, R.crop_concat_backward(gy, skip_shape, up_shape), ("gskip", "gup"),
-                "crop_concat backward", EXACT)
-
-
-# ---- 1x1 convolution --------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,split", [((1, 1, 1, 1, 1), False), ((2, 10, 5, 7, 3), False),
-                                         ((3, 17, 4, 9, 2), True)])
-def test_conv1x1_matches_reference(rng, device, shape, split):
-    backend = make_backend(device, split=split)
-    n, ci, h, w, co = shape
-    x, wt, b = f32(rng, n, ci, h, w), f32(rng, co, ci, 1, 1), f32(rng, co)
-    y = backend.conv1x1_forward(dev(backend, x), dev(backend, wt), dev(backend, b))
-    assert_close(to_host(y), R.conv1x1_forward(f64(x), f64(wt), f64(b)), what=f"conv1x1 forward {shape}", **SUM_TOL)
-    y = backend.conv1x1_forward(dev(backend, x), dev(backend, wt), None)
-    assert_close(to_host(y), R.conv1x1_forward(f64(x), f64(wt), None), what=f"conv1x1 no bias {shape}", **SUM_TOL)
-    gy = f32(rng, n, co, h, w)
-    for with_bias in (True, False):
-        got = backend.conv1x1_backward(dev(backend, x), dev(backend, wt), dev(backend, gy), with_bias)
-        check_grads(got, R.conv1x1_backward(f64(x), f64(wt), f64(gy), with_bias), ("gx", "gw", "gb"),
-                    f"conv1x1 {shape}")
-
-
-# ---- ReLU and dropout -------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (2, 3, 9, 11)])
-def test_relu_matches_reference(rng, device, shape):
-    backend = make_backend(device)
-    x, gy = f32(rng, *shape), f32(rng, *shape)
-    x.flat[0] = 0.0  # the kink: y = 0 there, so no gradient passes
-    x.flat[-1] = np.nan  # a NaN stays NaN (CUDA's fmaxf(NaN, 0) would give 0) and passes no gradient
-    y = backend.relu_forward(dev(backend, x))
-    assert_close(to_host(y), R.relu_forward(x), what="relu forward", **EXACT)
-    y_ref = R.relu_forward(x)
-    gx = backend.relu_backward(dev(backend, y_ref), dev(backend, gy))
-    assert_close(to_host(gx), R.relu_backward(y_ref, gy), what="relu backward", **EXACT)
-
-
+# ---- dropout: several p and seeds ---------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p,seed", [(0.0, 0), (0.5, 1), (0.5, 2**32 + 7), (0.9, 123456789), (0.3, -5)])
 def test_dropout_mask_is_bit_identical_to_reference(rng, device, p, seed):
@@ -232,27 +216,6 @@ def test_dropout_mask_is_bit_identical_to_reference(rng, device, p, seed):
 
 
 # ---- weighted cross-entropy -------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,scale,weighted", [((1, 2, 1, 1), 1.0, False), ((2, 3, 7, 9), 100.0, True),
-                                                  ((3, 2, 20, 21), 5.0, True), ((1, 5, 13, 11), 100.0, False)])
-def test_weighted_cross_entropy_matches_reference(rng, device, shape, scale, weighted):
-    backend = make_backend(device)
-    n, c, h, w = shape
-    logits = f32(rng, *shape, scale=scale)  # scale 100: exp() would overflow without the max shift
-    target = rng.integers(0, c, (n, h, w)).astype(np.int32)
-    weight = rng.uniform(0.1, 10.0, (n, h, w)).astype(np.float32) if weighted else None
-    loss, grad = backend.weighted_cross_entropy_forward(dev(backend, logits), dev(backend, target),
-                                                        None if weight is None else dev(backend, weight))
-    loss_ref, grad_ref = R.weighted_cross_entropy_forward(f64(logits), target, None if weight is None else f64(weight))
-    loss = to_host(loss)
-    assert loss.shape == () and loss.dtype == np.float32, f"loss must be a 0-d float32 array, got {loss!r}"
-    assert np.isfinite(loss)
-    assert_close(loss, loss_ref, what=f"cross-entropy loss {shape}", rtol=1e-5, atol=1e-5)
-    # gradient entries are O(w / (N*H*W)): scale the absolute tolerance with them
-    assert_close(to_host(grad), grad_ref, what=f"cross-entropy grad {shape}", rtol=1e-4,
-                 atol=1e-5 / (n * h * w))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_cross_entropy_with_an_invalid_label_gives_nan_not_garbage(rng, device):
     backend = make_backend(device)
@@ -295,7 +258,7 @@ def test_bad_shapes_raise_one_line_value_errors(rng):
     with pytest.raises(ValueError, match=r"p=1.0 must be in \[0, 1\)"):
         backend.dropout_forward(x, 1.0, 0)
     with pytest.raises(ValueError, match="32-bit indices"):
-        backend._empty((2**16, 2**16))  # 2^32 elements: refused before anything is allocated
+        backend.empty((2**16, 2**16))  # 2^32 elements: refused before anything is allocated
     with pytest.raises(TypeError, match="in place"):
         backend.sgd_step(x.astype(np.float64), x, x.copy(), 0.1, 0.9)
 
@@ -319,19 +282,7 @@ def test_conv3x3_version_from_argument_or_environment(monkeypatch):
 def test_a_failed_launch_names_the_kernel():
     backend = make_backend("emu")
     with pytest.raises(KernelError, match="kernel relu_forward .*elementwise.cu"):
-        backend._launch("elementwise", "relu_forward", (1,), (32,), (np.zeros(4, np.float32),))
-
-
-def test_every_backend_function_has_the_reference_signature():
-    import inspect
-
-    from minunet.backends import OP_NAMES
-
-    for name in OP_NAMES:
-        want = inspect.signature(getattr(R, name))
-        got = inspect.signature(getattr(KernelBackend, name))
-        params = list(got.parameters.values())[1:]  # without self
-        assert got.replace(parameters=params) == want, f"{name}{got} differs from the reference {name}{want}"
+        backend.launch("elementwise", "relu_forward", (1,), (32,), (np.zeros(4, np.float32),))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -413,3 +364,65 @@ def test_whole_unet_training_steps_match_cpu(device):
     for name in grads_ref:
         close(grads[name], grads_ref[name], f"step-2 gradient of {name} on {device}")
         close(params[name], params_ref[name], f"{name} after two SGD steps on {device}")
+
+
+# ---- the shared launch machinery (minunet/backends/kernels.py) ---------------------------------
+def test_fresh_outputs_on_emu_are_poisoned_so_an_unwritten_element_fails():
+    """A kernel that forgets part of its output must not pass on leftover memory: on emu a fresh
+    output is NaN (floats) or 0xFF (integers). Launch relu on only the first block of 256 of a
+    300-element output: the last 44 stay NaN."""
+    backend = make_backend("emu")
+    assert np.isnan(backend.empty((3, 5))).all() and (backend.empty((4,), np.uint8) == 255).all()
+    x = np.ones(300, np.float32)
+    y = backend.empty(x.shape)
+    backend.launch("elementwise", "relu_forward", (1,), (256,), (x, y, np.int32(300)))
+    assert (y[:256] == 1).all() and np.isnan(y[256:]).all()
+
+
+def test_launches_whose_thread_index_would_overflow_int32_are_refused():
+    backend = make_backend("emu")
+    x = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="overflow the kernels' 32-bit thread index"):
+        backend.launch("elementwise", "relu_forward", (2**23,), (256,), (x, x, np.int32(4)))
+
+
+def test_sgd_step_refuses_aliased_arrays():
+    """sgd_momentum's pointers are __restrict__: aliased arguments would be undefined behaviour."""
+    backend = make_backend("emu")
+    param, grad = np.ones(8, np.float32), np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="param and velocity share memory"):
+        backend.sgd_step(param, grad, param, 0.1, 0.9)
+    with pytest.raises(ValueError, match="param and grad share memory"):
+        backend.sgd_step(param, param, np.zeros(8, np.float32), 0.1, 0.9)
+
+
+def test_an_edited_kernel_file_is_compiled_again(tmp_path, monkeypatch):
+    """The module cache follows the file: editing a .cu file takes effect without a restart."""
+    import minunet.backends.kernels as kernels_module
+    import minunet.backends.sources as sources_module
+
+    source = ('extern "C" __global__ void fill(float* y, int n) {\n'
+              '    const int t = blockIdx.x * blockDim.x + threadIdx.x;\n'
+              '    if (t < n) y[t] = VALUE;\n}\n')
+    path = tmp_path / "probe.cu"
+    monkeypatch.setattr(kernels_module, "kernels_dir", lambda: tmp_path)
+    monkeypatch.setattr(sources_module, "kernels_dir", lambda: tmp_path)
+    backend = KernelBackend("emu")
+    results = []
+    for value in ("1.0f", "2.0f"):
+        path.write_text(source.replace("VALUE", value))
+        os.utime(path, ns=(0, len(results) * 10**9))  # a distinct modification time, even if fast
+        y = np.zeros(4, np.float32)
+        backend.launch("probe", "fill", (1,), (32,), (y, np.int32(4)))
+        results.append(float(y[0]))
+    assert results == [1.0, 2.0]
+
+
+def test_launch_constants_are_read_from_the_cu_files_defines(tmp_path, monkeypatch):
+    import minunet.backends.sources as sources_module
+
+    (tmp_path / "consts.cu").write_text("#define A 4\n#define B (A * 8)  // comment\n#define C B / 3\n"
+                                       "#define F(x) (x + 1)\n#define S \"text\"\n")
+    monkeypatch.setattr(sources_module, "kernels_dir", lambda: tmp_path)
+    assert sources_module.cu_defines("consts") == {"A": 4, "B": 32, "C": 10}
+    assert (ops.conv3x3.TILE_W, ops.conv3x3.TILE_H) == (32, 16)  # from kernels/conv3x3.cu

@@ -11,6 +11,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from minunet.backends import reference as R
+from minunet.ops import conv3x3 as conv3x3_op
+from minunet.ops.elementwise import dropout_uniform
 
 from .conftest import assert_close
 
@@ -25,13 +27,14 @@ def direct_conv3x3(x, w, b):
 
 @pytest.fixture(params=["taps", "im2col"])
 def conv_path(request, monkeypatch):
+    """Force one of the reference conv3x3's two code paths (minunet/ops/conv3x3.py)."""
     if request.param == "taps":
-        monkeypatch.setattr(R, "_IM2COL_MAX_CHANNELS", 0)
-        monkeypatch.setattr(R, "_IM2COL_FORWARD_BYTES", -1)
-        monkeypatch.setattr(R, "_IM2COL_BACKWARD_BYTES", -1)
+        monkeypatch.setattr(conv3x3_op, "_IM2COL_MAX_CHANNELS", 0)
+        monkeypatch.setattr(conv3x3_op, "_IM2COL_FORWARD_BYTES", -1)
+        monkeypatch.setattr(conv3x3_op, "_IM2COL_BACKWARD_BYTES", -1)
     else:
-        monkeypatch.setattr(R, "_IM2COL_FORWARD_BYTES", 1 << 40)
-        monkeypatch.setattr(R, "_IM2COL_BACKWARD_BYTES", 1 << 40)
+        monkeypatch.setattr(conv3x3_op, "_IM2COL_FORWARD_BYTES", 1 << 40)
+        monkeypatch.setattr(conv3x3_op, "_IM2COL_BACKWARD_BYTES", 1 << 40)
     return request.param
 
 
@@ -94,7 +97,7 @@ def test_dropout_hash_known_values():
         h ^= h >> 16
         return (h >> 8) / 16777216.0
 
-    u = R.dropout_uniform(1000, 12345)
+    u = dropout_uniform(1000, 12345)
     for i in (0, 1, 2, 511, 999):
         assert u[i] == np.float32(lowbias32(i, 12345))
     assert 0.45 < u.mean() < 0.55

@@ -41,6 +41,37 @@ def kernel_source(name: str) -> str:
     return path.read_text()
 
 
+def cu_defines(name: str) -> dict[str, int]:
+    """The integer ``#define`` constants of ``kernels/<name>.cu``, evaluated in order.
+
+    A launch configuration must agree with the tile and block sizes a kernel was written for;
+    reading them from the ``.cu`` file (instead of copying them into Python) keeps each constant
+    in one place. A definition may use earlier ones and integer arithmetic:
+    ``#define TILE_H (BLOCK_ROWS * ROWS_PER_THREAD)`` (``/`` is C's integer division). Function-like
+    macros and non-integer values are skipped."""
+    import ast
+    import re
+
+    values: dict[str, int] = {}
+    for line in kernel_source(name).splitlines():
+        found = re.match(r"\s*#\s*define\s+([A-Za-z_]\w*)\s+(.*)", line)
+        if found is None:
+            continue
+        key, expr = found.group(1), found.group(2).split("//")[0].strip().replace("/", "//")
+        expr = re.sub(r"\b[A-Za-z_]\w*\b", lambda m: str(values.get(m.group(0), m.group(0))), expr)
+        try:
+            tree = ast.parse(expr, mode="eval")
+        except SyntaxError:
+            continue
+        allowed = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult,
+                   ast.FloorDiv, ast.Mod, ast.USub, ast.LShift, ast.RShift)
+        if all(isinstance(node, allowed) for node in ast.walk(tree)):
+            value = eval(compile(tree, name, "eval"))  # integers and arithmetic only (checked above)
+            if isinstance(value, int):
+                values[key] = value
+    return values
+
+
 def function_source(file: str, name: str, comment: bool = True) -> str:
     """The definition of the function ``name`` (a ``__global__`` kernel or a ``__device__``
     helper, template or not) in ``kernels/<file>.cu``, exactly as written: from its first line

@@ -1,0 +1,136 @@
+"""The 2x2 "up-convolution" (paper Section 2, Fig. 1 green arrows): a stride-2 transposed
+convolution that doubles the feature map and halves the channels. Everything Python about it.
+
+    y[n,co,2i+a,2j+b] = bias[co] + sum_ci x[n,ci,i,j] * w[ci,co,a,b]
+    x (N,Ci,H,W), w (Ci,Co,2,2) as PyTorch, b (Co,) -> y (N,Co,2H,2W)
+
+This module holds the op and its autograd Function, the NumPy reference, the launcher of
+``kernels/conv_transpose2x2.cu``, and the registry entry.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backends
+from ..autograd import Function
+from ..backends.kernels import ceil_div, int32s, require
+from ..backends.sources import cu_defines
+from ..tensor import Tensor
+from .checks import check_conv
+
+KERNEL_FILE = "conv_transpose2x2"
+
+
+# ---- the op ------------------------------------------------------------------------------------
+class ConvTranspose2x2(Function):
+    def forward(self, x, w, b):
+        self.x, self.w, self.has_b = x, w, b is not None
+        return backends.get_backend(self.device).conv_transpose2x2_forward(x, w, b)
+
+    def backward(self, gy):
+        return backends.get_backend(self.device).conv_transpose2x2_backward(self.x, self.w, gy, self.has_b)
+
+
+def conv_transpose2x2(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """Stride-2 2x2 transposed convolution: (N,Ci,H,W) -> (N,Co,2H,2W); w is (Ci,Co,2,2)."""
+    check_conv("conv_transpose2x2", x, w, b, (2, 2), transposed=True)
+    return ConvTranspose2x2.apply(x, w, b)
+
+
+# ---- the NumPy reference (the oracle) ----------------------------------------------------------
+def reference_forward(x, w, b=None):
+    """y[n,co,2i+a,2j+b] = bias[co] + sum_ci x[n,ci,i,j] * w[ci,co,a,b]: every input pixel paints
+    its own 2x2 output block, so the op is one GEMM (Co*4, Ci) @ (Ci, N*H*W) and a reshuffle."""
+    n, ci, h, wd = x.shape
+    co = w.shape[1]
+    x2 = x.transpose(1, 0, 2, 3).reshape(ci, n * h * wd)
+    y = (w.reshape(ci, co * 4).T @ x2).reshape(co, 2, 2, n, h, wd)
+    y = y.transpose(3, 0, 4, 1, 5, 2).reshape(n, co, 2 * h, 2 * wd)  # (n, co, i, a, j, b)
+    if b is not None:
+        y += b.reshape(1, co, 1, 1)
+    return y
+
+
+def reference_backward(x, w, gy, with_bias=True):
+    n, ci, h, wd = x.shape
+    co = w.shape[1]
+    g = gy.reshape(n, co, h, 2, wd, 2).transpose(1, 3, 5, 0, 2, 4).reshape(co * 4, n * h * wd)
+    x2 = x.transpose(1, 0, 2, 3).reshape(ci, n * h * wd)
+    w2 = w.reshape(ci, co * 4)
+    gx = (w2 @ g).reshape(ci, n, h, wd).transpose(1, 0, 2, 3)
+    gw = (x2 @ g.T).reshape(w.shape)
+    gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
+    return np.ascontiguousarray(gx), gw, gb
+
+
+# ---- the CUDA kernels (kernels/conv_transpose2x2.cu) ---------------------------------------------
+_CU = cu_defines(KERNEL_FILE)
+GW_THREADS, GW_CO = _CU["CT_THREADS"], _CU["CT_CO"]   # grad-weight block: threads, output channels
+
+
+def _kernel_args(k, x, w):
+    x, w = k.floats(x, "x", 4), k.floats(w, "conv_transpose2x2 weight", 4)
+    n, ci, h, wd = x.shape
+    co = w.shape[1]
+    require(w.shape == (ci, co, 2, 2), f"conv_transpose2x2 weight has shape {tuple(w.shape)}; "
+                                       f"expected ({ci}, Co, 2, 2) for an input with {ci} channels")
+    return x, w, (n, ci, h, wd, co)
+
+
+def kernels_forward(k, x, w, b=None):
+    x, w, (n, ci, h, wd, co) = _kernel_args(k, x, w)
+    b = k.bias(b, co)
+    y = k.empty((n, co, 2 * h, 2 * wd))
+    # one thread per input position (n, co, i, j), each writing its 2x2 output block
+    k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_forward", n * co * h * wd,
+                         (x, w, b, y, *int32s(n, ci, h, wd, co)))
+    return y
+
+
+def kernels_backward(k, x, w, gy, with_bias=True):
+    x, w, (n, ci, h, wd, co) = _kernel_args(k, x, w)
+    gy = k.floats(gy, "gy", 4)
+    require(gy.shape == (n, co, 2 * h, 2 * wd), f"conv_transpose2x2 gy has shape "
+            f"{tuple(gy.shape)}; expected the output's {(n, co, 2 * h, 2 * wd)}")
+    dims = (n, ci, h, wd, co)
+    gx = k.empty(x.shape)
+    k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_grad_input", gx.size, (gy, w, gx, *int32s(*dims)))
+    gw = k.grad_weight(KERNEL_FILE, "conv_transpose2x2_grad_weight", GW_THREADS,
+                       ci * ceil_div(co, GW_CO), n * h * wd, w.shape, (x, gy), dims)
+    gb = k.channel_sum(gy) if with_bias else None
+    return gx, gw, gb
+
+
+# ---- registry entry ------------------------------------------------------------------------------
+IMPLEMENTATIONS = {
+    "conv_transpose2x2_forward": {"reference": reference_forward, "kernels": kernels_forward},
+    "conv_transpose2x2_backward": {"reference": reference_backward, "kernels": kernels_backward},
+}
+# (N, Ci, H, W, Co): a single pixel; odd sizes; Co not a multiple of the grad-weight block's 8
+TEST_CASES = [(1, 1, 1, 1, 1), (2, 6, 5, 7, 9), (3, 10, 4, 3, 17), (2, 3, 6, 5, 2)]
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
+def example(rng, case, dtype=np.float32) -> dict:
+    n, ci, h, wd, co = case
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((n, ci, h, wd), (ci, co, 2, 2), (co,)))
+    gy = rng.standard_normal((n, co, 2 * h, 2 * wd)).astype(dtype)
+    return {"conv_transpose2x2_forward": (x, w, b), "conv_transpose2x2_backward": (x, w, gy, True)}
+
+
+def bench_cases(base: int, tile: int, batch: int) -> list:
+    """The last up-conv of a U-Net with ``base`` channels on a ``tile`` input (2*base -> base)."""
+    side = (tile - 4) // 2 - 40
+    return [(batch, 2 * base, side, side, base)] if side >= 1 else []
+
+
+def cost(case) -> dict:
+    n, ci, h, wd, co = case
+    x, w, y = n * ci * h * wd, ci * co * 4, n * co * 4 * h * wd
+    flops = 2.0 * x * co * 4
+    return {"conv_transpose2x2_forward": (flops, 4.0 * (x + w + y)),
+            "conv_transpose2x2_backward": (2 * flops, 4.0 * (2 * x + 2 * w + y))}
+
+
+def torch_forward(torch, x, w, b):
+    return torch.nn.functional.conv_transpose2d(x, w, b, stride=2)

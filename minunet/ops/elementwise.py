@@ -1,0 +1,217 @@
+"""The elementwise ops: ReLU, inverted dropout, and the SGD-with-momentum update. Everything
+Python about them: the ops and their autograd Functions, the NumPy references, the launchers of
+``kernels/elementwise.cu`` (one thread per element), and the registry entry.
+
+- ReLU (paper Section 2: every 3x3 convolution is "followed by a rectified linear unit").
+- Dropout (Section 3.1: "drop-out layers at the end of the contracting path"), inverted: kept
+  values are scaled by 1/(1-p) in training so inference is the identity. The mask is a
+  counter-based hash of (seed, flat index), so every device draws the same mask for one seed
+  (docs/backends.md).
+- SGD with momentum (Section 3: momentum 0.99), used by ``minunet.optim.SGD``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backends
+from ..autograd import Function
+from ..backends.kernels import require
+from ..tensor import Tensor
+from .checks import check_tensor
+
+KERNEL_FILE = "elementwise"
+
+
+# ---- the ops -----------------------------------------------------------------------------------
+class ReLU(Function):
+    def forward(self, x):
+        self.y = backends.get_backend(self.device).relu_forward(x)
+        return self.y
+
+    def backward(self, gy):
+        return (backends.get_backend(self.device).relu_backward(self.y, gy),)
+
+
+def relu(x: Tensor) -> Tensor:
+    """max(x, 0), elementwise (a NaN stays NaN)."""
+    check_tensor("x", x)
+    return ReLU.apply(x)
+
+
+class Dropout(Function):
+    def forward(self, x, p, seed):
+        self.p = p
+        y, self.mask = backends.get_backend(self.device).dropout_forward(x, p, seed)
+        return y
+
+    def backward(self, gy):
+        return backends.get_backend(self.device).dropout_backward(gy, self.mask, self.p), None, None
+
+
+_default_seed = np.random.default_rng()
+
+
+def dropout(x: Tensor, p: float, training: bool, seed: int | None = None) -> Tensor:
+    """Inverted dropout: in training zero each element with probability ``p`` and scale the rest
+    by 1/(1-p); at inference the identity. The mask is a hash of (seed, element index), so all
+    devices draw the same mask for the same seed (docs/backends.md); ``seed=None`` draws one."""
+    check_tensor("x", x)
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    if seed is None:
+        seed = int(_default_seed.integers(0, 2**32))
+    return Dropout.apply(x, float(p), int(seed) & 0xFFFFFFFF)
+
+
+# ---- the NumPy references (the oracle) ---------------------------------------------------------
+def relu_reference_forward(x):
+    return np.maximum(x, 0)
+
+
+def relu_reference_backward(y, gy):
+    """gy where the output was positive, else 0. (A multiply by the boolean mask is ~6x faster
+    here than np.where, which takes a slow path for mixed scalar/array arguments.)"""
+    gx = np.empty_like(gy)
+    np.multiply(gy, y > 0, out=gx)
+    return gx
+
+
+def dropout_uniform(size: int, seed: int) -> np.ndarray:
+    """u in [0, 1) for flat indices 0..size-1: the counter-based lowbias32 hash of docs/backends.md,
+    bit-identical to the CUDA kernel (all arithmetic is uint32, wrapping modulo 2^32)."""
+    h = np.arange(size, dtype=np.uint32)
+    h += np.uint32((int(seed) * 0x9E3779B9) & 0xFFFFFFFF)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
+    h ^= h >> np.uint32(16)
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+
+
+def dropout_reference_forward(x, p, seed):
+    """Inverted dropout: keep where u >= p, scale kept values by 1/(1-p) so E[y] = x."""
+    mask = (dropout_uniform(x.size, seed) >= np.float32(p)).reshape(x.shape).astype(np.uint8)
+    scale = x.dtype.type(1.0 / (1.0 - p))
+    return x * mask * scale, mask
+
+
+def dropout_reference_backward(gy, mask, p):
+    return gy * mask * gy.dtype.type(1.0 / (1.0 - p))
+
+
+def sgd_reference_step(param, grad, velocity, lr, momentum):
+    """velocity = momentum * velocity + grad; param -= lr * velocity (PyTorch's formulation), in place."""
+    velocity *= velocity.dtype.type(momentum)
+    velocity += grad
+    param -= param.dtype.type(lr) * velocity
+
+
+# ---- the CUDA kernels (kernels/elementwise.cu): one thread per element ---------------------------
+def relu_kernels_forward(k, x):
+    x = k.floats(x, "x")
+    y = k.empty(x.shape)
+    k.launch_elementwise(KERNEL_FILE, "relu_forward", x.size, (x, y, np.int32(x.size)))
+    return y
+
+
+def relu_kernels_backward(k, y, gy):
+    y, gy = k.floats(y, "y"), k.floats(gy, "gy")
+    require(y.shape == gy.shape, f"relu_backward: y {tuple(y.shape)} and gy {tuple(gy.shape)} differ in shape")
+    gx = k.empty(y.shape)
+    k.launch_elementwise(KERNEL_FILE, "relu_backward", y.size, (y, gy, gx, np.int32(y.size)))
+    return gx
+
+
+def _dropout_scale(p) -> np.float32:
+    require(0.0 <= float(p) < 1.0, f"dropout probability p={p} must be in [0, 1)")
+    return np.float32(1.0 / (1.0 - float(p)))
+
+
+def dropout_kernels_forward(k, x, p, seed):
+    scale = _dropout_scale(p)
+    x = k.floats(x, "x")
+    y, mask = k.empty(x.shape), k.empty(x.shape, np.uint8)
+    seed32 = np.uint32(int(seed) & 0xFFFFFFFF)  # the hash works modulo 2^32, as the reference
+    k.launch_elementwise(KERNEL_FILE, "dropout_forward", x.size,
+                         (x, y, mask, np.int32(x.size), np.float32(p), scale, seed32))
+    return y, mask
+
+
+def dropout_kernels_backward(k, gy, mask, p):
+    scale = _dropout_scale(p)
+    gy = k.floats(gy, "gy")
+    mask = k.xp.ascontiguousarray(k.xp.asarray(mask, dtype=k.xp.uint8))
+    require(mask.shape == gy.shape, f"dropout mask {tuple(mask.shape)} and gy {tuple(gy.shape)} differ in shape")
+    gx = k.empty(gy.shape)
+    k.launch_elementwise(KERNEL_FILE, "dropout_backward", gy.size, (gy, mask, gx, np.int32(gy.size), scale))
+    return gx
+
+
+def sgd_kernels_step(k, param, grad, velocity, lr, momentum):
+    xp = k.xp
+    for name, a in (("param", param), ("velocity", velocity)):
+        if not isinstance(a, xp.ndarray) or a.dtype != xp.float32 or not a.flags.c_contiguous:
+            raise TypeError(f"sgd_step updates {name} in place: it must be a C-contiguous float32 "
+                            f"{xp.__name__} array on device {k.device!r}")
+    grad = k.floats(grad, "grad")
+    require(param.shape == grad.shape == velocity.shape,
+            f"sgd_step: param {tuple(param.shape)}, grad {tuple(grad.shape)} and velocity "
+            f"{tuple(velocity.shape)} must have one shape")
+    # The kernel's pointers are __restrict__: the compiler may assume the three never overlap
+    for a, b, names in ((param, grad, "param and grad"), (param, velocity, "param and velocity"),
+                        (grad, velocity, "grad and velocity")):
+        require(not xp.may_share_memory(a, b), f"sgd_step: {names} share memory; the kernel "
+                                               "needs three separate arrays (pass a copy)")
+    k.launch_elementwise(KERNEL_FILE, "sgd_momentum", param.size,
+                         (param, grad, velocity, np.int32(param.size), np.float32(lr), np.float32(momentum)))
+
+
+# ---- registry entry ------------------------------------------------------------------------------
+IMPLEMENTATIONS = {
+    "relu_forward": {"reference": relu_reference_forward, "kernels": relu_kernels_forward},
+    "relu_backward": {"reference": relu_reference_backward, "kernels": relu_kernels_backward},
+    "dropout_forward": {"reference": dropout_reference_forward, "kernels": dropout_kernels_forward},
+    "dropout_backward": {"reference": dropout_reference_backward, "kernels": dropout_kernels_backward},
+    "sgd_step": {"reference": sgd_reference_step, "kernels": sgd_kernels_step},
+}
+TEST_CASES = [(1,), (3, 5, 7), (2, 3, 9, 11), (1000,)]   # any shape: the ops are elementwise
+TOLERANCE = dict(rtol=0.0, atol=0.0)   # relu and dropout select and scale: exact; sgd: see below
+# A GPU fuses momentum * v + g into one rounding (FMA), the reference rounds twice.
+SGD_TOLERANCE = dict(rtol=1e-6, atol=1e-6)
+
+
+def example(rng, case, dtype=np.float32) -> dict:
+    """ReLU sees a 0 (the kink) and a NaN (stays NaN, passes no gradient); dropout p = 0.5."""
+    x, gy = rng.standard_normal(case).astype(dtype), rng.standard_normal(case).astype(dtype)
+    x.flat[0] = 0.0
+    if x.size > 1:
+        x.flat[-1] = np.nan
+    y = relu_reference_forward(x)
+    seed = int(rng.integers(0, 2**32))
+    _, mask = dropout_reference_forward(x, 0.5, seed)
+    param, velocity = rng.standard_normal(case).astype(dtype), rng.standard_normal(case).astype(dtype)
+    return {"relu_forward": (x,), "relu_backward": (y, gy), "dropout_forward": (x, 0.5, seed),
+            "dropout_backward": (gy, mask, 0.5), "sgd_step": (param, gy, velocity, 0.01, 0.99)}
+
+
+def tolerance(function: str, case) -> dict:
+    return SGD_TOLERANCE if function == "sgd_step" else TOLERANCE
+
+
+def bench_cases(base: int, tile: int, batch: int) -> list:
+    """The activation of the first conv of a U-Net with ``base`` channels on a ``tile`` input."""
+    return [(batch, base, tile - 2, tile - 2)]
+
+
+def cost(case) -> dict:
+    size = float(np.prod(case))
+    return {"relu_forward": (size, 8.0 * size), "relu_backward": (size, 12.0 * size),
+            "dropout_forward": (12.0 * size, 9.0 * size), "dropout_backward": (2.0 * size, 9.0 * size),
+            "sgd_step": (3.0 * size, 20.0 * size)}
+
+
+def torch_forward(torch, x):
+    return torch.relu(x)
