@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from minunet.data.dataset import (Sample, TileSampler, load_folder, make_sample, split_train_val,
-                                  synthetic_samples)
+from minunet.data.dataset import (Sample, TileSampler, count_classes, load_folder, make_sample,
+                                  split_train_val, synthetic_samples)
 from minunet.data.io import write_image
 from minunet.data.tiling import mirror_crop
 from minunet.data.weights import class_balance_weights
@@ -72,7 +72,7 @@ def test_load_folder_instances_builds_gaps_and_border_weights(tmp_path):
     ("unpaired", "img02.png has no partner"),
     ("unreadable", "cannot read image file .*img01.png"),
     ("size", "img01.png .* same size"),
-    ("values", "label img01.png has values"),
+    ("values", r"label file .*labels/img01.png has values \[0, 3\] outside 0..1"),
     ("pages", "slices but"),
 ])
 def test_load_folder_errors_name_the_problem(tmp_path, problem, message):
@@ -98,12 +98,14 @@ def test_load_folder_errors_name_the_problem(tmp_path, problem, message):
     elif problem == "size":
         write_image(root / "labels" / "img01.png", np.zeros((7, 7), np.uint8))
     elif problem == "values":
-        write_image(root / "labels" / "img01.png", np.full((12, 15), 3, np.uint8))
+        label = np.full((12, 15), 3, np.uint8)
+        label[0, 0] = 0
+        write_image(root / "labels" / "img01.png", label)
     elif problem == "pages":
         write_image(root / "images" / "z.tif", np.zeros((3, 12, 15), np.uint8))
         write_image(root / "labels" / "z.tif", np.zeros((2, 12, 15), np.uint8))
     with pytest.raises(ValueError, match=message) as info:
-        load_folder(root)
+        load_folder(root, num_classes=2)
     assert "\n" not in str(info.value)
 
 
@@ -185,3 +187,37 @@ def test_synthetic_samples():
     assert cells[0].instances is not None and cells[0].weight.max() > 3.0
     with pytest.raises(ValueError, match="'em' or 'cells'"):
         synthetic_samples("mri")
+
+
+def test_load_folder_counts_classes_and_names_the_label_file(tmp_path, rng):
+    """Class indices 0..2 give three classes; a gray image saved as the label is not taken for
+    200 classes; out-of-range errors name the label file, not its image."""
+    for k in range(2):
+        image = rng.random((11, 14))
+        label = np.minimum((image * 3).astype(np.uint8), 2)
+        write_image(tmp_path / "images" / f"s{k}.png", (image * 255).astype(np.uint8))
+        (tmp_path / "labels").mkdir(exist_ok=True)
+        tifffile.imwrite(tmp_path / "labels" / f"s{k}.tif", label, photometric="minisblack")
+    samples = load_folder(tmp_path)
+    assert count_classes(samples) == 3
+    for s in samples:
+        np.testing.assert_allclose(s.weight, class_balance_weights(s.target, 3))
+    assert count_classes(load_folder(tmp_path, num_classes=5)) == 3   # the labels' own count
+    with pytest.raises(ValueError, match=r"label file .*labels/s0.tif has values \[0, 1, 2\]"):
+        load_folder(tmp_path, num_classes=2)
+    tifffile.imwrite(tmp_path / "labels" / "s1.tif", (rng.random((11, 14)) * 200).astype(np.uint8),
+                     photometric="minisblack")
+    with pytest.raises(ValueError, match=r"labels/s1.tif has class values up to 19\d.*--num-classes"):
+        load_folder(tmp_path)
+    assert count_classes(load_folder(tmp_path, num_classes=200)) >= 190
+    with pytest.raises(ValueError, match="num_classes=2 with instances"):
+        load_folder(tmp_path, instances=True, num_classes=3)
+
+
+def test_count_classes():
+    def sample(*values):
+        target = np.array([values], np.int32)
+        return Sample(np.zeros(target.shape, np.float32), target, np.ones(target.shape), "s")
+
+    assert count_classes([sample(0, 0)]) == 2
+    assert count_classes([sample(0, 1), sample(0, 4)]) == 5

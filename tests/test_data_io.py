@@ -1,11 +1,12 @@
-"""Reading and writing PNG/TIFF: bit depths, stacks, colour, normalisation, label values."""
+"""Reading and writing PNG/TIFF: bit depths, stacks, colour, normalisation, label values, NaN
+refusal, which files count as images."""
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
-from minunet.data.io import (labels_to_classes, normalize_intensity, read_image, read_slices,
-                             write_image)
+from minunet.data.io import (image_files, labels_to_classes, normalize_intensity, read_image,
+                             read_slices, standardize, write_image)
 
 
 def test_png_round_trips_8_and_16_bit(tmp_path):
@@ -95,3 +96,48 @@ def test_unreadable_and_unwritable(tmp_path):
         write_image(tmp_path / "p.png", np.zeros((3, 3), np.float32))
     with pytest.raises(ValueError, match="use a .png"):
         write_image(tmp_path / "p.xyz", np.zeros((3, 3), np.uint8))
+
+
+def test_binary_masks_8_and_16_bit_and_class_indices():
+    """{0, 255} and {0, 65535} are binary masks; anything else is class indices as they are."""
+    np.testing.assert_array_equal(labels_to_classes(np.array([[0, 65535]], np.uint16)), [[0, 1]])
+    np.testing.assert_array_equal(labels_to_classes(np.array([[65535, 65535]], np.uint16)), [[1, 1]])
+    np.testing.assert_array_equal(labels_to_classes(np.array([[0, 255]], np.uint16)), [[0, 1]])
+    np.testing.assert_array_equal(labels_to_classes(np.array([[0, 1, 255]], np.uint8)), [[0, 1, 255]])
+    np.testing.assert_array_equal(labels_to_classes(np.array([[0, 5, 2]])), [[0, 5, 2]])
+    with pytest.raises(ValueError, match=r"lab.tif has negative values \[-1\]"):
+        labels_to_classes(np.array([[0, -1]]), source="lab.tif")
+    with pytest.raises(ValueError, match=r"outside 0\.\.2.*--num-classes"):
+        labels_to_classes(np.array([[0, 3]]), 3)
+
+
+def test_image_files_skip_hidden_and_other_files(tmp_path):
+    for name in ("b.png", "a.TIF", "._a.TIF", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "dir.png").mkdir()
+    assert [p.name for p in image_files(tmp_path)] == ["a.TIF", "b.png"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_pixels_are_refused_with_file_and_place(tmp_path, bad):
+    stack = np.zeros((3, 9, 7), np.float32)
+    stack[2, 4, 5] = stack[2, 6, 1] = bad
+    write_image(tmp_path / "vol.tif", stack)
+    with pytest.raises(ValueError, match=r"vol.tif holds 2 NaN or infinite pixel values \(the "
+                                         r"first at slice 2, row 4, column 5\)"):
+        read_image(tmp_path / "vol.tif")
+    write_image(tmp_path / "one.tif", stack[2])
+    with pytest.raises(ValueError, match=r"one.tif .*first at row 4, column 5\)"):
+        read_slices(tmp_path / "one.tif", as_label=True)
+
+
+def test_standardize(rng):
+    image = rng.random((13, 17)) * 40 + 3
+    s = standardize(image)
+    assert s.dtype == np.float32 and s.shape == (13, 17)
+    assert abs(float(s.mean())) < 1e-5 and abs(float(s.std()) - 1) < 1e-4
+    np.testing.assert_allclose(standardize(s), s, atol=1e-5)        # idempotent
+    np.testing.assert_array_equal(standardize(np.full((4, 5), 7.0)), np.zeros((4, 5)))
+    image[3, 4] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        standardize(image)

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from minunet.data.elastic import random_augment
-from minunet.data.io import IMAGE_SUFFIXES, labels_to_classes, read_image, read_slices
+from minunet.data.io import IMAGE_SUFFIXES, image_files, labels_to_classes, read_image, read_slices
 from minunet.data.synthetic import cell_images, em_images
 from minunet.data.tiling import mirror_crop
 from minunet.data.weights import class_balance_weights, instance_targets
@@ -37,31 +37,36 @@ class Sample:
 
 
 def make_sample(image: np.ndarray, label: np.ndarray, name: str, instances: bool = False,
-                num_classes: int = 2, w0: float = 10.0, sigma: float = 5.0) -> Sample:
+                num_classes: int | None = None, w0: float = 10.0, sigma: float = 5.0,
+                label_name: str | None = None) -> Sample:
     """Build a :class:`Sample` from one image slice and its label slice.
 
     Args:
         image: float (H, W) in [0, 1].
-        label: semantic labels ({0, 255} or class indices), or with `instances=True` an instance
-            mask (0 background, 1..K cells). An instance mask with a single non-zero value
-            (a binary mask) has its 4-connected components numbered as cells.
+        label: semantic labels ({0, 255}, {0, 65535} or class indices), or with `instances=True`
+            an instance mask (0 background, 1..K cells). An instance mask with a single non-zero
+            value (a binary mask) has its 4-connected components numbered as cells.
         instances: labels are instances: target = cells after separate_touching, weight = the
             paper's eq. 2 (w0, sigma). Otherwise weight = class balancing only.
+        num_classes: class indices must lie below it; None accepts any (the caller counts them
+            with :func:`count_classes`). Instances always give 2 classes.
+        label_name: names the label in error messages (default: "label <name>").
     """
     image = np.asarray(image, np.float32)
     label = np.asarray(label)
+    label_name = label_name or f"label {name}"
     if image.shape != label.shape:
         raise ValueError(f"{name}: image size {image.shape} differs from label size "
                          f"{label.shape}; pair each image with a label of the same size")
     if not instances:
-        target = labels_to_classes(label, num_classes, source=f"label {name}")
+        target = labels_to_classes(label, num_classes, source=label_name)
         weight = class_balance_weights(target, num_classes)
         return Sample(image, target, weight, name)
-    if num_classes != 2:
+    if num_classes not in (None, 2):
         raise ValueError(f"instance labels give 2 classes (cell, background), got "
                          f"num_classes={num_classes}; use num_classes=2 with instances")
     if label.dtype.kind not in "iub" or (label.size and label.min() < 0):
-        raise ValueError(f"instance mask {name} must hold non-negative integer ids "
+        raise ValueError(f"instance mask {label_name} must hold non-negative integer ids "
                          "(0 background, 1..K cells)")
     ids = label.astype(np.int64)
     if len(np.unique(ids[ids > 0])) == 1:
@@ -71,22 +76,27 @@ def make_sample(image: np.ndarray, label: np.ndarray, name: str, instances: bool
     return Sample(image, target, weight, name, instances=ids)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_SUFFIXES)
+# Without an explicit number of classes, labels with values up to 255 are far more likely a gray
+# image saved as the label (or an anti-aliased mask) than 256 classes.
+MAX_INFERRED_CLASSES = 16
 
 
-def load_folder(directory: str | Path, instances: bool = False, num_classes: int = 2,
+def count_classes(samples: list) -> int:
+    """The number of classes the samples' targets need: the largest class index + 1, at least 2."""
+    return max([2] + [int(s.target.max()) + 1 for s in samples if s.target.size])
+
+
+def load_folder(directory: str | Path, instances: bool = False, num_classes: int | None = None,
                 w0: float = 10.0, sigma: float = 5.0) -> list[Sample]:
     """Load DIR/images and DIR/labels, paired by sorted file name, every slice a Sample.
 
     PNG or TIFF files, multi-page TIFFs being stacks of slices (the label file must then have as
-    many pages). Images are normalised per slice to [0, 1]; labels {0, 255} become {0, 1}, other
-    values are class indices; with `instances`, labels are instance masks (see
+    many pages). Images are normalised per slice to [0, 1]; labels {0, 255} or {0, 65535} become
+    {0, 1}, other values are class indices (below `num_classes`; None counts them, refusing more
+    than MAX_INFERRED_CLASSES); with `instances`, labels are instance masks (see
     :func:`make_sample`). Raises ValueError with one line naming the file and the fix for: a
     missing folder, missing images/ or labels/, no image files, unpaired files, unreadable files,
-    size mismatches, label values out of range.
+    NaN or infinite pixels, size mismatches, label values out of range.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -98,23 +108,23 @@ def load_folder(directory: str | Path, instances: bool = False, num_classes: int
         if not folders[part].is_dir():
             raise ValueError(f"data folder {root} has no {part}/ subfolder; put the raw images in "
                              f"{root / 'images'} and the labels in {root / 'labels'}")
-    image_files, label_files = _image_files(folders["images"]), _image_files(folders["labels"])
-    if not image_files:
+    image_paths, label_files = image_files(folders["images"]), image_files(folders["labels"])
+    if not image_paths:
         raise ValueError(f"{folders['images']} holds no image files ({', '.join(IMAGE_SUFFIXES)});"
                          " add the training images there")
-    if len(image_files) != len(label_files):
+    if len(image_paths) != len(label_files):
         label_stems = {p.stem for p in label_files}
-        image_stems = {p.stem for p in image_files}
-        unmatched = [p for p in image_files if p.stem not in label_stems] + \
+        image_stems = {p.stem for p in image_paths}
+        unmatched = [p for p in image_paths if p.stem not in label_stems] + \
                     [p for p in label_files if p.stem not in image_stems]
         if not unmatched:  # same stems cannot explain different counts; name the first extra
-            longer = image_files if len(image_files) > len(label_files) else label_files
-            unmatched = longer[min(len(image_files), len(label_files)):]
-        raise ValueError(f"{len(image_files)} image files but {len(label_files)} label files in "
+            longer = image_paths if len(image_paths) > len(label_files) else label_files
+            unmatched = longer[min(len(image_paths), len(label_files)):]
+        raise ValueError(f"{len(image_paths)} image files but {len(label_files)} label files in "
                          f"{root}; {unmatched[0]} has no partner -- give every image one label "
                          "file (paired by sorted name)")
     samples = []
-    for image_file, label_file in zip(image_files, label_files):
+    for image_file, label_file in zip(image_paths, label_files):
         image_slices = read_image(image_file)
         label_slices = read_slices(label_file, as_label=True)
         if len(image_slices) != len(label_slices):
@@ -125,8 +135,17 @@ def load_folder(directory: str | Path, instances: bool = False, num_classes: int
             if image.shape != label.shape:
                 raise ValueError(f"{image_file} (slice {k}) is {image.shape} but {label_file} is "
                                  f"{label.shape}; image and label must have the same size")
-            samples.append(make_sample(image, label, name, instances=instances,
-                                       num_classes=num_classes, w0=w0, sigma=sigma))
+            label_name = f"label file {label_file}"
+            if len(label_slices) > 1:
+                label_name += f" (slice {k})"
+            sample = make_sample(image, label, name, instances=instances, num_classes=num_classes,
+                                 w0=w0, sigma=sigma, label_name=label_name)
+            if num_classes is None and count_classes([sample]) > MAX_INFERRED_CLASSES:
+                raise ValueError(f"{label_name} has class values up to {sample.target.max()}; "
+                                 "labels are 0/255 masks or class indices 0, 1, 2, ... - fix the "
+                                 "labels, or give the number of classes (--num-classes) if there "
+                                 "really are that many")
+            samples.append(sample)
     return samples
 
 

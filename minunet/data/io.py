@@ -4,7 +4,9 @@ A file holds one or more 2-D *slices*: a PNG is one slice, a multi-page TIFF (li
 train-volume.tif, 30 pages of 512x512) is a stack of them. Raw images become float32 in [0, 1]
 by *per-slice* min/max normalisation: microscopes often use a small part of the 16-bit range, so
 dividing by the dtype's maximum would leave images nearly black, and per-slice scaling also
-evens out exposure differences between frames. Label images keep their integer values.
+evens out exposure differences between frames. The network then sees each image standardised
+(:func:`standardize`). Label images keep their integer values. A NaN or infinite pixel is
+refused when a file is read: per-image normalisation would spread it over the whole image.
 """
 from __future__ import annotations
 
@@ -18,6 +20,14 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # ITU-R BT.601 luma, the weights Pillow's RGB -> L conversion uses.
 _LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder, sorted by name: known suffixes only, hidden files (such as
+    macOS's ``._name.png`` metadata) skipped. Every command pairs files by this order."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -34,6 +44,36 @@ def normalize_intensity(image: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros(image.shape, np.float32)
     return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def standardize(image: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per image (float32), what the network sees in training and
+    prediction alike. The U-Net has no normalisation layers, so a centred input keeps the first
+    layers' pre-activations centred too, which speeds up SGD. Idempotent: standardising twice
+    gives the same image. Raises ValueError for NaN or infinite values, which would turn every
+    pixel of the result into NaN."""
+    image = np.asarray(image, np.float32)
+    bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise ValueError(f"the image holds {bad} NaN or infinite values; replace them (for "
+                         "example with the image's median) or crop them away")
+    return (image - image.mean()) / (image.std() + 1e-6)
+
+
+def _refuse_non_finite(stack: np.ndarray, path: Path) -> None:
+    """One line naming the file, how many pixels and where the first one is."""
+    if stack.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(stack)
+    if not bad.any():
+        return
+    first = np.argwhere(bad)[0]
+    where = f"row {first[1]}, column {first[2]}"
+    if len(stack) > 1:
+        where = f"slice {first[0]}, " + where
+    raise ValueError(f"image file {path} holds {int(bad.sum())} NaN or infinite pixel values "
+                     f"(the first at {where}); replace them (for example with the image's median) "
+                     "or crop them away")
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -71,7 +111,8 @@ def read_slices(path: str | Path, as_label: bool = False) -> list[np.ndarray]:
     Returns:
         list of 2-D arrays (H, W) in the file's dtype (gray luma as float64 for colour images).
     Raises:
-        ValueError (one line naming the file) if it cannot be read.
+        ValueError (one line naming the file) if it cannot be read or holds NaN or infinite
+        values.
     """
     path = Path(path)
     try:
@@ -93,6 +134,7 @@ def read_slices(path: str | Path, as_label: bool = False) -> list[np.ndarray]:
     if stack.ndim != 3 or stack.shape[1] == 0 or stack.shape[2] == 0:
         raise ValueError(f"image file {path} has unsupported shape {stack.shape}; expected 2-D "
                          "slices (a gray or RGB image, or a multi-page TIFF stack)")
+    _refuse_non_finite(stack, path)
     return list(stack)
 
 
@@ -101,11 +143,16 @@ def read_image(path: str | Path) -> list[np.ndarray]:
     return [normalize_intensity(s) for s in read_slices(path, as_label=False)]
 
 
-def labels_to_classes(label: np.ndarray, num_classes: int, source: str = "label") -> np.ndarray:
-    """Label image -> int32 class indices: {0, 255} (ISBI's black/white) becomes {0, 1}, other
-    values are class indices already and must lie in 0..num_classes-1.
+def labels_to_classes(label: np.ndarray, num_classes: int | None = None,
+                      source: str = "label") -> np.ndarray:
+    """Label image -> int32 class indices. A binary mask stored as {0, 255} (8-bit, ISBI's black
+    and white) or {0, 65535} (16-bit) becomes {0, 1}; any other values are class indices already.
 
-    Raises ValueError naming `source` for out-of-range or non-integer values."""
+    Args:
+        num_classes: the number of classes K; values must then lie in 0..K-1. None: any
+            non-negative integers (the caller counts the classes).
+        source: names the label in error messages (the label file, not its image).
+    Raises ValueError naming `source` for negative, fractional or out-of-range values."""
     label = np.asarray(label)
     if label.dtype.kind == "f":
         if not np.all(label == np.round(label)):
@@ -114,13 +161,18 @@ def labels_to_classes(label: np.ndarray, num_classes: int, source: str = "label"
     if label.dtype == bool:
         return label.astype(np.int32)
     values = np.unique(label)
-    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
-        label = label // 255
-    label = label.astype(np.int64)
-    if label.size and (label.min() < 0 or label.max() >= num_classes):
-        raise ValueError(f"{source} has values {sorted(set(np.unique(label).tolist()))[:8]} "
-                         f"outside 0..{num_classes - 1}; use {{0, 255}} or class indices below "
-                         f"num_classes (or raise num_classes)")
+    for white in (255, 65535):
+        if values.size and values.max() == white and set(values.tolist()) <= {0, white}:
+            label = label // white
+            values = np.unique(label)
+            break
+    if values.size and values.min() < 0:
+        raise ValueError(f"{source} has negative values {values[values < 0][:8].tolist()}; class "
+                         "indices are 0, 1, 2, ... (or 0/255 for a binary mask)")
+    if num_classes is not None and values.size and values.max() >= num_classes:
+        raise ValueError(f"{source} has values {values[:8].astype(np.int64).tolist()} outside "
+                         f"0..{num_classes - 1}; use {{0, 255}} for a binary mask or class indices "
+                         f"0..{num_classes - 1}, or raise the number of classes (--num-classes)")
     return label.astype(np.int32)
 
 
