@@ -96,8 +96,10 @@ def test_predict_then_evaluate(tmp_path, capsys):
     inputs = [str(tmp_path / "in" / f"img{k}.png") for k in range(2)]
     assert run(predict.main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "pred"),
                               "--device", "cpu", *inputs]) == 0
-    assert (tmp_path / "pred" / "img0_prob.tif").is_file()
-    assert (tmp_path / "pred" / "img1_mask.png").is_file()
+    printed = capsys.readouterr().out
+    for k in range(2):   # every file written is named
+        for name in (f"img{k}_prob.tif", f"img{k}_mask.png"):
+            assert (tmp_path / "pred" / name).is_file() and name in printed
     assert run(evaluate.main, ["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 0
     scores = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
     assert set(evaluate.METRICS) <= scores["mean"].keys() and len(scores["images"]) == 2
@@ -119,7 +121,7 @@ def test_evaluate_scores_a_perfect_prediction_as_perfect(tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--data", "/nonexistent/folder"], "does not exist"),
-    (["--tile", "45"], "not valid"),
+    (["--tile", "45"], "use --tile 44 or --tile 48"),
     (["--iterations", "0"], "--iterations must be >= 1"),
     (["--lr", "-1"], "--lr must be positive"),
 ])
@@ -147,7 +149,7 @@ def test_predict_and_evaluate_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert run(predict.main, ["--checkpoint", ckpt, "--out", str(tmp_path / "p"), "--tile", "50",
                               ckpt]) == 2
-    assert "not valid" in capsys.readouterr().err
+    assert "use --tile 48 or --tile 52" in capsys.readouterr().err
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert run(evaluate.main, ["--pred", str(tmp_path / "a"), "--truth", str(tmp_path / "nope")]) == 2

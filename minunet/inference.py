@@ -1,0 +1,127 @@
+"""Prediction with a trained U-Net: class probabilities of whole images by overlap-tile (Fig. 2),
+on a tile size chosen for the image rather than the one training used.
+
+Training wants many random tiles; prediction wants the fewest network evaluations. A tile of
+input side s yields an s - margin output square (the valid convolutions eat the margin), so
+every tile recomputes a margin of context: small tiles spend most of their work on it. "We favor
+large input tiles" (Section 3) holds for prediction too, and the only limits are the image (an
+output square larger than the image is wasted work) and memory. :func:`choose_tile` takes the
+valid tile that needs the fewest floating-point operations for the whole image within a memory
+budget, which is the largest useful tile unless a smaller one happens to cover the image with
+the same number of tiles.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .autograd import no_grad
+from .data.io import standardize
+from .data.tiling import predict_overlap_tile, tile_origins
+from .nn import UNet
+from .tensor import Tensor
+
+DEFAULT_MEMORY_MB = 1024
+
+
+def forward_cost(tile: int, config: dict) -> tuple[int, int]:
+    """(floating-point operations, bytes) of one forward pass of the U-Net `config` (as in
+    ``UNet.config``) on one square input tile of side `tile`.
+
+    The bytes count every float32 feature map of the pass as if all were kept at once (the input,
+    each convolution's output before and after its ReLU, pooled, up-convolved and concatenated
+    maps, the logits) plus the largest im2col buffer of a 3x3 convolution: an upper bound on the
+    memory the pass needs, since inference frees most maps as soon as the next layer has run.
+    Raises ValueError (from UNet.output_size) for an invalid tile."""
+    depth, base = int(config["depth"]), int(config["base_channels"])
+    UNet.output_size(tile, depth)
+    widths = [base * 2 ** i for i in range(depth + 1)]
+    flops, floats, scratch = 0, 0, 0
+
+    def conv3x3(ci: int, co: int, side: int) -> int:
+        nonlocal flops, floats, scratch
+        out = side - 2
+        flops += 2 * 9 * ci * co * out * out
+        floats += 2 * co * out * out
+        scratch = max(scratch, 9 * ci * out * out)
+        return out
+
+    side, channels = tile, int(config["in_channels"])
+    floats += channels * side * side
+    for width in widths[:depth]:              # contracting path: two convs, then 2x2 pooling
+        side = conv3x3(width, width, conv3x3(channels, width, side))
+        channels = width
+        side //= 2
+        floats += channels * side * side
+    side = conv3x3(widths[depth], widths[depth], conv3x3(channels, widths[depth], side))
+    channels = widths[depth]
+    for width in reversed(widths[:depth]):    # expansive path: up-conv, concat, two convs
+        flops += 2 * 4 * channels * width * side * side
+        side *= 2
+        floats += 3 * width * side * side     # the up-conv output and the concatenation
+        side = conv3x3(width, width, conv3x3(2 * width, width, side))
+        channels = width
+    assert side == UNet.output_size(tile, depth)
+    classes = int(config["num_classes"])
+    flops += 2 * channels * classes * side * side
+    floats += 3 * classes * side * side       # logits, and the softmax in float64
+    return flops, 4 * (floats + scratch)
+
+
+def choose_tile(height: int, width: int, config: dict,
+                memory_mb: float = DEFAULT_MEMORY_MB) -> int:
+    """The valid input tile that predicts an (height, width) image with the fewest operations
+    (number of tiles times :func:`forward_cost`), among tiles whose forward pass fits in
+    `memory_mb` megabytes; ties go to the larger tile. Candidates run from the smallest valid
+    tile up to the first whose output covers the image's longer side; if not even the smallest
+    fits the budget, the smallest is returned."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height} x {width}")
+    if not memory_mb > 0:
+        raise ValueError(f"the memory budget must be positive, got {memory_mb} MB")
+    depth = int(config["depth"])
+    budget = memory_mb * 2 ** 20
+    tile = UNet.valid_input_size(1, depth)
+    best, best_cost = None, None
+    while True:
+        out = UNet.output_size(tile, depth)
+        flops, nbytes = forward_cost(tile, config)
+        if nbytes > budget and best is not None:
+            break
+        cost = len(tile_origins(height, out)) * len(tile_origins(width, out)) * flops
+        if best is None or cost <= best_cost:
+            best, best_cost = tile, cost
+        if out >= max(height, width):
+            break
+        tile = UNet.valid_input_size(tile + 1, depth)
+    return best
+
+
+def predict_probabilities(model: UNet, image: np.ndarray, tile: int | None = None,
+                          device: str = "cpu", memory_mb: float = DEFAULT_MEMORY_MB) -> np.ndarray:
+    """Softmax class probabilities (K, H, W) of one 2-D image by overlap-tile prediction.
+
+    The image is standardised as in training (:func:`minunet.data.standardize`, which refuses
+    NaN or infinite values). `tile`: the input tile side, a valid size for the model; None
+    chooses one for this image (:func:`choose_tile` within `memory_mb`)."""
+    image = standardize(image)
+    if image.ndim != 2:
+        raise ValueError(f"predict_probabilities takes one 2-D image (H, W), got shape {image.shape}")
+    if tile is None:
+        tile = choose_tile(*image.shape, model.config, memory_mb)
+    out = model.output_size(tile)
+
+    def predict_fn(batch: np.ndarray) -> np.ndarray:
+        with no_grad():
+            logits = model(Tensor(batch, device=device)).numpy().astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    return predict_overlap_tile(image[None], predict_fn, tile, out)
+
+
+def foreground_probability(probs: np.ndarray) -> np.ndarray:
+    """P(foreground) = 1 - P(class 0) from (K, H, W) probabilities, summed over classes 1..K-1
+    (for two classes exactly probs[1]). Foreground is every class but 0, as the metrics count it."""
+    probs = np.asarray(probs)
+    return probs[1:].sum(axis=0, dtype=probs.dtype)
