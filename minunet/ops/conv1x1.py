@@ -123,4 +123,8 @@ def cost(case) -> dict:
 
 
 def torch_forward(torch, x, w, b):
+    """PyTorch's twin of the forward, for the benchmark's comparison."""
     return torch.nn.functional.conv2d(x, w, b)
+
+
+TORCH_TWINS = {"conv1x1_forward": torch_forward}   # function -> PyTorch twin (the backward is timed through it)

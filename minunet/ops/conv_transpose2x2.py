@@ -133,4 +133,8 @@ def cost(case) -> dict:
 
 
 def torch_forward(torch, x, w, b):
+    """PyTorch's twin of the forward, for the benchmark's comparison."""
     return torch.nn.functional.conv_transpose2d(x, w, b, stride=2)
+
+
+TORCH_TWINS = {"conv_transpose2x2_forward": torch_forward}   # function -> PyTorch twin (the backward is timed through it)

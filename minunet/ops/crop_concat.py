@@ -134,3 +134,12 @@ def cost(case) -> dict:
     cu, hu, wu = up_shape[1:]
     moved = 4.0 * 2 * n * (cs + cu) * hu * wu           # read once, written once
     return {"crop_concat_forward": (0.0, moved), "crop_concat_backward": (0.0, moved)}
+
+
+def torch_forward(torch, skip, up):
+    """PyTorch's twin of the forward, for the benchmark's comparison."""
+    oy, ox = crop_offsets(skip.shape, up.shape)
+    return torch.cat([skip[:, :, oy:oy + up.shape[2], ox:ox + up.shape[3]], up], 1)
+
+
+TORCH_TWINS = {"crop_concat_forward": torch_forward}

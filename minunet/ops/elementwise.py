@@ -213,5 +213,9 @@ def cost(case) -> dict:
             "sgd_step": (3.0 * size, 20.0 * size)}
 
 
-def torch_forward(torch, x):
+def torch_relu(torch, x):
+    """PyTorch's twin of the forward, for the benchmark's comparison."""
     return torch.relu(x)
+
+
+TORCH_TWINS = {"relu_forward": torch_relu}   # function -> PyTorch twin (the backward is timed through it)

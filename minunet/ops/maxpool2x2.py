@@ -134,4 +134,8 @@ def cost(case) -> dict:
 
 
 def torch_forward(torch, x):
+    """PyTorch's twin of the forward, for the benchmark's comparison."""
     return torch.nn.functional.max_pool2d(x, 2)
+
+
+TORCH_TWINS = {"max_pool2x2_forward": torch_forward}   # function -> PyTorch twin (the backward is timed through it)
