@@ -1,0 +1,213 @@
+# %% [markdown]
+# # 7. Overlap-tile: segmenting an image of any size (Fig. 2)
+#
+# A U-Net with valid convolutions maps an input tile to the segmentation of a *smaller*
+# square in its centre (572 -> 388 in the paper, notebook 4): the border it loses is the
+# context every output pixel needs. Two consequences (Section 2, Fig. 2):
+#
+# 1. **Tiling.** A large image is segmented square by square — "this tiling strategy is
+#    important to apply the network to large images, since otherwise the resolution would
+#    be limited by the GPU memory". The output squares sit side by side; their input tiles
+#    overlap by the context margin.
+# 2. **Mirroring.** "To predict the pixels in the border region of the image, the missing
+#    context is extrapolated by mirroring the input image."
+#
+# This notebook pads an image by mirroring, draws the blue input tile and the yellow output
+# tile of Fig. 2 on it, stitches a prediction from tiles, and checks it against a single
+# pass of the network over the whole padded image — which uncovers one more condition
+# for the two to agree exactly. The network is a small *untrained* U-Net on the CPU: the
+# geometry does not depend on the weights.
+
+# %%
+from nbsetup import F, mu, np, plt  # the shared setup: imports, figures, printing, seeds
+
+# %%
+from minunet.data import em_images, mirror_pad, predict_overlap_tile, tile_origins
+from minunet.data.tiling import mirror_crop
+
+model = mu.UNet(base_channels=4, depth=3, seed=0).eval()     # eval(): no dropout
+TILE = 164                                                    # a valid input size for depth 3
+OUT = model.output_size(TILE)
+MARGIN = (TILE - OUT) // 2
+image = em_images(1, size=264, seed=2)[0][0][:200]            # a 200 x 264 "large" image
+print(f"input tile {TILE} -> output tile {OUT}, context margin {MARGIN} px per side; image {image.shape}")
+
+# %% [markdown]
+# ## Mirror padding
+#
+# Beyond the image border we need `MARGIN` = 44 pixels of context. Mirroring reflects the
+# image at its edge *without repeating the edge pixel* (`d c b | a b c d | c b a`), so the
+# extrapolated image is as smooth as the image itself there: no artificial edge for the
+# network to respond to. In one dimension:
+
+# %%
+row = np.arange(5)[None, :]                  # a b c d e = 0 1 2 3 4
+print("mirror_pad([0 1 2 3 4], 3) =", mirror_pad(row, ((0, 0), (3, 3)))[0])
+print("np.pad(..., mode='reflect') =", np.pad(row[0], 3, mode="reflect"))
+
+# %%
+padded = mirror_pad(image, MARGIN)
+fig, ax = plt.subplots(figsize=(5, 3.9))
+ax.imshow(padded, cmap="gray")
+ax.add_patch(plt.Rectangle((MARGIN - 0.5, MARGIN - 0.5), image.shape[1], image.shape[0],
+                           fill=False, ec="red", lw=1.5))
+ax.set_title(f"image {image.shape} mirror-padded by {MARGIN} px (red: the image)")
+ax.axis("off"); plt.show()
+
+# %% [markdown]
+# ## The tiles of Fig. 2
+#
+# The output squares (yellow) start every `OUT` = 76 pixels; where an axis is not a
+# multiple of 76, the last square is moved back to end at the image edge
+# (`tile_origins`). Each is predicted from the input tile (blue) that surrounds it by the
+# margin — for squares at the border, that tile reaches into the mirrored part.
+
+# %%
+ys, xs = tile_origins(image.shape[0], OUT), tile_origins(image.shape[1], OUT)
+print("output squares start at rows", ys, "and columns", xs)
+fig, ax = plt.subplots(figsize=(5, 3.9))
+ax.imshow(padded, cmap="gray")
+for y in ys:
+    for x in xs:
+        ax.add_patch(plt.Rectangle((x + MARGIN - 0.5, y + MARGIN - 0.5), OUT, OUT, fill=False,
+                                   ec="yellow", lw=0.6, ls="--"))
+y, x = ys[-1], xs[-1]                         # the bottom-right tile, as in Fig. 2
+ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), TILE, TILE, fill=False, ec="deepskyblue", lw=2))
+ax.add_patch(plt.Rectangle((x + MARGIN - 0.5, y + MARGIN - 0.5), OUT, OUT, fill=False, ec="yellow", lw=2))
+ax.set_title("blue: input tile, yellow: its output square")
+ax.axis("off"); plt.show()
+
+
+# %% [markdown]
+# ## Predicting tile by tile
+#
+# A prediction function maps a batch of input tiles to class probabilities of their output
+# squares (softmax over the 2 classes); `mirror_crop` cuts a tile out of the infinitely
+# mirrored image, so tiles that reach beyond the border need no padded copy. Tiles side by
+# side every 76 pixels, written by hand:
+
+# %%
+def probabilities(batch):
+    """(B, 1, TILE, TILE) -> softmax (B, 2, OUT, OUT)"""
+    with mu.no_grad():
+        logits = model(mu.Tensor(batch)).numpy()
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+squares, stitched = {}, np.zeros((2,) + image.shape, np.float32)
+for y in ys:
+    for x in xs:
+        tile = mirror_crop(image, y - MARGIN, x - MARGIN, TILE, TILE)
+        squares[y, x] = probabilities(tile[None, None])[0]
+        stitched[:, y:y + OUT, x:x + OUT] = squares[y, x]     # later squares overwrite overlaps
+
+
+# %% [markdown]
+# ## The same as one pass over the whole image?
+#
+# Every output pixel gets its full context either way, so one might expect the stitched
+# result to equal one pass of the network over the whole mirror-padded image (which
+# would need far more memory for a really large image). Let us check:
+
+# %%
+def whole_image(pad_before, crop):
+    """One pass over the image mirror-padded by pad_before (top, left), then up to a valid
+    size; returns the probabilities of the image pixels (dropping `crop` leading pixels)."""
+    h, w = image.shape
+    sh, sw = (model.valid_input_size(n + 2 * pad_before) for n in (h, w))
+    big = mirror_pad(image, ((pad_before, sh - h - pad_before), (pad_before, sw - w - pad_before)))
+    return probabilities(big[None, None].astype(np.float32))[0][:, crop:crop + h, crop:crop + w]
+
+whole = whole_image(MARGIN, 0)
+diff = np.abs(stitched - whole)[1]
+print("max |tiles every 76 px - whole image| =", diff.max())
+print("max difference of each output square, (start row, start column) mod 8 in brackets:")
+for y in ys:
+    print("  ".join(f"{np.abs(squares[y, x] - whole[:, y:y + OUT, x:x + OUT]).max():8.2g} "
+                    f"{(y % 8, x % 8)}" for x in xs))
+
+# %% [markdown]
+# Not the same! Only the squares that start at a multiple of 8 in both directions agree
+# (differences of ~1e-7 are float32 rounding). The reason is
+# **max-pooling**. A 2x2 pooling with stride 2 pairs pixels (0,1), (2,3), ... counted from
+# the start of *its input*. Shift the input by one pixel and different pixels are paired:
+# the network is only equivariant to shifts by multiples of $2^{\text{depth}}$ = 8 here (16
+# for the paper's depth 4). A tile starting 76 pixels further sees the image through a
+# pooling grid shifted by $76 \bmod 8 = 4$ pixels relative to the whole-image pass.
+#
+# The same shows in the input pixels one output pixel depends on. The gradient of one
+# output pixel with respect to the input tile (notebook 1) is non-zero on its receptive
+# field: it is wider than the 89-pixel window of $\pm$44 pixels around the pixel, and
+# where it starts and ends depends on the pixel's position modulo 8:
+
+# %%
+x = mu.Tensor(mirror_crop(image, 0, 0, TILE, TILE)[None, None], requires_grad=True)
+for row in range(30, 38):
+    x.grad = None
+    y = model(x)
+    seed = np.zeros(y.shape, np.float32); seed[0, 1, row, 40] = 1.0
+    y.backward(seed)                    # d output[row, 40] / d input
+    rows = np.flatnonzero(np.abs(x.grad.numpy()[0, 0]).sum(axis=1))
+    print(f"output row {row} (row {row} mod 8 = {row % 8}): depends on input rows "
+          f"{rows.min()}..{rows.max()} ({rows.max() - rows.min() + 1} rows); margin window "
+          f"{row}..{row + 2 * MARGIN}")
+
+# %% [markdown]
+# So, for the tiles to reproduce the whole-image pass **exactly**, their output squares
+# must start at multiples of $2^{\text{depth}}$. With a valid tile size the output side is
+# never such a multiple ($76 \equiv 4 \pmod 8$; the paper's $388 \equiv 4 \pmod{16}$), so we
+# step by the largest multiple of 8 that fits, 72, and keep the central 72x72 of each
+# 76x76 output (2 pixels cropped per side). `predict_overlap_tile` does the tiling; we only
+# tell it the squares are 72 wide and crop in the prediction function. The whole-image pass
+# must then use the same grid: pad by the tile's margin around a 72-square (46 pixels) and
+# drop the 2 cropped pixels. (For the last square to start at a multiple of 8 as well, the
+# image sides here are multiples of 8: 200 and 264.)
+
+# %%
+STEP = OUT // 8 * 8                        # 72: tiles start on the pooling grid
+CROP = (OUT - STEP) // 2                   # 2 pixels cut from each side of an output square
+print("square origins, rows:", tile_origins(image.shape[0], STEP), "columns:", tile_origins(image.shape[1], STEP))
+
+tiled = predict_overlap_tile(image, lambda b: probabilities(b)[:, :, CROP:CROP + STEP, CROP:CROP + STEP],
+                             TILE, STEP)
+whole_aligned = whole_image(MARGIN + CROP, CROP)
+print("max |aligned tiles - whole image| =", np.abs(tiled - whole_aligned).max())
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(10, 2.9))
+panels = [(stitched[1], "tiles every 76 px: P(class 1)", "magma"),
+          (diff, f"|76-px tiles - whole|, max {diff.max():.2f}", "viridis"),
+          (np.abs(tiled - whole_aligned)[1], "|72-px-grid tiles - whole|", "viridis")]
+for ax, (im, title, cmap) in zip(axes, panels):
+    shown = ax.imshow(im, cmap=cmap)
+    fig.colorbar(shown, ax=ax, fraction=0.035)
+    ax.set_title(title, fontsize=8); ax.axis("off")
+for y in ys:
+    axes[1].axhline(y - 0.5, color="white", lw=0.5)
+for x in xs:
+    axes[1].axvline(x - 0.5, color="white", lw=0.5)
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# The left map is what the untrained network predicts; the middle one shows the seams of
+# the naive tiling square by square (white lines: square borders); the right one is zero
+# up to float32 rounding.
+#
+# For a *trained* network the differences between pooling phases are much smaller — it has
+# learned to give nearly the same answer for an image shifted by a few pixels; notebook 8
+# measures it — which is why the paper's tiling looks seamless. But only tiles on the
+# pooling grid reproduce the whole-image pass exactly.
+#
+# ## What to take away
+#
+# * Valid convolutions give output squares smaller than the input tiles; the difference is
+#   the context margin (44 pixels per side here, 92 in the paper).
+# * At the image border the context is extrapolated by mirroring without repeating the
+#   edge pixel.
+# * Tiles let a network of fixed memory segment an image of any size.
+# * Because of max-pooling, a U-Net is equivariant only to shifts by multiples of
+#   $2^{\text{depth}}$: to reproduce one pass over the whole image exactly, output squares
+#   must start on that grid.
+#
+# Next: [08_train_and_evaluate.ipynb](08_train_and_evaluate.ipynb) trains a network and
+# predicts with these tiles.
