@@ -1,0 +1,325 @@
+"""Overlap-tile prediction (paper Fig. 2) of images larger than memory, as a Dask computation.
+
+The overlap-tile strategy *is* a blocked computation with a halo: to predict one block of output
+pixels, the network needs the block plus its context around it, and nothing else. Here the image
+is a lazy ``dask.array`` (from a Zarr array or a TIFF read piece by piece, see
+:mod:`minunet.data.lazy_io`), cut into blocks of ``chunk`` x ``chunk`` output pixels; each block is
+read with a halo of the network's context, mirror-extended where the halo leaves the image (as in
+Fig. 2), predicted tile by tile, and only the block's own probabilities are kept. Dask schedules
+the blocks on local threads or on a ``dask.distributed`` cluster, so memory is bounded by the
+block size and the network's tile, not by the image.
+
+**Exactness.** Max-pooling makes a U-Net equivariant only to shifts by multiples of
+``2**depth`` (notebook 07): a tile whose input starts elsewhere pairs other pixels in its first
+pooling and predicts slightly different values. So every tile here starts on one *pooling grid*:
+output squares start at multiples of ``2**depth`` counted from the image's first pixel, i.e. input
+tiles start at ``-margin`` plus such a multiple, exactly where one pass of the network over the
+whole mirror-padded image would pool. Blocks are multiples of ``2**depth`` too, so every block,
+every tile size and every chunking give the same probabilities, up to float32 rounding: those of
+a single pass over the whole image, which is what the in-memory prediction computes whenever its
+tiles lie on that grid (for instance one tile covering the image).
+
+**The halo.** A block of L output rows is predicted by tiles whose outputs cover it; valid output
+sides are ``o = o_min + k * 2**depth`` (388 = 4 + 24 * 16 in the paper), so aligned tiles end
+``e = (o - L) mod 2**depth`` rows past the block (fewer than ``2**depth``), and their inputs reach
+``margin`` rows before the block and ``margin + e`` rows after it: that is the halo, exactly the
+input the network reads. The padding outside the image is the infinite mirror of
+:func:`minunet.data.tiling.mirror_crop` (no edge repetition; Dask's own "reflect" boundary repeats
+the edge pixel, so the padding is built here).
+
+**Intensities.** Like ``python -m minunet.predict`` on a file (per-slice min/max to [0, 1] when
+reading, then standardising each slice to zero mean and unit variance), but the statistics are
+global: min, max, mean and variance of every slice are computed first, in one lazy pass over the
+array, and then applied block by block, so the network sees what the in-memory path gives it.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..autograd import no_grad
+from ..nn import UNet
+from ..tensor import Tensor
+from .tiling import reflect_indices
+
+_EPS = 1e-6  # the epsilon of minunet's per-image standardisation: (x - mean) / (std + eps)
+
+
+# ---- the network on a worker -------------------------------------------------------------------
+class TilePredictor:
+    """Softmax class probabilities of input tiles, shipped to Dask workers as one object.
+
+    It holds the network's configuration and weights as NumPy arrays (picklable, no device
+    state) and builds the UNet on first use in each process, so a cluster receives the weights
+    once per worker, as one task's result that every block depends on, not once per block. One
+    forward pass runs at a time per process: the network's kernels already use every core, and
+    blocks queued behind the lock only hold their input."""
+
+    def __init__(self, model: UNet, device: str = "cpu"):
+        self.config = dict(model.config)
+        self.state = {k: np.array(v) for k, v in model.state_dict().items()}
+        self.device = device
+        self._model = None
+        self._lock = threading.Lock()
+
+    def __dask_tokenize__(self):
+        from dask.base import tokenize
+
+        return "TilePredictor", tokenize(self.config, self.device, sorted(self.state.items()))
+
+    def __getstate__(self):
+        return {"config": self.config, "state": self.state, "device": self.device}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._model = None
+        self._lock = threading.Lock()
+
+    @property
+    def depth(self) -> int:
+        return int(self.config["depth"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    def _network(self) -> UNet:
+        if self._model is None:
+            model = UNet(**self.config, seed=0)
+            model.load_state_dict(self.state)
+            self._model = model.to(self.device).eval()
+        return self._model
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(B, C, s, s) float32 -> (B, K, o, o) float32 softmax, computed in float64 exactly as
+        the in-memory prediction does."""
+        with self._lock, no_grad():
+            logits = self._network()(Tensor(batch, device=self.device)).numpy().astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# ---- geometry ----------------------------------------------------------------------------------
+class Geometry:
+    """The network's tile geometry for blocked prediction.
+
+    Attributes: ``margin`` (context on each side, 92 in the paper), ``grid`` (2**depth, the
+    pooling grid), ``tile`` and ``output`` (the input and output side of the largest tile used)."""
+
+    def __init__(self, depth: int, tile: int):
+        self.depth, self.grid, self.tile = depth, 2 ** depth, int(tile)
+        self.output = UNet.output_size(self.tile, depth)  # ValueError naming the nearest sizes
+        self.margin = (self.tile - self.output) // 2
+        if self.output < self.grid:
+            bigger = UNet.valid_input_size(self.grid + 2 * self.margin, depth)
+            raise ValueError(f"tile {tile} gives a {self.output}-pixel output square, smaller than "
+                             f"the {self.grid}-pixel pooling grid it must step along; use a tile "
+                             f"of at least {bigger}")
+
+    def output_for(self, length: int) -> int:
+        """The output side of the tiles for a block of `length` rows: the full tile, or the
+        smallest valid one covering a shorter block."""
+        if length >= self.output:
+            return self.output
+        return UNet.output_size(UNet.valid_input_size(length + 2 * self.margin, self.depth),
+                                self.depth)
+
+    def overhang(self, length: int) -> int:
+        """e: how far the last aligned tile of a block of `length` rows ends past it (< grid)."""
+        return (self.output_for(length) - length) % self.grid
+
+    def origins(self, length: int) -> tuple[int, list[int]]:
+        """(o, starts): the output side and the aligned starts of the tiles covering a block.
+
+        Tiles step by the largest multiple of the grid that fits in o (their outputs overlap by
+        o mod grid pixels and agree there); the last one ends at length + overhang."""
+        o = self.output_for(length)
+        end = length + self.overhang(length)
+        if end <= o:
+            return o, [0]
+        step = o - o % self.grid
+        last = end - o
+        return o, list(range(0, last, step)) + [last]
+
+    def smallest_chunk(self) -> int:
+        """The smallest block side: one output tile and the halo, rounded up to the grid."""
+        smallest = max(self.output, self.margin + self.grid)
+        return -(-smallest // self.grid) * self.grid
+
+    def check_chunk(self, chunk: int, what: str = "chunk") -> None:
+        """A block side must be at least one output tile and the halo (Dask takes a block's
+        halo from its neighbours), and a multiple of the pooling grid."""
+        smallest = self.smallest_chunk()
+        if chunk < self.output or chunk < self.margin + self.grid:
+            raise ValueError(f"{what} {chunk} is smaller than the network's output tile "
+                             f"({self.output} pixels for tile {self.tile}) or its halo "
+                             f"({self.margin} + {self.grid}); use a {what} of at least {smallest} "
+                             "or a smaller tile")
+        if chunk % self.grid:
+            lo, hi = chunk // self.grid * self.grid, -(-chunk // self.grid) * self.grid
+            near = f"{lo} or {hi}" if lo >= smallest else f"{hi}"
+            raise ValueError(f"{what} {chunk} is not a multiple of the network's pooling grid "
+                             f"({self.grid} = 2**depth), so blocks would see shifted poolings; "
+                             f"use {near}")
+
+
+def axis_chunks(length: int, chunk: int) -> tuple[int, ...]:
+    """Dask chunks of an axis: ``chunk`` rows each, the remainder last."""
+    full, rest = divmod(length, chunk)
+    return (chunk,) * full + ((rest,) if rest else ())
+
+
+# ---- the lazy pieces ---------------------------------------------------------------------------
+def slice_statistics(stack):
+    """Lazy per-slice (min, max, mean, std, count of NaN/inf pixels) of a (N, H, W) dask array,
+    in float64, all from one pass. Non-finite pixels count as 0 in the others (no warnings)."""
+    import dask.array as da
+
+    x = stack.astype(np.float64)
+    axes = (1, 2)
+    if stack.dtype.kind == "f":
+        finite = da.isfinite(x)
+        bad = (~finite).sum(axis=axes)
+        x = da.where(finite, x, 0.0)
+    else:
+        bad = da.zeros(stack.shape[0], dtype=np.int64, chunks=1)
+    return (da.min(x, axis=axes), da.max(x, axis=axes), da.mean(x, axis=axes),
+            da.std(x, axis=axes), bad)
+
+
+def normalized(stack, statistics):
+    """What the network sees, lazily: each slice rescaled by its min/max to [0, 1] in float64
+    and cast to float32 (as reading a file does), then standardised in float32 with the mean and
+    standard deviation of the rescaled slice (derived from the raw ones).
+
+    Raises ValueError if a slice holds NaN or infinite values."""
+    lo, hi, mean, std = (np.asarray(s, np.float64) for s in statistics[:4])
+    bad = np.asarray(statistics[4])
+    if bad.any():
+        first = int(np.argmax(bad > 0))
+        which = f"slice {first} of the stack holds" if len(bad) > 1 else "the image holds"
+        raise ValueError(f"{which} {int(bad[first])} NaN or infinite pixel values; replace them "
+                         "(for example with the image's median) or crop them away")
+    span = np.where(hi > lo, hi - lo, np.inf)          # a constant slice becomes all zeros
+    scaled_mean = ((mean - lo) / span).astype(np.float32)[:, None, None]
+    scaled_std = (std / span).astype(np.float32)[:, None, None]
+    unit = ((stack.astype(np.float64) - lo[:, None, None]) / span[:, None, None]).astype(np.float32)
+    return (unit - scaled_mean) / (scaled_std + np.float32(_EPS))
+
+
+def _mirror_extend(x, axis: int, before: int, after: int):
+    """Pad one axis of a dask array by the infinite mirror (tiling.reflect_indices): any width,
+    also wider than the axis, touching only the first and last chunks for a long axis."""
+    import dask.array as da
+
+    n = x.shape[axis]
+    parts = []
+    if before:
+        parts.append(da.take(x, reflect_indices(-before, before, n), axis=axis))
+    parts.append(x)
+    if after:
+        parts.append(da.take(x, reflect_indices(n, after, n), axis=axis))
+    return da.concatenate(parts, axis=axis) if len(parts) > 1 else x
+
+
+def _halo_ready(x, geometry: Geometry, chunks: tuple[int, int]):
+    """Mirror-pad the two spatial axes and rechunk so that block k holds its output rows plus
+    the padding it owns: the first block the leading margin, the last the trailing margin +
+    overhang. With Dask's overlap (boundary 'none') each block then gets exactly its halo."""
+    spatial = []
+    for axis, chunk in zip((1, 2), chunks):
+        sizes = list(axis_chunks(x.shape[axis], chunk))
+        before, after = geometry.margin, geometry.margin + geometry.overhang(sizes[-1])
+        x = _mirror_extend(x, axis, before, after)
+        sizes[0] += before
+        sizes[-1] += after
+        spatial.append(tuple(sizes))
+    return x.rechunk(((1,) * x.shape[0], *spatial))
+
+
+def _predict_block(block, predictor: TilePredictor, geometry: Geometry, num_classes: int,
+                   block_info=None):
+    """(1, Ly + 2m + ey, Lx + 2m + ex) standardised input with halo -> (1, K, Ly, Lx) float32.
+
+    Tiles start on the pooling grid (multiples of 2**depth from the block's first output pixel,
+    which itself lies on the image's grid)."""
+    m = geometry.margin
+    lengths = block_info[None]["chunk-shape"][2:]         # this block's output rows, columns
+    (oy, ys), (ox, xs) = (geometry.origins(n) for n in lengths)
+    out = np.empty((num_classes, ys[-1] + oy, xs[-1] + ox), np.float32)
+    for y in ys:
+        for x in xs:
+            tile = block[:, y:y + oy + 2 * m, x:x + ox + 2 * m]
+            out[:, y:y + oy, x:x + ox] = predictor(np.ascontiguousarray(tile[None], np.float32))[0]
+    return out[None, :, :lengths[0], :lengths[1]]
+
+
+def predict_blocked(image, model: UNet, tile: int, chunk=None, device: str = "cpu",
+                    statistics=None):
+    """Class probabilities of a 2-D image or a stack of 2-D slices, as a lazy dask array.
+
+    Args:
+        image: dask array (or anything ``dask.array.asarray`` takes), (H, W) or (N, H, W), any
+            real dtype; each slice is one image of the network's single input channel.
+        model: a trained UNet with one input channel; its weights are copied (the caller may
+            keep training it), and reach Dask workers once.
+        tile: the input side of the tiles the network runs on (a valid size; larger is faster
+            and needs more memory); the result does not depend on it.
+        chunk: output block side, an int or (rows, columns): multiples of ``2**depth`` of at
+            least the tile's output (and its halo). Default: the input's chunks, rounded down to
+            the pooling grid. Memory grows with it; the result does not depend on it.
+        device: where the network runs on each worker ("cpu", "cuda", "emu").
+        statistics: per-slice (min, max, mean, std, bad) from :func:`slice_statistics`, already
+            computed; by default they are computed here (one pass over the image, on the
+            current Dask scheduler).
+    Returns:
+        float32 dask array (K, H, W) or (N, K, H, W) of softmax probabilities, chunked
+        (K, chunk rows, chunk columns): what :func:`minunet.train.predict_probabilities` gives
+        for one tile covering the image, up to float32 rounding.
+    Raises:
+        ValueError for a 4-D array, an empty one, a model with several input channels, an
+        invalid tile, a chunk that is too small or off the pooling grid, or NaN/inf pixels.
+    """
+    import dask
+    import dask.array as da
+
+    x = image if isinstance(image, da.Array) else da.asarray(image)
+    if x.ndim not in (2, 3) or 0 in x.shape:
+        raise ValueError(f"blocked prediction takes a 2-D image (H, W) or a 3-D stack of slices "
+                         f"(N, H, W); got an array of shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"the image has dtype {x.dtype}; give real-valued pixels")
+    if model.config["in_channels"] != 1:
+        raise ValueError(f"blocked prediction reads gray images, but the model takes "
+                         f"{model.config['in_channels']} input channels; use a 1-channel model")
+    flat = x.ndim == 2
+    stack = x[None] if flat else x
+    geometry = Geometry(model.depth, tile)
+    if chunk is None:                                      # the input's, on the grid
+        chunk = tuple(max(c // geometry.grid * geometry.grid, geometry.smallest_chunk())
+                      for c in stack.chunksize[1:])
+    square = np.ndim(chunk) == 0
+    chunks = (int(chunk),) * 2 if square else tuple(int(c) for c in chunk)
+    for c, what in zip(chunks, ("chunk",) * 2 if square else ("chunk rows", "chunk columns")):
+        geometry.check_chunk(c, what)
+    stack = stack.rechunk((1, *chunks))
+    if statistics is None:
+        statistics = dask.compute(*slice_statistics(stack))
+    ready = _halo_ready(normalized(stack, statistics), geometry, chunks)
+    halo = {0: 0}
+    for axis, c in zip((1, 2), chunks):
+        halo[axis] = (geometry.margin, geometry.margin + geometry.overhang(c))
+    if all(len(ready.chunks[a]) == 1 for a in (1, 2)):
+        overlapped = ready                                 # one block: nothing to share
+    else:
+        overlapped = da.overlap.overlap(ready, depth=halo, boundary="none", allow_rechunk=False)
+    predictor = TilePredictor(model, device)
+    weights = dask.delayed(predictor, pure=True)           # one key, every block depends on it
+    k = predictor.num_classes
+    out = overlapped.map_blocks(
+        _predict_block, weights, geometry, k, dtype=np.float32, new_axis=1,
+        chunks=((1,) * stack.shape[0], (k,), axis_chunks(stack.shape[1], chunks[0]),
+                axis_chunks(stack.shape[2], chunks[1])))
+    return out[0] if flat else out
