@@ -260,6 +260,69 @@ class UNet(Module):
             s += 1
         return s
 
+    def layer_table(self, input_size: int) -> list[dict]:
+        """Fig. 1 as a table: one dict per layer of ``forward``, in order, for a square input tile
+        of side ``input_size`` (a ValueError naming the nearest valid sizes if it is not valid).
+
+        Keys: ``name`` (the module's parameter prefix, such as ``"down1.conv1"`` or
+        ``"up2.up"``; ``"down1.pool"``, ``"down4.dropout"``, ``"up1.concat"`` for the steps without
+        parameters), ``op`` (``"conv 3x3 + ReLU"``, ``"max-pool 2x2"``, ``"dropout"``,
+        ``"up-conv 2x2"``, ``"crop + concat"``, ``"conv 1x1"``), ``level`` (of the layer's output:
+        0 = full resolution, ``depth`` = the bottom of the U), ``in_channels``, ``out_channels``,
+        ``in_size`` and ``out_size`` (side lengths), ``parameters`` (the layer's weights and
+        biases), and ``skip_size`` and ``crop_offset`` for crop + concat (the skip connection's
+        side length and the offset of its centre crop; None for the other layers).
+
+        The sizes follow Section 2's rules: a valid 3x3 convolution loses 2 pixels, a pooling
+        halves, an up-convolution doubles, the skip map is centre-cropped to the up-convolved map;
+        channels and parameter counts are read from the model's own weights. With the defaults and
+        572: 23 convolutional layers, output 388, 31,030,658 parameters.
+        """
+        from .ops.crop_concat import crop_offsets
+
+        size = int(input_size)
+        self.output_size(size)  # raises a ValueError naming the nearest valid sizes
+        rows: list[dict] = []
+
+        def add(name, op, level, cin, cout, s_in, s_out, module=None, skip_size=None, crop_offset=None):
+            params = sum(p.size for p in module.parameters()) if module is not None else 0
+            rows.append(dict(name=name, op=op, level=level, in_channels=int(cin),
+                             out_channels=int(cout), in_size=s_in, out_size=s_out,
+                             parameters=int(params), skip_size=skip_size, crop_offset=crop_offset))
+
+        def double_conv(prefix, block, level, s):
+            for conv_name in ("conv1", "conv2"):
+                conv = getattr(block, conv_name)
+                cout, cin = conv.weight.shape[:2]
+                add(f"{prefix}.{conv_name}", "conv 3x3 + ReLU", level, cin, cout, s, s - 2, conv)
+                s -= 2
+            return s, cout
+
+        s, skips = size, []
+        for i in range(self.depth):                          # contracting path
+            s, c = double_conv(f"down{i + 1}", getattr(self, f"down{i + 1}"), i, s)
+            if i == self.depth - 1 and self.dropout_p > 0:
+                add(f"down{i + 1}.dropout", "dropout", i, c, c, s, s)
+            skips.append((s, c))
+            add(f"down{i + 1}.pool", "max-pool 2x2", i + 1, c, c, s, s // 2)
+            s //= 2
+        s, c = double_conv("bottom", self.bottom, self.depth, s)
+        if self.dropout_p > 0:
+            add("bottom.dropout", "dropout", self.depth, c, c, s, s)
+        for i in reversed(range(self.depth)):                # expansive path
+            block = getattr(self, f"up{i + 1}")
+            cin, cout = block.up.weight.shape[:2]            # (Ci, Co, 2, 2)
+            add(f"up{i + 1}.up", "up-conv 2x2", i, cin, cout, s, 2 * s, block.up)
+            s *= 2
+            skip_size, skip_channels = skips[i]
+            offset = crop_offsets((0, 0, skip_size, skip_size), (0, 0, s, s))[0]
+            add(f"up{i + 1}.concat", "crop + concat", i, cout, skip_channels + cout, s, s,
+                skip_size=skip_size, crop_offset=offset)
+            s, c = double_conv(f"up{i + 1}.convs", block.convs, i, s)
+        cout, cin = self.classifier.weight.shape[:2]
+        add("classifier", "conv 1x1", 0, cin, cout, s, s, self.classifier)
+        return rows
+
     def _dropout(self, x, layer: int):
         # one seed per (forward call, layer): masks differ between steps but are reproducible
         seed = (self.dropout_seed * 1_000_003 + self.forward_count * 16 + layer) & 0xFFFFFFFF
