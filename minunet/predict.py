@@ -11,10 +11,21 @@ For each input ``NAME`` it writes ``NAME_prob.tif`` (float32 foreground probabil
 1 - P(class 0), one page per slice of a stack) and ``NAME_mask.png`` / ``NAME_mask.tif`` (uint8,
 255 = foreground); a network with more than two classes also gets ``NAME_classes.png`` /
 ``.tif`` (the most probable class of each pixel).
+
+Images larger than memory (README, "Large images")::
+
+    python -m minunet.predict --checkpoint C huge.zarr --out probs.zarr [--mask mask.zarr]
+
+With ``--out PATH.zarr`` the one INPUT (a Zarr array, 2-D or a 3-D stack of slices, or a TIFF of
+any size, read piece by piece) is predicted block by block by Dask (:mod:`minunet.data.blocked`):
+on local threads, or on a ``dask.distributed`` cluster with ``--scheduler ADDRESS``. The output
+is a Zarr array of foreground probabilities chunked in the blocks (the input's chunks when they
+are multiples of 2**depth), equal to one pass of the network over the whole image.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -30,16 +41,106 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minunet.predict", formatter_class=HelpFormatter,
                                 description="Overlap-tile prediction with a trained minunet U-Net.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG or TIFF images (a multi-page "
-                   "TIFF is a stack of 2-D slices)")
+                   "TIFF is a stack of 2-D slices); with --out PATH.zarr, one Zarr array or TIFF "
+                   "of any size")
     p.add_argument("--checkpoint", required=True, help="checkpoint.npz written by minunet.train")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder; or PATH.zarr, a Zarr array of "
+                   "foreground probabilities written block by block (large images)")
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, emu or auto")
     p.add_argument("--tile", type=int, default=None, help="input tile side, a valid U-Net input "
                    "size (default: chosen per image, the fastest tile within --memory-mb)")
     p.add_argument("--memory-mb", type=float, default=DEFAULT_MEMORY_MB, help="memory for one "
                    "tile's forward pass when the tile is chosen automatically")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground probability for the mask")
+    large = p.add_argument_group("large images (--out PATH.zarr)")
+    large.add_argument("--chunk", type=int, default=None, help="block side in pixels, a multiple "
+                       "of 2**depth of at least the tile's output; memory grows with it (default: "
+                       "the input's chunks if at least 512, else 1024)")
+    large.add_argument("--mask", metavar="PATH.zarr", default=None, help="also write the "
+                       "thresholded mask there (uint8, 255 = foreground)")
+    large.add_argument("--scheduler", metavar="ADDRESS", default=None, help="run on this "
+                       "dask.distributed scheduler, e.g. tcp://10.0.0.1:8786 (every worker must "
+                       "read INPUT and write --out at the same paths; default: local threads)")
+    large.add_argument("--overwrite", action="store_true", help="replace existing Zarr outputs "
+                       "(refused otherwise)")
+    large.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix.lower() == ".zarr" or (path / "zarr.json").is_file() or \
+        (path / ".zarray").is_file()
+
+
+def _foreground_block(block: np.ndarray) -> np.ndarray:
+    """P(foreground) of one block of class probabilities, (K, h, w) or (1, K, h, w)."""
+    from .inference import foreground_probability
+
+    return foreground_probability(block) if block.ndim == 3 else foreground_probability(block[0])[None]
+
+
+def _connect(address: str):
+    """A dask.distributed client for the scheduler at `address`, or one line saying why not."""
+    from distributed import Client
+
+    try:
+        return Client(address, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ValueError(f"cannot reach a Dask scheduler at {address} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); start one with "
+                         "'dask scheduler' and 'dask worker ADDRESS', or omit --scheduler") from None
+
+
+def predict_large(args, model, device: str) -> int:
+    """Blocked prediction of one Zarr array or TIFF into Zarr arrays (see the module docstring)."""
+    import dask
+
+    from .data.blocked import (Geometry, choose_block_tile, default_chunk, predict_blocked,
+                               slice_statistics)
+    from .data.lazy_io import create_output, open_lazy, store_chunks, threshold_mask
+
+    if len(args.inputs) != 1:
+        raise ValueError(f"prediction into a Zarr array takes one INPUT, got {len(args.inputs)}; "
+                         "run once per input")
+    outputs = [Path(args.out)] + ([Path(args.mask)] if args.mask else [])
+    for path in outputs:
+        if path.suffix.lower() != ".zarr":
+            raise ValueError(f"{path} must be a Zarr path ending in .zarr (blocked prediction "
+                             "writes Zarr arrays)")
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"output {path} already exists; choose another path or pass "
+                             "--overwrite to replace it")
+    image = open_lazy(args.inputs[0])
+    stack = image if image.ndim == 3 else image[None]
+    chunk = args.chunk or default_chunk(image.chunksize, model.depth)
+    if args.tile is not None:
+        check_tile(args.tile, model.depth)
+    tile = args.tile or choose_block_tile(chunk, chunk, model.config, args.memory_mb)
+    Geometry(model.depth, tile).check_chunk(chunk, "--chunk")
+    client = _connect(args.scheduler) if args.scheduler else None
+    try:
+        print(f"{args.inputs[0]}: {stack.shape[0]} slice(s) of {stack.shape[1]}x{stack.shape[2]}, "
+              f"reading intensity statistics (one pass)...", flush=True)
+        statistics = dask.compute(*slice_statistics(stack.rechunk((1, chunk, chunk))),
+                                  scheduler=client or "threads")
+        probs = predict_blocked(image, model, tile, chunk, device, statistics=statistics)
+        foreground = probs.map_blocks(_foreground_block, drop_axis=probs.ndim - 3,
+                                      dtype=np.float32)
+        targets = [(create_output(outputs[0], foreground.shape, foreground.chunksize, "f4",
+                                  args.overwrite), None)]
+        targets[0][0].attrs["minunet"] = {"checkpoint": str(args.checkpoint), "tile": tile,
+                                          "chunk": chunk, "value": "P(foreground) = 1 - P(class 0)"}
+        if args.mask:
+            targets.append((create_output(outputs[1], foreground.shape, foreground.chunksize,
+                                          "u1", args.overwrite),
+                            functools.partial(threshold_mask, threshold=args.threshold)))
+        count = store_chunks(foreground, targets, client, progress=not args.quiet)
+    finally:
+        if client is not None:
+            client.close()
+    print(f"{args.inputs[0]} -> {', '.join(str(p) for p in outputs)} ({count} chunks of {chunk}, "
+          f"tile {tile} -> {model.output_size(tile)})", flush=True)
+    return 0
 
 
 def _write_slices(path: Path, slices: np.ndarray) -> Path:
@@ -64,9 +165,15 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = model_from_checkpoint(ckpt, device).eval()
+    if Path(args.out).suffix.lower() == ".zarr":
+        return predict_large(args, model, device)
+    paths = [Path(p) for p in args.inputs]
+    large = [f"--{k}" for k in ("chunk", "mask", "scheduler", "overwrite") if getattr(args, k)]
+    if large or any(_is_zarr(p) for p in paths):
+        what = ", ".join(large) if large else "a Zarr input"
+        raise ValueError(f"{what} needs blocked prediction into a Zarr array: give --out PATH.zarr")
     if args.tile is not None:
         check_tile(args.tile, model.depth)
-    paths = [Path(p) for p in args.inputs]
     for path in paths:
         if not path.is_file():
             raise ValueError(f"input {path} does not exist; give PNG or TIFF image files")

@@ -171,6 +171,46 @@ def axis_chunks(length: int, chunk: int) -> tuple[int, ...]:
     return (chunk,) * full + ((rest,) if rest else ())
 
 
+DEFAULT_CHUNK = 1024   # block side when the input's own chunks are too thin (TIFF strips)
+
+
+def default_chunk(chunksize, depth: int) -> int:
+    """A block side for an input stored in chunks of `chunksize` (..., rows, columns): the
+    smaller stored side rounded down to the pooling grid, so blocks are the stored chunks (and
+    the output is chunked like the input) when those are aligned; DEFAULT_CHUNK if that is
+    below 512 (thin strips would make the halo most of the work)."""
+    grid = 2 ** depth
+    side = min(chunksize[-2:]) // grid * grid
+    return side if side >= 512 else -(-DEFAULT_CHUNK // grid) * grid
+
+
+def choose_block_tile(chunk_rows: int, chunk_cols: int, config: dict,
+                      memory_mb: float = 1024) -> int:
+    """The valid tile that predicts a chunk_rows x chunk_cols block with the fewest operations
+    (aligned tiles as :meth:`Geometry.origins` places them, times the forward pass of
+    :func:`minunet.inference.forward_cost`), among tiles whose output fits the block and whose
+    forward pass fits `memory_mb`; ties go to the larger tile. If none fits the budget, the
+    smallest tile whose output spans the pooling grid."""
+    from ..inference import forward_cost
+
+    depth = int(config["depth"])
+    grid, budget = 2 ** depth, memory_mb * 2 ** 20
+    tile = UNet.valid_input_size(1, depth)
+    while UNet.output_size(tile, depth) < grid:
+        tile = UNet.valid_input_size(tile + 1, depth)
+    best, best_cost = tile, None
+    while UNet.output_size(tile, depth) <= min(chunk_rows, chunk_cols):
+        flops, nbytes = forward_cost(tile, config)
+        if nbytes > budget:
+            break
+        g = Geometry(depth, tile)
+        cost = len(g.origins(chunk_rows)[1]) * len(g.origins(chunk_cols)[1]) * flops
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = tile, cost
+        tile = UNet.valid_input_size(tile + 1, depth)
+    return best
+
+
 # ---- the lazy pieces ---------------------------------------------------------------------------
 def slice_statistics(stack):
     """Lazy per-slice (min, max, mean, std, count of NaN/inf pixels) of a (N, H, W) dask array,
