@@ -5,9 +5,12 @@ buffers (``opt/velocity.<i>``), and a JSON ``meta`` record (the UNet configurati
 the random-number states, the training arguments). It is written *atomically*: to a temporary
 file in the same folder, flushed to disk, then renamed over the old one, so a crash or Ctrl-C in
 the middle of a save never leaves a half-written checkpoint behind - the last good one survives.
+Only a process killed outright (``kill -9``, power loss) in the middle of a save can leave its
+temporary file ``NAME.XXXXXXXX.tmp`` behind; :func:`remove_stale_temporary_files` clears those.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -22,10 +25,39 @@ from .optim import SGD
 FORMAT = "minunet-checkpoint-1"
 
 
-def save_checkpoint(path, model: UNet, optimizer: SGD | None = None, meta: dict | None = None) -> Path:
-    """Write ``model`` (and ``optimizer``, ``meta``) to ``path`` atomically; returns the path."""
+def atomic_write(path, write) -> Path:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, flush it to disk, then
+    rename it over ``path``: readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_stale_temporary_files(path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` of ``path`` left when its process was
+    killed mid-write (``NAME.<random>.tmp`` beside it); returns what was removed. Call it when
+    no other process writes ``path``, i.e. at the start of the run that owns it."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f"{glob.escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def save_checkpoint(path, model: UNet, optimizer: SGD | None = None, meta: dict | None = None) -> Path:
+    """Write ``model`` (and ``optimizer``, ``meta``) to ``path`` atomically; returns the path."""
     arrays = {f"param/{k}": v for k, v in model.state_dict().items()}
     record = {"format": FORMAT, "config": model.config, "dropout_seed": model.dropout_seed,
               "forward_count": model.forward_count, **(meta or {})}
@@ -34,17 +66,7 @@ def save_checkpoint(path, model: UNet, optimizer: SGD | None = None, meta: dict 
         record["optimizer"] = {"lr": opt_state.pop("lr"), "momentum": opt_state.pop("momentum")}
         arrays.update({f"opt/{k}": v for k, v in opt_state.items()})
     arrays["meta"] = np.array(json.dumps(record))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(path) -> dict:

@@ -1,5 +1,6 @@
 """What the command-line entry points share: one-line errors and exit statuses, help that shows
-the defaults, and checks of options worded for the command line.
+the defaults, which options a command line gave, checks of options worded for the command line,
+and progress reports that suit a terminal and a log file alike.
 
 Bad input (a missing folder, a corrupt checkpoint, an invalid tile size, ...) is reported as one
 line, ``error: <what is wrong>; <how to fix it>``, with exit status 2 - never a traceback. The
@@ -8,7 +9,9 @@ library raises ValueError for such problems; this wrapper turns them into that l
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -29,10 +32,24 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-                and "%(default)" not in text and "default" not in text):
+        hidden = action.default is None or action.default is False \
+            or action.default is argparse.SUPPRESS
+        if action.option_strings and not hidden and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def given_options(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The destinations of the options `argv` gives explicitly, as opposed to those argparse
+    fills with defaults (so that a resumed run can tell "--lr 0.01" from no --lr at all)."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
 
 
 def check_tile(tile: int, depth: int, option: str = "--tile") -> int:
@@ -72,3 +89,65 @@ def device_arg(value: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
+
+
+class Progress:
+    """Progress of a training run toward whichever limit it reaches first: `iterations` steps or
+    the wall-clock budget of `budget_s` seconds (math.inf: none).
+
+    On a terminal, a tqdm bar of that fraction (so its time estimate is right whichever limit
+    ends the run) with the iteration, the budget and the loss after it. Written to a file or a
+    pipe, a plain line at every tenth of the way and at least every `every_s` seconds, instead
+    of a bar redrawn with carriage returns. `enabled=False` prints nothing."""
+
+    def __init__(self, iterations: int, budget_s: float, iteration: int = 0, elapsed: float = 0.0,
+                 enabled: bool = True, stream=None, every_s: float = 60.0):
+        self.iterations, self.budget_s, self.every_s = iterations, budget_s, every_s
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = enabled
+        self.start_fraction = self.fraction(iteration, elapsed)
+        self.start_time = self.last_line = time.perf_counter()
+        self.next_tenth = math.floor(self.start_fraction * 10) + 1
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            # the text after the bar goes in tqdm's "desc" field: its "postfix" adds a comma
+            self.bar = tqdm(total=1000, initial=round(1000 * self.start_fraction), file=self.stream,
+                            dynamic_ncols=True, desc="",
+                            bar_format="training {percentage:3.0f}%|{bar}| {desc} "
+                                       "[{elapsed}<{remaining}]")
+
+    def fraction(self, iteration: int, elapsed: float) -> float:
+        by_time = elapsed / self.budget_s if math.isfinite(self.budget_s) else 0.0
+        return min(1.0, max(iteration / self.iterations, by_time))
+
+    def describe(self, iteration: int, elapsed: float, loss: float) -> str:
+        text = f"iteration {iteration}/{self.iterations}"
+        if math.isfinite(self.budget_s):
+            text += f", {elapsed / 60:.1f} of {self.budget_s / 60:g} min"
+        return text + f", loss {loss:.4f}"
+
+    def update(self, iteration: int, elapsed: float, loss: float) -> None:
+        if not self.enabled:
+            return
+        fraction = self.fraction(iteration, elapsed)
+        if self.bar is not None:
+            self.bar.set_description_str(self.describe(iteration, elapsed, loss), refresh=False)
+            self.bar.update(round(1000 * fraction) - self.bar.n)
+            return
+        now = time.perf_counter()
+        if fraction * 10 < self.next_tenth and now - self.last_line < self.every_s:
+            return
+        self.next_tenth = math.floor(fraction * 10) + 1
+        self.last_line = now
+        line = f"training {100 * fraction:3.0f}%: {self.describe(iteration, elapsed, loss)}"
+        done = fraction - self.start_fraction
+        if 0 < done and fraction < 1:
+            left = (now - self.start_time) * (1 - fraction) / done
+            line += f", about {left / 60:.1f} min left"
+        print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

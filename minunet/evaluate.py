@@ -6,7 +6,8 @@ Predictions and truth are paired by sorted file name (multi-page TIFFs by slice)
 maps (``*_prob.tif``, written by minunet.predict) are thresholded at every threshold of a sweep and
 the best value of each metric is reported, as the ISBI 2012 challenge did; binary masks are
 scored as they are. Truth: label images ({0, 255} or class indices, foreground = non-zero) or
-instance masks. Prints a table and writes JSON (default ``PRED/evaluation.json``).
+instance masks. Hidden files are skipped and NaN or infinite values refused, as in training.
+Prints a table and writes JSON (default ``PRED/evaluation.json``).
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import run
+from .cli import HelpFormatter, run
 
 METRICS = ("iou", "pixel_error", "rand_error", "warping_error")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minunet.evaluate",
+    p = argparse.ArgumentParser(prog="python -m minunet.evaluate", formatter_class=HelpFormatter,
                                 description="Pixel, Rand and warping error and IoU of predictions.")
     p.add_argument("--pred", required=True, metavar="DIR", help="folder of predictions")
     p.add_argument("--truth", required=True, metavar="DIR", help="folder of ground-truth labels")
@@ -31,20 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _image_files(folder: Path) -> list[Path]:
-    from .data.io import IMAGE_SUFFIXES
-
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def pair_files(pred_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
+    """(prediction, truth) pairs by sorted name; of minunet.predict's outputs the ``*_prob``
+    probability maps are taken (the masks and class maps beside them are not paired)."""
+    from .data.io import image_files
+
     for name, folder in (("--pred", pred_dir), ("--truth", truth_dir)):
         if not folder.is_dir():
             raise ValueError(f"{name} folder {folder} does not exist")
-    preds = _image_files(pred_dir)
+    preds = image_files(pred_dir)
     probs = [p for p in preds if p.stem.endswith("_prob")]
     preds = probs or preds
-    truths = _image_files(truth_dir)
+    truths = image_files(truth_dir)
     if not preds:
         raise ValueError(f"no PNG or TIFF images in --pred folder {pred_dir}")
     if len(preds) != len(truths):
@@ -86,7 +85,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['prediction'][:28]:<28} {r['slice']:>5} " + " ".join(f"{r[k]:>14.5f}" for k in METRICS))
     print("-" * len(header))
-    print(f"{'mean':<28} {len(rows):>5} " + " ".join(f"{mean[k]:>14.5f}" for k in METRICS))
+    label = f"mean of {len(rows)} slice(s)"
+    print(f"{label:<28} {'':>5} " + " ".join(f"{mean[k]:>14.5f}" for k in METRICS))
     out = Path(args.json) if args.json else pred_dir / "evaluation.json"
     out.write_text(json.dumps({"mean": mean, "images": rows}, indent=2) + "\n")
     print(f"wrote {out}")

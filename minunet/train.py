@@ -2,66 +2,81 @@
 0.99, the weighted softmax cross-entropy of eq. 1 with the weight map of eq. 2, elastic
 deformations, dropout at the end of the contracting path.
 
-    python -m minunet.train                          # synthetic EM-like data, best device, ~5 min on 2 CPU cores
+    python -m minunet.train                          # synthetic EM-like data, best device, 4.5-min budget
     python -m minunet.train --data DIR [--val-data DIR] [--instances] --out runs/mine
     python -m minunet.train --out runs/mine --resume # continue an interrupted run exactly
 
 Every run writes into ``--out``: ``checkpoint.npz`` (atomically, every ``--checkpoint-every``
 iterations, on Ctrl-C and at the end), ``log.csv`` (one row per iteration), ``metrics.json``
 (validation IoU, pixel/Rand/warping error, final loss), ``loss.png`` and ``prediction.png``.
+The checkpoint stores the run's arguments: ``--resume`` restores them, so the run continues on
+the same data with the same settings, and refuses an argument that contradicts them.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
+import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import functional as F
-from .autograd import no_grad
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .cli import EXIT_FAILED, EXIT_OK, check_tile, device_arg, run
+from .checkpoint import (atomic_write, load_checkpoint, model_from_checkpoint,
+                         remove_stale_temporary_files, save_checkpoint)
+from .cli import (EXIT_FAILED, EXIT_OK, HelpFormatter, Progress, check_tile, device_arg,
+                  given_options, run)
 from .data.io import standardize
 from .devices import resolve_device
-from .inference import predict_probabilities
+from .inference import foreground_probability, predict_probabilities
 from .nn import UNet
 from .optim import SGD
 from .tensor import Tensor
 
 EXIT_INTERRUPTED = 130
 
-
 # ---- arguments ---------------------------------------------------------------------------------
 DEFAULT_TILE_AT_LEAST = 340
-# The loss is the mean of w(x) times the cross-entropy, so its gradient grows with the weights.
-# Eq. 2's border weights (up to w0 + w_c ~ 12 on the gaps) made lr 0.002 diverge on the built-in
-# touching cells after ~300 steps; 0.001 trained (IoU 0.93 in 6 min on 2 cores).
+# The loss is the mean of w(x) times the cross-entropy, so its gradient grows with the weights:
+# with eq. 2's border weights (up to w0 + w_c on the gaps) the plain default step diverged on the
+# built-in touching cells (see the README), so border weights get half of it.
 DEFAULT_LR = 0.002
 DEFAULT_LR_BORDER_WEIGHTS = 0.001
+RUN_FILES = ("checkpoint.npz", "log.csv", "metrics.json", "loss.png", "prediction.png")
+# What --resume takes from the command line rather than from the checkpoint: where the run is and
+# what to do with it. Of the restored arguments, these may be changed on resuming (train longer,
+# lower a step size that made the loss NaN, move to another device); any other that is given
+# must equal the run's own.
+NOT_RESTORED = ("out", "resume", "overwrite")
+CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every", "quiet")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minunet.train",
+    p = argparse.ArgumentParser(prog="python -m minunet.train", formatter_class=HelpFormatter,
                                 description="Train a U-Net (Ronneberger et al. 2015) with minunet.")
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="folder with images/ and labels/ (default: "
                       "built-in synthetic data)")
     data.add_argument("--val-data", metavar="DIR", help="validation folder (default: hold out "
                       "--val-fraction of --data, or fresh synthetic images)")
-    data.add_argument("--val-fraction", type=float, default=0.2)
+    data.add_argument("--val-fraction", type=float, default=0.2, help="share of --data held out "
+                      "for validation")
+    data.add_argument("--num-classes", type=int, default=None, help="number of classes (default: "
+                      "the largest class index in the labels + 1; 0/255 masks are 2 classes)")
     data.add_argument("--instances", action="store_true", help="labels are instance masks (0 = "
                       "background, 1..K = cells): separate touching cells, add border weights")
     data.add_argument("--synthetic", choices=("em", "cells"), default="em",
                       help="built-in data when --data is not given: EM membranes (ISBI 2012-like) "
                       "or touching cells with instance labels (cell tracking-like)")
     data.add_argument("--synthetic-count", type=int, default=24, help="synthetic training images")
-    data.add_argument("--synthetic-size", type=int, default=256)
+    data.add_argument("--synthetic-size", type=int, default=256, help="synthetic image side (px)")
     data.add_argument("--w0", type=float, default=10.0, help="border weight w0 of eq. 2")
     data.add_argument("--sigma", type=float, default=5.0, help="border width sigma of eq. 2 (px)")
     data.add_argument("--no-weights", action="store_true", help="w(x) = 1 everywhere (ablation)")
@@ -70,25 +85,131 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, emu or auto")
     model.add_argument("--base-channels", type=int, default=16, help="64 in the paper")
     model.add_argument("--depth", type=int, default=4, help="number of poolings (4 in the paper)")
-    model.add_argument("--dropout", type=float, default=0.5)
+    model.add_argument("--dropout", type=float, default=0.5, help="dropout probability")
     model.add_argument("--tile", type=int, default=None, help="input tile side, a valid U-Net "
-                       "input size (default: the smallest valid size >= 340: 348 -> 164 for "
-                       "depth 4)")
+                       f"input size (default: the smallest valid size >= {DEFAULT_TILE_AT_LEAST}: "
+                       "348 -> 164 for depth 4)")
     model.add_argument("--batch-size", type=int, default=1, help="1 large tile, as the paper")
     model.add_argument("--lr", type=float, default=None, help=f"learning rate (default "
                        f"{DEFAULT_LR}, or {DEFAULT_LR_BORDER_WEIGHTS} with the border weights of "
                        "--instances or --synthetic cells)")
-    model.add_argument("--momentum", type=float, default=0.99)
-    model.add_argument("--iterations", type=int, default=1500)
+    model.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
+    model.add_argument("--iterations", type=int, default=1500, help="training steps")
     model.add_argument("--max-minutes", type=float, default=4.5, help="wall-clock budget: stop, "
                        "validate and save when it is spent (0 = no limit)")
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, "
+                       "augmentation and dropout")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
-    run_.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.npz")
-    run_.add_argument("--checkpoint-every", type=int, default=100)
-    run_.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
+                      "own arguments (give --iterations or --max-minutes to train longer)")
+    run_.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    run_.add_argument("--checkpoint-every", type=int, default=100, help="iterations between "
+                      "checkpoints")
+    run_.add_argument("--quiet", action="store_true", help="no progress report")
     return p
+
+
+def default_lr(args) -> float:
+    """The learning rate when --lr is not given: smaller when eq. 2's border weights are on."""
+    border_weights = (args.instances or (not args.data and args.synthetic == "cells")) \
+        and not args.no_weights
+    return DEFAULT_LR_BORDER_WEIGHTS if border_weights else DEFAULT_LR
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same(name: str, a, b) -> bool:
+    if name in ("data", "val_data") and a and b:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def restore_args(args, given: set, stored: dict, source: Path) -> list[str]:
+    """Take the resumed run's arguments from its checkpoint (`stored`) for every option the
+    command line did not give; a given option must equal the run's unless it is one of
+    CHANGEABLE_ON_RESUME. Returns one note per changed option; raises ValueError (one line) for
+    a contradiction."""
+    notes = []
+    for name, value in stored.items():
+        if name in NOT_RESTORED or not hasattr(args, name):
+            continue
+        if name not in given:
+            setattr(args, name, value)
+        elif not _same(name, getattr(args, name), value):
+            if name not in CHANGEABLE_ON_RESUME:
+                if isinstance(value, bool):
+                    what = (f"{_option(name)} contradicts the run, which was trained "
+                            f"{'with' if value else 'without'} it")
+                else:
+                    what = (f"{_option(name)} {getattr(args, name)} contradicts the run's "
+                            f"{_option(name)} {value}")
+                raise ValueError(f"--resume: {what} (stored in {source}); leave it out to "
+                                 "continue that run, or start a new run with another --out")
+            notes.append(f"{_option(name)} {getattr(args, name)} instead of the run's {value}")
+    return notes
+
+
+def _check_args(args) -> None:
+    for name in ("iterations", "base_channels", "depth", "batch_size", "checkpoint_every",
+                 "synthetic_count"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{_option(name)} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.max_minutes < 0:
+        raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
+    if args.data and not Path(args.data).is_dir():
+        raise ValueError(f"--data folder {args.data} does not exist; give a folder with images/ and labels/")
+    if args.val_data and not Path(args.val_data).is_dir():
+        raise ValueError(f"--val-data folder {args.val_data} does not exist")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise ValueError(f"--num-classes must be >= 2, got {args.num_classes}")
+    if args.instances and args.num_classes not in (None, 2):
+        raise ValueError(f"--num-classes {args.num_classes} with --instances: instance masks give "
+                         "2 classes (cell and background); leave out --num-classes")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; --resume continues the "
+                         "run in --out, --overwrite replaces it")
+    check_tile(args.tile, args.depth)
+
+
+def resolve_args(args, given: set | None, out_dir: Path) -> tuple[dict | None, list[str]]:
+    """Fill in what the command line left open: with --resume the run's own arguments (returns
+    the checkpoint and notes on changed options), otherwise computed defaults. Absolute data
+    paths, so that the run can be resumed from any folder. Raises ValueError for bad arguments
+    and for an existing run that would be overwritten."""
+    ckpt_path, resumed, notes = out_dir / "checkpoint.npz", None, []
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise ValueError(f"--resume: {out_dir} holds no checkpoint.npz to continue; give the "
+                             "--out folder of the run to continue, or leave out --resume to start "
+                             "a new run")
+        resumed = load_checkpoint(ckpt_path)
+        if given is None:   # called from Python: the options that differ from the defaults
+            defaults = vars(build_parser().parse_args([]))
+            given = {k for k, v in vars(args).items() if v != defaults.get(k)}
+        notes = restore_args(args, given, resumed["meta"].get("args", {}), ckpt_path)
+        if args.tile is None:   # checkpoints of older versions kept the tile beside the args
+            args.tile = resumed["meta"].get("tile")
+    else:
+        existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if existing and not args.overwrite:
+            raise ValueError(f"{out_dir} already holds a run ({', '.join(existing)}); continue it "
+                             "with --resume, replace it with --overwrite, or choose another --out")
+    if args.lr is None:
+        args.lr = default_lr(args)
+    if args.tile is None:
+        args.tile = UNet.valid_input_size(DEFAULT_TILE_AT_LEAST, args.depth)
+    for name in ("data", "val_data"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    _check_args(args)
+    return resumed, notes
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -98,9 +219,10 @@ def load_data(args):
 
     weights = dict(w0=args.w0, sigma=args.sigma)
     if args.data:
-        train = dataset.load_folder(args.data, instances=args.instances, **weights)
+        options = dict(instances=args.instances, num_classes=args.num_classes, **weights)
+        train = dataset.load_folder(args.data, **options)
         if args.val_data:
-            val = dataset.load_folder(args.val_data, instances=args.instances, **weights)
+            val = dataset.load_folder(args.val_data, **options)
         else:
             train, val = dataset.split_train_val(train, args.val_fraction, args.seed)
         what = f"{len(train)} training / {len(val)} validation slices from {args.data}"
@@ -128,23 +250,80 @@ def training_batch(sampler, batch_size: int) -> tuple[np.ndarray, np.ndarray, np
     return np.stack([standardize(x) for x in xs]), targets, weights
 
 
-# ---- validation --------------------------------------------------------------------------------
-def validate(model: UNet, samples, tile: int, device: str) -> tuple[dict, list]:
-    """Mean metrics over the validation images, and the probability maps."""
-    from .metrics import evaluate_all
+# ---- the run -----------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything a training run carries from step to step, and saves in its checkpoint."""
+    args: argparse.Namespace
+    out_dir: Path
+    device: str
+    model: UNet
+    optimizer: SGD
+    rng: np.random.Generator
+    sampler: object
+    iteration: int = 0
+    elapsed_before: float = 0.0     # seconds of training so far, over all sessions
+    log_rows: list = field(default_factory=list)
 
-    model.eval()
-    results, probs = [], []
-    for sample in samples:
-        prob = predict_probabilities(model, sample.image, tile, device)[1]
-        probs.append(prob)
-        results.append(evaluate_all(prob, sample.target > 0))
-    model.train()
-    keys = results[0].keys()
-    return {k: float(np.mean([r[k] for r in results])) for k in keys}, probs
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.npz"
+
+    def save(self, elapsed: float) -> None:
+        """The log first, then the checkpoint (both atomic): a resumed run reads the log only up
+        to the checkpoint's iteration, so a kill between the two writes loses nothing."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["iteration", "loss", "seconds"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.log_rows)
+        atomic_write(self.out_dir / "log.csv", lambda f: f.write(text.getvalue().encode()))
+        save_checkpoint(self.checkpoint_path, self.model, self.optimizer, meta={
+            "iteration": self.iteration, "elapsed": elapsed,
+            "rng_state": self.rng.bit_generator.state, "tile": self.args.tile,
+            "args": {k: v for k, v in vars(self.args).items() if k not in ("resume", "overwrite")}})
 
 
-# ---- the loop ----------------------------------------------------------------------------------
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [dict(iteration=int(r["iteration"]), loss=float(r["loss"]), seconds=float(r["seconds"]))
+                for r in csv.DictReader(f) if int(r["iteration"]) <= upto]
+
+
+def build_run(args, resumed: dict | None, train_samples, val_samples, out_dir: Path) -> Run:
+    """The model, optimiser, random generator and tile sampler: new, or as the checkpoint left
+    them (then the same data order and dropout masks follow as in an uninterrupted run)."""
+    from .data.dataset import TileSampler, count_classes
+
+    device = resolve_device(args.device)
+    needed = count_classes(train_samples + val_samples)
+    if resumed is not None:
+        model = model_from_checkpoint(resumed, device)
+    else:
+        model = UNet(in_channels=1, num_classes=args.num_classes or needed,
+                     base_channels=args.base_channels, depth=args.depth, dropout=args.dropout,
+                     seed=args.seed, device=device)
+    args.num_classes = model.config["num_classes"]
+    if needed > args.num_classes:
+        raise ValueError(f"the labels hold class indices up to {needed - 1} but the network has "
+                         f"{args.num_classes} classes; fix the labels or train a new run")
+    optimizer = SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    rng = np.random.default_rng(args.seed)
+    run_ = Run(args, out_dir, device, model, optimizer, rng, sampler=None)
+    if resumed is not None:
+        if resumed["optimizer"] is not None:
+            optimizer.load_state_dict(resumed["optimizer"])
+            optimizer.lr = args.lr      # the run's, or the one --lr gives on resuming
+        meta = resumed["meta"]
+        rng.bit_generator.state = meta["rng_state"]
+        run_.iteration, run_.elapsed_before = int(meta["iteration"]), float(meta.get("elapsed", 0.0))
+        run_.log_rows = _read_log(out_dir / "log.csv", run_.iteration)
+    run_.sampler = TileSampler(train_samples, args.tile, model.output_size(args.tile), rng,
+                               augment=not args.no_augment)
+    return run_
+
+
 class _InterruptFlag:
     """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once (the last
     periodic checkpoint is still intact, since every save is atomic)."""
@@ -166,158 +345,152 @@ class _InterruptFlag:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def default_lr(args) -> float:
-    """The learning rate when --lr is not given: smaller when eq. 2's border weights are on."""
-    border_weights = (args.instances or (not args.data and args.synthetic == "cells")) \
-        and not args.no_weights
-    return DEFAULT_LR_BORDER_WEIGHTS if border_weights else DEFAULT_LR
+def _budget_s(args) -> float:
+    return args.max_minutes * 60.0 if args.max_minutes > 0 else math.inf
 
 
-def _check_args(args) -> None:
-    for name in ("iterations", "base_channels", "depth", "batch_size", "checkpoint_every",
-                 "synthetic_count"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.max_minutes < 0:
-        raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
-    if args.data and not Path(args.data).is_dir():
-        raise ValueError(f"--data folder {args.data} does not exist; give a folder with images/ and labels/")
-    if args.val_data and not Path(args.val_data).is_dir():
-        raise ValueError(f"--val-data folder {args.val_data} does not exist")
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+def _resume_command(run_: Run, *extra: str) -> str:
+    return " ".join(["python -m minunet.train --out", shlex.quote(str(run_.out_dir)), "--resume",
+                     *extra])
 
 
-def _write_log(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["iteration", "loss", "seconds"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _read_log(path: Path, upto: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [dict(iteration=int(r["iteration"]), loss=float(r["loss"]), seconds=float(r["seconds"]))
-                for r in csv.DictReader(f) if int(r["iteration"]) <= upto]
-
-
-def train(args) -> int:
-    from .data.dataset import TileSampler
-
-    if args.lr is None:
-        args.lr = default_lr(args)
-    _check_args(args)
-    device = resolve_device(args.device)
-    out_dir = Path(args.out)
-    ckpt_path = out_dir / "checkpoint.npz"
-    # "We favor large input tiles over a large batch size" (Section 3). Larger tiles also keep
-    # more of each step's work in big matrix products: measured on a 2-core CPU in the default
-    # 4.5 minutes, a 348 tile (164 x 164 output) reached validation IoU 0.914 where a 300 tile
-    # (116 x 116) reached 0.890, although it made 999 steps instead of 1480.
-    tile = args.tile if args.tile is not None else UNet.valid_input_size(DEFAULT_TILE_AT_LEAST, args.depth)
-    out_size = check_tile(tile, args.depth)
-    train_samples, val_samples, what = load_data(args)
-
-    resumed = None
-    if args.resume:
-        resumed = load_checkpoint(ckpt_path)
-        model = model_from_checkpoint(resumed, device)
-        if model.config["base_channels"] != args.base_channels or model.depth != args.depth:
-            raise ValueError(f"--resume: {ckpt_path} holds a U-Net with base_channels="
-                             f"{model.config['base_channels']}, depth={model.depth}; pass the same "
-                             f"--base-channels/--depth or a new --out")
-    else:
-        in_channels = 1
-        num_classes = max(2, max(int(s.target.max()) for s in train_samples) + 1)
-        model = UNet(in_channels=in_channels, num_classes=num_classes,
-                     base_channels=args.base_channels, depth=args.depth, dropout=args.dropout,
-                     seed=args.seed, device=device)
-    optimizer = SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    rng = np.random.default_rng(args.seed)
-    start, elapsed_before = 0, 0.0
-    if resumed is not None:
-        if resumed["optimizer"] is not None:
-            optimizer.load_state_dict(resumed["optimizer"])
-        meta = resumed["meta"]
-        rng.bit_generator.state = meta["rng_state"]
-        start, elapsed_before = int(meta["iteration"]), float(meta.get("elapsed", 0.0))
-    sampler = TileSampler(train_samples, tile, out_size, rng, augment=not args.no_augment)
-    log_rows = _read_log(out_dir / "log.csv", start) if resumed else []
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def checkpoint(iteration: int, elapsed: float) -> None:
-        save_checkpoint(ckpt_path, model, optimizer, meta={
-            "iteration": iteration, "elapsed": elapsed, "rng_state": rng.bit_generator.state,
-            "tile": tile, "args": {k: v for k, v in vars(args).items() if k != "resume"}})
-        _write_log(out_dir / "log.csv", log_rows)
-
-    print(f"minunet.train: {what}; U-Net base {model.config['base_channels']}, depth {model.depth}, "
-          f"tile {tile} -> {out_size}, device {device}"
-          + (f"; resuming at iteration {start}" if resumed else ""), flush=True)
-    budget = args.max_minutes * 60.0 if args.max_minutes > 0 else math.inf
-    from tqdm import tqdm
-
-    bar = tqdm(total=args.iterations, initial=start, disable=args.quiet, unit="it",
-               dynamic_ncols=True, file=sys.stdout)
+def train_steps(run_: Run) -> tuple[int, str]:
+    """SGD steps until --iterations, the time budget, a Ctrl-C or a non-finite loss. Returns the
+    exit status and the message to print."""
+    args, budget = run_.args, _budget_s(run_.args)
+    progress = Progress(args.iterations, budget, run_.iteration, run_.elapsed_before,
+                        enabled=not args.quiet)
     t0 = time.perf_counter()
-    iteration, status, message = start, EXIT_OK, ""
+    status, message = EXIT_OK, ""
     with _InterruptFlag() as interrupt:
-        while iteration < args.iterations:
-            xs, targets, weights = training_batch(sampler, args.batch_size)
-            x, target, weight = (Tensor(a, device=device) for a in (xs, targets, weights))
-            loss = F.weighted_cross_entropy(model(x), target, weight)
+        while run_.iteration < args.iterations:
+            xs, targets, weights = training_batch(run_.sampler, args.batch_size)
+            x, target, weight = (Tensor(a, device=run_.device) for a in (xs, targets, weights))
+            loss = F.weighted_cross_entropy(run_.model(x), target, weight)
             value = loss.item()
             if not math.isfinite(value):
-                status = EXIT_FAILED
-                message = (f"error: the loss became {value} at iteration {iteration + 1}; training "
-                           f"stopped and the last good checkpoint {ckpt_path} is kept; lower --lr "
-                           f"and continue with --resume")
+                status, message = EXIT_FAILED, _nan_message(run_, value)
                 break
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            iteration += 1
-            elapsed = elapsed_before + time.perf_counter() - t0
-            log_rows.append({"iteration": iteration, "loss": value, "seconds": round(elapsed, 3)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if iteration % args.checkpoint_every == 0:
-                checkpoint(iteration, elapsed)
-            if interrupt.raised:
-                checkpoint(iteration, elapsed)
+            run_.optimizer.step()
+            run_.optimizer.zero_grad()
+            run_.iteration += 1
+            elapsed = run_.elapsed_before + time.perf_counter() - t0
+            run_.log_rows.append({"iteration": run_.iteration, "loss": value,
+                                  "seconds": round(elapsed, 3)})
+            progress.update(run_.iteration, elapsed, value)
+            stop = interrupt.raised     # read once: a Ctrl-C between two reads must still save
+            if run_.iteration % args.checkpoint_every == 0 or stop:
+                run_.save(elapsed)
+            if stop:
                 status = EXIT_INTERRUPTED
-                message = (f"interrupted at iteration {iteration}; checkpoint saved to {ckpt_path}; "
-                           f"continue with: python -m minunet.train --out {out_dir} --resume")
+                message = (f"interrupted at iteration {run_.iteration}; checkpoint saved to "
+                           f"{run_.checkpoint_path}; continue with: {_resume_command(run_)}")
                 break
             if elapsed >= budget:
-                message = f"time budget of {args.max_minutes} min spent at iteration {iteration}"
+                message = (f"time budget of {args.max_minutes:g} min spent at iteration "
+                           f"{run_.iteration} of {args.iterations}")
                 break
-    bar.close()
-    elapsed = elapsed_before + time.perf_counter() - t0
+    progress.close()
+    run_.elapsed_before += time.perf_counter() - t0
+    if status == EXIT_OK:
+        run_.save(run_.elapsed_before)
+    return status, message
+
+
+def _nan_message(run_: Run, value: float) -> str:
+    lower = f"--lr {run_.args.lr / 2:g}"
+    if not run_.checkpoint_path.is_file():
+        return (f"error: the loss became {value} at iteration {run_.iteration + 1}, before the "
+                f"first checkpoint; start again with a lower learning rate ({lower} --overwrite)")
+    return (f"error: the loss became {value} at iteration {run_.iteration + 1}; training stopped "
+            f"and the last good checkpoint {run_.checkpoint_path} is kept; lower the learning "
+            f"rate and continue with: {_resume_command(run_, lower)}")
+
+
+def _finished(run_: Run) -> str:
+    """Why a resumed run has nothing left to train ('' if it has)."""
+    args = run_.args
+    if run_.iteration >= args.iterations:
+        return (f"it reached --iterations {args.iterations}; to train longer, resume with a "
+                "larger --iterations")
+    if run_.elapsed_before >= _budget_s(args):
+        return (f"its --max-minutes {args.max_minutes:g} budget was spent at iteration "
+                f"{run_.iteration}; to train longer, resume with a larger --max-minutes "
+                "(0 = no limit) and --iterations")
+    return ""
+
+
+def train(args, given: set | None = None) -> int:
+    """Run ``python -m minunet.train`` for parsed `args`; `given` names the options the command
+    line gave (those a resumed run checks against its own; None: all of them)."""
+    out_dir = Path(args.out)
+    resumed, notes = resolve_args(args, given, out_dir)
+    train_samples, val_samples, what = load_data(args)
+    run_ = build_run(args, resumed, train_samples, val_samples, out_dir)
+    if args.overwrite:
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporary_files(out_dir / "checkpoint.npz") + \
+        remove_stale_temporary_files(out_dir / "log.csv")
+    model = run_.model
+    print(f"minunet.train: {what}; U-Net base {model.config['base_channels']}, depth {model.depth}, "
+          f"{model.config['num_classes']} classes, tile {args.tile} -> "
+          f"{model.output_size(args.tile)}, device {run_.device}"
+          + (f"; resuming at iteration {run_.iteration} of {args.iterations}" if resumed else ""),
+          flush=True)
+    if stale:
+        print(f"removed {len(stale)} stale temporary file(s) of an interrupted save: "
+              f"{', '.join(p.name for p in stale)}", flush=True)
+    if notes:
+        print("resuming with " + "; ".join(notes), flush=True)
+    if resumed and _finished(run_):
+        print(f"the run in {out_dir} already finished: {_finished(run_)}; validating its "
+              "checkpoint again", flush=True)
+        status, message = EXIT_OK, ""
+    else:
+        status, message = train_steps(run_)
     if status == EXIT_FAILED:
         print(message, file=sys.stderr)
         return status
-    if status == EXIT_OK:
-        checkpoint(iteration, elapsed)
     if message:
         print(message, flush=True)
     if status == EXIT_INTERRUPTED:
         return status
-    return finish(args, model, val_samples, tile, device, out_dir, log_rows, iteration, elapsed)
+    return finish(run_, val_samples)
 
 
-def finish(args, model, val_samples, tile, device, out_dir: Path, log_rows, iteration, elapsed) -> int:
+# ---- validation --------------------------------------------------------------------------------
+def validate(model: UNet, samples, device: str) -> tuple[dict, list]:
+    """Mean metrics over the validation images, and their foreground probability maps. Each
+    image is predicted on the tile that suits it (minunet.inference.choose_tile), whatever
+    tile training used."""
+    from .metrics import evaluate_all
+
+    model.eval()
+    results, probs = [], []
+    for sample in samples:
+        prob = foreground_probability(predict_probabilities(model, sample.image, None, device))
+        probs.append(prob)
+        results.append(evaluate_all(prob, sample.target > 0))
+    model.train()
+    keys = results[0].keys()
+    return {k: float(np.mean([r[k] for r in results])) for k in keys}, probs
+
+
+def finish(run_: Run, val_samples) -> int:
     """Validate, write metrics.json and the plots, print a summary."""
     from .plots import plot_loss_curve, plot_prediction
 
-    metrics, probs = validate(model, val_samples, tile, device)
+    args, out_dir, log_rows = run_.args, run_.out_dir, run_.log_rows
+    print(f"validating on {len(val_samples)} image(s) and writing {out_dir}/metrics.json and "
+          "plots ...", flush=True)
+    metrics, probs = validate(run_.model, val_samples, run_.device)
     recent = [r["loss"] for r in log_rows[-50:]]
     metrics["loss"] = float(np.mean(recent)) if recent else float("nan")
-    metrics.update(iterations=iteration, seconds=round(elapsed, 1), device=device, tile=tile)
+    metrics.update(iterations=run_.iteration, seconds=round(run_.elapsed_before, 1),
+                   device=run_.device, tile=args.tile)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if log_rows:
         plot_loss_curve([r["iteration"] for r in log_rows], [r["loss"] for r in log_rows],
@@ -327,12 +500,14 @@ def finish(args, model, val_samples, tile, device, out_dir: Path, log_rows, iter
                     title=f"validation image 0: IoU {metrics['iou']:.3f}")
     print(f"validation: IoU {metrics['iou']:.4f}, pixel error {metrics['pixel_error']:.4f}, "
           f"Rand error {metrics['rand_error']:.4f}, warping error {metrics['warping_error']:.5f}; "
-          f"{iteration} iterations in {elapsed / 60:.1f} min; wrote {out_dir}/", flush=True)
+          f"{run_.iteration} iterations in {run_.elapsed_before / 60:.1f} min; wrote {out_dir}/",
+          flush=True)
     return EXIT_OK
 
 
 def main(argv=None) -> int:
-    return train(build_parser().parse_args(argv))
+    parser = build_parser()
+    return train(parser.parse_args(argv), given_options(parser, argv))
 
 
 if __name__ == "__main__":

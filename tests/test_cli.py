@@ -72,10 +72,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, monkeypatch, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    status = train_cli(tmp_path, "--iterations", "50", "--lr", "1e9", "--checkpoint-every", "1")
+    # lr 1e9 is meant to overflow: NumPy's overflow warnings are expected here, not reported
+    with np.errstate(over="ignore", invalid="ignore"):
+        status = train_cli(tmp_path, "--iterations", "50", "--lr", "1e9", "--checkpoint-every", "1")
     assert status == 1
     err = capsys.readouterr().err
     assert "the loss became" in err and "last good checkpoint" in err
+    assert f"--out {tmp_path / 'run'} --resume --lr 5e+08" in err
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     assert all(np.isfinite(v).all() for v in ckpt["params"].values())
     assert ckpt["meta"]["iteration"] < 50
@@ -103,7 +106,11 @@ def test_predict_then_evaluate(tmp_path, capsys):
     assert run(evaluate.main, ["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 0
     scores = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
     assert set(evaluate.METRICS) <= scores["mean"].keys() and len(scores["images"]) == 2
-    assert "mean" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    (mean_row,) = [line for line in out.splitlines() if line.startswith("mean")]
+    assert mean_row.startswith("mean of 2 slice(s)")
+    assert [float(v) for v in mean_row.split()[4:]] == pytest.approx(
+        [scores["mean"][k] for k in evaluate.METRICS], abs=1e-5)  # the scores under their names
 
 
 def test_evaluate_scores_a_perfect_prediction_as_perfect(tmp_path):
@@ -134,7 +141,7 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
 def test_resume_with_another_architecture_or_corrupt_checkpoint(tmp_path, capsys):
     assert train_cli(tmp_path, "--iterations", "1") == 0
     assert train_cli(tmp_path, "--iterations", "2", "--resume", "--base-channels", "4") == 2
-    assert "base_channels=2" in capsys.readouterr().err
+    assert "--base-channels 4 contradicts the run's --base-channels 2" in capsys.readouterr().err
     (tmp_path / "run" / "checkpoint.npz").write_bytes(b"not a zip file")
     assert run(predict.main, ["--checkpoint", str(tmp_path / "run" / "checkpoint.npz"), "--out",
                               str(tmp_path / "p"), str(tmp_path / "x.png")]) == 2
@@ -188,3 +195,51 @@ def test_default_learning_rate_is_smaller_with_border_weights(argv, lr):
     """Eq. 2's border weights enlarge the loss and its gradient: lr 0.002 diverged on them."""
     args = train.build_parser().parse_args(argv)
     assert (args.lr if args.lr is not None else train.default_lr(args)) == lr
+
+
+@pytest.mark.parametrize("module,defaults", [
+    (train, ["--out", "runs/train", "--iterations", "1500", "--max-minutes", "4.5",
+             "--val-fraction", "0.2", "--checkpoint-every", "100"]),
+    (predict, ["--threshold", "0.5", "--memory-mb", "1024"]),
+])
+def test_help_shows_the_defaults(module, defaults):
+    lines = module.build_parser().format_help().splitlines()
+    for option, default in zip(defaults[::2], defaults[1::2]):
+        start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(option))
+        end = next((i for i in range(start + 1, len(lines))
+                    if lines[i].lstrip().startswith("-") or not lines[i].strip()), len(lines))
+        entry = " ".join(" ".join(lines[start:end]).split())
+        assert f"(default: {default})" in entry, entry
+
+
+def test_progress_written_to_a_file_is_plain_lines_with_the_budget(tmp_path, capsys):
+    """Not a terminal (capsys): one line per tenth of the run, no carriage returns, the budget
+    shown next to the iterations; then a line saying that validation runs."""
+    argv = [a for a in TINY if a not in ("--quiet",)]
+    argv[argv.index("--max-minutes") + 1] = "10"
+    assert run(train.main, argv + ["--out", str(tmp_path / "run"), "--iterations", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if line.startswith("training")]
+    assert 10 <= len(lines) <= 11, out
+    assert lines[0].startswith("training  10%: iteration 2/20, 0.0 of 10 min, loss ")
+    assert lines[-1].startswith("training 100%: iteration 20/20")
+    after = out.split(lines[-1], 1)[1]
+    assert after.index("validating on 2 image(s)") < after.index("validation: IoU")
+
+
+def test_progress_counts_toward_the_budget_when_it_ends_the_run():
+    """The fraction shown is the larger of iterations and time spent: a 1500-iteration run with a
+    4.5-minute budget is half done after 2.25 minutes, whatever its iteration."""
+    import io
+
+    from minunet.cli import Progress
+
+    stream = io.StringIO()
+    progress = Progress(1500, 270.0, stream=stream)
+    assert progress.fraction(100, 135.0) == 0.5
+    assert progress.fraction(1200, 135.0) == 0.8
+    assert progress.fraction(100, 400.0) == 1.0
+    progress.update(100, 135.0, 0.25)
+    assert stream.getvalue().startswith("training  50%: iteration 100/1500, 2.2 of 4.5 min, loss 0.2500")
+    assert Progress(10, float("inf")).fraction(5, 1e9) == 0.5
