@@ -48,68 +48,49 @@ print("output[0, 0, 0, 0] =", y.numpy()[0, 0, 0, 0], "= mean of input rows 0-2, 
 #
 # Four rules give every size: a 3x3 conv subtracts 2, a pooling halves (the size must be
 # even, otherwise a row would be dropped), an up-convolution doubles, and crop-and-concatenate
-# keeps the up-convolved size while adding the skip connection's channels. The function below
-# applies them and also counts each layer's parameters: a convolution with a $k \times k$
-# kernel from $c_{in}$ to $c_{out}$ channels has $k^2 c_{in} c_{out}$ weights and $c_{out}$
-# biases.
+# keeps the up-convolved size while adding the skip connection's channels. The model applies
+# them itself: `UNet.layer_table(size)` walks its layers in the order of `forward` and returns
+# one row per layer — its name, level (0 = full resolution), input and output channels and side
+# lengths, and its parameters, read from the layer's weight arrays: a convolution with a
+# $k \times k$ kernel from $c_{in}$ to $c_{out}$ channels has $k^2 c_{in} c_{out}$ weights and
+# $c_{out}$ biases. Here is its code, then its table for the paper's network, `mu.UNet()` (1 input
+# channel, 2 classes, 64 base channels, depth 4), on a 572 x 572 tile:
 
 # %%
-def unet_layers(size, base=64, depth=4, in_channels=1, classes=2):
-    """One row per layer: level (0 = full resolution), op, output side length, channels,
-    parameters, and for crop-and-concatenate the skip's size and crop offset."""
-    rows, skips = [], {}
-    def add(level, op, size, channels, params=0, **extra):
-        rows.append(dict(level=level, op=op, size=size, channels=channels, params=params, **extra))
-    def conv3x3(level, s, cin, cout):
-        add(level, "conv 3x3 + ReLU", s - 2, cout, 9 * cin * cout + cout)
-        return s - 2
-    add(0, "input", size, in_channels)
-    s, c = size, in_channels
-    for level in range(depth + 1):                       # contracting path + bottom
-        width = base * 2 ** level
-        s = conv3x3(level, conv3x3(level, s, c, width), width, width)
-        c = width
-        if level < depth:
-            assert s % 2 == 0, f"pooling an odd size {s} at level {level}"
-            skips[level] = s
-            s //= 2
-            add(level + 1, "max-pool 2x2", s, c)
-    for level in reversed(range(depth)):                 # expansive path
-        width = base * 2 ** level
-        s *= 2
-        add(level, "up-conv 2x2", s, width, 4 * c * width + width)
-        add(level, "crop + concat", s, 2 * width, skip=skips[level],
-            offset=(skips[level] - s) // 2)
-        s = conv3x3(level, conv3x3(level, s, 2 * width, width), width, width)
-        c = width
-    add(0, "conv 1x1", s, classes, c * classes + classes)
-    return rows
+import inspect
 
-layers = unet_layers(572)
-print(f"{'level':>5}  {'layer':16s} {'output size':>15s} {'channels':>8s} {'parameters':>12s}")
-for r in layers:
-    note = f"  (skip {r['skip']}, offset {r['offset']})" if "skip" in r else ""
-    print(f"{r['level']:5d}  {r['op']:16s} {r['size']:>7d} x {r['size']:<5d} {r['channels']:8d}"
-          f" {r['params']:12,d}{note}")
-
-# %% [markdown]
-# 18 convolutions 3x3, 4 up-convolutions and one 1x1 convolution: the paper's 23
-# convolutional layers. Their parameters add up to the count of the real model,
-# `mu.UNet()` (built here with the paper's defaults: 1 input channel, 2 classes, 64 base
-# channels, depth 4):
+print(inspect.getsource(mu.UNet.layer_table))
 
 # %%
 model = mu.UNet()
+layers = model.layer_table(572)
+print(f"{'level':>5}  {'layer':16s} {'name':16s} {'output size':>15s} {'channels':>8s} {'parameters':>12s}")
+for r in layers:
+    note = f"  (skip {r['skip_size']}, offset {r['crop_offset']})" if r["op"] == "crop + concat" else ""
+    print(f"{r['level']:5d}  {r['op']:16s} {r['name']:16s} {r['out_size']:>7d} x {r['out_size']:<5d} "
+          f"{r['out_channels']:8d} {r['parameters']:12,d}{note}")
+
+# %% [markdown]
+# 18 convolutions 3x3, 4 up-convolutions and one 1x1 convolution: the paper's 23
+# convolutional layers (the two dropout layers, "at the end of the contracting path"
+# (Section 3.1), change no size). The parameter column comes from the model's arrays; the
+# formula $k^2 c_{in} c_{out} + c_{out}$, applied to the table's channel counts, gives the same
+# total:
+
+# %%
 by_block = {}
 for name, p in model.named_parameters():
     block = name.split(".")[0]
     by_block[block] = by_block.get(block, 0) + p.size
 print("  ".join(f"{b}: {n:,}" for b, n in by_block.items()))
+kernel_side = {"conv 3x3 + ReLU": 3, "up-conv 2x2": 2, "conv 1x1": 1}
+n_formula = sum(kernel_side[r["op"]] ** 2 * r["in_channels"] * r["out_channels"] + r["out_channels"]
+                for r in layers if r["op"] in kernel_side)
 n_model = sum(by_block.values())
-n_table = sum(r["params"] for r in layers)
-n_conv = sum(r["op"].startswith(("conv", "up-conv")) for r in layers)
+n_conv = sum(r["op"] in kernel_side for r in layers)
 print(f"convolutional layers: {n_conv}")
-print(f"parameters: table {n_table:,}  model {n_model:,}  equal: {n_table == n_model}")
+print(f"parameters: formula {n_formula:,}  table {sum(r['parameters'] for r in layers):,}  "
+      f"model {n_model:,}  equal: {n_formula == n_model}")
 
 # %% [markdown]
 # Most parameters sit at the bottom of the U (the 3x3 convolutions from 512 to 1024 channels
@@ -122,50 +103,57 @@ print(f"parameters: table {n_table:,}  model {n_model:,}  equal: {n_table == n_m
 # The table is arithmetic; now we run a network and look at the shapes it really produces.
 # Sizes do not depend on the channel counts, so a network of the same depth with
 # `base_channels=2` (2, 4, ..., 32 channels: 32 times fewer than the paper) gives the same
-# sizes in a fraction of a second. Below, `UNet.forward` is written out step by step to
-# record every intermediate shape; the input is a synthetic EM-like image (notebook 8's
-# data) so that the feature maps look like something. `eval()` turns dropout off, so the
-# step-by-step forward must equal `model(x)` exactly.
+# sizes in a fraction of a second. The layers of `mu.UNet` call the ops of
+# `minunet.functional` (`F.conv3x3`, `F.max_pool2x2`, ...) when they run, so wrapping those
+# functions for the duration of one call of `model(x)` records every op the real forward pass
+# performs, with its arguments and result — a trace of `forward`, not a copy of it. The input
+# is a synthetic EM-like image (notebook 8's data) so that the feature maps look like
+# something; `eval()` turns dropout off (the dropout layers pass their input through).
 
 # %%
+import contextlib
 from minunet.data import em_images
 
-def traced_forward(net, x):
-    """UNet.forward written out; returns (output, [(op, shape)], skip connections)."""
-    shapes, skips = [("input", x.shape)], []
-    def double_conv(block, x):
-        for conv in (block.conv1, block.conv2):
-            x = F.relu(conv(x))
-            shapes.append(("conv 3x3 + ReLU", x.shape))
-        return x
-    for i in range(net.depth):
-        x = double_conv(getattr(net, f"down{i + 1}"), x)
-        skips.append(x)
-        x = F.max_pool2x2(x); shapes.append(("max-pool 2x2", x.shape))
-    x = double_conv(net.bottom, x)
-    for i in reversed(range(net.depth)):
-        block = getattr(net, f"up{i + 1}")
-        x = block.up(x); shapes.append(("up-conv 2x2", x.shape))
-        x = F.crop_concat(skips[i], x); shapes.append(("crop + concat", x.shape))
-        x = double_conv(block.convs, x)
-    x = net.classifier(x); shapes.append(("conv 1x1", x.shape))
-    return x, shapes, skips
+@contextlib.contextmanager
+def recording_ops(names=("conv3x3", "relu", "max_pool2x2", "dropout", "conv_transpose2x2",
+                         "crop_concat", "conv1x1")):
+    """Inside the block every call of these minunet.functional ops is appended to the yielded
+    list as (op name, arguments, result); afterwards the original functions are back."""
+    calls, originals = [], {name: getattr(F, name) for name in names}
+    def recorded(name, op):
+        def call(*args, **kwargs):
+            out = op(*args, **kwargs)
+            calls.append((name, args, out))
+            return out
+        return call
+    for name, op in originals.items():
+        setattr(F, name, recorded(name, op))
+    try:
+        yield calls
+    finally:
+        for name, op in originals.items():
+            setattr(F, name, op)
 
 small = mu.UNet(base_channels=2, depth=4, seed=0).eval()
 image = em_images(1, size=572, seed=0)[0][0]          # images (1, H, W), labels (1, H, W)
 x = mu.Tensor(image[None, None])
-with mu.no_grad():
-    y_traced, shapes, skips = traced_forward(small, x)
+with mu.no_grad(), recording_ops() as calls:
     y = small(x)
-print("traced forward == model(x):", np.array_equal(y_traced.numpy(), y.numpy()), " output", y.shape)
+traced = [(name, out.shape) for name, args, out in calls if name != "relu"]  # each ReLU follows a conv 3x3
+skips = {args[0].shape[2]: args[0] for name, args, out in calls if name == "crop_concat"}  # crop_concat(skip, up)
+print(len(calls), "op calls,", len(traced), "layers (ReLUs folded into their convolutions), output", y.shape)
 
 # %%
-expected = unet_layers(572, base=2)
-print(f"{'layer':16s} {'computed (base 2)':>18s}   {'real forward (N, C, H, W)':26s}")
-for r, (op, shape) in zip(expected, shapes):
-    assert r["op"] == op and shape[1:] == (r["channels"], r["size"], r["size"]), (r, op, shape)
-    print(f"{op:16s} {r['channels']:5d} x {r['size']:3d} x {r['size']:<3d}    {shape}")
-print(len(shapes), "layers: every computed size and channel count matches the real forward pass")
+table_op = {"conv3x3": "conv 3x3 + ReLU", "max_pool2x2": "max-pool 2x2", "dropout": "dropout",
+            "conv_transpose2x2": "up-conv 2x2", "crop_concat": "crop + concat", "conv1x1": "conv 1x1"}
+expected = small.layer_table(572)
+assert len(expected) == len(traced)
+print(f"{'layer':16s} {'table (base 2)':>15s}   {'real forward: F.<op>':22s} {'(N, C, H, W)'}")
+for r, (name, shape) in zip(expected, traced):
+    assert r["op"] == table_op[name] and shape[1:] == (r["out_channels"], r["out_size"], r["out_size"]), (r, name, shape)
+    print(f"{r['op']:16s} {r['out_channels']:5d} x {r['out_size']:3d} x {r['out_size']:<3d}    "
+          f"{name:22s} {shape}")
+print(len(traced), "layers: every size and channel count of the table matches the real forward pass")
 
 # %% [markdown]
 # ## Crop and concatenate: the offsets
@@ -179,22 +167,22 @@ print(len(shapes), "layers: every computed size and channel count matches the re
 
 # %%
 for r in layers:
-    if "skip" in r:
-        print(f"level {r['level']}: skip {r['skip']:3d} x {r['skip']:<3d} -> centre "
-              f"{r['size']:3d} x {r['size']:<3d} at offset ({r['offset']}, {r['offset']}); "
-              f"{r['channels'] // 2} + {r['channels'] // 2} = {r['channels']} channels")
+    if r["op"] == "crop + concat":
+        print(f"level {r['level']}: skip {r['skip_size']:3d} x {r['skip_size']:<3d} -> centre "
+              f"{r['out_size']:3d} x {r['out_size']:<3d} at offset ({r['crop_offset']}, {r['crop_offset']}); "
+              f"{r['out_channels'] - r['in_channels']} + {r['in_channels']} = {r['out_channels']} channels")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
 for ax, level in zip(axes, (0, 2)):
-    r = next(r for r in layers if r.get("skip") and r["level"] == level)
-    maps = skips[level].numpy()[0]
+    r = next(r for r in layers if r["op"] == "crop + concat" and r["level"] == level)
+    maps = skips[r["skip_size"]].numpy()[0]               # the skip map the real forward pass used
     channel = int(maps.std(axis=(1, 2)).argmax())        # many ReLU maps of a random net are 0
     ax.imshow(maps[channel], cmap="gray")
-    ax.add_patch(plt.Rectangle((r["offset"] - 0.5, r["offset"] - 0.5), r["size"], r["size"],
+    ax.add_patch(plt.Rectangle((r["crop_offset"] - 0.5, r["crop_offset"] - 0.5), r["out_size"], r["out_size"],
                                fill=False, ec="yellow", lw=2))
-    ax.set_title(f"level {level}: skip map {r['skip']}x{r['skip']} (channel {channel})\n"
-                 f"crop {r['size']}x{r['size']} at offset {r['offset']}", fontsize=8)
+    ax.set_title(f"level {level}: skip map {r['skip_size']}x{r['skip_size']} (channel {channel})\n"
+                 f"crop {r['out_size']}x{r['out_size']} at offset {r['crop_offset']}", fontsize=8)
 for ax in axes: ax.axis("off")
 plt.tight_layout(); plt.show()
 
@@ -253,15 +241,18 @@ for depth in (2, 3, 4):
 # up-conv, gray = copy and crop (the white boxes are the cropped copies), teal = conv 1x1.
 
 # %%
-def draw_u(layers, base=64):
+def draw_u(layers):
+    maps = [dict(op="input", level=0, size=layers[0]["in_size"], channels=layers[0]["in_channels"])]
+    maps += [dict(op=r["op"], level=r["level"], size=r["out_size"], channels=r["out_channels"])
+             for r in layers if r["op"] != "dropout"]           # dropout changes no size: not drawn
     fig, ax = plt.subplots(figsize=(11, 5.2))
-    height = lambda s: 2.6 * np.sqrt(s / layers[0]["size"])
+    height = lambda s: 2.6 * np.sqrt(s / maps[0]["size"])
     width = lambda c: 0.12 + 0.09 * np.log2(c)
     y_of = lambda level: -2.3 * level
     x, previous, last_on_level = 0.0, None, {}
     colours = {"conv 3x3 + ReLU": "tab:blue", "max-pool 2x2": "tab:red",
                "up-conv 2x2": "tab:green", "conv 1x1": "teal"}
-    for r in layers:
+    for r in maps:
         channels = r["channels"] // 2 if r["op"] == "crop + concat" else r["channels"]
         w, h, y = width(channels), height(r["size"]), y_of(r["level"])
         if r["op"] == "crop + concat":       # the white copy sits left of the up-conv output
@@ -286,7 +277,7 @@ def draw_u(layers, base=64):
         if r["op"] != "up-conv 2x2":
             last_on_level[r["level"]] = (x + w, y)
     ax.set_xlim(-0.5, x + 1); ax.set_ylim(y_of(4) - 1, 1.8); ax.set_aspect("equal"); ax.axis("off")
-    ax.set_title(f"U-Net, input {layers[0]['size']} -> output {layers[-1]['size']} "
+    ax.set_title(f"U-Net, input {maps[0]['size']} -> output {maps[-1]['size']} "
                  "(channels above each map, side length below)")
     plt.show()
 
@@ -301,7 +292,8 @@ draw_u(layers)
 #   crop (offsets 4, 16, 40, 88 for a 572 tile) and stacks their channels.
 # * Valid input sizes are $12 \bmod 16$ (depth 4) so that every pooling sees an even size;
 #   `UNet.output_size` and `UNet.valid_input_size` do this arithmetic.
-# * 23 convolutional layers, 31,030,658 parameters for the paper's configuration.
+# * 23 convolutional layers, 31,030,658 parameters for the paper's configuration;
+#   `model.layer_table(size)` lists every layer's sizes, channels and parameters.
 #
 # Next: [06_elastic_deformation.ipynb](06_elastic_deformation.ipynb) — how so few training
 # images are made into many; [07_overlap_tile.ipynb](07_overlap_tile.ipynb) — how the
