@@ -138,9 +138,10 @@ print("same  conv, 2 tiles vs whole image: max |difference| =", diff.max().round
 #
 # **Registers** are the fastest storage of all, private to one thread. A thread that keeps
 # several results in registers and reuses every value it loads for all of them is doing
-# **register blocking**. In this project the Python side (`minunet/backends/kernels.py`)
-# chooses grid and block sizes, allocates the outputs and checks shapes; the kernels do all
-# the arithmetic.
+# **register blocking**. In this project the Python side does the bookkeeping: the op's
+# launcher (`kernels_forward` and `kernels_backward` in `minunet/ops/conv3x3.py`) checks shapes
+# and chooses grid and block sizes, and the shared machinery of `minunet/backends/kernels.py`
+# compiles, allocates the outputs and launches; the kernels do all the arithmetic.
 
 # %% [markdown]
 # ## v1: the naive kernel — one thread per output element
@@ -150,7 +151,6 @@ print("same  conv, 2 tiles vs whole image: max |difference| =", diff.max().round
 # (with the comment above it), so what you read is exactly the code that runs.
 
 # %%
-import re
 from minunet.backends.sources import function_source, kernel_source
 
 SRC = kernel_source("conv3x3")        # the text of kernels/conv3x3.cu
@@ -180,12 +180,12 @@ print(function_source("conv3x3", "conv3x3_forward_naive"))
 # by the block that computes it, with a black dot where a block starts (`threadIdx.x == 0`).
 
 # %%
-from minunet.backends.kernels import KernelBackend, THREADS
+from minunet.backends.kernels import THREADS, KernelBackend, ceil_div
 
 N, Ci, Co, H, W = 2, 3, 5, 17, 19
 Ho, Wo = H - 2, W - 2
 total = N * Co * Ho * Wo
-blockDim_x, gridDim_x = THREADS, -(-total // THREADS)         # what the launcher chooses
+blockDim_x, gridDim_x = THREADS, ceil_div(total, THREADS)     # what the launcher chooses
 t = np.arange(total)                                          # one thread per output...
 blockIdx_x, threadIdx_x = t // blockDim_x, t % blockDim_x     # ...and who it is
 j, i = t % Wo, (t // Wo) % Ho                                 # the kernel's decomposition
@@ -223,10 +223,11 @@ plt.tight_layout(h_pad=1.0); plt.show()
 #
 # `KernelBackend("emu", conv3x3="naive")` is the `"emu"` device's backend with the naive
 # kernel selected (the default, also for `mu.Tensor(..., device="emu")`, is the tiled one).
-# Its `conv3x3_forward` computes the launch configuration just shown, and the emulator runs
+# Its `conv3x3_forward` (the launcher `kernels_forward` of `minunet/ops/conv3x3.py`, attached to
+# the backend as a method) computes the launch configuration just shown, and the emulator runs
 # every thread of every block on the CPU — checking each load and store against the bounds of
-# its array. The NumPy reference (`minunet.backends.reference`, device `"cpu"`) is the
-# oracle. We report the **max abs error** $\max|y_{emu} - y_{cpu}|$ and the **relative
+# its array. The NumPy reference (`minunet.backends.reference.conv3x3_forward`, i.e.
+# `reference_forward` in the same module; what device `"cpu"` runs) is the oracle. We report the **max abs error** $\max|y_{emu} - y_{cpu}|$ and the **relative
 # error** $\max|y_{emu} - y_{cpu}| / \max|y_{cpu}|$; float32 sums of $9 C_i$ products in a
 # different order agree to about $10^{-7}$ relative.
 
@@ -279,21 +280,25 @@ compare("forward, naive (emu) vs reference (cpu)", y_naive, y_ref)
 #   need (rows $2t_y \ldots 2t_y+3$, columns $t_x \ldots t_x+2$) into registers and uses each
 #   one for up to 8 channels $\times$ 2 rows — register blocking.
 #
-# The sizes are `#define`s at the top of the tiled code; we read them from the file (and use
-# them for the napkin math below), then print the kernel itself. The same template serves
-# the forward pass (`GRAD_INPUT = false`) and the input gradient (`true`, see below).
+# The sizes are `#define`s at the top of the tiled code. `minunet.backends.sources.cu_defines`
+# evaluates them from the file, and the launcher in `minunet/ops/conv3x3.py` takes its block
+# (`TILED_BLOCK`) and grid (`tiled_grid`) from those numbers, so kernel and launch cannot
+# disagree; we use the same numbers for the pictures and the napkin math below, then print the
+# kernel itself. The same template serves the forward pass (`GRAD_INPUT = false`) and the input
+# gradient (`true`, see below).
 
 # %%
-defines = {}
-for name, expr in re.findall(r"^#define\s+(\w+)\s+([^/\n]+)", SRC, re.M):
-    defines[name] = eval(expr, {}, dict(defines))               # e.g. TILE_H = (BLOCK_ROWS * ROWS_PER_THREAD)
-    print(f"#define {name:16s} {expr.strip():28s} = {defines[name]}")
-TILE_W, BLOCK_ROWS, ROWS_PER_THREAD, TILE_H, CO_PER_BLOCK, CI_CHUNK, IN_TILE_H, IN_TILE_W = (
-    defines[k] for k in ("TILE_W", "BLOCK_ROWS", "ROWS_PER_THREAD", "TILE_H", "CO_PER_BLOCK",
-                         "CI_CHUNK", "IN_TILE_H", "IN_TILE_W"))
+from minunet.backends.sources import cu_defines
+from minunet.ops.conv3x3 import CO_PER_BLOCK, TILE_H, TILE_W, TILED_BLOCK, tiled_grid
 
-def tiled_grid(n, c_out, h_out, w_out):     # the launcher's grid: (tiles, channel groups, images)
-    return (-(-h_out // TILE_H) * -(-w_out // TILE_W), -(-c_out // CO_PER_BLOCK), n)
+defines = cu_defines("conv3x3")                  # {name: value} of every #define, in file order
+for line in SRC.splitlines():
+    if line.startswith("#define"):
+        print(f"{line.split('//')[0].strip():48s} = {defines[line.split()[1]]}")
+BLOCK_ROWS, ROWS_PER_THREAD, CI_CHUNK, IN_TILE_H, IN_TILE_W = (
+    defines[k] for k in ("BLOCK_ROWS", "ROWS_PER_THREAD", "CI_CHUNK", "IN_TILE_H", "IN_TILE_W"))
+print(f"launcher (minunet/ops/conv3x3.py): block = TILED_BLOCK = {TILED_BLOCK}, grid = "
+      f"tiled_grid(N, Co, Ho, Wo) = {tiled_grid(N, Co, Ho, Wo)} for this notebook's shape")
 
 
 # %%
@@ -328,13 +333,13 @@ print(function_source("conv3x3", "conv3x3_forward_tiled", comment=False))
 
 # %%
 Ho_big, Wo_big, Co_big = 40, 70, 20
-tiles_y, tiles_x = -(-Ho_big // TILE_H), -(-Wo_big // TILE_W)
+tiles_y, tiles_x = ceil_div(Ho_big, TILE_H), ceil_div(Wo_big, TILE_W)
 ii, jj = np.mgrid[:Ho_big, :Wo_big]
 block_x = (ii // TILE_H) * tiles_x + jj // TILE_W               # blockIdx.x, as in the kernel
 fig, (c, a, b) = plt.subplots(1, 3, figsize=(7, 2.3), gridspec_kw=dict(width_ratios=[7, 55, 55]))
 # channels: blockIdx.y picks a group of CO_PER_BLOCK output channels
 c.imshow((np.arange(Co_big) // CO_PER_BLOCK)[:, None], cmap="Set2", vmin=-0.5, vmax=7.5, aspect="auto")
-for g in range(-(-Co_big // CO_PER_BLOCK)):
+for g in range(ceil_div(Co_big, CO_PER_BLOCK)):
     c.text(0, min(g * CO_PER_BLOCK + CO_PER_BLOCK / 2, (g * CO_PER_BLOCK + Co_big) / 2) - 0.5, f"y={g}",
            ha="center", va="center", fontsize=7)
 c.set_yticks([0, Co_big - 1]); c.set_xticks([]); c.tick_params(labelsize=7)
@@ -393,12 +398,12 @@ print(f"per thread and input channel: {sh_reads} shared-memory reads for {thread
 print(f"shared memory per block: {4 * (in_loads + w_loads):,} bytes of the 48 KiB")
 
 def utilisation(h_out, w_out, co):      # useful / computed outputs: partial tiles and channel groups waste work
-    tiles = -(-h_out // TILE_H) * -(-w_out // TILE_W)
-    return h_out * w_out * co / (tiles * TILE_H * TILE_W * -(-co // CO_PER_BLOCK) * CO_PER_BLOCK), tiles
+    tiles, groups, _ = tiled_grid(1, co, h_out, w_out)
+    return h_out * w_out * co / (tiles * TILE_H * TILE_W * groups * CO_PER_BLOCK), tiles, groups
 for what, (h_out, w_out, co) in {"this notebook's test shape": (Ho, Wo, Co),
                                  "U-Net's 2nd layer (570 -> 568, 64 -> 64 channels)": (568, 568, 64)}.items():
-    u, tiles = utilisation(h_out, w_out, co)
-    print(f"{what:48s}: {tiles:4d} tiles x {-(-co // CO_PER_BLOCK)} channel groups per image, "
+    u, tiles, groups = utilisation(h_out, w_out, co)
+    print(f"{what:48s}: {tiles:4d} tiles x {groups} channel groups per image, "
           f"{u:.0%} of the computed outputs are real")
 
 # %% [markdown]
@@ -425,7 +430,7 @@ xb = rng.standard_normal((1, 11, 21, 37)).astype(np.float32)
 wb = (rng.standard_normal((9, 11, 3, 3)) / np.sqrt(99)).astype(np.float32)
 bb = rng.standard_normal(9).astype(np.float32)
 print("boundary-crossing shape: x", xb.shape, "w", wb.shape, "-> y", (1, 9, 19, 35),
-      "| tiled grid", tiled_grid(1, 9, 19, 35), "blocks of", (TILE_W, BLOCK_ROWS, 1))
+      "| tiled grid", tiled_grid(1, 9, 19, 35), "blocks of", TILED_BLOCK)
 yb_ref = reference.conv3x3_forward(xb, wb, bb)
 compare("forward, naive (emu), 2 tiles x 2 chunks x 2 groups", naive.conv3x3_forward(xb, wb, bb), yb_ref)
 compare("forward, tiled (emu), 2 tiles x 2 chunks x 2 groups", tiled.conv3x3_forward(xb, wb, bb), yb_ref)
@@ -434,27 +439,41 @@ compare("forward, tiled (emu), 2 tiles x 2 chunks x 2 groups", tiled.conv3x3_for
 # ### What if a barrier is missing?
 #
 # On a GPU a missing `__syncthreads()` often goes unnoticed: the threads of a block happen to
-# run in a friendly order. The emulator runs the threads of a block one at a time between
-# barriers, in a **shuffled** order, and fills shared memory with NaN before every block, so
-# a thread that reads the shared tile before the others have stored their parts of it reads
-# NaN, and the NaN spreads through its sums. (On a GPU it would read whatever the previous
-# block left there: often a plausible number, and a wrong answer nobody notices.) Below, the first barrier is deleted
-# from the source text, the result is compiled with `minunet.emulator.EmuModule` (what
-# `KernelBackend("emu")` uses internally) and launched with the tiled kernel's own grid and
-# block — the call has the shape of CuPy's: `function(grid, block, args)`.
+# run in a friendly order, and a thread that reads the shared tile too early reads whatever the
+# previous block left there — often a plausible number, and a wrong answer nobody notices. The
+# emulator makes the bug show, in one of two ways:
+#
+# * it runs the threads of a block one at a time between barriers, in a **shuffled** order,
+#   and fills shared memory with NaN before every block, so a thread that reads the tile
+#   before the others have stored their parts of it reads NaN, and the NaN spreads through
+#   its sums: the launch "succeeds" with NaN and wrong outputs;
+# * or it notices the race itself — a thread reading shared memory that another thread wrote,
+#   or has not written yet, with no barrier in between — and fails the launch with an
+#   `EmulatorError` (`minunet.emulator.errors`) naming the kernel, thread and block.
+#
+# Which of the two happens depends on how much the emulator checks; the cell below prints
+# whichever it is. Below, the first barrier is deleted from the source text, the result is
+# compiled with `minunet.emulator.EmuModule` (what `KernelBackend("emu")` uses internally) and
+# launched with the tiled kernel's own grid and block — the call has the shape of CuPy's:
+# `function(grid, block, args)`.
 
 # %%
 from minunet.emulator import EmuModule
 
 broken_src = SRC.replace("__syncthreads();  // 2.", "/* barrier deleted */  // 2.", 1)
 assert broken_src != SRC
+from minunet.emulator.errors import EmulatorError
+
 broken = EmuModule(broken_src, name="conv3x3_no_first_barrier.cu").get_function("conv3x3_forward_tiled")
 y_broken = np.zeros((N, Co, Ho, Wo), np.float32)
-grid = tiled_grid(N, Co, Ho, Wo)
-broken(grid, (TILE_W, BLOCK_ROWS, 1), (xs, ws, bs, y_broken, *(np.int32(v) for v in (N, Ci, H, W, Co))))
-good = np.isclose(y_broken, y_ref, rtol=1e-4, atol=1e-4)
-print(f"without the first __syncthreads(): {good.sum()} of {good.size} outputs correct, "
-      f"{np.isnan(y_broken).sum()} NaN (read from shared memory before any thread wrote it)")
+try:
+    broken(tiled_grid(N, Co, Ho, Wo), TILED_BLOCK, (xs, ws, bs, y_broken, *(np.int32(v) for v in (N, Ci, H, W, Co))))
+except EmulatorError as error:
+    print(f"without the first __syncthreads(): the emulator refuses the launch\n{type(error).__name__}: {error}")
+else:
+    good = np.isclose(y_broken, y_ref, rtol=1e-4, atol=1e-4)
+    print(f"without the first __syncthreads(): {good.sum()} of {good.size} outputs correct, "
+          f"{np.isnan(y_broken).sum()} NaN (read from shared memory before any thread wrote it)")
 
 # %% [markdown]
 # ## The three gradients
@@ -511,7 +530,9 @@ print("gb == gy summed over n, i, j:", np.allclose(gb_ref, gy.sum(axis=(0, 2, 3)
 #   after each step — 7 steps instead of 127 serial additions. (For large images the pixels
 #   are also split over several blocks, whose partial results `reduce.cu` adds in a fixed
 #   order, so the result is deterministic.)
-# * **Bias gradient**: `channel_sum` in `kernels/reduce.cu`, the same tree reduction.
+# * **Bias gradient**: `channel_sum` in `kernels/reduce.cu`: one block per channel, each
+#   thread sums a strided share of the channel's pixels, then `block_sum` — the one tree
+#   reduction in shared memory that all ops share — adds the block's partial sums.
 
 # %%
 print(function_source("conv3x3", "conv3x3_grad_input_naive"))

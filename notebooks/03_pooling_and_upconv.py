@@ -231,8 +231,9 @@ print("Python threads == reference:", np.array_equal(y_py, y.numpy()), np.array_
 # Now the real kernel. `EmuModule` compiles the `.cu` text for the CPU and is called exactly
 # like CuPy's `RawModule` on a GPU: `function(grid, block, arguments)`, with arrays standing
 # in for device memory (updated in place) and every integer passed as an `np.int32`, the
-# C type of the parameter. This is what `KernelBackend` does for you (with blocks of 256
-# threads); here with the same 2 blocks of 8 threads as the Python loop. The emulator runs
+# C type of the parameter. This is what the op's launcher does for you (`kernels_forward` in
+# `minunet/ops/maxpool2x2.py`, with blocks of 256 threads, through `KernelBackend`); here with
+# the same 2 blocks of 8 threads as the Python loop. The emulator runs
 # the threads in a *shuffled* order, which would expose a kernel whose result depended on
 # the order.
 
@@ -263,9 +264,9 @@ print(function_source("maxpool2x2", "maxpool2x2_backward", comment=False))
 # ### Pooling on `emu` vs the NumPy reference
 #
 # The same `F.max_pool2x2` and `.backward()` on device `"emu"` run the two kernels above
-# (launched by `KernelBackend`); on `"cpu"` they run the NumPy reference
-# (`minunet/backends/reference.py`, which compares four strided views of all windows at
-# once). Odd sizes, 2 images, 3 channels; once with small integers, where many windows
+# (launched by `kernels_forward` and `kernels_backward` of `minunet/ops/maxpool2x2.py`); on
+# `"cpu"` they run the NumPy reference (`reference_forward` and `reference_backward` of the
+# same module, which compare four strided views of all windows at once). Odd sizes, 2 images, 3 channels; once with small integers, where many windows
 # contain ties, and once with random floats. Pooling only *selects* numbers, so the
 # two devices must agree exactly: error 0, and the same argmax everywhere.
 
@@ -494,11 +495,13 @@ print(f"{steps} steps; tree sum {s[0]:.12f} vs np.sum {partial.sum():.12f}")
 
 # %% [markdown]
 # When $C_i \cdot \lceil C_o/8 \rceil$ blocks are too few to fill a GPU (a GPU wants
-# thousands), the launcher (`KernelBackend._grad_weight`) also splits the pixels into
-# *slices*, `blockIdx.y`; every slice writes its own partial weights and a second kernel,
-# `sum_partials` in `kernels/reduce.cu`, adds the slices in a fixed order. Fixed order
-# means the result is deterministic, unlike `atomicAdd`. The bias gradient is
-# `channel_sum` of the same file, another block-per-channel tree reduction.
+# thousands), the launcher (`kernels_backward` in `minunet/ops/conv_transpose2x2.py`, through
+# the shared `KernelBackend.grad_weight`) also splits the pixels into *slices*, `blockIdx.y`;
+# every slice writes its own partial weights and a second kernel, `sum_partials` in
+# `kernels/reduce.cu`, adds the slices in a fixed order. Fixed order means the result is
+# deterministic, unlike `atomicAdd`. The bias gradient is `channel_sum` of the same file: one
+# block per channel, ending in `block_sum`, the tree reduction in shared memory that all ops
+# share.
 #
 # ### Up-convolution on `emu` vs the NumPy reference
 #

@@ -371,14 +371,16 @@ print(f"gradcheck passed: max |analytic - numeric| over {a64.size} logits = {err
 # %% [markdown]
 # ## The fused CUDA kernel
 #
-# On `cuda` and `emu`, loss and gradient come from `kernels/cross_entropy.cu`. Its first
-# kernel, `cross_entropy_forward`, does everything per pixel in one go: the channel maximum,
+# On `cuda` and `emu`, loss and gradient come from `kernels/cross_entropy.cu` (and the mean
+# from `kernels/reduce.cu`, below). Its kernel, `cross_entropy_forward`, does everything per
+# pixel in one go: the channel maximum,
 # the sum of exponentials, the loss term and all $C$ gradient entries. That is what *fused*
 # means: the soft-max is never stored as an array, and the logits are read straight from
 # memory three times by the thread that needs them. Here it is, cut out of the file by its
 # name:
 
 # %%
+from minunet.backends.kernels import ceil_div
 from minunet.backends.sources import function_source, kernel_source
 
 print(function_source("cross_entropy", "cross_entropy_forward", comment=False))
@@ -432,8 +434,8 @@ def cross_entropy_forward_numpy(logits, target, weight):
     return loss_pixel, grad.reshape(logits.shape)
 
 N, C, H, W = 2, 3, 5, 7
-print(f"{N * H * W} pixels -> {-(-N * H * W // 256)} block(s) of 256 threads; "
-      f"{-(-N * H * W // 256) * 256 - N * H * W} threads return at once")
+print(f"{N * H * W} pixels -> {ceil_div(N * H * W, 256)} block(s) of 256 threads; "
+      f"{ceil_div(N * H * W, 256) * 256 - N * H * W} threads return at once")
 for t_ in (0, 1, 2, 35, 69):
     n_, p_ = divmod(t_, H * W)
     print(f"thread {t_:2d}: image n={n_}, pixel p={p_:2d} = (row {p_ // W}, col {p_ % W}); "
@@ -459,7 +461,7 @@ w = rng.uniform(0.5, 10.0, size=(N, H, W)).astype(np.float32)
 loss_pixel = np.empty(N * H * W, np.float32)
 grad = np.empty_like(a)
 module.get_function("cross_entropy_forward")(
-    (-(-N * H * W // 256),), (256,),
+    (ceil_div(N * H * W, 256),), (256,),
     (a, t, w, loss_pixel, grad, np.int32(N), np.int32(C), np.int32(H * W), np.float32(1 / (N * H * W))))
 ref_loss_pixel, ref_grad = cross_entropy_forward_numpy(a, t, w)
 print("per-pixel loss: max |kernel - NumPy transcription| =", np.abs(loss_pixel - ref_loss_pixel).max())
@@ -480,9 +482,11 @@ print("loss of pixel 0:", loss_pixel[0], "| its gradient:", grad[0, :, 0, 0], "|
 # ### The reduction to the mean
 #
 # The loss is the mean of the $NP$ per-pixel values. Adding them up is a **reduction**, and
-# on a GPU it has to be shared among threads too. The second kernel of the file, `sum_scaled`,
-# is the classic shared-memory **tree reduction** (the same pattern as `channel_sum` in
-# `kernels/reduce.cu`, which sums the bias gradients of the convolutions):
+# on a GPU it has to be shared among threads too. It is done by `sum_scaled` in
+# `kernels/reduce.cu`, the file of the sums every op shares: a loop over the block's share of
+# the values, then `block_sum`, the classic shared-memory **tree reduction** — one
+# `__device__` function, which `channel_sum` (the bias gradients of the convolutions) uses
+# too:
 
 # %%
 print("#define REDUCE_THREADS 256\n")
@@ -498,18 +502,20 @@ print(function_source("reduce", "sum_scaled", comment=False))
 #    plus `gridDim.x * 256` (the number of threads in the whole grid), and so on: however
 #    many elements there are, each one is read by exactly one thread, and neighbouring
 #    threads read neighbouring elements.
-# 2. The 256 partial sums go into `s_sum`, an array in **shared memory**: fast memory that
-#    all threads of one block can read and write. `__syncthreads()` is a barrier: no thread
-#    goes past it until all 256 have arrived, so all partial sums are written before anyone
-#    reads them.
+# 2. `block_sum`: the 256 partial sums go into `s_sum`, an array in **shared memory**: fast
+#    memory that all threads of one block can read and write. `__syncthreads()` is a barrier:
+#    no thread goes past it until all 256 have arrived, so all partial sums are written before
+#    anyone reads them.
 # 3. **Tree.** With `stride` = 128: threads 0..127 each add the value 128 places further on,
 #    so 256 numbers become 128. Barrier. Then 64, 32, ..., 1: after $\log_2 256 = 8$ steps
-#    `s_sum[0]` holds the block's sum (instead of 255 additions one after the other). The
-#    barrier stands *outside* the `if`: every thread of a block must reach every barrier,
-#    even those with nothing left to add.
+#    `s_sum[0]` holds the block's sum (instead of 255 additions one after the other), and
+#    `block_sum` returns it to every thread. The barrier stands *outside* the `if`: every
+#    thread of a block must reach every barrier, even those with nothing left to add.
 # 4. Thread 0 writes the block's sum, times `scale`, to `out[blockIdx.x]`.
 #
-# The launcher (`weighted_cross_entropy_forward` in `minunet/backends/kernels.py`) runs it
+# The loss launcher (`kernels_forward` in `minunet/ops/cross_entropy.py`) launches
+# `cross_entropy_forward` and then calls `k.mean(per_pixel, pixels)`, the backend's shared
+# mean (`KernelBackend.mean` in `minunet/backends/kernels.py`), which runs `sum_scaled`
 # **twice**: first with up to 256 blocks, giving one partial sum per block (scale 1), then
 # with a single block that adds those partials and multiplies by $1 / NP$: the mean. Two
 # launches rather than each block adding its result into one number with `atomicAdd` keep the
@@ -554,22 +560,35 @@ print(f"mean: kernel {mean_k[0]:.8g}, NumPy tree {mean_np[0]:.8g}, equal: {mean_
 # On a GPU, threads of a block do not run in lockstep across the whole block: without the
 # barrier in the loop, thread 0 could add `s_sum[64]` at stride 64 before thread 64 has
 # added its own partner at stride 128 — a *race*. On a GPU that often happens to work, which
-# makes it a dangerous bug. The emulator runs the threads of a block between two barriers
-# in a shuffled order (from a seed), so a race shows. Delete the barrier from the source,
-# compile again, and sum the same 2,000 numbers with three shuffle seeds:
+# makes it a dangerous bug. The emulator makes it show, in one of two ways: it runs the
+# threads of a block between two barriers in a shuffled order (from a seed), so the sum
+# changes from seed to seed; or it notices the race itself — a thread reading a slot of
+# `s_sum` that another thread writes between the same two barriers — and fails the launch
+# with an `EmulatorError` (`minunet.emulator.errors`) naming the kernel, thread and block.
+# Which of the two happens depends on how much the emulator checks; the cell prints whichever
+# it is. Delete the barrier from the source, compile again, and sum the same 2,000 numbers
+# with three shuffle seeds:
 
 # %%
 no_barrier = kernel_source("reduce").replace(
     "__syncthreads();  // outside the `if`: every thread must reach every barrier", "// barrier deleted")
+from minunet.emulator.errors import EmulatorError
+
 variants = {"with the barrier": kernel_source("reduce"), "barrier deleted": no_barrier}
 for label, source in variants.items():
     sums = []
     for seed in (0, 1, 2):
         mod = EmuModule(source, name="reduce.cu", shuffle_seed=seed)
         out = np.empty(blocks, np.float32)
-        mod.get_function("sum_scaled")((blocks,), (256,), (values, out, np.int32(values.size), np.float32(1.0)))
+        try:
+            mod.get_function("sum_scaled")((blocks,), (256,), (values, out, np.int32(values.size), np.float32(1.0)))
+        except EmulatorError as error:
+            print(f"{label:17s}: shuffle seed {seed}: the emulator refuses the launch\n"
+                  f"{type(error).__name__}: {error}")
+            break
         sums.append(float(out.sum()))
-    print(f"{label:17s}: sum with shuffle seeds 0, 1, 2 = {sums}")
+    else:
+        print(f"{label:17s}: sum with shuffle seeds 0, 1, 2 = {sums}")
 print(f"{'exact (float64)':17s}: {values.astype(np.float64).sum():.3f}")
 
 # %% [markdown]
@@ -577,9 +596,9 @@ print(f"{'exact (float64)':17s}: {values.astype(np.float64).sum():.3f}")
 # wrote reads as NaN instead of a plausible stale value.
 #
 # The convolutions' bias gradients need the same kind of sum — over all images and pixels of
-# one channel — and `channel_sum` in `kernels/reduce.cu` is the same tree, with one block per
-# channel (`blockIdx.x` is the channel) and a strided loop over that channel's $N P$ values;
-# one pass suffices there, since each channel's sum is one block's result:
+# one channel — and `channel_sum` in `kernels/reduce.cu` ends in the same `block_sum`, with one
+# block per channel (`blockIdx.x` is the channel) and a strided loop over that channel's $N P$
+# values; one pass suffices there, since each channel's sum is one block's result:
 
 # %%
 print(function_source("reduce", "channel_sum", comment=False))
@@ -628,7 +647,7 @@ def table(device):
     for name, a, t, w in cases:
         loss, dl, dg, g = compare(device, a, t, w)
         worst = max(worst, dl / abs(loss), dg / g)
-        blocks = min(-(-t.size // 256), 256)                 # first pass of the reduction
+        blocks = min(ceil_div(t.size, 256), 256)             # first pass of the reduction
         print(f"{name:28s} {blocks:6d} {loss:11.5f} {dl:12.2e} {dg:16.2e} {g:11.2e}")
     print(f"{device} vs cpu: largest relative error {worst:.1e}")
     assert worst < 1e-5, worst
