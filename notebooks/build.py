@@ -3047,7 +3047,8 @@ def train_and_evaluate():
         code("""
         import time
         from minunet.data import synthetic_samples, TileSampler
-        from minunet.train import standardize, predict_probabilities
+        from minunet.data import standardize
+        from minunet.inference import predict_probabilities
 
         train = synthetic_samples("em", n=16, size=192, seed=0)     # images in [0, 1]
         val = synthetic_samples("em", n=2, size=192, seed=10_000)     # other seeds: unseen images
