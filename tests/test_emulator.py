@@ -189,24 +189,35 @@ def test_overrun_of_dynamic_shared_memory_is_caught(broken):
 @pytest.mark.parametrize("kernel", ["shared_tile_too_small", "shared_tile_too_small_template"])
 def test_overrun_of_a_static_shared_array_names_it(broken, kernel):
     """Also when the array is declared in a template device function (conv3x3.cu's tiled kernels)."""
-    with pytest.raises(EmulatorError, match=r"out-of-bounds write .*thread \(63,0,0\).*__shared__ array `tile` "
-                                            r"\(64 elements, flattened\) at element 64 "):
+    with pytest.raises(EmulatorError, match=r"out-of-bounds index by thread \(63,0,0\) of block \(0,0,0\) on line "
+                                            r"\d+: the index of __shared__ `tile` \(float tile\[(64|TILE)\]\) is 64, "
+                                            r"valid 0..63"):
         broken.get_function(kernel)(1, 64, (np.ones(64, np.float32), np.zeros(64, np.float32)))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_missing_syncthreads_changes_the_result(rng, seed):
+    """With the race checker off, the shuffled thread order alone exposes the missing barrier."""
     n = 2 * 256
     x = rng.random(n, np.float32)
     ref = x.astype(np.float64).sum()
     correct = load("block_sum.cu", shuffle_seed=seed).get_function("block_sum")
-    buggy = load("broken.cu", shuffle_seed=seed).get_function("block_sum_missing_sync")
+    buggy = load("broken.cu", shuffle_seed=seed, racecheck=False).get_function("block_sum_missing_sync")
     out = np.zeros(1, np.float32)
     correct(2, 256, (x, out, np.int32(n)))
     assert abs(out[0] - ref) <= 1e-4 + 1e-5 * ref
     out[:] = 0
     buggy(2, 256, (x, out, np.int32(n)))
     assert abs(out[0] - ref) > 1e-4 + 1e-5 * ref, f"missing __syncthreads() not exposed for seed {seed}"
+
+
+def test_missing_syncthreads_is_reported_as_a_race(broken):
+    """With the race checker on (the default), the first unordered read names both threads and lines."""
+    x = np.ones(512, np.float32)
+    with pytest.raises(EmulatorError, match=r"block_sum_missing_sync.*race \(read-after-write hazard\) on __shared__ "
+                                            r"`partial`.*reads it at broken.cu:31, but thread \(\d+,0,0\) wrote it at "
+                                            r"broken.cu:31 with no barrier"):
+        broken.get_function("block_sum_missing_sync")(2, 256, (x, np.zeros(1, np.float32), np.int32(512)))
 
 
 @pytest.mark.parametrize("kernel", ["shared_neighbour_unwritten", "shared_neighbour_unwritten_template"])

@@ -1,23 +1,30 @@
 """Compile a CUDA C source for the CPU with the system C++ compiler, and cache the result.
 
-``build(code, name, options)`` returns a ``Build``: the loaded shared library (``ctypes.CDLL``)
-and the kernels it exports. The library is keyed by a SHA-256 of everything that shapes it (the
-translation unit, both emulator headers, the compiler and its flags), stored as
+``build(code, name, options, mode)`` returns a ``Build``: the loaded shared library
+(``ctypes.CDLL``) and the kernels it exports. The library is keyed by a SHA-256 of everything that
+shapes it (the translation unit, every emulator header, the compiler and its flags), stored as
 ``<cache>/<name>-<hash>.so`` where ``<cache>`` is ``$MINUNET_CACHE_DIR/emu`` or
 ``~/.cache/minunet/emu``, and written atomically (compile to a temporary name, then
 ``os.replace``), so parallel test processes never see half a library. The generated ``.cpp`` is
 kept next to it for reading and debugging.
 
 Flags, and why:
-    -std=c++17 -shared -fPIC           a loadable library; C++17 for `inline` variables, `if constexpr`
-    -O2, or -O0 -g                     -O0 -g when MINUNET_EMU_DEBUG=1, so gdb can step through kernels
+    -std=c++17 -shared -fPIC -pthread  a loadable library; C++17 for `inline` variables, `if constexpr`
+    -I<emulator> -I<emulator>/include  cuda_emu.h and the runtime; <mma.h>, <cuda_fp16.h> for kernels
     -fvisibility=hidden                only the entry points are exported; each module keeps its own runtime
     -fno-strict-aliasing               kernels may reinterpret bits (as CUDA code often does)
     -U_FORTIFY_SOURCE                  the runtime siglongjmps out of fibers, which fortify's check rejects
     -fstack-clash-protection           a large local array touches each stack page in turn, so a fiber
                                        that outgrows its stack hits its guard page (STACK_OVERFLOW)
-    -fsanitize=kernel-address ...      calls our bounds check before every load/store (GCC only; see
-                                       emu_runtime.h, "Exact bounds checks")
+  checked mode (-DEMU_CHECKED=1):
+    -O2 -g -gdwarf-4, or -O0 ...       -g: line tables with inlining, so a failing access is reported with
+                                       its source line even inside inlined helpers (DWARF 4: binutils 2.40's
+                                       addr2line misreads GCC 12's DWARF 5 file names); -O0 when
+                                       MINUNET_EMU_DEBUG=1, so gdb can step through
+    -fsanitize=thread --param ...      calls our check before every load/store (GCC only; see emu_check.h);
+                                       compiled to an object, then linked without libtsan
+  fast mode (-DEMU_CHECKED=0):
+    -O3                                no checks at all; blocks run on several OS threads
 """
 from __future__ import annotations
 
@@ -37,10 +44,10 @@ from .errors import CompilerNotFoundError, EmulatorError
 from .source import KernelInfo, find_kernels, translation_unit
 
 HEADER_DIR = Path(__file__).resolve().parent
-HEADERS = ("cuda_emu.h", "emu_runtime.h")
-_GCC_BOUNDS_CHECKS = ("-fsanitize=kernel-address",
-                      "--param", "asan-instrumentation-with-call-threshold=0",
-                      "--param", "asan-stack=0", "--param", "asan-globals=0")
+INCLUDE_DIR = HEADER_DIR / "include"   # the emulator's <mma.h>, <cuda_fp16.h>, ...
+MODES = ("checked", "fast")
+_GCC_ACCESS_HOOKS = ("-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0",
+                     "--param", "tsan-distinguish-volatile=0")
 _ALLOWED_OPTION = re.compile(r"^-[DUI]\S+$")
 
 _compile_count = 0            # how many times this process ran the compiler (the cache test reads it)
@@ -54,6 +61,7 @@ class Build:
     library: ctypes.CDLL
     kernels: dict[str, KernelInfo]
     path: Path
+    mode: str = "checked"
 
 
 def compile_count() -> int:
@@ -102,12 +110,20 @@ def _compiler_identity(command: tuple[str, ...]) -> str:
     return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else command[0]
 
 
-def _flags(identity: str) -> list[str]:
-    flags = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing",
+def headers() -> list[Path]:
+    """Every header the emulator compiles into a module (part of the cache key)."""
+    return sorted(HEADER_DIR.glob("*.h")) + sorted(INCLUDE_DIR.glob("*.h"))
+
+
+def _flags(identity: str, mode: str = "checked") -> list[str]:
+    flags = ["-std=c++17", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden", "-fno-strict-aliasing",
              "-U_FORTIFY_SOURCE", "-fstack-clash-protection", "-w"]
-    flags += ["-O0", "-g", "-fno-omit-frame-pointer"] if debug_build() else ["-O2"]
-    if "clang" not in identity.lower():  # GCC: exact bounds checks (clang: guard pages only)
-        flags += list(_GCC_BOUNDS_CHECKS)
+    if mode == "fast":
+        return flags + ["-DEMU_CHECKED=0"] + (["-O0", "-g"] if debug_build() else ["-O3"])
+    flags += ["-DEMU_CHECKED=1"]
+    flags += ["-O0", "-g", "-gdwarf-4", "-fno-omit-frame-pointer"] if debug_build() else ["-O2", "-g", "-gdwarf-4"]
+    if "clang" not in identity.lower():  # GCC: exact checks (clang: faults on unmapped memory only)
+        flags += list(_GCC_ACCESS_HOOKS)
     return flags
 
 
@@ -130,9 +146,11 @@ def _first_errors(stderr: str, limit: int = 3) -> str:
     return "\n".join(picked) if picked else "\n".join(lines[:12])
 
 
-def build(code: str, name: str, options: tuple[str, ...] = ()) -> Build:
-    """Compile ``code`` (or reuse the cached library) and load it."""
+def build(code: str, name: str, options: tuple[str, ...] = (), mode: str = "checked") -> Build:
+    """Compile ``code`` for ``mode`` ("checked" or "fast"), or reuse the cached library, and load it."""
     global _compile_count
+    if mode not in MODES:
+        raise ValueError(f"emulator mode {mode!r} is not one of {', '.join(MODES)}")
     extra = _check_options(tuple(options), name)
     source_path = Path(name)
     if source_path.is_file():  # a real file: let #include "x.cuh" and gdb find its folder
@@ -144,8 +162,8 @@ def build(code: str, name: str, options: tuple[str, ...] = ()) -> Build:
     unit = translation_unit(code, label, kernels)
     command = find_compiler()
     identity = _compiler_identity(tuple(command))
-    flags = _flags(identity) + extra
-    key_text = "\0".join([unit, *[(HEADER_DIR / h).read_text() for h in HEADERS],
+    flags = _flags(identity, mode) + extra
+    key_text = "\0".join([unit, *[h.read_text() for h in headers()],
                           " ".join(command), identity, " ".join(flags)])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     if key in _loaded:
@@ -154,15 +172,19 @@ def build(code: str, name: str, options: tuple[str, ...] = ()) -> Build:
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", source_path.name or "module")
-    library_path = directory / f"{stem}-{key}.so"
+    library_path = directory / f"{stem}-{mode}-{key}.so"
     if not library_path.is_file():
         fd, tmp_cpp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".cpp", dir=directory)
         tmp_so = tmp_cpp[:-4] + ".so"
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(unit)
-            run = subprocess.run([*command, *flags, f"-I{HEADER_DIR}", tmp_cpp, "-o", tmp_so],
+            tmp_o = tmp_cpp[:-4] + ".o"
+            run = subprocess.run([*command, *flags, f"-I{HEADER_DIR}", f"-I{INCLUDE_DIR}", "-c", tmp_cpp, "-o", tmp_o],
                                  capture_output=True, text=True)
+            if run.returncode == 0:  # link without the sanitizer's runtime library: the hooks are ours
+                run = subprocess.run([*command, "-shared", "-pthread", tmp_o, "-o", tmp_so, "-ldl"],
+                                     capture_output=True, text=True)
             _compile_count += 1
             if run.returncode != 0:
                 raise EmulatorError(
@@ -171,10 +193,10 @@ def build(code: str, name: str, options: tuple[str, ...] = ()) -> Build:
             os.replace(tmp_cpp, library_path.with_suffix(".cpp"))
             os.replace(tmp_so, library_path)  # atomic: readers see no library or a whole one
         finally:
-            for leftover in (tmp_cpp, tmp_so):
+            for leftover in (tmp_cpp, tmp_so, tmp_cpp[:-4] + ".o"):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
     library = ctypes.CDLL(str(library_path))
-    result = Build(library, {k.name: k for k in kernels}, library_path)
+    result = Build(library, {k.name: k for k in kernels}, library_path, mode)
     _loaded[key] = result
     return result

@@ -2,14 +2,20 @@
 //
 // minunet's Python side (minunet/emulator/compiler.py) compiles a .cu file as C++17 with g++:
 //
-//     #include "cuda_emu.h"       <- this file: CUDA's keywords, built-in variables, math, atomics
+//     #include "cuda_emu.h"       <- this file: CUDA's keywords, built-in variables, math, atomics,
+//                                    warp collectives (and <mma.h>, <cuda_fp16.h> from include/)
 //     #line 1 "conv.cu"
-//     ... the .cu text, unchanged except `extern __shared__` declarations (see below) ...
-//     #include "emu_runtime.h"    <- the launcher: block loop, fibers, guarded buffers, faults
+//     ... the .cu text, unchanged except __shared__ declarations (see source.py) ...
+//     #include "emu_runtime.h"    <- the launcher: block loop, fibers, guarded buffers, checks
 //     ... one small exported entry point per kernel ...
 //
 // Everything here is ordinary C++; nothing is specific to one kernel. Read it next to the CUDA C
 // Programming Guide: each block of definitions names the Guide's section it stands in for.
+//
+// Two builds of the same text (compiler.py): EMU_CHECKED=1 ("checked" mode: every load and store
+// is checked by the runtime, shared-array indices are checked per dimension, one OS thread runs
+// the blocks) and EMU_CHECKED=0 ("fast" mode: no checks, blocks spread over the CPU cores, so the
+// per-thread state below is thread_local).
 #pragma once
 
 #include <float.h>    // FLT_MAX, FLT_MIN, FLT_EPSILON
@@ -20,6 +26,17 @@
 #include <string.h>
 #include <type_traits>
 #include <utility>
+
+#ifndef EMU_CHECKED
+#define EMU_CHECKED 1
+#endif
+#if EMU_CHECKED
+#define EMU_TLS                 // one OS thread runs every block: plain statics are cheapest
+#else
+#define EMU_TLS thread_local    // blocks run on several OS threads at once
+#endif
+// The runtime's own code is never instrumented (only the kernel's loads and stores are checked).
+#define EMU_NOSAN __attribute__((no_sanitize_thread, no_sanitize_address, noinline))
 
 // ---- Function and variable qualifiers (Guide: "C++ Language Extensions") --------------------
 // On the CPU every function is an ordinary function, so the execution-space qualifiers vanish.
@@ -32,94 +49,293 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)  // checked at launch by the Python side (block size <= the bound)
 #define __constant__            // a plain global: fine for constants initialised in the source
+#define __grid_constant__
 
-// `__shared__` memory: one copy per block. Blocks run one after another, so a *static* variable is
-// exactly one copy per block. Arrays are rewritten by compiler.py into emu::SharedArray (below),
-// whose storage the runtime hands out from one arena that it fills with 0xFF bytes (a NaN for
-// floats) at the start of each block, so reading a slot no thread wrote shows up as NaN instead of
-// a stale value. Other __shared__ variables (scalars) get the section attribute: the linker puts
-// them between __start_emu_shared / __stop_emu_shared and the runtime poisons that range too.
-// (GCC ignores the section attribute on the static locals of a *template* function, which is why
-// arrays, the ones that matter, do not rely on it.)
-// `extern __shared__ T name[];` (dynamic shared memory, sized by `shared_mem` at launch) is
-// rewritten by compiler.py into a pointer to a runtime buffer, see emu_dynamic_shared() below.
+// `__shared__` memory: one copy per block. source.py rewrites every `__shared__` declaration inside
+// a function (arrays and scalars) into an emu::SharedArray holder (below) whose storage lives in
+// the runtime's per-block arena; this macro is what is left for declarations at file scope: a
+// static in the linker section "emu_shared" that the runtime refills with NaN bytes per block.
 #define __shared__ static __attribute__((section("emu_shared")))
 
-// ---- Built-in vector types and variables (Guide: "Built-in Vector Types", "Built-in Variables")
+// ---- Built-in vector types (Guide: "Built-in Vector Types"), with CUDA's alignments ----------
+// A GPU loads and stores a float4 as one 16-byte access, which faults unless the address is a
+// multiple of 16 (likewise 8 for float2, int2, ...). GCC would split the copy into four 4-byte
+// accesses that need no such alignment, so in checked mode copying a 2- or 4-component vector
+// from or to memory checks its natural alignment explicitly.
+namespace emu { void vector_access(const void* address, size_t alignment, int is_write); }
+#if EMU_CHECKED
+#define EMU_VEC_COPY(name, align, copy)                                                             \
+    name() = default;                                                                               \
+    name(const name& o) { emu::vector_access(&o, align, 0); copy }    \
+    name& operator=(const name& o) {                                                                \
+        emu::vector_access(&o, align, 0);                              \
+        emu::vector_access(this, align, 1);                           \
+        copy return *this;                                                                          \
+    }
+#define EMU_VEC2(T, name, align) struct __align__(align) name {                                      \
+        T x, y;                                                                                     \
+        constexpr name(T x_, T y_) : x(x_), y(y_) {}                                                \
+        EMU_VEC_COPY(name, align, x = o.x; y = o.y;)                                                \
+    };                                                                                              \
+    static inline name make_##name(T x, T y) { return name{x, y}; }
+#define EMU_VEC4(T, name, align) struct __align__(align) name {                                      \
+        T x, y, z, w;                                                                               \
+        constexpr name(T x_, T y_, T z_, T w_) : x(x_), y(y_), z(z_), w(w_) {}                      \
+        EMU_VEC_COPY(name, align, x = o.x; y = o.y; z = o.z; w = o.w;)                              \
+    };                                                                                              \
+    static inline name make_##name(T x, T y, T z, T w) { return name{x, y, z, w}; }
+#else
+#define EMU_VEC2(T, name, align) struct __align__(align) name { T x, y; }; \
+    static inline name make_##name(T x, T y) { return name{x, y}; }
+#define EMU_VEC4(T, name, align) struct __align__(align) name { T x, y, z, w; }; \
+    static inline name make_##name(T x, T y, T z, T w) { return name{x, y, z, w}; }
+#endif
+#define EMU_VEC3(T, name) struct name { T x, y, z; }; \
+    static inline name make_##name(T x, T y, T z) { return name{x, y, z}; }
+EMU_VEC2(signed char, char2, 2) EMU_VEC3(signed char, char3) EMU_VEC4(signed char, char4, 4)
+EMU_VEC2(unsigned char, uchar2, 2) EMU_VEC3(unsigned char, uchar3) EMU_VEC4(unsigned char, uchar4, 4)
+EMU_VEC2(short, short2, 4) EMU_VEC3(short, short3) EMU_VEC4(short, short4, 8)
+EMU_VEC2(unsigned short, ushort2, 4) EMU_VEC3(unsigned short, ushort3) EMU_VEC4(unsigned short, ushort4, 8)
+EMU_VEC2(int, int2, 8) EMU_VEC3(int, int3) EMU_VEC4(int, int4, 16)
+EMU_VEC2(unsigned int, uint2, 8) EMU_VEC4(unsigned int, uint4, 16)
+EMU_VEC2(long long, longlong2, 16) EMU_VEC2(unsigned long long, ulonglong2, 16)
+EMU_VEC2(float, float2, 8) EMU_VEC3(float, float3) EMU_VEC4(float, float4, 16)
+EMU_VEC2(double, double2, 16)
+#undef EMU_VEC2
+#undef EMU_VEC3
+#undef EMU_VEC4
+#undef EMU_VEC_COPY
 struct uint3 { unsigned int x, y, z; };
+static inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return uint3{x, y, z}; }
 struct dim3 {
     unsigned int x, y, z;
     constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
     constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
     constexpr operator uint3() const { return uint3{x, y, z}; }
 };
-struct __align__(8) float2 { float x, y; };
-struct float3 { float x, y, z; };
-struct __align__(16) float4 { float x, y, z, w; };
-struct __align__(8) int2 { int x, y; };
-struct __align__(16) int4 { int x, y, z, w; };
-static inline float2 make_float2(float x, float y) { return float2{x, y}; }
-static inline float3 make_float3(float x, float y, float z) { return float3{x, y, z}; }
-static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-static inline int2 make_int2(int x, int y) { return int2{x, y}; }
-static inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return uint3{x, y, z}; }
 
 namespace emu {
-// The launcher (emu_runtime.h) writes these before it runs each CUDA thread. In the fiber mode a
-// thread that returns from __syncthreads() sees its own index again, because the scheduler sets
-// thread_idx before it switches back to that thread's fiber.
-inline uint3 thread_idx, block_idx;
+// ---- The state a CUDA thread reads ------------------------------------------------------------
+// The launcher (emu_runtime.h) sets these before it runs each CUDA thread; the fiber scheduler
+// sets thread_idx before it switches back to a thread's fiber, so a thread that returns from a
+// barrier sees its own index again.
+inline EMU_TLS uint3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
-inline char* dynamic_shared;  // the `extern __shared__` buffer of the current launch
+inline EMU_TLS char* dynamic_shared;  // the `extern __shared__` buffer of the running block
+inline EMU_TLS char* shared_base;     // this OS thread's arena of static __shared__ variables
 
-// Implemented in emu_runtime.h.
+// Implemented in the runtime headers.
 void syncthreads(int line);
-void* allocate_shared(size_t bytes, size_t element_bytes, size_t alignment, const char* name);
+int register_shared(size_t bytes, size_t element_bytes, size_t alignment, const char* name, const char* decl);
+size_t shared_offset(int array);
+void note_shared_use(int array);
+[[noreturn]] void shared_index_failure(int array, int dim, long long index, long long extent, int line);
 [[noreturn]] void device_failure(const char* what, const char* file, int line);
+void atomic_access(const void* address, size_t bytes, const void* pc);
+void note_fence();
 }  // namespace emu
 
-// Read-only references: `threadIdx.x = 3;` is a compile error, as in CUDA.
-static const uint3& threadIdx = emu::thread_idx;
-static const uint3& blockIdx = emu::block_idx;
-static const dim3& blockDim = emu::block_dim;
-static const dim3& gridDim = emu::grid_dim;
+// Built-in variables (Guide: "Built-in Variables"): read-only, so `threadIdx.x = 3;` does not
+// compile, as in CUDA.
+#define threadIdx (static_cast<const uint3&>(emu::thread_idx))
+#define blockIdx (static_cast<const uint3&>(emu::block_idx))
+#define blockDim (static_cast<const dim3&>(emu::block_dim))
+#define gridDim (static_cast<const dim3&>(emu::grid_dim))
 static const int warpSize = 32;
 
 namespace emu {
-// compiler.py rewrites `__shared__ float tile[16][17];` into
-//     static emu::SharedArray<float[16][17]> emu_shared_tile{"tile"}; auto& tile = *emu_shared_tile.value;
-// The holder is an ordinary static (one per declaration, and one per template instantiation); its
-// constructor, run once when a thread first reaches the declaration, asks the runtime for the
-// storage. The runtime places every array 64 bytes (a redzone) from the next and knows its name
-// and bounds: an access that lands in a redzone (tile[16][0], tile[-1][0]) fails the launch with
-// the array's name.
+// ---- Static __shared__ variables --------------------------------------------------------------
+// source.py rewrites `__shared__ float tile[16][17];` (inside a function) into
+//     static emu::SharedArray<float[16][17]> emu_shared_tile{"tile", "float tile[16][17]", 0};
+//     auto&& tile = emu_shared_tile.bind();
+// The holder is an ordinary function-local static (one per declaration and per template
+// instantiation); its constructor, run once, registers the array with the runtime, which gives it
+// an offset in every OS thread's shared arena (between 64-byte redzones, refilled with 0xFF bytes
+// -- NaN for floats -- at the start of every block). bind() returns, in checked mode, a SharedView
+// that checks every index against its own dimension (tile[r][17] of a [16][17] tile is an error
+// even though it lands inside row r+1), and in fast mode a plain reference to the storage.
+// A scalar (`__shared__ float s;`) becomes `auto&& s = emu_shared_s.bind();`, a plain reference.
+struct Index {  // an array index, with the source line of the subscript that produced it
+    long long value;
+    int line;
+    template <class I, class = std::enable_if_t<std::is_integral_v<I> || std::is_enum_v<I>>>
+    Index(I i, int l = __builtin_LINE()) : value((long long)i), line(l) {}
+};
+
+template <class T> struct SharedView;
+template <class E, size_t N>
+struct SharedView<E[N]> {
+    E* data;
+    int array, dim;
+    using Element = std::conditional_t<std::is_array_v<E>, SharedView<E>, E&>;
+    Element operator[](Index i) const {
+        if ((unsigned long long)i.value >= N) shared_index_failure(array, dim, i.value, (long long)N, i.line);
+        if constexpr (std::is_array_v<E>) return SharedView<E>{data[i.value], array, dim + 1};
+        else return data[i.value];
+    }
+    // It decays like an array (`float* row = tile[r];`, `f(tile)`, `tile + k`, `*tile`). The
+    // conversion is a template so that `tile[i]` picks operator[] above, not the built-in one.
+    template <class P, class = std::enable_if_t<std::is_convertible_v<E*, P>>>
+    operator P() const { return data; }
+    friend E* operator+(const SharedView& v, long long k) { return v.data + k; }
+    friend E* operator+(long long k, const SharedView& v) { return v.data + k; }
+    friend E* operator-(const SharedView& v, long long k) { return v.data - k; }
+    E& operator*() const { return *data; }
+};
+
 template <class T>
 struct SharedArray {
-    T* value;
-    explicit SharedArray(const char* name)
-        : value(static_cast<T*>(allocate_shared(sizeof(T), sizeof(std::remove_all_extents_t<T>),
-                                                alignof(T) > 16 ? alignof(T) : 16, name))) {}
+    int array;
+    size_t offset;
+    SharedArray(const char* name, const char* decl, size_t align)
+        : array(register_shared(sizeof(T), sizeof(std::remove_all_extents_t<T>),
+                                align > alignof(T) ? align : (alignof(T) > 16 ? alignof(T) : 16), name, decl)),
+          offset(shared_offset(array)) {}
+    T* get() const { return reinterpret_cast<T*>(shared_base + offset); }
+    decltype(auto) bind() const {
+#if EMU_CHECKED
+        note_shared_use(array);  // counts toward the kernel's 48 KiB, poisons it at first use
+        if constexpr (std::is_array_v<T>) return SharedView<T>{*get(), array, 0};
+        else return (*get());
+#else
+        return (*get());
+#endif
+    }
+};
+
+// `extern __shared__ T s[];` inside a function becomes `T* const s = emu_dynamic_shared<T>();`:
+// the launch's dynamic shared buffer (sized by shared_mem=), whose bounds the runtime checks.
+template <class T>
+struct DynamicShared {  // the same at file scope, where the pointer must be read at every use
+    operator T*() const { return reinterpret_cast<T*>(dynamic_shared); }
+    T& operator[](long long i) const { return reinterpret_cast<T*>(dynamic_shared)[i]; }
 };
 }  // namespace emu
 
 template <class T>
 static inline T* emu_dynamic_shared() { return reinterpret_cast<T*>(emu::dynamic_shared); }
 
-// ---- Synchronization (Guide: "Synchronization Functions") -------------------------------------
+// ---- Synchronization (Guide: "Synchronization Functions", "Memory Fence Functions") -----------
 // A real barrier: the thread's fiber stops here until every thread of the block has arrived. The
 // line number lets the runtime report threads that wait at *different* barriers.
 #define __syncthreads() (emu::syncthreads(__LINE__))
-static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// (In checked mode a fence also tells the race checker that blocks may be handing data to each
+// other through global memory, as in "last block" reductions: it stops reporting global
+// read-after-write hazards for the rest of the launch.)
+static inline void __threadfence() {
+#if EMU_CHECKED
+    emu::note_fence();
+#endif
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
 static inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
-// Warp-level primitives need 32 threads in lock step, which this emulator does not model: using
-// one is a compile error that names it, rather than a silently wrong answer.
-template <class... A> void __shfl_sync(A...) = delete;
-template <class... A> void __shfl_down_sync(A...) = delete;
-template <class... A> void __shfl_up_sync(A...) = delete;
-template <class... A> void __shfl_xor_sync(A...) = delete;
-template <class... A> void __ballot_sync(A...) = delete;
-template <class... A> void __syncwarp(A...) = delete;
+// ---- Warp-level collectives (Guide: "Warp Vote Functions", "Warp Shuffle Functions",
+// "__syncwarp()") ---------------------------------------------------------------------------------
+// Each call parks the calling thread's fiber until every lane named in `mask` has arrived at the
+// same call (source line and function) with the same mask; the scheduler then computes every
+// lane's result at once, exactly as the PTX instruction (shfl.sync, vote.sync, bar.warp.sync)
+// defines it. A lane outside its own mask, lanes of one mask at different calls, a width that is
+// not a power of two: each fails the launch with the lanes and lines. Reading from a lane that
+// does not take part (outside the mask, exited, or past the end of a partial warp) is undefined on
+// a GPU; here it returns 0xFF bytes (NaN as float, -1 as int), so the mistake shows.
+namespace emu {
+enum WarpOp : int {
+    OP_SHFL_IDX, OP_SHFL_UP, OP_SHFL_DOWN, OP_SHFL_XOR, OP_BALLOT, OP_ANY, OP_ALL, OP_ACTIVEMASK,
+    OP_SYNCWARP, OP_WMMA_LOAD, OP_WMMA_STORE, OP_WMMA_MMA,
+};
+struct WarpCall;
+typedef void (*WarpCompute)(WarpCall* const* lanes);  // wmma: computes the whole warp's result
+struct WarpCall {               // one lane's arguments, on its fiber's stack while it waits
+    int op;
+    unsigned mask;
+    int width;                  // shuffles: the segment width
+    int arg;                    // srcLane / delta / laneMask / predicate / wmma layout
+    int size;                   // shuffles: bytes of the value
+    int line;                   // the call's source line
+    const char* what;           // the function's name, for messages
+    uint64_t value, result;     // shuffles: this lane's value in, its result out
+    const void* pointer;        // wmma load/store: the matrix pointer ...
+    unsigned ldm;               // ... its leading dimension ...
+    int kind;                   // ... and an id of the fragment type
+    void* fragments[4];         // wmma mma: this lane's d, a, b, c
+    WarpCompute compute;
+};
+uint64_t warp_collective(WarpCall* call);
+
+template <class T>
+static inline T shuffle(int op, unsigned mask, T var, int arg, int width, int line, const char* what) {
+    static_assert(std::is_trivially_copyable_v<T> && (sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8),
+                  "__shfl_*_sync exchanges 2-, 4- or 8-byte values");
+    WarpCall c{};
+    c.op = op; c.mask = mask; c.arg = arg; c.width = width; c.size = (int)sizeof(T); c.line = line; c.what = what;
+    memcpy(&c.value, &var, sizeof(T));
+    warp_collective(&c);
+    T out;
+    memcpy(&out, &c.result, sizeof(T));
+    return out;
+}
+static inline uint64_t vote(int op, unsigned mask, int predicate, int line, const char* what) {
+    WarpCall c{};
+    c.op = op; c.mask = mask; c.arg = predicate != 0; c.line = line; c.what = what;
+    return warp_collective(&c);
+}
+}  // namespace emu
+
+template <class T>
+static inline T __shfl_sync(unsigned mask, T var, int srcLane, int width = warpSize, int line = __builtin_LINE()) {
+    return emu::shuffle(emu::OP_SHFL_IDX, mask, var, srcLane, width, line, "__shfl_sync");
+}
+template <class T>
+static inline T __shfl_up_sync(unsigned mask, T var, unsigned int delta, int width = warpSize, int line = __builtin_LINE()) {
+    return emu::shuffle(emu::OP_SHFL_UP, mask, var, (int)delta, width, line, "__shfl_up_sync");
+}
+template <class T>
+static inline T __shfl_down_sync(unsigned mask, T var, unsigned int delta, int width = warpSize, int line = __builtin_LINE()) {
+    return emu::shuffle(emu::OP_SHFL_DOWN, mask, var, (int)delta, width, line, "__shfl_down_sync");
+}
+template <class T>
+static inline T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = warpSize, int line = __builtin_LINE()) {
+    return emu::shuffle(emu::OP_SHFL_XOR, mask, var, laneMask, width, line, "__shfl_xor_sync");
+}
+static inline unsigned int __ballot_sync(unsigned mask, int predicate, int line = __builtin_LINE()) {
+    return (unsigned int)emu::vote(emu::OP_BALLOT, mask, predicate, line, "__ballot_sync");
+}
+static inline int __any_sync(unsigned mask, int predicate, int line = __builtin_LINE()) {
+    return (int)emu::vote(emu::OP_ANY, mask, predicate, line, "__any_sync");
+}
+static inline int __all_sync(unsigned mask, int predicate, int line = __builtin_LINE()) {
+    return (int)emu::vote(emu::OP_ALL, mask, predicate, line, "__all_sync");
+}
+// The lanes of this warp that reach this call together: with independent thread scheduling that
+// is what "currently active" means (lanes that took another branch are elsewhere).
+static inline unsigned int __activemask(int line = __builtin_LINE()) {
+    return (unsigned int)emu::vote(emu::OP_ACTIVEMASK, 0xffffffffu, 1, line, "__activemask");
+}
+// Waits for the lanes in mask, and orders their shared and global memory accesses (the race
+// checker treats it like a barrier for those lanes).
+static inline void __syncwarp(unsigned mask = 0xffffffffu, int line = __builtin_LINE()) {
+    emu::vote(emu::OP_SYNCWARP, mask, 1, line, "__syncwarp");
+}
+
+// ---- Integer intrinsics (Guide: "Integer Intrinsics") ----------------------------------------
+static inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+static inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+static inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+static inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
+static inline int __ffs(int x) { return __builtin_ffs(x); }
+static inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+static inline unsigned int __brev(unsigned int x) {
+    x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+    x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+    x = ((x >> 4) & 0x0F0F0F0Fu) | ((x & 0x0F0F0F0Fu) << 4);
+    x = ((x >> 8) & 0x00FF00FFu) | ((x & 0x00FF00FFu) << 8);
+    return (x >> 16) | (x << 16);
+}
+static inline int __mul24(int a, int b) { return (int)(((long long)(a << 8 >> 8)) * (b << 8 >> 8)); }
+static inline unsigned int __umul24(unsigned int a, unsigned int b) { return (a & 0xFFFFFFu) * (b & 0xFFFFFFu); }
+static inline int __mulhi(int a, int b) { return (int)(((long long)a * b) >> 32); }
+static inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((unsigned long long)a * b) >> 32); }
 
 // A failed device-side assert() or __trap() ends the launch with an EmulatorError (on a GPU it
 // poisons the whole CUDA context). <assert.h> is included first so a later include cannot undo it.
@@ -196,9 +412,35 @@ static inline float __int_as_float(int i) { float x; memcpy(&x, &i, 4); return x
 static inline float __uint_as_float(unsigned int i) { float x; memcpy(&x, &i, 4); return x; }
 
 // ---- Atomic functions (Guide: "Atomic Functions") ---------------------------------------------
-// The emulator runs one CUDA thread at a time, so a read-modify-write is atomic by construction.
-// Each returns the old value, as in CUDA. Their loads and stores are bounds-checked like any other.
-template <class T> static inline T emu_atomic_add(T* a, T v) { T old = *a; *a = old + v; return old; }
+// Real atomic read-modify-writes (GCC's __atomic builtins), because in fast mode blocks run on
+// several OS threads at once. Each returns the old value, as in CUDA. In checked mode each is
+// bounds- and alignment-checked like any access, but not recorded by the race checker: atomics
+// are how threads may update one address without a barrier.
+#if EMU_CHECKED
+#define EMU_ATOMIC_CHECK(a) emu::atomic_access((a), sizeof(*(a)), __builtin_return_address(0))
+#define EMU_ATOMIC EMU_NOSAN static
+#else
+#define EMU_ATOMIC_CHECK(a) ((void)0)
+#define EMU_ATOMIC static inline
+#endif
+template <class T> EMU_ATOMIC T emu_atomic_add(T* a, T v) {
+    EMU_ATOMIC_CHECK(a);
+    if constexpr (std::is_integral_v<T>) {
+        return __atomic_fetch_add(a, v, __ATOMIC_RELAXED);
+    } else {  // float, double: compare-and-swap on the bits
+        T old, next;
+        __atomic_load(a, &old, __ATOMIC_RELAXED);
+        do { next = old + v; } while (!__atomic_compare_exchange(a, &old, &next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        return old;
+    }
+}
+template <class T, class F> EMU_ATOMIC T emu_atomic_update(T* a, F f) {  // CAS loop: *a = f(*a)
+    EMU_ATOMIC_CHECK(a);
+    T old, next;
+    __atomic_load(a, &old, __ATOMIC_RELAXED);
+    do { next = f(old); } while (!__atomic_compare_exchange(a, &old, &next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+}
 static inline float atomicAdd(float* a, float v) { return emu_atomic_add(a, v); }
 static inline double atomicAdd(double* a, double v) { return emu_atomic_add(a, v); }
 static inline int atomicAdd(int* a, int v) { return emu_atomic_add(a, v); }
@@ -206,14 +448,17 @@ static inline unsigned int atomicAdd(unsigned int* a, unsigned int v) { return e
 static inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) { return emu_atomic_add(a, v); }
 static inline int atomicSub(int* a, int v) { return emu_atomic_add(a, -v); }
 static inline unsigned int atomicSub(unsigned int* a, unsigned int v) { return emu_atomic_add(a, 0u - v); }
-template <class T> static inline T emu_atomic_max(T* a, T v) { T old = *a; if (v > old) *a = v; return old; }
-template <class T> static inline T emu_atomic_min(T* a, T v) { T old = *a; if (v < old) *a = v; return old; }
-static inline int atomicMax(int* a, int v) { return emu_atomic_max(a, v); }
-static inline unsigned int atomicMax(unsigned int* a, unsigned int v) { return emu_atomic_max(a, v); }
-static inline int atomicMin(int* a, int v) { return emu_atomic_min(a, v); }
-static inline unsigned int atomicMin(unsigned int* a, unsigned int v) { return emu_atomic_min(a, v); }
-template <class T> static inline T atomicExch(T* a, T v) { T old = *a; *a = v; return old; }
-template <class T> static inline T atomicCAS(T* a, T cmp, T v) { T old = *a; if (old == cmp) *a = v; return old; }
-template <class T> static inline T atomicOr(T* a, T v) { T old = *a; *a = old | v; return old; }
-template <class T> static inline T atomicAnd(T* a, T v) { T old = *a; *a = old & v; return old; }
-template <class T> static inline T atomicXor(T* a, T v) { T old = *a; *a = old ^ v; return old; }
+template <class T> static inline T atomicMax(T* a, T v) { return emu_atomic_update(a, [v](T o) { return v > o ? v : o; }); }
+template <class T> static inline T atomicMin(T* a, T v) { return emu_atomic_update(a, [v](T o) { return v < o ? v : o; }); }
+template <class T> static inline T atomicOr(T* a, T v) { return emu_atomic_update(a, [v](T o) { return o | v; }); }
+template <class T> static inline T atomicAnd(T* a, T v) { return emu_atomic_update(a, [v](T o) { return o & v; }); }
+template <class T> static inline T atomicXor(T* a, T v) { return emu_atomic_update(a, [v](T o) { return o ^ v; }); }
+template <class T> static inline T atomicExch(T* a, T v) { return emu_atomic_update(a, [v](T) { return v; }); }
+template <class T> static inline T atomicCAS(T* a, T cmp, T v) { return emu_atomic_update(a, [cmp, v](T o) { return o == cmp ? v : o; }); }
+// ((old >= limit) ? 0 : old + 1) and ((old == 0 || old > limit) ? limit : old - 1), as in CUDA.
+static inline unsigned int atomicInc(unsigned int* a, unsigned int limit) {
+    return emu_atomic_update(a, [limit](unsigned int o) { return o >= limit ? 0u : o + 1; });
+}
+static inline unsigned int atomicDec(unsigned int* a, unsigned int limit) {
+    return emu_atomic_update(a, [limit](unsigned int o) { return (o == 0 || o > limit) ? limit : o - 1; });
+}

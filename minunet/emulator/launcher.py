@@ -10,12 +10,11 @@ the argument and the CUDA thread.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
 import numpy as np
 
-from . import compiler
+from . import compiler, modes
 from .errors import EmulatorError, KernelNotFoundError, LaunchError
 from .reports import describe_failure
 
@@ -23,7 +22,7 @@ MAX_THREADS_PER_BLOCK = 1024
 MAX_BLOCK_DIM = (1024, 1024, 64)
 MAX_GRID_DIM = (2**31 - 1, 65535, 65535)
 MAX_SHARED_BYTES = 48 * 1024  # per block without the opt-in cudaFuncSetAttribute call
-DEFAULT_SEED = 0
+DEFAULT_SEED = modes.DEFAULT_SEED
 
 _launch_lock = threading.Lock()  # the runtime's state and the signal handlers are per process
 
@@ -46,27 +45,23 @@ class _Binding(ctypes.Structure):
     _fields_ = [("arg", ctypes.c_int32), ("region", ctypes.c_int32), ("offset", ctypes.c_uint64)]
 
 
-class _Report(ctypes.Structure):
+class _Report(ctypes.Structure):  # emu::Report (emu_state.h)
     _fields_ = [("failure", ctypes.c_int32), ("region", ctypes.c_int32), ("offset", ctypes.c_int64),
                 ("size", ctypes.c_int32), ("is_write", ctypes.c_int32),
                 ("block", ctypes.c_uint32 * 3), ("thread", ctypes.c_uint32 * 3),
                 ("address", ctypes.c_uint64), ("line", ctypes.c_int32), ("other_line", ctypes.c_int32),
-                ("other_thread", ctypes.c_uint32 * 3), ("used_fibers", ctypes.c_int32),
-                ("element_bytes", ctypes.c_int32), ("array_bytes", ctypes.c_uint64),
-                ("text", ctypes.c_char * 256)]
+                ("other_thread", ctypes.c_uint32 * 3), ("other_block", ctypes.c_uint32 * 3),
+                ("used_fibers", ctypes.c_int32), ("element_bytes", ctypes.c_int32),
+                ("array_bytes", ctypes.c_uint64), ("pc", ctypes.c_uint64), ("other_pc", ctypes.c_uint64),
+                ("detail", ctypes.c_int32), ("space", ctypes.c_int32), ("other_is_write", ctypes.c_int32),
+                ("other_region", ctypes.c_int32), ("value", ctypes.c_int64), ("other_value", ctypes.c_int64),
+                ("text", ctypes.c_char * 256), ("text2", ctypes.c_char * 256)]
 
 
-def _default_seed() -> int:
-    """MINUNET_EMU_SEED: an integer seed, or -1/off/none for natural thread order; default 0."""
-    text = os.environ.get("MINUNET_EMU_SEED", "").strip().lower()
-    if text in ("", "default"):
-        return DEFAULT_SEED
-    if text in ("off", "none", "no", "-1"):
-        return -1
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise ValueError(f"MINUNET_EMU_SEED={text!r} is not an integer; use e.g. 0, 7 or 'off'") from None
+class _Options(ctypes.Structure):  # emu::Options (emu_state.h)
+    _fields_ = [("seed", ctypes.c_uint64), ("shuffled", ctypes.c_int32), ("fiber_mode", ctypes.c_int32),
+                ("racecheck", ctypes.c_int32), ("workers", ctypes.c_int32), ("direct", ctypes.c_int32),
+                ("profile", ctypes.c_int32), ("sample_every", ctypes.c_uint64)]
 
 
 def _mix(seed: int, launch: int) -> int:
@@ -82,25 +77,55 @@ class EmuModule:
     existing file, that file's folder is on the include path. ``options`` are extra compiler
     options: ``-DNAME=VALUE``, ``-UNAME``, ``-I<dir>``.
 
+    ``mode``: "checked" or "fast" (see ``minunet.emulator.emu_mode``); ``None`` takes the
+    process-wide default when the module is created.
+
     ``shuffle_seed``: the order of blocks, and of the threads of a block between barriers, is
     shuffled from this seed (mixed with each kernel's launch count, so the n-th launch of a kernel
-    is reproducible). ``None`` (default) takes ``MINUNET_EMU_SEED`` or else 0; a negative value
-    turns shuffling off (blocks and threads in index order). ``mod.shuffle_seed`` may be changed
-    between launches."""
+    is reproducible). ``None`` (default) follows the process-wide default at every launch
+    (``MINUNET_EMU_SEED`` or ``set_shuffle_seed``, else 0); a negative value turns shuffling off
+    (blocks and threads in index order). ``mod.shuffle_seed`` may be changed between launches.
+
+    ``racecheck``: record accesses to report races (checked mode); ``None`` follows
+    ``MINUNET_EMU_RACECHECK`` / ``set_racecheck`` (default on)."""
 
     def __init__(self, code: str, name: str = "module", options: tuple[str, ...] = (),
-                 shuffle_seed: int | None = None):
+                 shuffle_seed: int | None = None, mode: str | None = None, racecheck: bool | None = None):
         if not isinstance(code, str):
             raise TypeError(f"EmuModule code must be the CUDA source text (str), got {type(code).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"EmuModule name must be a str (the .cu file name), got {type(name).__name__}")
+        if mode is None:
+            mode = modes.emu_mode()
+        if mode not in modes.MODES:
+            raise ValueError(f"emulator mode {mode!r} is not one of {', '.join(modes.MODES)}; "
+                             "use 'checked' or 'fast'")
         if isinstance(options, str):
             options = (options,)
         self.name = name
+        self.code = code
         self.options = tuple(options)
-        self.shuffle_seed = _default_seed() if shuffle_seed is None else int(shuffle_seed)
-        self._build = compiler.build(code, name, self.options)
+        self.mode = mode
+        self._shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
+        self.racecheck = racecheck
+        self._build = compiler.build(code, name, self.options, mode)
+        self._builds = {mode: self._build}
         self._functions: dict[str, EmuFunction] = {}
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed launches use now: the module's own, else the process-wide default."""
+        return modes.shuffle_seed() if self._shuffle_seed is None else self._shuffle_seed
+
+    @shuffle_seed.setter
+    def shuffle_seed(self, seed: int | None) -> None:
+        self._shuffle_seed = None if seed is None else int(seed)
+
+    def build_for(self, mode: str) -> "compiler.Build":
+        """The library of this source in ``mode`` (the profiler runs fast-mode modules checked)."""
+        if mode not in self._builds:
+            self._builds[mode] = compiler.build(self.code, self.name, self.options, mode)
+        return self._builds[mode]
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
@@ -129,17 +154,34 @@ class EmuFunction:
         self.module = module
         self.name = name
         self.info = module._build.kernels[name]
-        self._entry = ctypes.cast(getattr(library, f"emu_entry__{name}"), ctypes.c_void_p)
         signature = getattr(library, f"emu_signature__{name}")
         signature.restype = ctypes.c_char_p
         self.param_types: tuple[str, ...] = tuple(signature().decode().split())
         self.launch_bound = None  # __launch_bounds__ as the compiler evaluated it (macros resolved)
         if self.info.launch_bound and self.info.body_end > 0:
             self.launch_bound = int(getattr(library, f"emu_launch_bound__{name}")())
-        self._launch = library.emu_launch
-        self._launch.restype = ctypes.c_int
         self.launch_count = 0
-        self.uses_barriers = False  # learnt at the first launch that reaches a __syncthreads()
+        # Learnt at the first launch: whether the kernel reaches a __syncthreads() or a warp
+        # collective (then its threads run as fibers). None until a launch has succeeded.
+        self._uses_barriers: bool | None = None
+        self._handles: dict[str, tuple] = {}
+
+    @property
+    def uses_barriers(self) -> bool:
+        """Whether a launch found a __syncthreads() or warp collective (so threads run as fibers)."""
+        return bool(self._uses_barriers)
+
+    def _handle(self, mode: str):
+        """(entry point, emu_launch, library path, one OS thread only) of this kernel in ``mode``."""
+        if mode not in self._handles:
+            build = self.module.build_for(mode)
+            library = build.library
+            launch = library.emu_launch
+            launch.restype = ctypes.c_int
+            entry = ctypes.cast(getattr(library, f"emu_entry__{self.name}"), ctypes.c_void_p)
+            serial = bool(library.emu_file_scope_shared())
+            self._handles[mode] = (entry, launch, str(build.path), serial)
+        return self._handles[mode]
 
     # ---- checks ---------------------------------------------------------------------------
     def _where(self) -> str:
@@ -237,20 +279,27 @@ class EmuFunction:
         region_array = (_Region * max(len(regions), 1))(*regions)
         binding_array = (_Binding * max(len(bindings), 1))(*bindings)
         report = _Report()
-        module = self.module
-        seed = module.shuffle_seed
-        launch_seed = _mix(seed, self.launch_count) if seed >= 0 else 0
+        mode = self.module.mode
+        entry, launch, library_path, serial = self._handle(mode)
+        seed = self.module.shuffle_seed
+        racecheck = self.module.racecheck
+        options = _Options(seed=_mix(seed, self.launch_count) if seed >= 0 else 0, shuffled=int(seed >= 0),
+                           fiber_mode=int(bool(self._uses_barriers)),
+                           racecheck=int(modes.racecheck() if racecheck is None else racecheck),
+                           workers=1 if serial else modes.workers(),
+                           direct=int(mode == "fast" and self._uses_barriers is not None),
+                           profile=0, sample_every=1)
         self.launch_count += 1
         with _launch_lock:
-            failure = self._launch(
-                self._entry, argv, region_array, ctypes.c_int(len(regions)), binding_array,
-                ctypes.c_int(len(bindings)), (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block),
-                ctypes.c_uint64(shared_mem), ctypes.c_uint64(launch_seed), ctypes.c_int(seed >= 0),
-                ctypes.c_int(self.uses_barriers), ctypes.byref(report))
-        self.uses_barriers = self.uses_barriers or bool(report.used_fibers)
+            failure = launch(entry, argv, region_array, ctypes.c_int(len(regions)), binding_array,
+                             ctypes.c_int(len(bindings)), (ctypes.c_uint32 * 3)(*grid),
+                             (ctypes.c_uint32 * 3)(*block), ctypes.c_uint64(shared_mem),
+                             ctypes.byref(options), ctypes.byref(report))
         if failure:
+            self._uses_barriers = self._uses_barriers or bool(report.used_fibers) or None
             raise EmulatorError(describe_failure(self, report, values, owners, len(regions), shared_mem,
-                                                 seed, self.launch_count - 1))
+                                                 seed, self.launch_count - 1, library_path, mode))
+        self._uses_barriers = bool(self._uses_barriers) or bool(report.used_fibers)
 
     def _regions(self, values):
         """Group the array arguments into regions of host memory: arrays that overlap (the same

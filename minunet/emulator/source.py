@@ -5,12 +5,19 @@ Python does only what a header cannot:
 
 1. find the ``__global__`` functions (their names, parameter names and ``__launch_bounds__``), so
    an exported entry point can be generated for each (``EMU_KERNEL(name)`` in ``emu_runtime.h``);
-2. rewrite ``extern __shared__ T name[];`` (dynamic shared memory, sized at launch) into a
-   reference to the runtime's per-launch buffer, because an unsized ``extern`` array has no C++
-   meaning that could be given to it by a macro.
+2. rewrite every ``__shared__`` declaration inside a function (``__shared__ float t[8][8];``,
+   ``__shared__ float s;``) into an ``emu::SharedArray`` holder whose storage lives in the
+   runtime's per-block arena, so it is NaN-poisoned per block, bounds- and race-checked, checked
+   per dimension, and private to each OS thread in fast mode;
+3. rewrite ``extern __shared__ T name[];`` (dynamic shared memory, sized at launch) into a pointer
+   to the launch's dynamic buffer, because an unsized ``extern`` array has no C++ meaning that a
+   macro could give it.
 
 Every rewrite keeps the text on the same line, and a ``#line`` directive makes compiler errors
 and ``__LINE__`` (used in the barrier reports) refer to the ``.cu`` file's own line numbers.
+
+``matching_bracket`` is the one bracket matcher of minunet's source handling (also what
+``minunet.backends.sources.function_source`` needs): it raises ``ValueError`` on unbalanced text.
 """
 from __future__ import annotations
 
@@ -30,20 +37,15 @@ class KernelInfo:
 
 _COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
 _WORD_THEN_PAREN = re.compile(r"\s*([A-Za-z_]\w*)\s*(\()?")
+_ALIGN = re.compile(r"__align__\s*\(\s*(\d+)\s*\)")
 _EXTERN_SHARED = re.compile(
-    r"\bextern\s+__shared__\s+"
-    r"(?:__align__\s*\((?:[^()]|\([^()]*\))*\)\s*)?"   # optional __align__(16)
-    r"([A-Za-z_][\w\s]*?)\s+"                            # the element type, e.g. "unsigned char"
-    r"(?:__align__\s*\((?:[^()]|\([^()]*\))*\)\s*)?"
-    r"([A-Za-z_]\w*)\s*\[\s*\]\s*;"
-)
-
-
-_STATIC_SHARED = re.compile(
-    r"(?<![\w])(?<!extern )__shared__\s+"
-    r"((?:__align__\s*\((?:[^()]|\([^()]*\))*\)\s*)?[A-Za-z_][\w\s:]*?)\s+"  # element type
-    r"([A-Za-z_]\w*)\s*((?:\[[^\[\];]+\])+)\s*;"                              # name[dims]
-)
+    r"\bextern\s+__shared__\s+((?:[A-Za-z_][\w:]*|__align__\s*\(\s*\d+\s*\))"
+    r"(?:\s+(?:[A-Za-z_][\w:]*|__align__\s*\(\s*\d+\s*\)))*)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"(?<![\w])__shared__\s+([^;{}]*?);")
+# One declarator of a __shared__ declaration: `name`, `name[A][B]`, `*name` (dims may be
+# expressions of macros and template parameters).
+_DECLARATOR = re.compile(r"^(\**)\s*([A-Za-z_]\w*)\s*((?:\[[^\[\];]+\])*)$")
+_BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
 
 def blank_comments_and_strings(code: str) -> str:
@@ -59,28 +61,23 @@ def blank_comments_and_strings(code: str) -> str:
     return _COMMENT_OR_STRING.sub(blank, code)
 
 
-def _matching_paren(text: str, open_at: int) -> int:
-    depth = 0
+def matching_bracket(text: str, open_at: int) -> int:
+    """The index of the bracket that closes the one at ``open_at`` (``(``, ``[``, ``{`` or ``<``),
+    counting only that kind of bracket. Raises ``ValueError`` when it is never closed. Use it on
+    text whose comments and strings are blanked (``blank_comments_and_strings``)."""
+    opening = text[open_at]
+    if opening not in _BRACKETS:
+        raise ValueError(f"offset {open_at} holds {opening!r}, not an opening bracket")
+    closing, depth = _BRACKETS[opening], 0
     for i in range(open_at, len(text)):
-        if text[i] == "(":
+        if text[i] == opening:
             depth += 1
-        elif text[i] == ")":
+        elif text[i] == closing:
             depth -= 1
             if depth == 0:
                 return i
-    raise ValueError("unbalanced parentheses")
-
-
-def _matching_brace(text: str, open_at: int) -> int:
-    depth = 0
-    for i in range(open_at, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return len(text) - 1
+    line = text.count("\n", 0, open_at) + 1
+    raise ValueError(f"unbalanced {opening}{closing}: the {opening!r} on line {line} is never closed")
 
 
 def _param_names(params: str) -> tuple[str, ...]:
@@ -106,7 +103,7 @@ def find_kernels(code: str) -> list[KernelInfo]:
                 pos = token.end()
                 continue
             try:
-                close = _matching_paren(clean, token.end() - 1)
+                close = matching_bracket(clean, token.end() - 1)
             except ValueError:
                 break
             inside = clean[token.end():close]
@@ -118,57 +115,136 @@ def find_kernels(code: str) -> list[KernelInfo]:
                 pos = close + 1
                 continue
             body = re.compile(r"\s*\{").match(clean, close + 1)
-            end = _matching_brace(clean, body.end() - 1) + 1 if body else -1
+            try:
+                end = matching_bracket(clean, body.end() - 1) + 1 if body else -1
+            except ValueError:
+                end = -1  # an unclosed body: the compiler will say where
             if word not in kernels or kernels[word].body_end < 0:
                 kernels[word] = KernelInfo(word, _param_names(inside), bound, end)
             break
     return list(kernels.values())
 
 
-def rewrite_extern_shared(code: str) -> str:
-    """``extern __shared__ float smem[];`` -> a reference to the launch's dynamic shared buffer.
+def function_scopes(clean: str) -> list[tuple[int, int]]:
+    """The (start, end) offsets of the outermost braces that are code blocks (function bodies),
+    not the bodies of a namespace, ``extern "C"``, struct, class, union or enum."""
+    scopes, stack = [], []  # stack of (offset, is_code_block)
+    for i, ch in enumerate(clean):
+        if ch == "{":
+            before = clean[max(0, i - 200):i]
+            head = re.split(r"[;{}]", before)[-1]
+            is_type_or_namespace = bool(re.search(
+                r"(\bnamespace\b[\w\s:]*|\bextern\s*\"\s*\"\s*|\b(struct|class|union|enum)\b[^()]*)$", head))
+            inside_code = any(code for _, code in stack)
+            stack.append((i, inside_code or not is_type_or_namespace))
+            if not inside_code and not is_type_or_namespace:
+                scopes.append([i, len(clean)])
+        elif ch == "}" and stack:
+            start, code = stack.pop()
+            if code and not any(c for _, c in stack):
+                scopes[-1][1] = i
+    return [tuple(s) for s in scopes]
 
-    The reference works at file scope and inside functions alike, and always reads the current
-    launch's pointer (``emu::dynamic_shared``, a ``char*``; the module is compiled with
-    ``-fno-strict-aliasing`` so reading it as a ``T*`` is well defined for GCC)."""
+
+def _in_scopes(pos: int, scopes: list[tuple[int, int]]) -> bool:
+    return any(start < pos < end for start, end in scopes)
+
+
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[<("
+        depth -= ch in "]>)"
+        if ch == sep and depth == 0:
+            parts.append(text[last:i])
+            last = i + 1
+    parts.append(text[last:])
+    return parts
+
+
+def _shared_holders(body: str) -> list[tuple[str, str, str, int]] | None:
+    """Parse the text between ``__shared__`` and ``;`` into (element type, name, dims, align) per
+    declarator; None for a form this pass leaves alone (initialisers, function pointers...)."""
+    aligns = [int(a) for a in _ALIGN.findall(body)]
+    body = " ".join(_ALIGN.sub(" ", body).split())
+    if not body or any(c in body for c in "=(){}"):
+        return None
+    declarators = _split_top_level(body)
+    first = declarators[0].strip()
+    found = re.match(r"^(.*?[\w>*\s])\s*(\**\s*[A-Za-z_]\w*\s*(?:\[[^\[\];]+\])*)$", first)
+    if found is None:
+        return None
+    element = found.group(1).strip()
+    if not element or not re.match(r"^[A-Za-z_]", element):
+        return None
+    holders = []
+    for declarator in [found.group(2), *(d.strip() for d in declarators[1:])]:
+        parsed = _DECLARATOR.match(declarator.strip())
+        if parsed is None:
+            return None
+        stars, name, dims = parsed.groups()
+        holders.append((f"{element}{stars}", name, "".join(dims.split()), max(aligns, default=0)))
+    return holders
+
+
+def rewrite_shared(code: str) -> tuple[str, int]:
+    """Every ``__shared__`` declaration inside a function -> an ``emu::SharedArray`` holder (see
+    cuda_emu.h) and a binding of the declared name to it, on the same line:
+
+        __shared__ float tile[16][17];   ->
+        static emu::SharedArray<float[16][17]> emu_shared_tile{"tile", "float tile[16][17]", 0};
+        auto&& tile = emu_shared_tile.bind();
+
+    In checked mode ``tile`` is then a view that checks each index against its own dimension; in
+    fast mode a plain reference into this OS thread's arena. This also works inside template
+    functions. Returns the text and the number of ``__shared__`` declarations left at file scope
+    (plain statics in the "emu_shared" section: poisoned per block, not checked, and in fast mode
+    shared by all OS threads, so a module with any runs its blocks on one thread)."""
     clean = blank_comments_and_strings(code)
-    pieces, last = [], 0
-    for found in _EXTERN_SHARED.finditer(clean):
-        element, name = " ".join(found.group(1).split()), found.group(2)
+    scopes = function_scopes(clean)
+    pieces, last, file_scope = [], 0, 0
+    for found in _STATIC_SHARED.finditer(clean):
+        if re.search(r"\bextern\s*$", clean[max(0, found.start() - 40):found.start()]):
+            continue  # dynamic shared memory: rewrite_extern_shared
+        if not _in_scopes(found.start(), scopes):
+            file_scope += 1
+            continue
+        holders = _shared_holders(code[found.start(1):found.end(1)])
+        if holders is None:
+            continue  # left as a section static: poisoned, not checked
         pieces.append(code[last:found.start()])
-        pieces.append(f"static {element}* const& {name} = "
-                      f"reinterpret_cast<{element}* const&>(emu::dynamic_shared);")
+        decl = " ".join(code[found.start(1):found.end(1)].split()).replace("\\", "\\\\").replace('"', '\\"')
+        for element, name, dims, align in holders:
+            pieces.append(f'static emu::SharedArray<{element}{dims}> emu_shared_{name}{{"{name}", "{decl}", {align}}}; '
+                          f"auto&& {name} = emu_shared_{name}.bind(); ")
         last = found.end()
     pieces.append(code[last:])
-    return "".join(pieces)
+    return "".join(pieces), file_scope
 
 
-def guard_shared_arrays(code: str) -> str:
-    """``__shared__ float tile[16][17];`` -> an ``emu::SharedArray`` holder whose storage the
-    runtime hands out (between redzones, registered by name, poisoned with NaN at every block),
-    plus a reference named ``tile`` to it, so the kernel text works unchanged and ``tile[16][0]``
-    is reported as out of bounds. This also works inside template functions, where GCC ignores
-    the linker-section attribute that plain ``__shared__`` variables rely on.
-
-    Declarations of another form (scalars, several names in one declaration) stay as they are:
-    poisoned with NaN like every __shared__ variable, but not bounds-checked."""
+def rewrite_extern_shared(code: str) -> str:
+    """``extern __shared__ float smem[];`` -> inside a function, a pointer to the launch's dynamic
+    shared buffer (``float* const smem = emu_dynamic_shared<float>();``, read when the declaration
+    runs, so each OS thread sees its own block's buffer); at file scope, an object that reads the
+    pointer at every use."""
     clean = blank_comments_and_strings(code)
+    scopes = function_scopes(clean)
     pieces, last = [], 0
-    for found in _STATIC_SHARED.finditer(clean):
-        element, name = " ".join(found.group(1).split()), found.group(2)
-        dims = "".join(found.group(3).split())
-        if "__align__" in element:  # an aligned array keeps its plain form (unchecked)
-            continue
+    for found in _EXTERN_SHARED.finditer(clean):
+        element = " ".join(_ALIGN.sub(" ", found.group(1)).split())
+        name = found.group(2)
         pieces.append(code[last:found.start()])
-        pieces.append(f'static emu::SharedArray<{element}{dims}> emu_shared_{name}{{"{name}"}}; '
-                      f"auto& {name} = *emu_shared_{name}.value;")
+        if _in_scopes(found.start(), scopes):
+            pieces.append(f"{element}* const {name} = emu_dynamic_shared<{element}>();")
+        else:
+            pieces.append(f"static emu::DynamicShared<{element}> {name};")
         last = found.end()
     pieces.append(code[last:])
     return "".join(pieces)
 
 
 def add_launch_bound_constants(code: str, kernels: list[KernelInfo]) -> str:
-    """After each kernel with ``__launch_bounds__(EXPR)`` define ``emu_launch_bound__<name> =
+    """After each kernel with ``__launch_bounds__(EXPR)`` define ``emu_bound_value__<name> =
     (EXPR)``: the compiler evaluates EXPR where the kernel's own macros are in scope."""
     pieces, last = [], 0
     for k in sorted((k for k in kernels if k.launch_bound and k.body_end > 0), key=lambda k: k.body_end):
@@ -184,7 +260,8 @@ def translation_unit(code: str, file_label: str, kernels: list[KernelInfo]) -> s
     label = file_label.replace("\\", "\\\\").replace('"', '\\"')
     entries = "\n".join(f"EMU_KERNEL({k.name})" + (f"\nEMU_LAUNCH_BOUND({k.name})" if k.launch_bound and k.body_end > 0 else "")
                         for k in kernels)
-    body = rewrite_extern_shared(guard_shared_arrays(add_launch_bound_constants(code, kernels)))
+    body, file_scope_shared = rewrite_shared(add_launch_bound_constants(code, kernels))
+    body = rewrite_extern_shared(body)
     return (
         '#include "cuda_emu.h"\n'
         f'#line 1 "{label}"\n'
@@ -192,4 +269,5 @@ def translation_unit(code: str, file_label: str, kernels: list[KernelInfo]) -> s
         '#line 1 "minunet-emulator-entry-points"\n'
         '#include "emu_runtime.h"\n'
         f"{entries}\n"
+        f"EMU_MODULE_INFO({file_scope_shared})\n"
     )
