@@ -26,9 +26,8 @@
 from nbsetup import F, mu, np, plt  # the shared setup: imports, figures, printing, seeds
 
 # %%
-import time
-from minunet.data import synthetic_samples, TileSampler
-from minunet.train import standardize, predict_probabilities
+from minunet.data import TileSampler, standardize, synthetic_samples
+from minunet.train import predict_probabilities
 
 train = synthetic_samples("em", n=16, size=192, seed=0)     # images in [0, 1]
 val = synthetic_samples("em", n=2, size=192, seed=10_000)     # other seeds: unseen images
@@ -92,7 +91,7 @@ plt.tight_layout(); plt.show()
 
 # %%
 optimizer = mu.optim.SGD(model.parameters(), lr=0.003, momentum=0.99)
-losses, start = [], time.perf_counter()
+losses = []
 for step in range(1, 401):
     x, target, weight = sampler.batch(1)                      # (1, 1, 180, 180), (1, 92, 92) x 2
     x = standardize(x)
@@ -103,8 +102,7 @@ for step in range(1, 401):
     optimizer.zero_grad()
     losses.append(loss.item())
     if step % 100 == 0:
-        print(f"step {step}: mean loss of the last 100 steps {np.mean(losses[-100:]):.3f}, "
-              f"{time.perf_counter() - start:.0f} s")
+        print(f"step {step}: mean loss of the last 100 steps {np.mean(losses[-100:]):.3f}")
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 2.8))
