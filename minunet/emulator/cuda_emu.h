@@ -262,6 +262,7 @@ struct WarpCall {               // one lane's arguments, on its fiber's stack wh
     WarpCompute compute;
 };
 uint64_t warp_collective(WarpCall* call);
+[[noreturn]] void warp_precondition(const WarpCall* call, const char* problem);  // wmma: pointer, ldm
 
 template <class T>
 static inline T shuffle(int op, unsigned mask, T var, int arg, int width, int line, const char* what) {

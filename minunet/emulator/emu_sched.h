@@ -191,6 +191,17 @@ EMU_NOSAN uint64_t warp_collective(WarpCall* c) {
     return c->result;
 }
 
+// A precondition of a wmma call that one lane can check alone (alignment of the pointer, ldm).
+EMU_NOSAN void warp_precondition(const WarpCall* c, const char* problem) {
+    Report r = blank_report();
+    r.detail = c->op;
+    r.line = c->line;
+    r.value = -1;
+    snprintf(r.text, sizeof r.text, "%s", c->what);
+    snprintf(r.text2, sizeof r.text2, "%s (pointer %p, ldm %u)", problem, c->pointer, c->ldm);
+    fail_with(WARP_ARGUMENT, r);
+}
+
 EMU_NOSAN static bool same_call(const WarpCall* a, const WarpCall* b) {
     return a->op == b->op && a->line == b->line && strcmp(a->what, b->what) == 0;
 }

@@ -111,11 +111,11 @@ def _warp_text(report, kind, who) -> str:
     if report.detail <= 3:
         return (f"{who} calls {what}{line} with width {report.value}; width must be a power of two "
                 "from 1 to 32")
-    if report.other_value or other_what:
-        return (f"{who} calls {what}{line} with pointer {report.value & (2**64 - 1):#x} while thread "
-                f"{other} passes {report.other_value & (2**64 - 1):#x} (or another ldm or layout); every "
-                "lane of the warp must pass the same arguments")
-    return f"{who}: {what}{line}: {other_what}"
+    if report.value == -1:  # a precondition one lane can see alone
+        return f"{who} calls {what}{line}: {other_what}"
+    return (f"{who} calls {what}{line} with pointer {report.value & (2**64 - 1):#x} while thread "
+            f"{other} passes {report.other_value & (2**64 - 1):#x} (or another ldm or layout); every "
+            "lane of the warp must pass the same arguments")
 
 
 def describe_failure(fn, report, values, owners, nregions, shared_mem, seed, launch,
