@@ -93,10 +93,8 @@ def _connect(address: str):
 
 def predict_large(args, model, device: str) -> int:
     """Blocked prediction of one Zarr array or TIFF into Zarr arrays (see the module docstring)."""
-    import dask
-
     from .data.blocked import (Geometry, choose_block_tile, default_chunk, predict_blocked,
-                               slice_statistics)
+                               stored_chunks)
     from .data.lazy_io import create_output, open_lazy, store_chunks, threshold_mask
 
     if len(args.inputs) != 1:
@@ -111,19 +109,17 @@ def predict_large(args, model, device: str) -> int:
             raise ValueError(f"output {path} already exists; choose another path or pass "
                              "--overwrite to replace it")
     image = open_lazy(args.inputs[0])
-    stack = image if image.ndim == 3 else image[None]
-    chunk = args.chunk or default_chunk(image.chunksize, model.depth)
+    chunk = args.chunk or default_chunk(stored_chunks(image) or (0, 0), model.depth)
     if args.tile is not None:
         check_tile(args.tile, model.depth)
     tile = args.tile or choose_block_tile(chunk, chunk, model.config, args.memory_mb)
     Geometry(model.depth, tile).check_chunk(chunk, "--chunk")
-    client = _connect(args.scheduler) if args.scheduler else None
+    client = _connect(args.scheduler) if args.scheduler else None   # Dask's default from now
     try:
-        print(f"{args.inputs[0]}: {stack.shape[0]} slice(s) of {stack.shape[1]}x{stack.shape[2]}, "
-              f"reading intensity statistics (one pass)...", flush=True)
-        statistics = dask.compute(*slice_statistics(stack.rechunk((1, chunk, chunk))),
-                                  scheduler=client or "threads")
-        probs = predict_blocked(image, model, tile, chunk, device, statistics=statistics)
+        slices = 1 if image.ndim == 2 else image.shape[0]
+        print(f"{args.inputs[0]}: {slices} slice(s) of {image.shape[-2]}x{image.shape[-1]}, "
+              f"intensity statistics (one pass)...", flush=True)
+        probs = predict_blocked(image, model, tile, chunk, device)
         foreground = probs.map_blocks(_foreground_block, drop_axis=probs.ndim - 3,
                                       dtype=np.float32)
         targets = [(create_output(outputs[0], foreground.shape, foreground.chunksize, "f4",

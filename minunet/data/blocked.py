@@ -229,137 +229,150 @@ def slice_statistics(stack):
             da.std(x, axis=axes), bad)
 
 
-def normalized(stack, statistics):
-    """What the network sees, lazily: each slice rescaled by its min/max to [0, 1] in float64
-    and cast to float32 (as reading a file does), then standardised in float32 with the mean and
-    standard deviation of the rescaled slice (derived from the raw ones).
+class Intensities:
+    """Per-slice intensity normalisation from global statistics, applied window by window:
+    rescale by the slice's min/max to [0, 1] in float64 and cast to float32 (as reading a file
+    does), then standardise in float32 with the mean and standard deviation of the rescaled
+    slice, derived from the raw ones (as :func:`minunet.data.standardize` does in memory)."""
 
-    Raises ValueError if a slice holds NaN or infinite values."""
-    lo, hi, mean, std = (np.asarray(s, np.float64) for s in statistics[:4])
-    bad = np.asarray(statistics[4])
-    if bad.any():
-        first = int(np.argmax(bad > 0))
-        which = f"slice {first} of the stack holds" if len(bad) > 1 else "the image holds"
-        raise ValueError(f"{which} {int(bad[first])} NaN or infinite pixel values; replace them "
-                         "(for example with the image's median) or crop them away")
-    span = np.where(hi > lo, hi - lo, np.inf)          # a constant slice becomes all zeros
-    scaled_mean = ((mean - lo) / span).astype(np.float32)[:, None, None]
-    scaled_std = (std / span).astype(np.float32)[:, None, None]
-    unit = ((stack.astype(np.float64) - lo[:, None, None]) / span[:, None, None]).astype(np.float32)
-    return (unit - scaled_mean) / (scaled_std + np.float32(_EPS))
+    def __init__(self, statistics):
+        lo, hi, mean, std = (np.asarray(s, np.float64).reshape(-1) for s in statistics[:4])
+        bad = np.asarray(statistics[4]).reshape(-1)
+        if bad.any():
+            first = int(np.argmax(bad > 0))
+            which = f"slice {first} of the stack holds" if len(bad) > 1 else "the image holds"
+            raise ValueError(f"{which} {int(bad[first])} NaN or infinite pixel values; replace "
+                             "them (for example with the image's median) or crop them away")
+        self.lo = lo
+        self.span = np.where(hi > lo, hi - lo, np.inf)   # a constant slice becomes all zeros
+        self.mean = ((mean - lo) / self.span).astype(np.float32)
+        self.std = (std / self.span).astype(np.float32)
 
-
-def _mirror_extend(x, axis: int, before: int, after: int):
-    """Pad one axis of a dask array by the infinite mirror (tiling.reflect_indices): any width,
-    also wider than the axis, touching only the first and last chunks for a long axis."""
-    import dask.array as da
-
-    n = x.shape[axis]
-    parts = []
-    if before:
-        parts.append(da.take(x, reflect_indices(-before, before, n), axis=axis))
-    parts.append(x)
-    if after:
-        parts.append(da.take(x, reflect_indices(n, after, n), axis=axis))
-    return da.concatenate(parts, axis=axis) if len(parts) > 1 else x
+    def __call__(self, window: np.ndarray, n: int) -> np.ndarray:
+        unit = ((window.astype(np.float64) - self.lo[n]) / self.span[n]).astype(np.float32)
+        return (unit - self.mean[n]) / (self.std[n] + np.float32(_EPS))
 
 
-def _halo_ready(x, geometry: Geometry, chunks: tuple[int, int]):
-    """Mirror-pad the two spatial axes and rechunk so that block k holds its output rows plus
-    the padding it owns: the first block the leading margin, the last the trailing margin +
-    overhang. With Dask's overlap (boundary 'none') each block then gets exactly its halo."""
-    spatial = []
-    for axis, chunk in zip((1, 2), chunks):
-        sizes = list(axis_chunks(x.shape[axis], chunk))
-        before, after = geometry.margin, geometry.margin + geometry.overhang(sizes[-1])
-        x = _mirror_extend(x, axis, before, after)
-        sizes[0] += before
-        sizes[-1] += after
-        spatial.append(tuple(sizes))
-    return x.rechunk(((1,) * x.shape[0], *spatial))
+class _DaskWindows:
+    """Reads windows of a dask array by computing just them (in the calling task's thread). It
+    hides the array from Dask, which would otherwise compute it whole as a dependency."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        return np.asarray(self.array[key].compute(scheduler="sync"))
 
 
-def _predict_block(block, predictor: TilePredictor, geometry: Geometry, num_classes: int,
-                   block_info=None):
-    """(1, Ly + 2m + ey, Lx + 2m + ex) standardised input with halo -> (1, K, Ly, Lx) float32.
+def read_window(source, n, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """source[n][rows][:, cols] for index arrays that may fold back at the image border (the
+    infinite mirror), reading one rectangle: the rows and columns they span."""
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    window = np.asarray(source[r0:r1, c0:c1] if n is None else source[n, r0:r1, c0:c1])
+    if r1 - r0 != len(rows) or c1 - c0 != len(cols):        # at the border: mirror
+        window = window[(rows - r0)[:, None], (cols - c0)[None, :]]
+    return window
 
-    Tiles start on the pooling grid (multiples of 2**depth from the block's first output pixel,
-    which itself lies on the image's grid)."""
-    m = geometry.margin
-    lengths = block_info[None]["chunk-shape"][2:]         # this block's output rows, columns
-    (oy, ys), (ox, xs) = (geometry.origins(n) for n in lengths)
-    out = np.empty((num_classes, ys[-1] + oy, xs[-1] + ox), np.float32)
+
+def _predict_block(source, predictor: TilePredictor, geometry: Geometry,
+                   intensities: Intensities, flat: bool, block_info=None):
+    """One output block (1, K, L_y, L_x): read its window (the block plus the halo, mirrored
+    past the image border), normalise it, predict it in tiles on the pooling grid (multiples
+    of 2**depth from the block's first pixel, which lies on the image's grid)."""
+    info = block_info[None]
+    (n, _), _, (y0, y1), (x0, x1) = info["array-location"]
+    m, (height, width) = geometry.margin, source.shape[-2:]
+    (oy, ys), (ox, xs) = (geometry.origins(length) for length in (y1 - y0, x1 - x0))
+    rows = reflect_indices(y0 - m, ys[-1] + oy + 2 * m, height)
+    cols = reflect_indices(x0 - m, xs[-1] + ox + 2 * m, width)
+    window = intensities(read_window(source, None if flat else n, rows, cols), n)
+    out = np.empty((predictor.num_classes, ys[-1] + oy, xs[-1] + ox), np.float32)
     for y in ys:
         for x in xs:
-            tile = block[:, y:y + oy + 2 * m, x:x + ox + 2 * m]
-            out[:, y:y + oy, x:x + ox] = predictor(np.ascontiguousarray(tile[None], np.float32))[0]
-    return out[None, :, :lengths[0], :lengths[1]]
+            tile = window[y:y + oy + 2 * m, x:x + ox + 2 * m]
+            out[:, y:y + oy, x:x + ox] = predictor(np.ascontiguousarray(tile[None, None]))[0]
+    return out[None, :, :y1 - y0, :x1 - x0]
+
+
+def stored_chunks(image) -> tuple:
+    """The (rows, columns) an image is stored in, for choosing blocks; () if unknown."""
+    chunks = getattr(image, "chunksize", None) or getattr(image, "chunks", None)
+    return tuple(int(c) for c in chunks[-2:]) if isinstance(chunks, tuple) and chunks and \
+        all(np.ndim(c) == 0 for c in chunks) else ()
 
 
 def predict_blocked(image, model: UNet, tile: int, chunk=None, device: str = "cpu",
                     statistics=None):
     """Class probabilities of a 2-D image or a stack of 2-D slices, as a lazy dask array.
 
+    Each output block is one task: it reads its window of the image (the block plus the halo,
+    mirror-extended past the border), so tasks share nothing but the weights and memory stays
+    bounded by the blocks in flight, whatever the image size.
+
     Args:
-        image: dask array (or anything ``dask.array.asarray`` takes), (H, W) or (N, H, W), any
-            real dtype; each slice is one image of the network's single input channel.
+        image: (H, W) or (N, H, W), any real dtype, each slice one image of the network's single
+            input channel; anything that reads windows by slicing: a Zarr array, a TIFF opened
+            by :func:`minunet.data.lazy_io.open_lazy`, a NumPy array, or a dask array (each
+            window computed alone; on a cluster prefer a Zarr array, whose handle is small).
         model: a trained UNet with one input channel; its weights are copied (the caller may
             keep training it), and reach Dask workers once.
         tile: the input side of the tiles the network runs on (a valid size; larger is faster
             and needs more memory); the result does not depend on it.
         chunk: output block side, an int or (rows, columns): multiples of ``2**depth`` of at
-            least the tile's output (and its halo). Default: the input's chunks, rounded down to
-            the pooling grid. Memory grows with it; the result does not depend on it.
+            least the tile's output (and its halo). Default: :func:`default_chunk` of the
+            image's stored chunks. Memory grows with it; the result does not depend on it.
         device: where the network runs on each worker ("cpu", "cuda", "emu").
         statistics: per-slice (min, max, mean, std, bad) from :func:`slice_statistics`, already
             computed; by default they are computed here (one pass over the image, on the
             current Dask scheduler).
     Returns:
         float32 dask array (K, H, W) or (N, K, H, W) of softmax probabilities, chunked
-        (K, chunk rows, chunk columns): what :func:`minunet.train.predict_probabilities` gives
-        for one tile covering the image, up to float32 rounding.
+        (K, chunk rows, chunk columns): what :func:`minunet.inference.predict_probabilities`
+        gives for one tile covering the image, up to float32 rounding.
     Raises:
         ValueError for a 4-D array, an empty one, a model with several input channels, an
         invalid tile, a chunk that is too small or off the pooling grid, or NaN/inf pixels.
     """
+    import uuid
+
     import dask
     import dask.array as da
 
-    x = image if isinstance(image, da.Array) else da.asarray(image)
-    if x.ndim not in (2, 3) or 0 in x.shape:
+    shape, dtype = tuple(getattr(image, "shape", ())), np.dtype(getattr(image, "dtype", object))
+    if len(shape) not in (2, 3) or 0 in shape:
         raise ValueError(f"blocked prediction takes a 2-D image (H, W) or a 3-D stack of slices "
-                         f"(N, H, W); got an array of shape {x.shape}")
-    if x.dtype.kind not in "biuf":
-        raise ValueError(f"the image has dtype {x.dtype}; give real-valued pixels")
+                         f"(N, H, W); got an array of shape {shape}")
+    if dtype.kind not in "biuf":
+        raise ValueError(f"the image has dtype {dtype}; give real-valued pixels")
     if model.config["in_channels"] != 1:
         raise ValueError(f"blocked prediction reads gray images, but the model takes "
                          f"{model.config['in_channels']} input channels; use a 1-channel model")
-    flat = x.ndim == 2
-    stack = x[None] if flat else x
+    flat = len(shape) == 2
     geometry = Geometry(model.depth, tile)
-    if chunk is None:                                      # the input's, on the grid
-        chunk = tuple(max(c // geometry.grid * geometry.grid, geometry.smallest_chunk())
-                      for c in stack.chunksize[1:])
+    if chunk is None:
+        chunk = default_chunk(stored_chunks(image) or (0, 0), model.depth)
     square = np.ndim(chunk) == 0
     chunks = (int(chunk),) * 2 if square else tuple(int(c) for c in chunk)
     for c, what in zip(chunks, ("chunk",) * 2 if square else ("chunk rows", "chunk columns")):
         geometry.check_chunk(c, what)
-    stack = stack.rechunk((1, *chunks))
+    source = _DaskWindows(image) if isinstance(image, da.Array) else image
     if statistics is None:
-        statistics = dask.compute(*slice_statistics(stack))
-    ready = _halo_ready(normalized(stack, statistics), geometry, chunks)
-    halo = {0: 0}
-    for axis, c in zip((1, 2), chunks):
-        halo[axis] = (geometry.margin, geometry.margin + geometry.overhang(c))
-    if all(len(ready.chunks[a]) == 1 for a in (1, 2)):
-        overlapped = ready                                 # one block: nothing to share
-    else:
-        overlapped = da.overlap.overlap(ready, depth=halo, boundary="none", allow_rechunk=False)
+        stored = getattr(image, "chunks", None)
+        if not (isinstance(stored, tuple) and len(stored) == len(shape)
+                and all(np.ndim(c) == 0 for c in stored)):
+            stored = chunks if flat else (1, *chunks)
+        view = image if isinstance(image, da.Array) else da.from_array(image, chunks=stored)
+        statistics = dask.compute(*slice_statistics(view[None] if flat else view))
+    intensities = Intensities(statistics)
     predictor = TilePredictor(model, device)
-    weights = dask.delayed(predictor, pure=True)           # one key, every block depends on it
-    k = predictor.num_classes
-    out = overlapped.map_blocks(
-        _predict_block, weights, geometry, k, dtype=np.float32, new_axis=1,
-        chunks=((1,) * stack.shape[0], (k,), axis_chunks(stack.shape[1], chunks[0]),
-                axis_chunks(stack.shape[2], chunks[1])))
+    token = uuid.uuid4().hex
+    k, n = predictor.num_classes, 1 if flat else shape[0]
+    out = da.map_blocks(
+        _predict_block, dtype=np.float32, meta=np.empty((0, 0, 0, 0), np.float32),
+        chunks=((1,) * n, (k,), axis_chunks(shape[-2], chunks[0]),
+                axis_chunks(shape[-1], chunks[1])),
+        # one key each for the weights and the image handle: every block depends on them
+        source=dask.delayed(source, name=f"blocked-source-{token}"),
+        predictor=dask.delayed(predictor, name=f"unet-weights-{token}"),
+        geometry=geometry, intensities=intensities, flat=flat, name=f"unet-blocks-{token}")
     return out[0] if flat else out

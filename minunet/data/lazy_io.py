@@ -5,7 +5,7 @@ progress bar, on local threads or on a ``dask.distributed`` cluster.
 A Zarr array is read as it is stored: 2-D (H, W) or 3-D (slices, H, W). A TIFF of any size is
 read piece by piece (its strips or tiles) and gives the same gray slices as
 :func:`minunet.data.io.read_slices`: pages of a multi-page TIFF are slices, colour samples become
-luma. Nothing is read until the computation runs.
+luma. Nothing is read until a window is asked for.
 """
 from __future__ import annotations
 
@@ -18,74 +18,67 @@ from .io import rgb_to_gray
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-class _TiffPages:
-    """Array-like view of a TIFF's first series (pyramid level 0) that opens the file lazily in
-    each process, so a Dask graph reading it can be shipped to cluster workers (an open file
-    handle cannot be pickled); every worker must see the same path."""
+class TiffImage:
+    """A TIFF's first series (pyramid level 0) as gray slices read window by window: (H, W), or
+    (N, H, W) for a multi-page TIFF; colour samples become luma (float64) as in
+    :func:`minunet.data.io.read_slices`. It opens the file lazily in each process (an open file
+    handle cannot be pickled), so a cluster's workers can read it at the same path."""
 
     def __init__(self, path: Path):
-        import zarr
-
-        self.path = str(path)
-        z = zarr.open(self._store(), mode="r")
-        self.shape, self.dtype, self.chunks, self.ndim = z.shape, z.dtype, z.chunks, z.ndim
-        self._array = z
-
-    def _store(self):
         import tifffile
 
-        return tifffile.imread(self.path, aszarr=True, series=0, level=0)
+        self.path = str(path)
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+        z = self._open()
+        self._samples = axes.index("S") if "S" in axes else None
+        keep = [i for i in range(z.ndim) if i != self._samples]
+        if len(keep) not in (2, 3):
+            raise ValueError(f"TIFF {path} has axes {axes} {z.shape}; give a 2-D image or a "
+                             "3-D stack of 2-D slices")
+        if self._samples is not None and z.shape[self._samples] not in (1, 3, 4):
+            raise ValueError(f"TIFF {path} has {z.shape[self._samples]} samples per pixel; give "
+                             "a gray or RGB(A) image")
+        self.shape = tuple(z.shape[i] for i in keep)
+        self.chunks = tuple(z.chunks[i] for i in keep)
+        self.ndim = len(self.shape)
+        colour = self._samples is not None and z.shape[self._samples] > 1
+        self.dtype = np.dtype(np.float64) if colour else z.dtype
+
+    def _open(self):
+        import tifffile
+        import zarr
+
+        return zarr.open(tifffile.imread(self.path, aszarr=True, series=0, level=0), mode="r")
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_array"}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._array = None
-
     def __getitem__(self, key):
-        if self._array is None:
-            import zarr
-
-            self._array = zarr.open(self._store(), mode="r")
-        return self._array[key]
-
-
-def _open_tiff(path: Path):
-    """(slices, H, W) or (H, W) dask array of a TIFF, colour converted to luma lazily."""
-    import dask.array as da
-    import tifffile
-    from dask.base import tokenize
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            axes = tif.series[0].axes
-        pages = _TiffPages(path)
-    except Exception as error:  # any decoder failure: one line naming the file
-        raise ValueError(f"cannot read TIFF {path} lazily: {error}; check that it is a valid "
-                         "TIFF") from None
-    name = "tiff-" + tokenize(str(path.resolve()), path.stat().st_mtime_ns)
-    x = da.from_array(pages, chunks=pages.chunks, asarray=True, name=name)
-    if "S" in axes:                                         # colour samples -> luma (float64)
-        x = da.moveaxis(x, axes.index("S"), -1)
-        if x.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"TIFF {path} has {x.shape[-1]} samples per pixel; give a gray "
-                             "or RGB(A) image")
-        x = x.rechunk({x.ndim - 1: -1})
-        x = x[..., 0] if x.shape[-1] == 1 else \
-            x.map_blocks(rgb_to_gray, drop_axis=x.ndim - 1, dtype=np.float64)
-    if x.ndim > 3:                                          # e.g. TZYX: all planes are slices
-        x = x.reshape((-1,) + x.shape[-2:])
-    return x
+        if getattr(self, "_array", None) is None:
+            self._array = self._open()
+        key = (key,) if not isinstance(key, tuple) else key
+        if key == (Ellipsis,):
+            key = ()
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if self._samples is None:
+            return self._array[key]
+        full = list(key)
+        full.insert(self._samples, slice(None))
+        data = self._array[tuple(full)]
+        axis = self._samples - sum(1 for k in key[:self._samples] if not isinstance(k, slice))
+        data = np.moveaxis(data, axis, -1)
+        return data[..., 0] if data.shape[-1] == 1 else rgb_to_gray(data)
 
 
 def open_lazy(path):
-    """A dask array of an image too large to load: a Zarr array (a directory) or a TIFF.
+    """An image too large to load, to read window by window: a Zarr array (a directory) or a
+    TIFF (:class:`TiffImage`).
 
-    Returns (H, W) or (slices, H, W), chunked as stored. Raises ValueError (one line) for a
-    path that does not exist, a Zarr group instead of an array, an unreadable TIFF, or an array
-    that is not 2-D or 3-D."""
-    import dask.array as da
+    Returns an array-like of shape (H, W) or (slices, H, W) with ``shape``, ``dtype``,
+    ``chunks`` (as stored) and slicing. Raises ValueError (one line) for a path that does not
+    exist, a Zarr group instead of an array, an unreadable TIFF, or an array that is not 2-D or
+    3-D."""
     import zarr
 
     path = Path(path)
@@ -93,24 +86,29 @@ def open_lazy(path):
         raise ValueError(f"input {path} does not exist; give a Zarr array (a directory) or a "
                          "TIFF file")
     if path.suffix.lower() in TIFF_SUFFIXES and path.is_file():
-        x = _open_tiff(path)
+        try:
+            x = TiffImage(path)
+        except ValueError:
+            raise
+        except Exception as error:  # any decoder failure: one line naming the file
+            raise ValueError(f"cannot read TIFF {path} lazily: {error}; check that it is a "
+                             "valid TIFF") from None
     else:
         try:
-            node = zarr.open(str(path), mode="r")
+            x = zarr.open(str(path), mode="r")
         except Exception as error:
             raise ValueError(f"input {path} is neither a TIFF nor a Zarr array ({error}); give a "
                              "Zarr array (a directory) or a TIFF file") from None
-        if not isinstance(node, zarr.Array):
-            names = sorted(name for name, _ in node.arrays())
+        if not isinstance(x, zarr.Array):
+            names = sorted(name for name, _ in x.arrays())
             hint = f"one of its arrays, e.g. {path / names[0]}" if names else "a Zarr array"
             raise ValueError(f"input {path} is a Zarr group, not an array; give {hint}")
-        x = da.from_zarr(node)
     if x.ndim not in (2, 3):
         raise ValueError(f"input {path} has {x.ndim} dimensions {tuple(x.shape)}; give a 2-D "
                          "image (H, W) or a 3-D stack of 2-D slices (slices, H, W)")
     if 0 in x.shape:
         raise ValueError(f"input {path} is empty {tuple(x.shape)}; give a non-empty image")
-    if x.dtype.kind not in "biuf":
+    if np.dtype(x.dtype).kind not in "biuf":
         raise ValueError(f"input {path} has dtype {x.dtype}; give real-valued pixels")
     return x
 
