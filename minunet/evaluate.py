@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pair_files(pred_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
-    """(prediction, truth) pairs by sorted name; of minunet.predict's outputs the ``*_prob``
-    probability maps are taken (the masks and class maps beside them are not paired)."""
+    """(prediction, truth) pairs. Of minunet.predict's outputs the ``NAME_prob`` probability maps
+    are taken (not the masks and class maps beside them) and paired with the truth file ``NAME``
+    when every truth file has one; otherwise files are paired by sorted name (the "_prob" suffix
+    can sort differently from the names it extends: "a_1_prob" < "a_prob" but "a" < "a_1")."""
     from .data.io import image_files
 
     for name, folder in (("--pred", pred_dir), ("--truth", truth_dir)):
@@ -49,6 +51,9 @@ def pair_files(pred_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
     if len(preds) != len(truths):
         raise ValueError(f"{len(preds)} prediction(s) in {pred_dir} but {len(truths)} truth image(s) in "
                          f"{truth_dir}; they are paired by sorted name, so the counts must match")
+    by_name = {p.stem[:-len("_prob")]: p for p in probs}
+    if probs and all(t.stem in by_name for t in truths):
+        return [(by_name[t.stem], t) for t in truths]
     return list(zip(preds, truths))
 
 

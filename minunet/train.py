@@ -50,12 +50,12 @@ DEFAULT_TILE_AT_LEAST = 340
 DEFAULT_LR = 0.002
 DEFAULT_LR_BORDER_WEIGHTS = 0.001
 RUN_FILES = ("checkpoint.npz", "log.csv", "metrics.json", "loss.png", "prediction.png")
-# What --resume takes from the command line rather than from the checkpoint: where the run is and
-# what to do with it. Of the restored arguments, these may be changed on resuming (train longer,
-# lower a step size that made the loss NaN, move to another device); any other that is given
-# must equal the run's own.
-NOT_RESTORED = ("out", "resume", "overwrite")
-CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every", "quiet")
+# What --resume takes from the command line rather than from the checkpoint: where the run is,
+# what to do with it, and how much to print. Of the restored arguments, these may be changed on
+# resuming (train longer, lower a step size that made the loss NaN, move to another device); any
+# other that is given must equal the run's own.
+NOT_RESTORED = ("out", "resume", "overwrite", "quiet")
+CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every")
 
 
 def build_parser() -> argparse.ArgumentParser:

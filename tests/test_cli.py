@@ -243,3 +243,20 @@ def test_progress_counts_toward_the_budget_when_it_ends_the_run():
     progress.update(100, 135.0, 0.25)
     assert stream.getvalue().startswith("training  50%: iteration 100/1500, 2.2 of 4.5 min, loss 0.2500")
     assert Progress(10, float("inf")).fraction(5, 1e9) == 0.5
+
+
+def test_evaluate_pairs_predictions_with_the_truth_of_their_name(tmp_path, rng):
+    """'a_1_prob.tif' sorts before 'a_prob.tif' but 'a.png' before 'a_1.png': pairing by sorted
+    name would swap them; predictions are paired with the truth file they were named after."""
+    from minunet.data.io import write_image
+
+    masks = {"a": rng.random((16, 16)) > 0.5, "a_1": rng.random((16, 16)) > 0.5}
+    for name, mask in masks.items():
+        write_image(tmp_path / "truth" / f"{name}.png", mask)
+        write_image(tmp_path / "pred" / f"{name}_prob.tif", mask.astype(np.float32))
+        write_image(tmp_path / "pred" / f"{name}_mask.png", ~mask)    # ignored: probabilities win
+    assert run(evaluate.main, ["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth")]) == 0
+    scores = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
+    assert [(r["prediction"], r["truth"]) for r in scores["images"]] == \
+        [("a_prob.tif", "a.png"), ("a_1_prob.tif", "a_1.png")]
+    assert scores["mean"]["iou"] == 1.0
