@@ -128,7 +128,10 @@ from .errors import CompilerNotFoundError, EmulatorError, KernelNotFoundError, L
 from .launcher import EmuFunction, EmuModule
 from .modes import (emu_mode, racecheck, set_emu_mode, set_racecheck, set_shuffle_seed, set_workers,
                     shuffle_seed, workers)
+from .gpu_model import GPUS, kernel_resources, occupancy
+from .profiler import KernelProfile, ProfileReport, format_profile, profile
 
 __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "CompilerNotFoundError", "LaunchError",
            "KernelNotFoundError", "emu_mode", "set_emu_mode", "shuffle_seed", "set_shuffle_seed",
-           "racecheck", "set_racecheck", "workers", "set_workers"]
+           "racecheck", "set_racecheck", "workers", "set_workers", "profile", "format_profile",
+           "ProfileReport", "KernelProfile", "occupancy", "kernel_resources", "GPUS"]

@@ -60,28 +60,25 @@
 // ---- Built-in vector types (Guide: "Built-in Vector Types"), with CUDA's alignments ----------
 // A GPU loads and stores a float4 as one 16-byte access, which faults unless the address is a
 // multiple of 16 (likewise 8 for float2, int2, ...). GCC would split the copy into four 4-byte
-// accesses that need no such alignment, so in checked mode copying a 2- or 4-component vector
-// from or to memory checks its natural alignment explicitly.
-namespace emu { void vector_access(const void* address, size_t alignment, int is_write); }
+// accesses that need no such alignment, so in checked mode a 2- or 4-component vector is copied
+// by emu::vector_copy: one access of the vector's size, checked (alignment, bounds, races) and
+// counted by the profiler as such.
+namespace emu { void vector_copy(void* to, const void* from, size_t bytes); }
 #if EMU_CHECKED
-#define EMU_VEC_COPY(name, align, copy)                                                             \
+#define EMU_VEC_COPY(name)                                                                          \
     name() = default;                                                                               \
-    name(const name& o) { emu::vector_access(&o, align, 0); copy }    \
-    name& operator=(const name& o) {                                                                \
-        emu::vector_access(&o, align, 0);                              \
-        emu::vector_access(this, align, 1);                           \
-        copy return *this;                                                                          \
-    }
+    name(const name& o) { emu::vector_copy(this, &o, sizeof(name)); }                               \
+    name& operator=(const name& o) { emu::vector_copy(this, &o, sizeof(name)); return *this; }
 #define EMU_VEC2(T, name, align) struct __align__(align) name {                                      \
         T x, y;                                                                                     \
         constexpr name(T x_, T y_) : x(x_), y(y_) {}                                                \
-        EMU_VEC_COPY(name, align, x = o.x; y = o.y;)                                                \
+        EMU_VEC_COPY(name)                                                                          \
     };                                                                                              \
     static inline name make_##name(T x, T y) { return name{x, y}; }
 #define EMU_VEC4(T, name, align) struct __align__(align) name {                                      \
         T x, y, z, w;                                                                               \
         constexpr name(T x_, T y_, T z_, T w_) : x(x_), y(y_), z(z_), w(w_) {}                      \
-        EMU_VEC_COPY(name, align, x = o.x; y = o.y; z = o.z; w = o.w;)                              \
+        EMU_VEC_COPY(name)                                                                          \
     };                                                                                              \
     static inline name make_##name(T x, T y, T z, T w) { return name{x, y, z, w}; }
 #else

@@ -301,10 +301,10 @@ EMU_NOSAN static void check(uintptr_t a, size_t n, int is_write, const void* pc,
         if (misaligned(a, n)) fail_access(MISALIGNED, z, a, n, is_write, pc);
         if (z == g_dynamic_zone) {
             if (g_options.racecheck && !atomic) shared_race(g_dynamic_cells, SPACE_DYNAMIC_SHARED, a, a - s.lo, n, is_write, pc);
-            if (g_profile_hook.access) g_profile_hook.access(SPACE_DYNAMIC_SHARED, a, n, is_write, pc);
+            if (g_profile_hook.access && !atomic) g_profile_hook.access(SPACE_DYNAMIC_SHARED, a, n, is_write, pc);
         } else {
             if (g_options.racecheck && !atomic) global_race(s, a, n, is_write, pc);
-            if (g_profile_hook.access) g_profile_hook.access(SPACE_GLOBAL, a, n, is_write, pc);
+            if (g_profile_hook.access && !atomic) g_profile_hook.access(SPACE_GLOBAL, a, n, is_write, pc);
         }
         return;
     }
@@ -313,18 +313,18 @@ EMU_NOSAN static void check(uintptr_t a, size_t n, int is_write, const void* pc,
         if (shared_variable_at(s, n) < 0) fail_shared_access(SHARED_OUT_OF_BOUNDS, a, n, is_write, pc);
         if (misaligned(a, n)) fail_shared_access(MISALIGNED, a, n, is_write, pc);
         if (g_options.racecheck && !atomic && g_static_cells) shared_race(g_static_cells, SPACE_SHARED, a, s, n, is_write, pc);
-        if (g_profile_hook.access) g_profile_hook.access(SPACE_SHARED, a, n, is_write, pc);
+        if (g_profile_hook.access && !atomic) g_profile_hook.access(SPACE_SHARED, a, n, is_write, pc);
     }
 }
 
-// A 2- or 4-component vector type copied from or to memory (cuda_emu.h): its natural alignment.
-EMU_NOSAN void vector_access(const void* address, size_t alignment, int is_write) {
+// A 2- or 4-component vector type copied (cuda_emu.h): one access of its size on each side, as a
+// GPU's 8- or 16-byte load and store (so misalignment is caught and the profiler counts one
+// request); stack copies are not checked (check() ignores addresses outside device memory).
+EMU_NOSAN void vector_copy(void* to, const void* from, size_t bytes) {
     const void* pc = __builtin_return_address(0);  // in the kernel, where the copy was inlined
-    uintptr_t a = (uintptr_t)address;
-    if (!(a & (alignment - 1))) return;
-    int z = zone_of(a);
-    if (z >= 0) fail_access(MISALIGNED, z, a, alignment, is_write, pc);
-    if (a - (uintptr_t)shared_base < g_shared_used) fail_shared_access(MISALIGNED, a, alignment, is_write, pc);
+    check((uintptr_t)from, bytes, 0, pc);
+    check((uintptr_t)to, bytes, 1, pc);
+    memmove(to, from, bytes);
 }
 
 // Atomics (cuda_emu.h): checked for bounds and alignment, never a race.

@@ -21,6 +21,7 @@
 #include "emu_shared.h"
 #include "emu_check.h"
 #include "emu_sched.h"
+#include "emu_profile.h"
 
 namespace emu {
 
@@ -99,9 +100,11 @@ EMU_NOSAN static void run_blocks(Worker& w) {
             if (EMU_CHECKED) {
                 poison_shared(g_dynamic_bytes);
                 if (g_options.racecheck) new_interval(g_nthreads);
+                profile_block_start(b);
             }
             if (w.fiber_mode) run_block_fibers(w, g_nthreads, shuffled);
             else run_block_loop(g_nthreads, shuffled);
+            if (EMU_CHECKED) profile_block_end();
         }
     }
     sigaltstack(&old, nullptr);
@@ -109,6 +112,7 @@ EMU_NOSAN static void run_blocks(Worker& w) {
 
 static Region* g_regions;
 static int g_nregions;
+static Profile* g_profile_out;
 
 EMU_NOSAN static void copy_in() {
     for (int i = 0; i < g_nregions; ++i)
@@ -128,6 +132,8 @@ EMU_NOSAN static bool attempt(int workers) {
     for (int i = 0; i < g_nspans; ++i)
         if (g_spans[i].cells) { munmap(g_spans[i].cells, (g_spans[i].hi - g_spans[i].lo) * sizeof(GlobalCell)); g_spans[i].cells = nullptr; }
     copy_in();
+    g_tensor_flops = 0;
+    if (EMU_CHECKED) profile_attempt_start(g_profile_out);
     g_self = &g_workers[0];
     g_self->rng = g_options.seed;
     g_block_order = random_walk(g_nblocks, EMU_CHECKED && g_options.shuffled);
@@ -155,7 +161,7 @@ EMU_NOSAN static bool attempt(int workers) {
 EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Region* regions, int nregions,
                                     const emu::Binding* bindings, int nbindings, const uint32_t* grid,
                                     const uint32_t* block, uint64_t dynamic_shared_bytes,
-                                    const emu::Options* options, emu::Report* report) {
+                                    const emu::Options* options, emu::Report* report, emu::Profile* profile) {
     using namespace emu;
     memset(report, 0, sizeof *report);
     report->region = -1;
@@ -165,6 +171,7 @@ EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Reg
     g_args = args;
     g_options = *options;
     if (!EMU_CHECKED) { g_options.racecheck = 0; g_options.profile = 0; }
+    g_profile_out = profile;
     grid_dim = dim3(grid[0], grid[1], grid[2]);
     block_dim = dim3(block[0], block[1], block[2]);
     g_nthreads = block[0] * block[1] * block[2];
@@ -209,6 +216,10 @@ EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Reg
         attempt(workers);
     }
     restore_fault_handlers(&saved);
+    if (EMU_CHECKED) {
+        if (!report->failure) profile_launch_end();
+        profile_free();
+    }
     if (!report->failure && zoned)
         for (int i = 0; i < nregions; ++i)
             if (all[i].writable && all[i].nbytes) memcpy((void*)all[i].host, all[i].device, all[i].nbytes);

@@ -268,6 +268,7 @@ EMU_NOSAN static void complete_group(Worker& w, uint32_t base, uint32_t members)
             break;
         case OP_WMMA_MMA:
             first->compute(calls);
+            __atomic_fetch_add(&g_tensor_flops, (uint64_t)first->arg, __ATOMIC_RELAXED);
             break;
     }
     for (int j = 0; j < 32; ++j)

@@ -96,6 +96,7 @@ static uint64_t g_nblocks;
 static int g_failed;                        // set once (atomically) by the first failure
 static int g_need_fibers;                   // a barrier or warp call was reached in loop mode
 static uintptr_t g_library_base;            // for code offsets in reports
+static uint64_t g_tensor_flops;             // profiler: 2*m*n*k per wmma::mma_sync of a warp
 
 // One worker per OS thread that runs blocks (checked mode: just the calling thread).
 struct Fiber;

@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from . import compiler, modes
+from . import compiler, modes, profiler
 from .errors import EmulatorError, KernelNotFoundError, LaunchError
 from .reports import describe_failure
 
@@ -56,6 +56,14 @@ class _Report(ctypes.Structure):  # emu::Report (emu_state.h)
                 ("detail", ctypes.c_int32), ("space", ctypes.c_int32), ("other_is_write", ctypes.c_int32),
                 ("other_region", ctypes.c_int32), ("value", ctypes.c_int64), ("other_value", ctypes.c_int64),
                 ("text", ctypes.c_char * 256), ("text2", ctypes.c_char * 256)]
+
+
+class _Profile(ctypes.Structure):  # emu::Profile (emu_profile.h)
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "sampled_blocks", "total_blocks", "global_load_requests", "global_load_sectors", "global_load_bytes",
+        "global_store_requests", "global_store_sectors", "global_store_bytes", "shared_load_requests",
+        "shared_load_wavefronts", "shared_load_bytes", "shared_store_requests", "shared_store_wavefronts",
+        "shared_store_bytes", "dram_read_sectors", "dram_write_sectors", "tensor_flops")]
 
 
 class _Options(ctypes.Structure):  # emu::Options (emu_state.h)
@@ -279,27 +287,35 @@ class EmuFunction:
         region_array = (_Region * max(len(regions), 1))(*regions)
         binding_array = (_Binding * max(len(bindings), 1))(*bindings)
         report = _Report()
-        mode = self.module.mode
+        counting = profiler.active()
+        mode = "checked" if counting else self.module.mode  # the profiler counts in the checked build
         entry, launch, library_path, serial = self._handle(mode)
         seed = self.module.shuffle_seed
         racecheck = self.module.racecheck
+        if counting:
+            racecheck = counting.racecheck
+        nblocks = grid[0] * grid[1] * grid[2]
         options = _Options(seed=_mix(seed, self.launch_count) if seed >= 0 else 0, shuffled=int(seed >= 0),
                            fiber_mode=int(bool(self._uses_barriers)),
                            racecheck=int(modes.racecheck() if racecheck is None else racecheck),
                            workers=1 if serial else modes.workers(),
                            direct=int(mode == "fast" and self._uses_barriers is not None),
-                           profile=0, sample_every=1)
+                           profile=int(counting is not None),
+                           sample_every=max(1, nblocks // counting.sample_blocks) if counting else 1)
+        counts = _Profile()
         self.launch_count += 1
         with _launch_lock:
             failure = launch(entry, argv, region_array, ctypes.c_int(len(regions)), binding_array,
                              ctypes.c_int(len(bindings)), (ctypes.c_uint32 * 3)(*grid),
                              (ctypes.c_uint32 * 3)(*block), ctypes.c_uint64(shared_mem),
-                             ctypes.byref(options), ctypes.byref(report))
+                             ctypes.byref(options), ctypes.byref(report), ctypes.byref(counts))
         if failure:
             self._uses_barriers = self._uses_barriers or bool(report.used_fibers) or None
             raise EmulatorError(describe_failure(self, report, values, owners, len(regions), shared_mem,
                                                  seed, self.launch_count - 1, library_path, mode))
         self._uses_barriers = bool(self._uses_barriers) or bool(report.used_fibers)
+        if counting:
+            counting.add_launch(self, grid, block, shared_mem, counts)
 
     def _regions(self, values):
         """Group the array arguments into regions of host memory: arrays that overlap (the same

@@ -246,6 +246,7 @@ static inline void mma_sync(fragment<accumulator, m, n, k, TD>& d, const fragmen
     emu::WarpCall call{};
     call.op = emu::OP_WMMA_MMA; call.mask = 0xffffffffu; call.line = line; call.what = "wmma::mma_sync";
     call.kind = detail::kind<FD>();
+    call.arg = 2 * m * n * k;  // the warp's FLOPs, for the profiler
     call.fragments[0] = &d;
     call.fragments[1] = const_cast<FA*>(&a);
     call.fragments[2] = const_cast<FB*>(&b);
