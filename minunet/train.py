@@ -423,7 +423,8 @@ def _finished(run_: Run) -> str:
 
 def train(args, given: set | None = None) -> int:
     """Run ``python -m minunet.train`` for parsed `args`; `given` names the options the command
-    line gave (those a resumed run checks against its own; None: all of them)."""
+    line gave, which a resumed run checks against its own (None: those that differ from the
+    defaults)."""
     out_dir = Path(args.out)
     resumed, notes = resolve_args(args, given, out_dir)
     train_samples, val_samples, what = load_data(args)

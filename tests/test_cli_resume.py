@@ -123,11 +123,12 @@ def test_resume_accepts_the_same_arguments_and_a_new_budget_or_learning_rate(use
     assert load_checkpoint(user_folder / "runs/mine/checkpoint.npz")["meta"]["iteration"] == 3
     capsys.readouterr()
     assert run(train.main, ["--out", "runs/mine", "--resume", "--iterations", "4",
-                            "--lr", "0.005"]) == 0
+                            "--lr", "0.005", "--max-minutes", "5"]) == 0
     ckpt = load_checkpoint(user_folder / "runs/mine/checkpoint.npz")
     assert ckpt["meta"]["iteration"] == 4
     assert ckpt["optimizer"]["lr"] == 0.005
-    assert ckpt["meta"]["args"]["lr"] == 0.005
+    assert ckpt["meta"]["args"]["lr"] == 0.005 and ckpt["meta"]["args"]["max_minutes"] == 5
+    assert ckpt["meta"]["args"]["data"] == str(user_folder.resolve() / "mydata")
     out = capsys.readouterr().out
     assert "--lr 0.005" in out and "0.01" in out   # says what changed
 
@@ -196,3 +197,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
     assert remove_stale_temporary_files(tmp_path / "missing" / "x.npz") == []
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
+    """Not mkstemp's private 0600: a checkpoint shared in a lab stays readable as other files."""
+    import os
+
+    from minunet.checkpoint import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "c.npz", lambda f: f.write(b"x"))
+        ordinary = tmp_path / "ordinary"
+        ordinary.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777 == 0o644
