@@ -1,6 +1,6 @@
 """Benchmark: prediction of large images, blocked (Dask over Zarr) against in memory.
 
-    python -m minunet.bench_large                       # 1024^2, 2048^2, 4096^2, the paper's network
+    python -m minunet.bench_large                       # 2048^2 and 4096^2, the paper's network
     python -m minunet.bench_large --sizes 2048 --base-channels 16 --out /tmp/large.md
 
 For each image size it writes one synthetic EM-like image (``minunet.data.synthetic``, 16-bit)
@@ -118,17 +118,26 @@ def measure(args) -> dict:
     import minunet as mu
 
     from .checkpoint import save_checkpoint
+    from .data.blocked import Geometry
     from .inference import forward_cost
+    from .nn import UNet
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="minunet-bench-large-"))
     work.mkdir(parents=True, exist_ok=True)
     model = mu.UNet(base_channels=args.base_channels, depth=args.depth, seed=0)
     ckpt = save_checkpoint(work / "checkpoint.npz", model)
     common = ["--checkpoint", str(ckpt), "--device", "cpu", "--memory-mb", str(args.memory_mb)]
-    # base: the blocked command on a 64 x 64 image (imports, model, Dask and Zarr machinery)
+    # base: the blocked command on a 64 x 64 image with the smallest tile and block (imports,
+    # the model, Dask's and Zarr's machinery, and one small forward pass)
+    small = UNet.valid_input_size(1, args.depth)
+    while UNet.output_size(small, args.depth) < 2 ** args.depth:
+        small = UNet.valid_input_size(small + 1, args.depth)
     tiny = write_inputs(work, 64, args.chunk)[1]
     base = run_measured(["minunet.predict", *common, str(tiny), "--out", str(work / "tiny.zarr"),
-                         "--quiet", "--overwrite"], work / "base.log")
+                         "--tile", str(small), "--chunk",
+                         str(Geometry(args.depth, small).smallest_chunk()), "--quiet",
+                         "--overwrite"], work / "base.log")
+    load = [os.getloadavg()[0]]
     threads = os.cpu_count() or 1
     rows = []
     for size in args.sizes:
@@ -157,11 +166,13 @@ def measure(args) -> dict:
                                        work / f"blk_{size}.zarr", rows[-1]["tile_output"]))
             rows.append(row)
             print(format_row(row), flush=True)
+            load.append(os.getloadavg()[0])
         for p in (tiff,):
             p.unlink()
     return {"rows": rows, "base_bytes": base["peak_bytes"], "threads": threads,
             "network": dict(model.config), "parameters": sum(p.size for p in model.parameters()),
             "chunk": args.chunk, "memory_mb": args.memory_mb, "machine": machine(),
+            "load_average_1min": load,
             "workdir": str(work)}
 
 
@@ -201,7 +212,9 @@ def report(result: dict, command: str) -> str:
         "# Large images: blocked (Dask over Zarr) vs in-memory prediction",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {result['machine']}; no GPU (device `cpu`).  ",
+        f"Machine: {result['machine']}; no GPU (device `cpu`). One-minute load average during "
+        f"the runs: {min(result['load_average_1min']):.1f} to {max(result['load_average_1min']):.1f} "
+        "(other work shared the cores, so wall times are upper bounds).  ",
         f"Network: UNet(base_channels={net['base_channels']}, depth={net['depth']}), "
         f"{result['parameters']:,} parameters, random weights. Memory budget for the tile "
         f"choice: {result['memory_mb']} MB (`--memory-mb`). Blocks: {result['chunk']} x "
@@ -224,7 +237,7 @@ def report(result: dict, command: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minunet.bench_large", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="image sides")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="image sides")
     p.add_argument("--chunk", type=int, default=1024, help="Zarr chunk and block side")
     p.add_argument("--base-channels", type=int, default=64, help="64: the paper's network")
     p.add_argument("--depth", type=int, default=4)

@@ -91,7 +91,7 @@ def _connect(address: str):
                          "'dask scheduler' and 'dask worker ADDRESS', or omit --scheduler") from None
 
 
-def predict_large(args, model, device: str) -> int:
+def predict_large(args, model) -> int:
     """Blocked prediction of one Zarr array or TIFF into Zarr arrays (see the module docstring)."""
     from .data.blocked import (Geometry, choose_block_tile, default_chunk, predict_blocked,
                                stored_chunks)
@@ -119,7 +119,7 @@ def predict_large(args, model, device: str) -> int:
         slices = 1 if image.ndim == 2 else image.shape[0]
         print(f"{args.inputs[0]}: {slices} slice(s) of {image.shape[-2]}x{image.shape[-1]}, "
               f"intensity statistics (one pass)...", flush=True)
-        probs = predict_blocked(image, model, tile, chunk, device)
+        probs = predict_blocked(image, model, tile, chunk)
         foreground = probs.map_blocks(_foreground_block, drop_axis=probs.ndim - 3,
                                       dtype=np.float32)
         targets = [(create_output(outputs[0], foreground.shape, foreground.chunksize, "f4",
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     model = model_from_checkpoint(ckpt, device).eval()
     if Path(args.out).suffix.lower() == ".zarr":
-        return predict_large(args, model, device)
+        return predict_large(args, model)
     paths = [Path(p) for p in args.inputs]
     large = [f"--{k}" for k in ("chunk", "mask", "scheduler", "overwrite") if getattr(args, k)]
     if large or any(_is_zarr(p) for p in paths):

@@ -61,7 +61,7 @@ def test_stack_of_slices(rng):
 
 def test_tile_does_not_change_the_result(rng):
     """Unlike tiles off the pooling grid, any tile size gives the same probabilities."""
-    model = mu.UNet(base_channels=2, depth=3, seed=5)
+    model = mu.UNet(base_channels=2, depth=3, seed=5).eval()
     image = rng.random((130, 97)).astype(np.float32)
     runs = [predict_blocked(image, model, tile, 80).compute() for tile in (100, 124, 140)]
     for tile, got in zip((124, 140), runs[1:]):
@@ -83,7 +83,7 @@ def test_tile_origins_cover_each_block_on_the_grid(depth, tile):
 def test_weights_are_one_task(rng):
     """Every block depends on one task holding the weights: serialising the graph's tasks one
     by one, as a cluster ships them, carries the weights once, not once per block."""
-    model = mu.UNet(base_channels=4, depth=2, seed=7)
+    model = mu.UNet(base_channels=4, depth=2, seed=7).eval()
     marker = model.state_dict()[next(iter(model.state_dict()))].tobytes()
     image = rng.random((100, 100)).astype(np.float32)
     result = predict_blocked(image, model, 48, 24)
@@ -94,7 +94,7 @@ def test_weights_are_one_task(rng):
 
 
 def test_bad_input(rng):
-    model = mu.UNet(base_channels=2, depth=3, seed=0)       # margin 44, grid 8
+    model = mu.UNet(base_channels=2, depth=3, seed=0).eval()  # margin 44, grid 8
     image = rng.random((90, 90)).astype(np.float32)
     with pytest.raises(ValueError, match="2-D image .* or a 3-D stack"):
         predict_blocked(np.zeros((2, 2, 90, 90), np.float32), model, 108)
@@ -110,6 +110,8 @@ def test_bad_input(rng):
         predict_blocked(image, model, 110, 64)
     with pytest.raises(ValueError, match="input channels"):
         predict_blocked(image, mu.UNet(in_channels=2, base_channels=2, depth=3), 108, 64)
+    with pytest.raises(ValueError, match=r"training mode .* call model.eval\(\)"):
+        predict_blocked(image, mu.UNet(base_channels=2, depth=3), 108, 64)
     bad = image.copy()
     bad[70, 3] = np.nan
     bad[3, 70] = -np.inf

@@ -1,13 +1,16 @@
 """Overlap-tile prediction (paper Fig. 2) of images larger than memory, as a Dask computation.
 
 The overlap-tile strategy *is* a blocked computation with a halo: to predict one block of output
-pixels, the network needs the block plus its context around it, and nothing else. Here the image
-is a lazy ``dask.array`` (from a Zarr array or a TIFF read piece by piece, see
-:mod:`minunet.data.lazy_io`), cut into blocks of ``chunk`` x ``chunk`` output pixels; each block is
-read with a halo of the network's context, mirror-extended where the halo leaves the image (as in
-Fig. 2), predicted tile by tile, and only the block's own probabilities are kept. Dask schedules
-the blocks on local threads or on a ``dask.distributed`` cluster, so memory is bounded by the
-block size and the network's tile, not by the image.
+pixels, the network needs the block plus its context around it, and nothing else. Here the
+output is a lazy ``dask.array`` cut into blocks of ``chunk`` x ``chunk`` pixels; each block is
+one task that reads its window of the image (a Zarr array, a TIFF read piece by piece, see
+:mod:`minunet.data.lazy_io`, or any array that slices): the block plus a halo of the network's
+context, mirror-extended where it leaves the image (as in Fig. 2). It predicts the window tile
+by tile and keeps the block's own probabilities. Blocks share nothing but the weights (one task
+that every block depends on), so Dask can run them on local threads or on a
+``dask.distributed`` cluster in any order, and memory is bounded by the blocks in flight and the
+network's tile, not by the image. (Dask's ``map_overlap`` would instead pass halos between
+neighbouring blocks, keeping about two rows of blocks in memory.)
 
 **Exactness.** Max-pooling makes a U-Net equivariant only to shifts by multiples of
 ``2**depth`` (notebook 07): a tile whose input starts elsewhere pairs other pixels in its first
@@ -23,9 +26,9 @@ tiles lie on that grid (for instance one tile covering the image).
 sides are ``o = o_min + k * 2**depth`` (388 = 4 + 24 * 16 in the paper), so aligned tiles end
 ``e = (o - L) mod 2**depth`` rows past the block (fewer than ``2**depth``), and their inputs reach
 ``margin`` rows before the block and ``margin + e`` rows after it: that is the halo, exactly the
-input the network reads. The padding outside the image is the infinite mirror of
-:func:`minunet.data.tiling.mirror_crop` (no edge repetition; Dask's own "reflect" boundary repeats
-the edge pixel, so the padding is built here).
+input the network reads. Outside the image the window is the infinite mirror of
+:func:`minunet.data.tiling.mirror_crop` (no edge repetition; Dask's own "reflect" boundary
+repeats the edge pixel).
 
 **Intensities.** Like ``python -m minunet.predict`` on a file (per-slice min/max to [0, 1] when
 reading, then standardising each slice to zero mean and unit variance), but the statistics are
@@ -50,26 +53,25 @@ _EPS = 1e-6  # the epsilon of minunet's per-image standardisation: (x - mean) / 
 class TilePredictor:
     """Softmax class probabilities of input tiles, shipped to Dask workers as one object.
 
-    It holds the network's configuration and weights as NumPy arrays (picklable, no device
-    state) and builds the UNet on first use in each process, so a cluster receives the weights
-    once per worker, as one task's result that every block depends on, not once per block. One
-    forward pass runs at a time per process: the network's kernels already use every core, and
-    blocks queued behind the lock only hold their input."""
+    In this process it uses the model itself (no copy of the weights). Pickled for a cluster,
+    it carries the configuration and the weights as NumPy arrays, and each worker rebuilds the
+    UNet on first use, on the device the model was on: the weights travel once per worker, as
+    one task's result that every block depends on, not once per block. One forward pass runs
+    at a time per process: the network's kernels already use every core, and blocks queued
+    behind the lock only hold their input."""
 
-    def __init__(self, model: UNet, device: str = "cpu"):
+    def __init__(self, model: UNet):
+        if model.training:
+            raise ValueError("the model is in training mode (dropout on); call model.eval() "
+                             "before predicting")
         self.config = dict(model.config)
-        self.state = {k: np.array(v) for k, v in model.state_dict().items()}
-        self.device = device
-        self._model = None
+        self.device = next(iter(model.parameters())).device
+        self._model, self._state = model, None
         self._lock = threading.Lock()
 
-    def __dask_tokenize__(self):
-        from dask.base import tokenize
-
-        return "TilePredictor", tokenize(self.config, self.device, sorted(self.state.items()))
-
     def __getstate__(self):
-        return {"config": self.config, "state": self.state, "device": self.device}
+        state = self._state if self._model is None else self._model.state_dict()
+        return {"config": self.config, "device": self.device, "_state": state}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -85,10 +87,10 @@ class TilePredictor:
         return int(self.config["num_classes"])
 
     def _network(self) -> UNet:
-        if self._model is None:
+        if self._model is None:                             # on a worker: rebuild it once
             model = UNet(**self.config, seed=0)
-            model.load_state_dict(self.state)
-            self._model = model.to(self.device).eval()
+            model.load_state_dict(self._state)
+            self._model, self._state = model.to(self.device).eval(), None
         return self._model
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -301,8 +303,7 @@ def stored_chunks(image) -> tuple:
         all(np.ndim(c) == 0 for c in chunks) else ()
 
 
-def predict_blocked(image, model: UNet, tile: int, chunk=None, device: str = "cpu",
-                    statistics=None):
+def predict_blocked(image, model: UNet, tile: int, chunk=None, statistics=None):
     """Class probabilities of a 2-D image or a stack of 2-D slices, as a lazy dask array.
 
     Each output block is one task: it reads its window of the image (the block plus the halo,
@@ -314,14 +315,14 @@ def predict_blocked(image, model: UNet, tile: int, chunk=None, device: str = "cp
             input channel; anything that reads windows by slicing: a Zarr array, a TIFF opened
             by :func:`minunet.data.lazy_io.open_lazy`, a NumPy array, or a dask array (each
             window computed alone; on a cluster prefer a Zarr array, whose handle is small).
-        model: a trained UNet with one input channel; its weights are copied (the caller may
-            keep training it), and reach Dask workers once.
+        model: a trained UNet with one input channel, in evaluation mode (``model.eval()``),
+            on the device to predict on. It is used as it is (do not change it until the
+            result is computed) and reaches each Dask worker once.
         tile: the input side of the tiles the network runs on (a valid size; larger is faster
             and needs more memory); the result does not depend on it.
         chunk: output block side, an int or (rows, columns): multiples of ``2**depth`` of at
             least the tile's output (and its halo). Default: :func:`default_chunk` of the
             image's stored chunks. Memory grows with it; the result does not depend on it.
-        device: where the network runs on each worker ("cpu", "cuda", "emu").
         statistics: per-slice (min, max, mean, std, bad) from :func:`slice_statistics`, already
             computed; by default they are computed here (one pass over the image, on the
             current Dask scheduler).
@@ -364,7 +365,7 @@ def predict_blocked(image, model: UNet, tile: int, chunk=None, device: str = "cp
         view = image if isinstance(image, da.Array) else da.from_array(image, chunks=stored)
         statistics = dask.compute(*slice_statistics(view[None] if flat else view))
     intensities = Intensities(statistics)
-    predictor = TilePredictor(model, device)
+    predictor = TilePredictor(model)
     token = uuid.uuid4().hex
     k, n = predictor.num_classes, 1 if flat else shape[0]
     out = da.map_blocks(
