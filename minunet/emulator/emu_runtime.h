@@ -133,6 +133,8 @@ EMU_NOSAN static bool attempt(int workers) {
         if (g_spans[i].cells) { munmap(g_spans[i].cells, (g_spans[i].hi - g_spans[i].lo) * sizeof(GlobalCell)); g_spans[i].cells = nullptr; }
     copy_in();
     g_tensor_flops = 0;
+    if (g_options.fiber_mode && !g_thread_table && (g_thread_table = (uint3*)malloc(g_nthreads * sizeof(uint3))))
+        for (uint32_t t = 0; t < g_nthreads; ++t) g_thread_table[t] = thread_of(t);
     if (EMU_CHECKED) profile_attempt_start(g_profile_out);
     g_self = &g_workers[0];
     g_self->rng = g_options.seed;
@@ -158,7 +160,8 @@ EMU_NOSAN static bool attempt(int workers) {
 // ---- The entry point launcher.py calls --------------------------------------------------------
 // Returns the Failure (0 on success). `args` is the driver API's array of pointers to argument
 // values; for each binding the runtime stores the device pointer into that argument's slot.
-EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Region* regions, int nregions,
+EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void (*block_entry)(void**), void** args,
+                                    emu::Region* regions, int nregions,
                                     const emu::Binding* bindings, int nbindings, const uint32_t* grid,
                                     const uint32_t* block, uint64_t dynamic_shared_bytes,
                                     const emu::Options* options, emu::Report* report, emu::Profile* profile) {
@@ -168,6 +171,7 @@ EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Reg
     g_report = report;
     g_failed = 0;
     g_entry = entry;
+    g_block_entry = EMU_CHECKED ? nullptr : block_entry;  // checked mode shuffles the threads
     g_args = args;
     g_options = *options;
     if (!EMU_CHECKED) { g_options.racecheck = 0; g_options.profile = 0; }
@@ -215,6 +219,8 @@ EMU_EXPORT EMU_NOSAN int emu_launch(void (*entry)(void**), void** args, emu::Reg
         g_options.fiber_mode = 1;
         attempt(workers);
     }
+    free(g_thread_table);
+    g_thread_table = nullptr;
     restore_fault_handlers(&saved);
     if (EMU_CHECKED) {
         if (!report->failure) profile_launch_end();
@@ -255,6 +261,24 @@ EMU_NOSAN static inline void invoke(void (*kernel)(A...), void** args) {
     invoke_impl(kernel, args, std::index_sequence_for<A...>{});
 }
 
+// Fast mode, loop mode: every thread of a block in one function, the kernel inlined into the loop
+// (`flatten`), so the per-thread cost is the kernel's own work: no call, the arguments unpacked
+// and thread-local addresses computed once per block.
+template <auto Kernel, class... A, size_t... I>
+__attribute__((flatten)) static inline void block_loop_impl(void (*)(A...), void** args, std::index_sequence<I...>) {
+    const unsigned nx = block_dim.x, ny = block_dim.y, nz = block_dim.z;
+    for (unsigned z = 0; z < nz; ++z)
+        for (unsigned y = 0; y < ny; ++y)
+            for (unsigned x = 0; x < nx; ++x) {
+                thread_idx = uint3{x, y, z};
+                Kernel(*static_cast<std::remove_cv_t<A>*>(args[I])...);
+            }
+}
+template <auto Kernel, class... A>
+static inline void block_loop(void (*kernel)(A...), void** args) {
+    block_loop_impl<Kernel>(kernel, args, std::index_sequence_for<A...>{});
+}
+
 // signature(kernel): the parameter types as text for launcher.py to check arguments against,
 // one token per parameter: "f32" float, "i32" int, "u64" unsigned long long, "b8" bool, "c8" char,
 // "*cf32" const float*, "*u8" unsigned char*, "*v" void*, "x12" some other 12-byte type.
@@ -293,6 +317,7 @@ EMU_NOSAN static const char* signature(void (*)(A...)) {
 // One pair of these per kernel, written by compiler.py after the kernel source.
 #define EMU_KERNEL(name)                                                                      \
     EMU_EXPORT EMU_NOSAN void emu_entry__##name(void** args) { emu::invoke(name, args); }              \
+    EMU_EXPORT EMU_NOSAN void emu_block__##name(void** args) { emu::block_loop<name>(name, args); }    \
     EMU_EXPORT const char* emu_signature__##name() { return emu::signature(name); }
 // The kernel's __launch_bounds__ value (source.py defines emu_bound_value__<name> after the kernel).
 #define EMU_LAUNCH_BOUND(name) \

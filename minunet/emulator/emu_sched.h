@@ -128,8 +128,10 @@ EMU_NOSAN static void start_fiber(Worker& w, int t) {
 #endif
 }
 
+static uint3* g_thread_table;  // thread_of(t) for every thread of a block, when fibers run
+
 EMU_NOSAN static void set_thread(uint32_t t) {
-    thread_idx = thread_of(t);
+    thread_idx = g_thread_table ? g_thread_table[t] : thread_of(t);
     g_tid = t;
 }
 
@@ -187,6 +189,7 @@ EMU_NOSAN uint64_t warp_collective(WarpCall* c) {
     f.state = AT_WARP;
     f.line = c->line;
     f.call = c;
+    w.warp_waiting++;
     switch_to_scheduler(f);
     return c->result;
 }
@@ -272,7 +275,7 @@ EMU_NOSAN static void complete_group(Worker& w, uint32_t base, uint32_t members)
             break;
     }
     for (int j = 0; j < 32; ++j)
-        if (calls[j]) w.fibers[base + j].state = READY;
+        if (calls[j]) { w.fibers[base + j].state = READY; w.warp_waiting--; }
 }
 
 static const char* barrier_what = "__syncthreads()";
@@ -280,6 +283,7 @@ static const char* barrier_what = "__syncthreads()";
 // Complete every warp collective whose lanes have all arrived. Returns whether any did.
 EMU_NOSAN static bool resolve_warps(Worker& w, uint32_t nthreads) {
     bool progress = false;
+    if (!w.warp_waiting) return false;
     for (uint32_t base = 0; base < nthreads; base += 32) {
         const uint32_t count = nthreads - base < 32 ? nthreads - base : 32;
         uint32_t waiting = 0;
@@ -364,6 +368,7 @@ EMU_NOSAN static Walk random_walk(uint64_t n, bool shuffled) {
 }
 
 EMU_NOSAN static void run_block_loop(uint32_t nthreads, bool shuffled) {
+    if (g_block_entry) { g_block_entry(g_args); return; }
     Walk walk = random_walk(nthreads, shuffled);
     for (uint64_t i = 0; i < nthreads; ++i) {
         set_thread((uint32_t)walk.at(i));
@@ -374,6 +379,7 @@ EMU_NOSAN static void run_block_loop(uint32_t nthreads, bool shuffled) {
 
 EMU_NOSAN static void run_block_fibers(Worker& w, uint32_t nthreads, bool shuffled) {
     for (uint32_t t = 0; t < nthreads; ++t) { start_fiber(w, (int)t); w.order[t] = t; }
+    w.warp_waiting = 0;
     for (;;) {
         if (shuffled) shuffle(w.order, nthreads);
         for (uint32_t k = 0; k < nthreads; ++k) {
@@ -383,7 +389,7 @@ EMU_NOSAN static void run_block_fibers(Worker& w, uint32_t nthreads, bool shuffl
             if (g_pending.active) resolve_pending();
         }
         if (resolve_warps(w, nthreads)) continue;
-        fail_stuck_warp(w, nthreads);
+        if (w.warp_waiting) fail_stuck_warp(w, nthreads);
         int done = -1, waiting = -1;  // one example thread of each kind
         for (uint32_t t = 0; t < nthreads; ++t) {
             const Fiber& f = w.fibers[t];

@@ -88,7 +88,8 @@ struct Report {
 
 // ---- Launch state -----------------------------------------------------------------------------
 static Report* g_report;
-static void (*g_entry)(void**);
+static void (*g_entry)(void**);             // runs one CUDA thread
+static void (*g_block_entry)(void**);       // fast mode: runs every thread of a block (loop mode)
 static void** g_args;
 static Options g_options;
 static uint32_t g_nthreads;                 // threads per block
@@ -109,6 +110,7 @@ struct Worker {
     size_t capacity;                        // fibers mapped
     uint32_t* order;                        // the order threads run in during one pass
     int current;                            // the fiber now running
+    int warp_waiting;                       // fibers parked at a warp collective
     void* scheduler_sp;                     // x86-64: the scheduler's saved stack pointer
     char* shared_arena;                     // static __shared__ variables of the block it runs
     char* dynamic_shared;                   // fast mode: its own extern __shared__ buffer

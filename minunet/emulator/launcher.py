@@ -180,15 +180,16 @@ class EmuFunction:
         return bool(self._uses_barriers)
 
     def _handle(self, mode: str):
-        """(entry point, emu_launch, library path, one OS thread only) of this kernel in ``mode``."""
+        """(thread entry, block entry, emu_launch, library path, one OS thread only) in ``mode``."""
         if mode not in self._handles:
             build = self.module.build_for(mode)
             library = build.library
             launch = library.emu_launch
             launch.restype = ctypes.c_int
             entry = ctypes.cast(getattr(library, f"emu_entry__{self.name}"), ctypes.c_void_p)
+            block_entry = ctypes.cast(getattr(library, f"emu_block__{self.name}"), ctypes.c_void_p)
             serial = bool(library.emu_file_scope_shared())
-            self._handles[mode] = (entry, launch, str(build.path), serial)
+            self._handles[mode] = (entry, block_entry, launch, str(build.path), serial)
         return self._handles[mode]
 
     # ---- checks ---------------------------------------------------------------------------
@@ -289,7 +290,7 @@ class EmuFunction:
         report = _Report()
         counting = profiler.active()
         mode = "checked" if counting else self.module.mode  # the profiler counts in the checked build
-        entry, launch, library_path, serial = self._handle(mode)
+        entry, block_entry, launch, library_path, serial = self._handle(mode)
         seed = self.module.shuffle_seed
         racecheck = self.module.racecheck
         if counting:
@@ -305,7 +306,7 @@ class EmuFunction:
         counts = _Profile()
         self.launch_count += 1
         with _launch_lock:
-            failure = launch(entry, argv, region_array, ctypes.c_int(len(regions)), binding_array,
+            failure = launch(entry, block_entry, argv, region_array, ctypes.c_int(len(regions)), binding_array,
                              ctypes.c_int(len(bindings)), (ctypes.c_uint32 * 3)(*grid),
                              (ctypes.c_uint32 * 3)(*block), ctypes.c_uint64(shared_mem),
                              ctypes.byref(options), ctypes.byref(report), ctypes.byref(counts))

@@ -1,0 +1,133 @@
+"""The emulator's second edition, part 4: fast mode. An optimised build without per-access
+checks, blocks spread over several OS threads, fibers only for kernels that need them. It must
+give the checked mode's answers (atomics stay atomic across threads, a kernel whose first launch
+had to restart with fibers does not apply its side effects twice), and still report faults and
+device asserts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import assert_close
+from minunet import emulator
+from minunet.backends.sources import kernel_source
+from minunet.emulator import EmuModule, EmulatorError
+
+KERNELS = Path(__file__).parent / "emu_kernels"
+
+
+@pytest.fixture
+def two_workers():
+    previous = emulator.workers()
+    emulator.set_workers(2)
+    yield
+    emulator.set_workers(previous)
+
+
+def load(file: str, mode: str) -> EmuModule:
+    return EmuModule((KERNELS / file).read_text(), name=file, mode=mode)
+
+
+def test_fast_mode_is_chosen_per_module_and_by_default(monkeypatch):
+    assert load("vector_add.cu", "fast").mode == "fast"
+    previous = emulator.emu_mode()
+    try:
+        emulator.set_emu_mode("fast")
+        assert EmuModule((KERNELS / "vector_add.cu").read_text(), name="vector_add.cu").mode == "fast"
+    finally:
+        emulator.set_emu_mode(previous)
+
+
+def test_elementwise_kernels_match(two_workers, rng):
+    fast = load("vector_add.cu", "fast").get_function("vector_add")
+    for _ in range(3):
+        n = int(rng.integers(1, 20000))
+        a, b = rng.standard_normal(n, np.float32), rng.standard_normal(n, np.float32)
+        c = np.full(n, np.nan, np.float32)
+        fast((n + 127) // 128, 128, (a, b, c, np.int32(n)))
+        assert_close(c, a + b, rtol=0, atol=0, what=f"vector_add n={n}")
+
+
+def test_barrier_kernel_with_atomics_is_not_applied_twice(two_workers, rng):
+    """The first launch meets __syncthreads() in loop mode and restarts with fibers from copies:
+    the atomicAdd of the abandoned attempt must not reach the caller's array."""
+    fn = load("block_sum.cu", "fast").get_function("block_sum")
+    for launch in range(3):  # the first restarts, the next ones run on the caller's memory directly
+        n = int(rng.integers(300, 30000))
+        x = rng.random(n, np.float32)
+        out = np.zeros(1, np.float32)
+        fn((n + 255) // 256, 256, (x, out, np.int32(n)))
+        assert fn.uses_barriers
+        assert_close(out[0], x.astype(np.float64).sum(), rtol=1e-5, atol=1e-3, what=f"block_sum launch {launch}")
+
+
+def test_atomics_from_parallel_blocks(two_workers, rng):
+    mod = load("histogram.cu", "fast")
+    n, nbins = 200_000, int(rng.integers(3, 40))
+    values = rng.integers(-3, nbins + 3, n).astype(np.int32)
+    bins = np.zeros(nbins, np.int32)
+    mod.get_function("histogram")(64, 256, (values, bins, np.int32(n), np.int32(nbins)))
+    assert_close(bins, np.bincount(np.clip(values, 0, nbins - 1), minlength=nbins), rtol=0, atol=0, what="histogram")
+
+
+def test_real_kernels_agree_with_checked_mode(two_workers, rng):
+    """The tiled 3x3 convolution (barriers, shared memory) and its weight gradient (a shared-memory
+    tree reduction): fast and checked builds compute the same floats."""
+    source = kernel_source("conv3x3")
+    n, ci, co, h, w = 2, 3, 9, 21, 37
+    x = rng.standard_normal((n, ci, h, w)).astype(np.float32)
+    wt = rng.standard_normal((co, ci, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(co).astype(np.float32)
+    gy = rng.standard_normal((n, co, h - 2, w - 2)).astype(np.float32)
+    results = {}
+    for mode in ("checked", "fast"):
+        mod = EmuModule(source, name="conv3x3.cu", mode=mode)
+        y = np.full((n, co, h - 2, w - 2), np.nan, np.float32)
+        grid = (-(-(h - 2) // 16) * -(-(w - 2) // 32), -(-co // 8), n)
+        mod.get_function("conv3x3_forward_tiled")(grid, (32, 8), (x, wt, b, y, *(np.int32(v) for v in (n, ci, h, w, co))))
+        pixels = n * (h - 2) * (w - 2)
+        gw = np.full((2, co * ci * 9), np.nan, np.float32)
+        mod.get_function("conv3x3_grad_weight")((co * -(-ci // 4), 2), 128, (x, gy, gw, *(np.int32(v) for v in (n, ci, h, w, co)),
+                                                                            np.int32(-(-pixels // 2))))
+        results[mode] = (y, gw)
+    assert np.array_equal(results["fast"][0], results["checked"][0])
+    assert_close(results["fast"][1], results["checked"][1], rtol=1e-5, atol=1e-5, what="grad weight partials")
+    windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), (3, 3), axis=(2, 3))  # n c i j ky kx
+    y_ref = np.einsum("ncijkl,ockl->noij", windows, wt) + b[None, :, None, None]
+    assert_close(results["fast"][0], y_ref, rtol=1e-4, atol=1e-4, what="forward vs NumPy")
+    gw_ref = np.einsum("noij,ncijkl->ockl", gy, windows).reshape(-1)
+    assert_close(results["fast"][1].sum(axis=0), gw_ref, rtol=1e-4, atol=1e-3, what="grad weight vs NumPy")
+
+
+def test_faults_and_asserts_are_still_reported(two_workers):
+    broken = load("broken.cu", "fast")
+    with pytest.raises(EmulatorError, match=r"segmentation fault at address 0x10 by thread \(3,0,0\).*fast mode: no "
+                                            r"per-access checks; rerun in checked mode"):
+        broken.get_function("store_to_address")(4, 8, (np.uint64(16),))
+    x = np.ones(2000, np.float32)
+    x[1234] = -1
+    with pytest.raises(EmulatorError, match=r"assert\(x\[i\] > 0.0f\) failed \(broken.cu:\d+\) in thread \(82,0,0\) "
+                                            r"of block \(9,0,0\)"):
+        broken.get_function("checked_positive")(16, 128, (x, np.int32(2000)))
+    y = np.zeros(32, np.int32)  # the process is fine afterwards
+    broken.get_function("divide_by")(1, 32, (y, np.int32(7)))
+    assert (y == 14).all()
+
+
+def test_file_scope_shared_memory_runs_on_one_thread(two_workers, rng):
+    """A __shared__ variable at file scope is one copy in the emulator, so fast mode must not run
+    two blocks at once; the sum of every block's tile stays right."""
+    code = """
+__shared__ float tile[64];
+extern "C" __global__ void block_sums(const float* x, float* out) {
+    tile[threadIdx.x] = x[blockIdx.x * 64 + threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0) { float s = 0; for (int i = 0; i < 64; ++i) s += tile[i]; out[blockIdx.x] = s; }
+}
+"""
+    x = rng.standard_normal(64 * 200).astype(np.float32)
+    out = np.zeros(200, np.float32)
+    EmuModule(code, name="file_scope_shared.cu", mode="fast").get_function("block_sums")(200, 64, (x, out))
+    assert_close(out, x.reshape(200, 64).astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-4, what="block sums")
