@@ -1,4 +1,9 @@
-"""Every notebook in notebooks/ runs top to bottom without an error.
+"""The notebooks: each .ipynb has exactly the cells of its .py source, and runs top to bottom.
+
+Each notebook is a pair, notebooks/NN_name.py (the source, jupytext's percent format) and
+NN_name.ipynb (the same cells with their outputs, committed for reading on the web). A pair that
+disagrees means an edit was not rebuilt (`python notebooks/sync.py NN_name`) or was made in
+Jupyter without jupytext and is missing from the source.
 
 Each committed .ipynb is read, executed in memory in a fresh "python3" kernel (ipykernel provides
 it) with notebooks/ as the working directory, and never written back: the committed outputs stay
@@ -7,16 +12,19 @@ CellExecutionError). The notebooks must run on a CPU without a GPU.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]' installs nbformat")
 nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]' installs nbclient")
+jupytext = pytest.importorskip("jupytext", reason="pip install -e '.[dev]' installs jupytext")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300
+CELL_TIMEOUT_S = 600  # per cell: generous, so that 08's training loop also finishes on a busy machine
 MAX_SIZE_KB = 1024
 
 
@@ -25,8 +33,9 @@ EXPECTED = ["01_tensors_and_autograd", "02_conv3x3", "03_pooling_and_upconv", "0
 
 
 def test_notebooks_exist():
-    """The eight notebooks, each linked from the README."""
+    """The eight notebooks, each a .py source and its .ipynb, each linked from the README."""
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
+    assert sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")) == EXPECTED
     readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
     missing = [name for name in EXPECTED if f"(notebooks/{name}.ipynb)" not in readme]
     assert not missing, f"README does not link {missing}"
@@ -56,3 +65,77 @@ def test_notebook_runs(path: Path):
               for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: a cell produced an error output: {errors[0].get('ename')}"
     assert path.read_bytes() == committed, f"{path.name} was modified by the test"
+
+
+def cells(nb) -> list[tuple[str, str]]:
+    return [(cell.cell_type, cell.source) for cell in nb.cells]
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_agrees_with_its_source(name: str):
+    """The committed .ipynb has the cells of its .py, in order: same types, same sources."""
+    source = jupytext.read(NOTEBOOK_DIR / f"{name}.py", fmt="py:percent")
+    committed = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    want, got = cells(source), cells(committed)
+    differ = [k for k, (w, g) in enumerate(zip(want, got)) if w != g]
+    assert len(want) == len(got) and not differ, (
+        f"{name}.ipynb and {name}.py disagree ({len(got)} vs {len(want)} cells; first differing "
+        f"cell {differ[:1]}): rebuild with `python notebooks/sync.py {name}`")
+    assert sum(kind == "code" for kind, _ in want) > 3 and sum(kind == "markdown" for kind, _ in want) > 3
+    assert want[1] == ("code", want[1][1]) and want[1][1].startswith("from nbsetup import"), \
+        f"{name}.py: the first code cell should be the shared setup (from nbsetup import ...)"
+
+
+def load_sync():
+    spec = importlib.util.spec_from_file_location("notebook_sync", NOTEBOOK_DIR / "sync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A copy of one notebook pair in a temporary folder: (folder, name), .ipynb older than .py."""
+    name = "01_tensors_and_autograd"
+    for suffix in (".py", ".ipynb"):
+        (tmp_path / f"{name}{suffix}").write_bytes((NOTEBOOK_DIR / f"{name}{suffix}").read_bytes())
+    os.utime(tmp_path / f"{name}.ipynb", (1_000_000_000, 1_000_000_000))
+    return tmp_path, name
+
+
+def edit_cell(path: Path, index: int, source: str) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[index].source = source
+    nbformat.write(nb, path)
+
+
+def test_sync_check_reports_a_pair_that_disagrees(pair, capsys):
+    """`sync.py --check` passes an agreeing pair and fails (exit 1, naming the notebook and the
+    cell) once a cell of the .ipynb or of the .py changes."""
+    sync = load_sync()
+    folder, name = pair
+    assert sync.main(["--check"], folder=folder) == 0
+    edit_cell(folder / f"{name}.ipynb", 3, "x = 1  # edited in Jupyter")
+    assert sync.main(["--check"], folder=folder) == 1
+    assert f"{name}: cell 3 differs" in capsys.readouterr().out
+
+    text = (NOTEBOOK_DIR / f"{name}.py").read_text()
+    (folder / f"{name}.ipynb").write_bytes((NOTEBOOK_DIR / f"{name}.ipynb").read_bytes())
+    (folder / f"{name}.py").write_text(text + "\n# %%\nprint('a new last cell')\n")
+    assert sync.main(["--check", name], folder=folder) == 1
+    assert "the .py has" in capsys.readouterr().out
+
+
+def test_sync_refuses_to_overwrite_a_newer_edited_ipynb(pair, capsys):
+    """A rebuild would lose an edit made to the .ipynb after its .py: refused with exit status 2
+    and one line naming the fix, before anything runs; unknown names are refused too."""
+    sync = load_sync()
+    folder, name = pair
+    edit_cell(folder / f"{name}.ipynb", 3, "x = 1  # edited in Jupyter")   # now newer than the .py
+    before = (folder / f"{name}.ipynb").read_bytes()
+    assert sync.main([name], folder=folder) == 2
+    err = capsys.readouterr().err
+    assert f"jupytext --sync notebooks/{name}.ipynb" in err and "--force" in err
+    assert (folder / f"{name}.ipynb").read_bytes() == before
+    assert sync.main(["no_such_notebook"], folder=folder) == 2
+    assert "unknown notebook(s) no_such_notebook" in capsys.readouterr().err
