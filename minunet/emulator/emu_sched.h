@@ -20,6 +20,7 @@ namespace emu {
 
 static const size_t kStackBytes = 64 * 1024;
 enum FiberState : int { READY, AT_BARRIER, AT_WARP, DONE };
+static const size_t g_page_bytes = (size_t)sysconf(_SC_PAGESIZE);
 
 #if defined(__x86_64__)
 extern "C" __attribute__((visibility("hidden"))) void emu_ctx_switch(void** save_sp, void* next_sp);
@@ -63,7 +64,7 @@ static EMU_TLS ucontext_t g_scheduler_context;
 
 EMU_NOSAN static bool ensure_fibers(Worker& w, size_t n) {
     if (n <= w.capacity) return true;
-    size_t page = (size_t)sysconf(_SC_PAGESIZE), slot = kStackBytes + page;
+    size_t page = g_page_bytes, slot = kStackBytes + page;
     if (w.stacks) munmap(w.stacks, w.capacity * slot);
     free(w.fibers);
     free(w.order);
@@ -79,7 +80,7 @@ EMU_NOSAN static bool ensure_fibers(Worker& w, size_t n) {
 }
 
 EMU_NOSAN static bool in_stack_guard(uintptr_t a) {
-    size_t page = (size_t)sysconf(_SC_PAGESIZE), slot = kStackBytes + page;
+    size_t page = g_page_bytes, slot = kStackBytes + page;
     for (int i = 0; i < kMaxWorkers; ++i) {
         const Worker& w = g_workers[i];
         if (!w.stacks || a < (uintptr_t)w.stacks || a >= (uintptr_t)w.stacks + w.capacity * slot) continue;
@@ -106,8 +107,7 @@ EMU_NOSAN static void fiber_body() {  // what every fiber runs; it is never resu
 
 EMU_NOSAN static void start_fiber(Worker& w, int t) {
     Fiber& f = w.fibers[t];
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    char* top = w.stacks + (size_t)(t + 1) * (kStackBytes + page);  // stacks grow down
+    char* top = w.stacks + (size_t)(t + 1) * (kStackBytes + g_page_bytes);  // stacks grow down
     f.state = READY;
     f.line = 0;
     f.call = nullptr;

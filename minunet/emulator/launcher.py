@@ -25,6 +25,7 @@ MAX_SHARED_BYTES = 48 * 1024  # per block without the opt-in cudaFuncSetAttribut
 DEFAULT_SEED = modes.DEFAULT_SEED
 
 _launch_lock = threading.Lock()  # the runtime's state and the signal handlers are per process
+_POINTER_BYTES = ctypes.sizeof(ctypes.c_void_p)
 
 # Parameter type code (see emu::type_code in emu_runtime.h) -> the NumPy dtypes that may be passed.
 _SCALAR_DTYPES = {
@@ -165,6 +166,8 @@ class EmuFunction:
         signature = getattr(library, f"emu_signature__{name}")
         signature.restype = ctypes.c_char_p
         self.param_types: tuple[str, ...] = tuple(signature().decode().split())
+        self._pointer = tuple(code.startswith("*") for code in self.param_types)
+        self._const = tuple(code.startswith("*c") for code in self.param_types)
         self.launch_bound = None  # __launch_bounds__ as the compiler evaluated it (macros resolved)
         if self.info.launch_bound and self.info.body_end > 0:
             self.launch_bound = int(getattr(library, f"emu_launch_bound__{name}")())
@@ -275,16 +278,15 @@ class EmuFunction:
                               f"got {len(args)}")
         values = [self._check_arg(i, code, a) for i, code in enumerate(self.param_types)
                   for a in (args[i],)]
-        regions, bindings, owners = self._regions(values)
+        addresses = [v.ctypes.data for v in values]  # (of a scalar: its bytes)
+        regions, bindings, owners = self._regions(values, addresses)
 
         n = len(values)
         pointer_slots = (ctypes.c_void_p * max(n, 1))()
         argv = (ctypes.c_void_p * max(n, 1))()
-        for i, v in enumerate(values):
-            if self.param_types[i].startswith("*"):
-                argv[i] = ctypes.addressof(pointer_slots) + i * ctypes.sizeof(ctypes.c_void_p)
-            else:
-                argv[i] = v.ctypes.data
+        slots = ctypes.addressof(pointer_slots)
+        for i, address in enumerate(addresses):
+            argv[i] = slots + _POINTER_BYTES * i if self._pointer[i] else address
         region_array = (_Region * max(len(regions), 1))(*regions)
         binding_array = (_Binding * max(len(bindings), 1))(*bindings)
         report = _Report()
@@ -318,12 +320,11 @@ class EmuFunction:
         if counting:
             counting.add_launch(self, grid, block, shared_mem, counts)
 
-    def _regions(self, values):
+    def _regions(self, values, addresses):
         """Group the array arguments into regions of host memory: arrays that overlap (the same
         array passed twice, or overlapping views) share one region, so a write through one
         argument is seen through the other, as on a GPU."""
-        arrays = [(v.ctypes.data, v.ctypes.data + v.nbytes, i) for i, v in enumerate(values)
-                  if self.param_types[i].startswith("*")]
+        arrays = [(addresses[i], addresses[i] + v.nbytes, i) for i, v in enumerate(values) if self._pointer[i]]
         arrays.sort()
         groups: list[list] = []  # [start, end, [arg indices]]
         for start, end, i in arrays:
@@ -334,7 +335,7 @@ class EmuFunction:
                 groups.append([start, end, [i]])
         regions, bindings, owners = [], [], []
         for r, (start, end, members) in enumerate(groups):
-            writable = any(not self.param_types[i].startswith("*c") for i in members)
+            writable = any(not self._const[i] for i in members)
             if writable:
                 for i in members:
                     if not values[i].flags.writeable:
@@ -342,8 +343,8 @@ class EmuFunction:
                                           "the kernel may write through it (a non-const pointer)")
             regions.append(_Region(start, end - start, int(writable), 0, None))
             for i in members:
-                bindings.append(_Binding(i, r, values[i].ctypes.data - start))
-            owners.append([(i, values[i].ctypes.data - start) for i in members])
+                bindings.append(_Binding(i, r, addresses[i] - start))
+            owners.append([(i, addresses[i] - start) for i in members])
         return regions, bindings, owners
 
     def __repr__(self) -> str:
