@@ -22,6 +22,7 @@ away (a 2/W overhead).
 from __future__ import annotations
 
 import numpy as np
+from numba import prange
 from numpy.lib.stride_tricks import as_strided
 
 from .. import backends
@@ -30,6 +31,7 @@ from ..backends.kernels import MAX_GRID_YZ, ceil_div, int32s, require
 from ..backends.sources import cu_defines
 from ..tensor import Tensor
 from .checks import check_conv
+from .numba_config import LANES, all_float32, jit
 
 KERNEL_FILE = "conv3x3"
 
@@ -185,6 +187,260 @@ def _conv3x3_backward_im2col(x, w, gy, with_bias):
     return gx, gw, gb
 
 
+# ---- fast CPU kernel (Numba) -------------------------------------------------------------------
+# The "cpu" implementation: direct convolution compiled by Numba, the CPU twin of the tiled kernels
+# in kernels/conv3x3.cu (conv3x3_forward_tiled, conv3x3_grad_input_tiled, conv3x3_grad_weight).
+# Like the reference it works on the full-width grid (see the module docstring), so the innermost
+# loop runs along a contiguous stretch of one image plane and LLVM turns it into AVX-512/AVX2
+# vector instructions.
+PIXELS_PER_TASK = 2048   # full-width output pixels per task of the forward/grad-input kernel
+GW_PIXELS = 8192         # pixels per slice of the weight-gradient reduction
+
+
+@jit(fastmath={"contract"})
+def _conv3x3_flat(x, w, b, y, rows):
+    """y[n,co,i,j] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] * xf[n,ci,(i+ky)*W + j+kx], for i < y's
+    height and j < y's width <= W, where xf is x's plane (H, W) read as one flat row of H*W values.
+
+    With y's width W-2 this is the valid convolution; with width W (and x = gy padded by
+    ``_conv3x3_pad_grad``, weights flipped and transposed) it is the input gradient, exactly as
+    GRAD_INPUT = true in conv3x3_forward_tiled: the zeros that pad the rows of gy on the left and
+    right are the same two columns seen from either side of the wrap-around.
+
+    Mapping (compare the CUDA block of 8 channels x 16x32 pixels): one task = 3 output channels x
+    ``rows`` output rows (about ``PIXELS_PER_TASK`` pixels) of one image; tasks are split over the
+    cores by ``prange``, the 3 channels fastest so the tasks of one core share the same input rows
+    in its L2 cache. Inside a task the 27 weights of the current input channel sit in registers
+    (register blocking over output channels, like the CUDA thread's 16 accumulators) and the
+    innermost loop runs over the task's pixels p: 16 consecutive p are one vector, so each
+    iteration is 9 shifted loads of x, 27 fused multiply-adds into the 3 accumulators (3 loads and
+    3 stores of a row held in L1), 16 pixels wide.
+
+    Napkin math per vector: 27 FMA instructions (864 FLOP) for 15 memory operations; a Zen 4/5
+    core issues 2 FMAs (and 2-3 loads) per cycle, so the loop is FMA-bound in principle; measured
+    ~200 GFLOP/s on one core (bench/results/cpu_numba.md).
+
+    The loop count is rounded up to whole vectors where the extra reads (<= 15 values past the
+    task's last pixel) stay inside x; they only feed accumulator columns that are never copied
+    to y. Elsewhere (the last task of the last plane) the loop stops at the plane's end."""
+    n_, ci_, h, wd = x.shape
+    co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    chunks = (ho + rows - 1) // rows
+    groups = (co_ + 2) // 3
+    plane = h * wd
+    xf = x.reshape(n_, ci_, plane)
+    for task in prange(n_ * chunks * groups):
+        g = task % groups
+        c = (task // groups) % chunks
+        n = task // (groups * chunks)
+        r0 = c * rows
+        r1 = min(r0 + rows, ho)
+        p0 = r0 * wd                       # first pixel of the task on the flat grid
+        m = (r1 - r0) * wd                 # its pixels, wrap-around columns included
+        mv = (m + LANES - 1) // LANES * LANES
+        c0 = 3 * g                         # 3 output channels; repeated at the end of an odd Co
+        c1 = min(c0 + 1, co_ - 1)
+        c2 = min(c0 + 2, co_ - 1)
+        acc = np.empty((3, mv), np.float32)
+        a0, a1, a2 = acc[0], acc[1], acc[2]
+        a0[:] = b[c0]
+        a1[:] = b[c1]
+        a2[:] = b[c2]
+        for ci in range(ci_):
+            if (n * ci_ + ci) * plane + p0 + mv + 2 * wd + 2 <= x.size:
+                mm = mv                    # whole vectors: the reads stay inside x
+            else:
+                mm = min(m, plane - 2 * wd - 2 - p0)   # exact: the reads stay inside the plane
+            u0 = w[c0, ci, 0, 0]; u1 = w[c0, ci, 0, 1]; u2 = w[c0, ci, 0, 2]   # noqa: E702
+            u3 = w[c0, ci, 1, 0]; u4 = w[c0, ci, 1, 1]; u5 = w[c0, ci, 1, 2]   # noqa: E702
+            u6 = w[c0, ci, 2, 0]; u7 = w[c0, ci, 2, 1]; u8 = w[c0, ci, 2, 2]   # noqa: E702
+            v0 = w[c1, ci, 0, 0]; v1 = w[c1, ci, 0, 1]; v2 = w[c1, ci, 0, 2]   # noqa: E702
+            v3 = w[c1, ci, 1, 0]; v4 = w[c1, ci, 1, 1]; v5 = w[c1, ci, 1, 2]   # noqa: E702
+            v6 = w[c1, ci, 2, 0]; v7 = w[c1, ci, 2, 1]; v8 = w[c1, ci, 2, 2]   # noqa: E702
+            t0 = w[c2, ci, 0, 0]; t1 = w[c2, ci, 0, 1]; t2 = w[c2, ci, 0, 2]   # noqa: E702
+            t3 = w[c2, ci, 1, 0]; t4 = w[c2, ci, 1, 1]; t5 = w[c2, ci, 1, 2]   # noqa: E702
+            t6 = w[c2, ci, 2, 0]; t7 = w[c2, ci, 2, 1]; t8 = w[c2, ci, 2, 2]   # noqa: E702
+            x0 = xf[n, ci, p0:]            # the three input rows of the kernel's rows ky = 0, 1, 2
+            x1 = xf[n, ci, p0 + wd:]
+            x2 = xf[n, ci, p0 + 2 * wd:]
+            for p in range(mm):            # the vector loop: 16 pixels per iteration
+                s0 = a0[p]
+                s1 = a1[p]
+                s2 = a2[p]
+                e = x0[p]
+                s0 += u0 * e; s1 += v0 * e; s2 += t0 * e   # noqa: E702
+                e = x0[p + 1]
+                s0 += u1 * e; s1 += v1 * e; s2 += t1 * e   # noqa: E702
+                e = x0[p + 2]
+                s0 += u2 * e; s1 += v2 * e; s2 += t2 * e   # noqa: E702
+                e = x1[p]
+                s0 += u3 * e; s1 += v3 * e; s2 += t3 * e   # noqa: E702
+                e = x1[p + 1]
+                s0 += u4 * e; s1 += v4 * e; s2 += t4 * e   # noqa: E702
+                e = x1[p + 2]
+                s0 += u5 * e; s1 += v5 * e; s2 += t5 * e   # noqa: E702
+                e = x2[p]
+                s0 += u6 * e; s1 += v6 * e; s2 += t6 * e   # noqa: E702
+                e = x2[p + 1]
+                s0 += u7 * e; s1 += v7 * e; s2 += t7 * e   # noqa: E702
+                e = x2[p + 2]
+                s0 += u8 * e; s1 += v8 * e; s2 += t8 * e   # noqa: E702
+                a0[p] = s0
+                a1[p] = s1
+                a2[p] = s2
+        for r in range(r1 - r0):           # drop the wrap-around columns
+            y[n, c0, r0 + r, :] = a0[r * wd: r * wd + wo]
+            y[n, c1, r0 + r, :] = a1[r * wd: r * wd + wo]
+            y[n, c2, r0 + r, :] = a2[r * wd: r * wd + wo]
+
+
+@jit(fastmath={"reassoc"})
+def _conv3x3_pad_grad(gy, gp, gb):
+    """gp[n,co] = gy[n,co] (Ho, W-2) placed at rows 2..Ho+1, columns 2..W-1 of a zero plane
+    (Ho+5, W); gb[n,co] = the plane's sum (float64). One task per plane.
+
+    gp serves both gradients: read from row 0 it is gy padded by 2 on every side for the input
+    gradient (the left padding of row i is the right padding of row i-1 on the flat grid); read
+    from flat offset 2W+2 it is gy on the full-width grid, zeros in the wrap-around columns, for
+    the weight gradient. 3 zero rows at the bottom keep the vector loops' extra reads in the plane.
+    (The CUDA kernels need no copy: their loads test the bounds, which costs GPU threads nothing.)"""
+    n_, co_, ho, wo = gy.shape
+    hp = gp.shape[2]
+    for t in prange(n_ * co_):
+        n = t // co_
+        co = t % co_
+        s = 0.0
+        for i in range(hp):
+            row = gp[n, co, i]
+            if i < 2 or i >= ho + 2:
+                row[:] = 0
+            else:
+                row[0] = 0
+                row[1] = 0
+                src = gy[n, co, i - 2]
+                for j in range(wo):
+                    row[j + 2] = src[j]
+                    s += src[j]
+        gb[n, co] = s
+
+
+@jit(fastmath={"contract", "reassoc"})
+def _conv3x3_grad_weight_flat(x, gp, part, chunk):
+    """part[n*slices+s, co, ci, ky*3+kx] = sum over the pixels p of slice s of
+    g[n,co,p] * xf[n,ci,p + ky*W + kx], with g = gy on the full-width grid (gp from flat offset
+    2W+2, zero in the wrap-around columns, so those pixels add nothing). gw = part summed over
+    its first axis by the caller, in a fixed order: the result does not depend on the threads.
+
+    Mapping (compare conv3x3_grad_weight: a block per (co, 4 input channels, pixel slice), a tree
+    reduction in shared memory): one task = 2 output channels x one slice of ``chunk`` pixels
+    (a multiple of 16) of one image; for each input channel the 18 sums (2 channels x 9 taps)
+    are scalars that LLVM keeps as 18 vector registers of 16 partial sums each ("reassoc" lets
+    it), reduced across the lanes after the loop. Per vector: 2 loads of g, 9 shifted loads of
+    x, 18 FMAs; no stores.
+
+    The loop is rounded up to whole vectors where the extra pixels stay inside both planes (g
+    is zero there, gp has 3 zero rows at the bottom); the last slice of a plane stops exactly."""
+    n_, ci_, h, wd = x.shape
+    co_ = gp.shape[1]
+    length = (h - 2) * wd                  # the full-width output grid
+    slices = (length + chunk - 1) // chunk
+    pairs = (co_ + 1) // 2
+    plane = h * wd
+    gplane = gp.shape[2] * gp.shape[3]
+    xf = x.reshape(n_, ci_, plane)
+    gf = gp.reshape(n_, co_, gplane)
+    off = 2 * wd + 2
+    for task in prange(n_ * slices * pairs):
+        q = task % pairs
+        s = (task // pairs) % slices
+        n = task // (pairs * slices)
+        p0 = s * chunk
+        m = min(chunk, length - p0)
+        mv = (m + LANES - 1) // LANES * LANES
+        if p0 + mv + 2 * wd + 2 <= plane and off + p0 + mv <= gplane:
+            mm = mv
+        else:
+            mm = min(m, plane - 2 * wd - 2 - p0)
+        c0 = 2 * q
+        c1 = min(c0 + 1, co_ - 1)
+        g0 = gf[n, c0, off + p0:]
+        g1 = gf[n, c1, off + p0:]
+        k = n * slices + s
+        for ci in range(ci_):
+            x0 = xf[n, ci, p0:]
+            x1 = xf[n, ci, p0 + wd:]
+            x2 = xf[n, ci, p0 + 2 * wd:]
+            s00 = s01 = s02 = s03 = s04 = s05 = s06 = s07 = s08 = np.float32(0.0)
+            s10 = s11 = s12 = s13 = s14 = s15 = s16 = s17 = s18 = np.float32(0.0)
+            for p in range(mm):
+                d0 = g0[p]
+                d1 = g1[p]
+                e = x0[p]
+                s00 += d0 * e; s10 += d1 * e   # noqa: E702
+                e = x0[p + 1]
+                s01 += d0 * e; s11 += d1 * e   # noqa: E702
+                e = x0[p + 2]
+                s02 += d0 * e; s12 += d1 * e   # noqa: E702
+                e = x1[p]
+                s03 += d0 * e; s13 += d1 * e   # noqa: E702
+                e = x1[p + 1]
+                s04 += d0 * e; s14 += d1 * e   # noqa: E702
+                e = x1[p + 2]
+                s05 += d0 * e; s15 += d1 * e   # noqa: E702
+                e = x2[p]
+                s06 += d0 * e; s16 += d1 * e   # noqa: E702
+                e = x2[p + 1]
+                s07 += d0 * e; s17 += d1 * e   # noqa: E702
+                e = x2[p + 2]
+                s08 += d0 * e; s18 += d1 * e   # noqa: E702
+            pa = part[k, c0, ci]
+            pa[0] = s00; pa[1] = s01; pa[2] = s02; pa[3] = s03; pa[4] = s04   # noqa: E702
+            pa[5] = s05; pa[6] = s06; pa[7] = s07; pa[8] = s08                # noqa: E702
+            pb = part[k, c1, ci]
+            pb[0] = s10; pb[1] = s11; pb[2] = s12; pb[3] = s13; pb[4] = s14   # noqa: E702
+            pb[5] = s15; pb[6] = s16; pb[7] = s17; pb[8] = s18                # noqa: E702
+
+
+def _rows_per_task(height: int, width: int) -> int:
+    return max(1, min(height, PIXELS_PER_TASK // width))
+
+
+def cpu_forward(x, w, b=None):
+    """The fast CPU forward (float32; other dtypes go to the reference): ``_conv3x3_flat``."""
+    if not all_float32(x, w, *(() if b is None else (b,))):
+        return reference_forward(x, w, b)
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    y = np.empty((n, co, h - 2, wd - 2), np.float32)
+    bias = np.zeros(co, np.float32) if b is None else np.ascontiguousarray(b)
+    _conv3x3_flat(np.ascontiguousarray(x), np.ascontiguousarray(w), bias, y, _rows_per_task(h - 2, wd))
+    return y
+
+
+def cpu_backward(x, w, gy, with_bias=True):
+    """The fast CPU gradients (float32; other dtypes go to the reference): gy padded once
+    (``_conv3x3_pad_grad``, which also sums gb), gx = ``_conv3x3_flat`` on it with the weights
+    flipped and transposed (Ci, Co, 2-ky, 2-kx), gw = ``_conv3x3_grad_weight_flat``."""
+    if not all_float32(x, w, gy):
+        return reference_backward(x, w, gy, with_bias)
+    x, w, gy = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(gy)
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    gp = np.empty((n, co, h + 3, wd), np.float32)
+    gb = np.empty((n, co), np.float64)
+    _conv3x3_pad_grad(gy, gp, gb)
+    w_flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    gx = np.empty((n, ci, h, wd), np.float32)
+    _conv3x3_flat(gp, w_flipped, np.zeros(ci, np.float32), gx, _rows_per_task(h, wd))
+    length = (h - 2) * wd
+    slices = -(-length // GW_PIXELS)
+    chunk = -(-length // (slices * LANES)) * LANES        # equal slices, whole vectors
+    part = np.empty((n * -(-length // chunk), co, ci, 9), np.float32)
+    _conv3x3_grad_weight_flat(x, gp, part, chunk)
+    gw = part.sum(axis=0).reshape(co, ci, 3, 3)
+    return gx, gw, (gb.sum(axis=0).astype(np.float32) if with_bias else None)
+
+
 # ---- the CUDA kernels (kernels/conv3x3.cu), on cuda and emu -------------------------------------
 # Launch sizes come from the .cu file's #defines, so the grid always matches the kernel.
 _CU = cu_defines(KERNEL_FILE)
@@ -247,8 +503,8 @@ def kernels_backward(k, x, w, gy, with_bias=True):
 
 # ---- registry entry: implementations, test and benchmark cases ----------------------------------
 IMPLEMENTATIONS = {
-    "conv3x3_forward": {"reference": reference_forward, "kernels": kernels_forward},
-    "conv3x3_backward": {"reference": reference_backward, "kernels": kernels_backward},
+    "conv3x3_forward": {"reference": reference_forward, "cpu": cpu_forward, "kernels": kernels_forward},
+    "conv3x3_backward": {"reference": reference_backward, "cpu": cpu_backward, "kernels": kernels_backward},
 }
 
 # (N, Ci, H, W, Co): the smallest input; odd sizes; Ci > 8 and Co > 8 (two channel chunks/groups,

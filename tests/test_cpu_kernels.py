@@ -1,0 +1,138 @@
+"""Every fast CPU kernel (the "cpu" implementations of minunet/ops, compiled by Numba) against the
+NumPy reference, exactly as tests/test_kernels.py checks the CUDA kernels.
+
+The reference runs in float64 on the same float32 inputs. Tolerances, |got - want| <= atol +
+rtol * |want|: the op's own (conv3x3: atol = rtol = 1e-4 for inputs ~N(0, 1) and sums of at most
+~1000 products); a sum of K > 1000 products (the weight gradient sums over all N*Ho*Wo pixels)
+gets that tolerance times sqrt(K / 1000), the growth of float32 rounding in a sum whose terms
+have random signs. Shapes are odd, with N > 1 and C > 1, and large enough to split into several
+tasks and weight-gradient slices, with partial last vectors, tasks and channel groups.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from minunet import ops
+from minunet.backends import get_backend
+from minunet.backends import reference as R
+from minunet.ops import conv3x3, numba_config
+
+from .conftest import assert_close
+
+CPU_FUNCTIONS = [(op, name) for op in ops.OPS for name, impls in op.IMPLEMENTATIONS.items() if "cpu" in impls]
+
+
+def f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def _in_float64(args):
+    return tuple(f64(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args)
+
+
+def _as_list(result):
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def test_the_cpu_device_uses_the_fast_kernels():
+    backend = get_backend("cpu")
+    assert CPU_FUNCTIONS, "no op has a fast CPU kernel"
+    for op, name in CPU_FUNCTIONS:
+        assert getattr(backend, name) is op.IMPLEMENTATIONS[name]["cpu"], name
+        assert getattr(R, name) is op.IMPLEMENTATIONS[name]["reference"], name
+
+
+@pytest.mark.parametrize("op,name,case", [pytest.param(op, name, case, id=f"{name}-{case}")
+                                          for op, name in CPU_FUNCTIONS for case in op.TEST_CASES])
+def test_cpu_kernel_matches_reference_on_registry_cases(rng, op, name, case):
+    args = op.example(rng, case)[name]
+    got = _as_list(op.IMPLEMENTATIONS[name]["cpu"](*args))
+    want = _as_list(getattr(R, name)(*_in_float64(args)))
+    tol = ops.tolerance(op, name, case)
+    assert len(got) == len(want)
+    for k, (g, r) in enumerate(zip(got, want)):
+        if r is None:
+            assert g is None, f"{name} {case} output {k} should be None"
+        else:
+            assert g.dtype == np.float32, f"{name} {case} output {k}: dtype {g.dtype}"
+            assert_close(g, r, what=f"{name} {case} output {k}", **tol)
+
+
+def sum_tolerance(terms: int) -> dict:
+    """conv3x3.TOLERANCE for a sum of ``terms`` products, widened by sqrt(terms / 1000) beyond 1000."""
+    scale = max(1.0, math.sqrt(terms / 1000))
+    return {k: v * scale for k, v in conv3x3.TOLERANCE.items()}
+
+
+# (N, Ci, H, W, Co): several forward tasks and weight-gradient slices per plane (H*W > 2048 and
+# (H-2)*W > 8192), partial last vector/task/slice, Co not a multiple of 3 (channel groups) nor of
+# 2 (pairs), widths 3..5 (vector loops longer than a row), a wide flat row, a deep layer.
+CONV_CASES = [(2, 3, 131, 77, 5), (1, 16, 97, 101, 16), (3, 2, 9, 3, 4), (2, 4, 6, 4, 7),
+              (2, 5, 7, 5, 1), (1, 3, 4, 301, 2), (2, 37, 12, 11, 65), (1, 1, 70, 69, 8)]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3x3_cpu_kernels_match_reference(rng, case, bias):
+    n, ci, h, w, co = case
+    x = rng.standard_normal((n, ci, h, w)).astype(np.float32)
+    wt = rng.standard_normal((co, ci, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(co).astype(np.float32) if bias else None
+    gy = rng.standard_normal((n, co, h - 2, w - 2)).astype(np.float32)
+    what = f"conv3x3 cpu {case} bias={bias}"
+    y = conv3x3.cpu_forward(x, wt, b)
+    assert y.dtype == np.float32
+    assert_close(y, R.conv3x3_forward(f64(x), f64(wt), f64(b)), what=f"{what} y", **sum_tolerance(9 * ci))
+    gx, gw, gb = conv3x3.cpu_backward(x, wt, gy, bias)
+    gx_r, gw_r, gb_r = R.conv3x3_backward(f64(x), f64(wt), f64(gy), bias)
+    assert_close(gx, gx_r, what=f"{what} gx", **sum_tolerance(9 * co))
+    assert_close(gw, gw_r, what=f"{what} gw", **sum_tolerance(n * (h - 2) * (w - 2)))
+    if bias:
+        assert_close(gb, gb_r, what=f"{what} gb", **sum_tolerance(n * (h - 2) * (w - 2)))
+    else:
+        assert gb is None
+
+
+def test_conv3x3_cpu_takes_views_and_sends_other_dtypes_to_the_reference(rng):
+    x = rng.standard_normal((2, 9, 3, 20)).astype(np.float32).transpose(0, 3, 2, 1)  # (2, 20, 3, 9), a view
+    wt = rng.standard_normal((3, 20, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((2, 3, 1, 7)).astype(np.float32)
+    assert_close(conv3x3.cpu_forward(x, wt), R.conv3x3_forward(f64(x), f64(wt)), what="view y",
+                 **conv3x3.TOLERANCE)
+    for g, r in zip(conv3x3.cpu_backward(x, wt, gy[:, :, :, ::-1]),
+                    R.conv3x3_backward(f64(x), f64(wt), f64(gy[:, :, :, ::-1]))):
+        assert_close(g, r, what="view gradients", **conv3x3.TOLERANCE)
+    x64, w64 = f64(x), f64(wt)   # float64 (gradient checks): the reference, bit for bit
+    assert np.array_equal(conv3x3.cpu_forward(x64, w64), R.conv3x3_forward(x64, w64))
+    for g, r in zip(conv3x3.cpu_backward(x64, w64, f64(gy)), R.conv3x3_backward(x64, w64, f64(gy))):
+        assert g.dtype == np.float64 and np.array_equal(g, r)
+
+
+@pytest.mark.skipif(numba_config.max_threads() < 2, reason="needs NUMBA_NUM_THREADS >= 2")
+def test_cpu_kernels_give_the_same_bits_for_any_thread_count(rng):
+    """The work is split into tasks that do not depend on the thread count, and the partial
+    sums are added in a fixed order: 1 and 2 threads give identical results."""
+    x = rng.standard_normal((2, 6, 90, 95)).astype(np.float32)
+    wt = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    gy = rng.standard_normal((2, 5, 88, 93)).astype(np.float32)
+    before = numba_config.num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            numba_config.set_num_threads(threads)
+            results.append([conv3x3.cpu_forward(x, wt, b), *conv3x3.cpu_backward(x, wt, gy)])
+    finally:
+        numba_config.set_num_threads(before)
+    for one, two in zip(*results):
+        assert np.array_equal(one, two)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 10**6, 1.5, True, "2"])
+def test_set_num_threads_refuses_bad_counts_in_one_line(bad):
+    with pytest.raises(ValueError, match="threads must be an integer from 1 to") as info:
+        numba_config.set_num_threads(bad)
+    assert "\n" not in str(info.value)
