@@ -37,6 +37,13 @@ def _as_list(result):
     return list(result) if isinstance(result, tuple) else [result]
 
 
+def _outputs(result, args):
+    """A function's outputs as a list; for an in-place function (None), its array arguments."""
+    if result is None:
+        return [a for a in args if isinstance(a, np.ndarray)]
+    return _as_list(result)
+
+
 def test_the_cpu_device_uses_the_fast_kernels():
     backend = get_backend("cpu")
     assert CPU_FUNCTIONS, "no op has a fast CPU kernel"
@@ -49,16 +56,21 @@ def test_the_cpu_device_uses_the_fast_kernels():
                                           for op, name in CPU_FUNCTIONS for case in op.TEST_CASES])
 def test_cpu_kernel_matches_reference_on_registry_cases(rng, op, name, case):
     args = op.example(rng, case)[name]
-    got = _as_list(op.IMPLEMENTATIONS[name]["cpu"](*args))
-    want = _as_list(getattr(R, name)(*_in_float64(args)))
+    ref_args = _in_float64(args)
+    got = _outputs(op.IMPLEMENTATIONS[name]["cpu"](*args), args)
+    want = _outputs(getattr(R, name)(*ref_args), ref_args)
     tol = ops.tolerance(op, name, case)
     assert len(got) == len(want)
     for k, (g, r) in enumerate(zip(got, want)):
         if r is None:
             assert g is None, f"{name} {case} output {k} should be None"
         else:
-            assert g.dtype == np.float32, f"{name} {case} output {k}: dtype {g.dtype}"
-            assert_close(g, r, what=f"{name} {case} output {k}", **tol)
+            if r.dtype.kind in "iu":   # argmax: exact, and of the reference's dtype
+                assert g.dtype == r.dtype, f"{name} {case} output {k}: dtype {g.dtype}, want {r.dtype}"
+                assert_close(g, r, what=f"{name} {case} output {k}", rtol=0.0, atol=0.0)
+            else:
+                assert g.dtype == np.float32, f"{name} {case} output {k}: dtype {g.dtype}"
+                assert_close(g, r, what=f"{name} {case} output {k}", **tol)
 
 
 def sum_tolerance(terms: int) -> dict:
@@ -136,3 +148,64 @@ def test_set_num_threads_refuses_bad_counts_in_one_line(bad):
     with pytest.raises(ValueError, match="threads must be an integer from 1 to") as info:
         numba_config.set_num_threads(bad)
     assert "\n" not in str(info.value)
+
+
+# ---- the 1x1 convolution and the up-convolution (a 1x1 convolution to 4*Co channels) ------------
+# (N, Ci, H, W, Co): several pixel slices (H*W > 4096), an odd Ci (the single-channel tail), Co
+# not a multiple of 4 (channel groups) nor of 2 (weight-gradient pairs).
+POINTWISE_CASES = [(2, 7, 67, 71, 5), (1, 16, 90, 91, 2), (3, 33, 5, 9, 13)]
+
+
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=str)
+def test_conv1x1_and_up_conv_cpu_kernels_match_reference(rng, case):
+    n, ci, h, w, co = case
+    x = rng.standard_normal((n, ci, h, w)).astype(np.float32)
+    b = rng.standard_normal(co).astype(np.float32)
+    pixels = n * h * w
+    for op, wshape, yshape in ((ops.conv1x1, (co, ci, 1, 1), (n, co, h, w)),
+                               (ops.conv_transpose2x2, (ci, co, 2, 2), (n, co, 2 * h, 2 * w))):
+        wt = rng.standard_normal(wshape).astype(np.float32)
+        gy = rng.standard_normal(yshape).astype(np.float32)
+        what = f"{op.__name__} cpu {case}"
+        assert_close(op.cpu_forward(x, wt, b), op.reference_forward(f64(x), f64(wt), f64(b)),
+                     what=f"{what} y", **sum_tolerance(ci))
+        got = op.cpu_backward(x, wt, gy, True)
+        want = op.reference_backward(f64(x), f64(wt), f64(gy), True)
+        for g, r, name, terms in zip(got, want, ("gx", "gw", "gb"), (4 * co, pixels, 4 * pixels)):
+            assert_close(g, r, what=f"{what} {name}", **sum_tolerance(terms))
+
+
+# ---- max-pooling, ReLU, SGD: exact ------------------------------------------------------------------
+def test_max_pool_cpu_matches_reference_exactly_with_ties_and_nans(rng):
+    """Odd sizes (the floor drops a row and a column), ties (values from {0, 1}) and NaNs in every
+    corner pattern: y, argmax and the routed gradient equal the reference's."""
+    x = rng.integers(0, 2, (2, 3, 41, 37)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    y, argmax = ops.maxpool2x2.cpu_forward(x)
+    y_ref, argmax_ref = R.max_pool2x2_forward(x)
+    assert argmax.dtype == np.uint8
+    assert np.isnan(y_ref).any() and (argmax_ref == 3).any()
+    assert_close(y, y_ref, what="pool y", rtol=0.0, atol=0.0)
+    assert np.array_equal(argmax, argmax_ref)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    assert np.array_equal(ops.maxpool2x2.cpu_backward(gy, argmax, x.shape),
+                          R.max_pool2x2_backward(gy, argmax_ref, x.shape))
+
+
+def test_relu_and_sgd_cpu_equal_the_float32_reference_bit_for_bit(rng):
+    """ReLU selects, so it is exact (a NaN stays NaN and gets no gradient); the SGD step rounds
+    exactly like the reference (no fused multiply-add): same bits for param and velocity."""
+    ew = ops.elementwise
+    x = rng.standard_normal((3, 5, 77, 70)).astype(np.float32)   # not a multiple of the block
+    x.flat[::97] = np.nan
+    x.flat[1::89] = 0.0
+    y = ew.relu_cpu_forward(x)
+    y_ref = R.relu_forward(x)
+    assert np.array_equal(y, y_ref, equal_nan=True)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    assert np.array_equal(ew.relu_cpu_backward(y, gy), R.relu_backward(y_ref, gy))
+    param, grad, velocity = (rng.standard_normal(150001).astype(np.float32) for _ in range(3))
+    p_ref, v_ref = param.copy(), velocity.copy()
+    ew.sgd_cpu_step(param, grad, velocity, 0.01, 0.99)
+    R.sgd_step(p_ref, grad, v_ref, 0.01, 0.99)
+    assert np.array_equal(param, p_ref) and np.array_equal(velocity, v_ref)

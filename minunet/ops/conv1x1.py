@@ -10,6 +10,7 @@ This module holds the op and its autograd Function, the NumPy reference, the lau
 from __future__ import annotations
 
 import numpy as np
+from numba import prange
 
 from .. import backends
 from ..autograd import Function
@@ -17,6 +18,7 @@ from ..backends.kernels import ceil_div, int32s, require
 from ..backends.sources import cu_defines
 from ..tensor import Tensor
 from .checks import check_conv
+from .numba_config import all_float32, jit
 
 KERNEL_FILE = "conv1x1"
 
@@ -53,6 +55,164 @@ def reference_backward(x, w, gy, with_bias=True):
     g = gy.reshape(n, co, h * wd)
     gx = np.matmul(w.reshape(co, ci).T, g).reshape(x.shape)
     gw = np.einsum("nop,nip->oi", g, x.reshape(n, ci, h * wd), optimize=True).reshape(w.shape)
+    gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
+    return gx, gw, gb
+
+
+# ---- fast CPU kernel (Numba) -------------------------------------------------------------------
+# The "cpu" implementation, and the CPU twin of kernels/conv1x1.cu. A 1x1 convolution is a
+# per-image matrix product, so these two kernels are small GEMMs written as loops; the
+# up-convolution (conv_transpose2x2.py) reuses them: it is a 1x1 convolution to 4*Co channels
+# followed by a 2x2 pixel shuffle.
+PW_PIXELS = 4096     # pixels per task (and per slice of the weight-gradient sums)
+
+
+@jit(fastmath={"contract"})
+def _pointwise(x, w, b, y, chunk):
+    """y[n,co,p] = b[co] + sum_ci w[co,ci] * x[n,ci,p] for x (N,Ci,P), w (Co,Ci), y (N,Co,P).
+
+    Mapping (compare conv1x1_forward: one CUDA thread per output pixel, a loop over ci): one task
+    = 4 output channels x ``chunk`` pixels of one image, split over the cores by ``prange``;
+    the innermost loop runs over the pixels, 16 per vector, and adds 2 input channels at a time
+    into the 4 accumulator rows: per vector 2 loads of x, 4 loads and 4 stores of accumulators,
+    8 FMAs (the 8 weights stay in registers). An odd last input channel is added on its own."""
+    n_, ci_, pix = x.shape
+    co_ = w.shape[0]
+    slices = (pix + chunk - 1) // chunk
+    groups = (co_ + 3) // 4
+    for task in prange(n_ * slices * groups):
+        g = task % groups
+        s = (task // groups) % slices
+        n = task // (groups * slices)
+        p0 = s * chunk
+        m = min(chunk, pix - p0)
+        c0 = 4 * g                        # 4 output channels; repeated at the end of Co
+        c1 = min(c0 + 1, co_ - 1)
+        c2 = min(c0 + 2, co_ - 1)
+        c3 = min(c0 + 3, co_ - 1)
+        acc = np.empty((4, m), np.float32)
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        a0[:] = b[c0]
+        a1[:] = b[c1]
+        a2[:] = b[c2]
+        a3[:] = b[c3]
+        for ci in range(0, ci_ - 1, 2):
+            u0 = w[c0, ci]; u1 = w[c1, ci]; u2 = w[c2, ci]; u3 = w[c3, ci]                  # noqa: E702
+            v0 = w[c0, ci + 1]; v1 = w[c1, ci + 1]; v2 = w[c2, ci + 1]; v3 = w[c3, ci + 1]  # noqa: E702
+            xa = x[n, ci, p0:p0 + m]
+            xb = x[n, ci + 1, p0:p0 + m]
+            for p in range(m):
+                e = xa[p]
+                f = xb[p]
+                s0 = a0[p]; s1 = a1[p]; s2 = a2[p]; s3 = a3[p]                           # noqa: E702
+                s0 += u0 * e; s1 += u1 * e; s2 += u2 * e; s3 += u3 * e                   # noqa: E702
+                s0 += v0 * f; s1 += v1 * f; s2 += v2 * f; s3 += v3 * f                   # noqa: E702
+                a0[p] = s0; a1[p] = s1; a2[p] = s2; a3[p] = s3                           # noqa: E702
+        if ci_ % 2 == 1:
+            ci = ci_ - 1
+            u0 = w[c0, ci]; u1 = w[c1, ci]; u2 = w[c2, ci]; u3 = w[c3, ci]                  # noqa: E702
+            xa = x[n, ci, p0:p0 + m]
+            for p in range(m):
+                e = xa[p]
+                a0[p] += u0 * e
+                a1[p] += u1 * e
+                a2[p] += u2 * e
+                a3[p] += u3 * e
+        y[n, c0, p0:p0 + m] = a0
+        y[n, c1, p0:p0 + m] = a1
+        y[n, c2, p0:p0 + m] = a2
+        y[n, c3, p0:p0 + m] = a3
+
+
+@jit(fastmath={"contract", "reassoc"})
+def _pointwise_grad_weight(a, g, part, chunk):
+    """part[n*slices+s, k, c] = sum over the pixels p of slice s of g[n,k,p] * a[n,c,p], for
+    a (N,C,P), g (N,K,P): the weight gradient of a 1x1 convolution (k output, c input channel);
+    the caller sums part over its first axis in a fixed order.
+
+    Mapping (compare conv1x1_grad_weight: a block per weight, a tree reduction over pixels): one
+    task = 2 rows k x 4 columns c x one slice of pixels; the 8 sums are scalars that LLVM keeps
+    as 8 vector registers of 16 partial sums ("reassoc"), reduced across the lanes after the
+    loop. Per vector: 2 loads of g, 4 loads of a, 8 FMAs."""
+    n_, c_, pix = a.shape
+    k_ = g.shape[1]
+    slices = (pix + chunk - 1) // chunk
+    rows = (k_ + 1) // 2
+    cols = (c_ + 3) // 4
+    for task in prange(n_ * slices * rows * cols):
+        q = task % cols
+        r = (task // cols) % rows
+        s = (task // (cols * rows)) % slices
+        n = task // (cols * rows * slices)
+        p0 = s * chunk
+        m = min(chunk, pix - p0)
+        k0 = 2 * r
+        k1 = min(k0 + 1, k_ - 1)
+        i0 = 4 * q
+        i1 = min(i0 + 1, c_ - 1)
+        i2 = min(i0 + 2, c_ - 1)
+        i3 = min(i0 + 3, c_ - 1)
+        g0 = g[n, k0, p0:p0 + m]
+        g1 = g[n, k1, p0:p0 + m]
+        x0 = a[n, i0, p0:p0 + m]
+        x1 = a[n, i1, p0:p0 + m]
+        x2 = a[n, i2, p0:p0 + m]
+        x3 = a[n, i3, p0:p0 + m]
+        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+        for p in range(m):
+            d0 = g0[p]
+            d1 = g1[p]
+            e = x0[p]
+            s00 += d0 * e; s10 += d1 * e   # noqa: E702
+            e = x1[p]
+            s01 += d0 * e; s11 += d1 * e   # noqa: E702
+            e = x2[p]
+            s02 += d0 * e; s12 += d1 * e   # noqa: E702
+            e = x3[p]
+            s03 += d0 * e; s13 += d1 * e   # noqa: E702
+        k = n * slices + s
+        part[k, k0, i0] = s00; part[k, k0, i1] = s01; part[k, k0, i2] = s02; part[k, k0, i3] = s03  # noqa: E702
+        part[k, k1, i0] = s10; part[k, k1, i1] = s11; part[k, k1, i2] = s12; part[k, k1, i3] = s13  # noqa: E702
+
+
+def pointwise(x, w, b, chunk=PW_PIXELS):
+    """y (N,Co,P) = w (Co,Ci) @ x (N,Ci,P) + b, float32, by ``_pointwise``."""
+    n, _, pix = x.shape
+    co = w.shape[0]
+    y = np.empty((n, co, pix), np.float32)
+    bias = np.zeros(co, np.float32) if b is None else np.ascontiguousarray(b)
+    _pointwise(np.ascontiguousarray(x), np.ascontiguousarray(w), bias, y, chunk)
+    return y
+
+
+def pointwise_grad_weight(a, g, chunk=PW_PIXELS):
+    """(K, C) = sum over images and pixels of g (N,K,P) times a (N,C,P), by ``_pointwise_grad_weight``."""
+    n, _, pix = a.shape
+    slices = -(-pix // chunk)
+    part = np.empty((n * slices, g.shape[1], a.shape[1]), np.float32)
+    _pointwise_grad_weight(np.ascontiguousarray(a), np.ascontiguousarray(g), part, chunk)
+    return part.sum(axis=0)
+
+
+def cpu_forward(x, w, b=None):
+    """The fast CPU forward (float32; other dtypes go to the reference): ``_pointwise``."""
+    if not all_float32(x, w, *(() if b is None else (b,))):
+        return reference_forward(x, w, b)
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    return pointwise(x.reshape(n, ci, h * wd), w.reshape(co, ci), b).reshape(n, co, h, wd)
+
+
+def cpu_backward(x, w, gy, with_bias=True):
+    """The fast CPU gradients (float32; other dtypes go to the reference): gx = w^T gy by
+    ``_pointwise``, gw by ``_pointwise_grad_weight``, gb by NumPy."""
+    if not all_float32(x, w, gy):
+        return reference_backward(x, w, gy, with_bias)
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    g = gy.reshape(n, co, h * wd)
+    gx = pointwise(g, np.ascontiguousarray(w.reshape(co, ci).T), None).reshape(n, ci, h, wd)
+    gw = pointwise_grad_weight(x.reshape(n, ci, h * wd), g).reshape(w.shape)
     gb = gy.sum(axis=(0, 2, 3)) if with_bias else None
     return gx, gw, gb
 
@@ -94,8 +254,8 @@ def kernels_backward(k, x, w, gy, with_bias=True):
 
 # ---- registry entry ------------------------------------------------------------------------------
 IMPLEMENTATIONS = {
-    "conv1x1_forward": {"reference": reference_forward, "kernels": kernels_forward},
-    "conv1x1_backward": {"reference": reference_backward, "kernels": kernels_backward},
+    "conv1x1_forward": {"reference": reference_forward, "cpu": cpu_forward, "kernels": kernels_forward},
+    "conv1x1_backward": {"reference": reference_backward, "cpu": cpu_backward, "kernels": kernels_backward},
 }
 TEST_CASES = [(1, 1, 1, 1, 1), (2, 10, 5, 7, 3), (3, 17, 4, 9, 2)]   # (N, Ci, H, W, Co)
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)

@@ -217,8 +217,8 @@ def _conv3x3_flat(x, w, b, y, rows):
     3 stores of a row held in L1), 16 pixels wide.
 
     Napkin math per vector: 27 FMA instructions (864 FLOP) for 15 memory operations; a Zen 4/5
-    core issues 2 FMAs (and 2-3 loads) per cycle, so the loop is FMA-bound in principle; measured
-    ~200 GFLOP/s on one core (bench/results/cpu_numba.md).
+    core issues 2 FMAs (and 2-3 loads) per cycle, so the loop is FMA-bound in principle (the
+    measured rates are in bench/results/cpu_numba.md).
 
     The loop count is rounded up to whole vectors where the extra reads (<= 15 values past the
     task's last pixel) stay inside x; they only feed accumulator columns that are never copied

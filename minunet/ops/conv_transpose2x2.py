@@ -10,6 +10,7 @@ This module holds the op and its autograd Function, the NumPy reference, the lau
 from __future__ import annotations
 
 import numpy as np
+from numba import prange
 
 from .. import backends
 from ..autograd import Function
@@ -17,6 +18,8 @@ from ..backends.kernels import ceil_div, int32s, require
 from ..backends.sources import cu_defines
 from ..tensor import Tensor
 from .checks import check_conv
+from .conv1x1 import pointwise, pointwise_grad_weight
+from .numba_config import all_float32, jit
 
 KERNEL_FILE = "conv_transpose2x2"
 
@@ -63,6 +66,85 @@ def reference_backward(x, w, gy, with_bias=True):
     return np.ascontiguousarray(gx), gw, gb
 
 
+# ---- fast CPU kernel (Numba) -------------------------------------------------------------------
+# The "cpu" implementation, the CPU twin of kernels/conv_transpose2x2.cu. The up-convolution is a
+# 1x1 convolution to 4*Co channels, one per (co, a, b), followed by a 2x2 pixel shuffle that puts
+# channel (co, a, b) of pixel (i, j) at output pixel (2i+a, 2j+b); the matrix products are the
+# 1x1 convolution's kernels (conv1x1.py: _pointwise, _pointwise_grad_weight), the shuffles are here.
+
+
+@jit()
+def _pixel_shuffle2x2(y4, y):
+    """y[n,co,2i+a,2j+b] = y4[n,co*4+a*2+b,i*W+j]; one task per output plane (n, co), its rows
+    written in order, two source rows interleaved per output row (vectorised shuffles)."""
+    n_, co_, h2, w2 = y.shape
+    wd = w2 // 2
+    for t in prange(n_ * co_):
+        n = t // co_
+        co = t % co_
+        for i in range(h2 // 2):
+            for a in range(2):
+                row = y[n, co, 2 * i + a]
+                s0 = y4[n, co * 4 + a * 2, i * wd:(i + 1) * wd]
+                s1 = y4[n, co * 4 + a * 2 + 1, i * wd:(i + 1) * wd]
+                for j in range(wd):
+                    row[2 * j] = s0[j]
+                    row[2 * j + 1] = s1[j]
+
+
+@jit(fastmath={"reassoc"})
+def _pixel_unshuffle2x2(gy, g4, gb):
+    """The inverse of ``_pixel_shuffle2x2``: g4[n,co*4+a*2+b,i*W+j] = gy[n,co,2i+a,2j+b], and
+    gb[n,co] = the plane's sum (float64, for the bias gradient). One task per plane (n, co)."""
+    n_, co_, h2, w2 = gy.shape
+    wd = w2 // 2
+    for t in prange(n_ * co_):
+        n = t // co_
+        co = t % co_
+        s = 0.0
+        for i in range(h2 // 2):
+            for a in range(2):
+                row = gy[n, co, 2 * i + a]
+                d0 = g4[n, co * 4 + a * 2, i * wd:(i + 1) * wd]
+                d1 = g4[n, co * 4 + a * 2 + 1, i * wd:(i + 1) * wd]
+                for j in range(wd):
+                    d0[j] = row[2 * j]
+                    d1[j] = row[2 * j + 1]
+                    s += row[2 * j] + row[2 * j + 1]
+        gb[n, co] = s
+
+
+def cpu_forward(x, w, b=None):
+    """The fast CPU forward (float32; other dtypes go to the reference): the 1x1 convolution to
+    (co, a, b) channels, then ``_pixel_shuffle2x2``."""
+    if not all_float32(x, w, *(() if b is None else (b,))):
+        return reference_forward(x, w, b)
+    n, ci, h, wd = x.shape
+    co = w.shape[1]
+    w4 = np.ascontiguousarray(w.reshape(ci, co * 4).T)               # (co*4 + a*2 + b, ci)
+    b4 = None if b is None else np.repeat(b, 4)
+    y4 = pointwise(x.reshape(n, ci, h * wd), w4, b4)
+    y = np.empty((n, co, 2 * h, 2 * wd), np.float32)
+    _pixel_shuffle2x2(y4, y)
+    return y
+
+
+def cpu_backward(x, w, gy, with_bias=True):
+    """The fast CPU gradients (float32; other dtypes go to the reference): gy unshuffled to
+    (co, a, b) channels (``_pixel_unshuffle2x2``, which also sums gb), then gx = w (Ci, Co*4) @
+    g4 and gw = x g4^T by the 1x1 convolution's kernels."""
+    if not all_float32(x, w, gy):
+        return reference_backward(x, w, gy, with_bias)
+    n, ci, h, wd = x.shape
+    co = w.shape[1]
+    g4 = np.empty((n, co * 4, h * wd), np.float32)
+    gb = np.empty((n, co), np.float64)
+    _pixel_unshuffle2x2(np.ascontiguousarray(gy), g4, gb)
+    gx = pointwise(g4, w.reshape(ci, co * 4), None).reshape(n, ci, h, wd)
+    gw = pointwise_grad_weight(g4, x.reshape(n, ci, h * wd)).reshape(w.shape)
+    return gx, gw, (gb.sum(axis=0).astype(np.float32) if with_bias else None)
+
+
 # ---- the CUDA kernels (kernels/conv_transpose2x2.cu) ---------------------------------------------
 _CU = cu_defines(KERNEL_FILE)
 GW_THREADS, GW_CO = _CU["CT_THREADS"], _CU["CT_CO"]   # grad-weight block: threads, output channels
@@ -103,8 +185,8 @@ def kernels_backward(k, x, w, gy, with_bias=True):
 
 # ---- registry entry ------------------------------------------------------------------------------
 IMPLEMENTATIONS = {
-    "conv_transpose2x2_forward": {"reference": reference_forward, "kernels": kernels_forward},
-    "conv_transpose2x2_backward": {"reference": reference_backward, "kernels": kernels_backward},
+    "conv_transpose2x2_forward": {"reference": reference_forward, "cpu": cpu_forward, "kernels": kernels_forward},
+    "conv_transpose2x2_backward": {"reference": reference_backward, "cpu": cpu_backward, "kernels": kernels_backward},
 }
 # (N, Ci, H, W, Co): a single pixel; odd sizes; Co not a multiple of the grad-weight block's 8
 TEST_CASES = [(1, 1, 1, 1, 1), (2, 6, 5, 7, 9), (3, 10, 4, 3, 17), (2, 3, 6, 5, 2)]

@@ -11,12 +11,14 @@ registry entry.
 from __future__ import annotations
 
 import numpy as np
+from numba import prange
 
 from .. import backends
 from ..autograd import Function
 from ..backends.kernels import int32s, require
 from ..tensor import Tensor
 from .checks import check_tensor
+from .numba_config import all_float32, jit
 
 KERNEL_FILE = "maxpool2x2"
 
@@ -79,6 +81,94 @@ def reference_backward(gy, argmax, x_shape):
     return gx
 
 
+# ---- fast CPU kernel (Numba) -------------------------------------------------------------------
+# The "cpu" implementation, the CPU twin of kernels/maxpool2x2.cu (one CUDA thread per output
+# pixel there; one task per (n, c) plane here, its output rows in order, vectorised along a row).
+
+
+@jit()
+def _max_pool2x2(x, y, argmax):
+    """y[n,c,i,j] = max of the window x[n,c,2i:2i+2,2j:2j+2], argmax = dy*2+dx of the winner:
+    the corners scanned in row-major order with a strict ``>`` (ties: the first), a NaN beating
+    every number and the first NaN winning (``v != v`` is true only for NaN). Branch-free
+    selects, so LLVM vectorises the row loop (the stride-2 loads become shuffles)."""
+    n_, c_ = x.shape[0], x.shape[1]
+    ho, wo = y.shape[2], y.shape[3]
+    for t in prange(n_ * c_):
+        n = t // c_
+        c = t % c_
+        for i in range(ho):
+            top = x[n, c, 2 * i]
+            bottom = x[n, c, 2 * i + 1]
+            yr = y[n, c, i]
+            ar = argmax[n, c, i]
+            for j in range(wo):
+                best = top[2 * j]
+                k = 0
+                v = top[2 * j + 1]
+                take = v > best or (v != v and best == best)
+                best = v if take else best
+                k = 1 if take else k
+                v = bottom[2 * j]
+                take = v > best or (v != v and best == best)
+                best = v if take else best
+                k = 2 if take else k
+                v = bottom[2 * j + 1]
+                take = v > best or (v != v and best == best)
+                best = v if take else best
+                k = 3 if take else k
+                yr[j] = best
+                ar[j] = k
+
+
+@jit()
+def _max_pool2x2_backward(gy, argmax, gx):
+    """gx[n,c,2i+dy,2j+dx] = gy[n,c,i,j] where dy*2+dx = argmax[n,c,i,j], else 0 (also in an odd
+    last row/column). One task per plane; every gx element is written once, in order."""
+    n_, c_, h, w = gx.shape
+    ho, wo = gy.shape[2], gy.shape[3]
+    for t in prange(n_ * c_):
+        n = t // c_
+        c = t % c_
+        for i in range(ho):
+            g = gy[n, c, i]
+            a = argmax[n, c, i]
+            top = gx[n, c, 2 * i]
+            bottom = gx[n, c, 2 * i + 1]
+            for j in range(wo):
+                k = a[j]
+                v = g[j]
+                top[2 * j] = v if k == 0 else 0
+                top[2 * j + 1] = v if k == 1 else 0
+                bottom[2 * j] = v if k == 2 else 0
+                bottom[2 * j + 1] = v if k == 3 else 0
+            if w % 2 == 1:
+                top[w - 1] = 0
+                bottom[w - 1] = 0
+        if h % 2 == 1:
+            gx[n, c, h - 1, :] = 0
+
+
+def cpu_forward(x):
+    """The fast CPU forward (float32; other dtypes go to the reference): ``_max_pool2x2``."""
+    if not all_float32(x):
+        return reference_forward(x)
+    n, c, h, w = x.shape
+    y = np.empty((n, c, h // 2, w // 2), np.float32)
+    argmax = np.empty(y.shape, np.uint8)
+    _max_pool2x2(np.ascontiguousarray(x), y, argmax)
+    return y, argmax
+
+
+def cpu_backward(gy, argmax, x_shape):
+    """The fast CPU backward (float32; other dtypes go to the reference): ``_max_pool2x2_backward``."""
+    if not (all_float32(gy) and isinstance(argmax, np.ndarray) and argmax.dtype == np.uint8):
+        return reference_backward(gy, argmax, x_shape)
+    gx = np.empty(tuple(x_shape), np.float32)
+    _max_pool2x2_backward(np.ascontiguousarray(gy), np.ascontiguousarray(argmax), gx)
+    return gx
+
+
 # ---- the CUDA kernels (kernels/maxpool2x2.cu): one thread per output / input element -------------
 def kernels_forward(k, x):
     x = k.floats(x, "x", 4)
@@ -106,8 +196,8 @@ def kernels_backward(k, gy, argmax, x_shape):
 
 # ---- registry entry ------------------------------------------------------------------------------
 IMPLEMENTATIONS = {
-    "max_pool2x2_forward": {"reference": reference_forward, "kernels": kernels_forward},
-    "max_pool2x2_backward": {"reference": reference_backward, "kernels": kernels_backward},
+    "max_pool2x2_forward": {"reference": reference_forward, "cpu": cpu_forward, "kernels": kernels_forward},
+    "max_pool2x2_backward": {"reference": reference_backward, "cpu": cpu_backward, "kernels": kernels_backward},
 }
 TEST_CASES = [(1, 1, 2, 2), (2, 3, 9, 11), (3, 2, 8, 7), (1, 4, 1, 5)]   # (N, C, H, W), odd sizes
 TOLERANCE = dict(rtol=0.0, atol=0.0)  # selects values: exact, argmax included
