@@ -227,9 +227,10 @@ plt.tight_layout(h_pad=1.0); plt.show()
 # the backend as a method) computes the launch configuration just shown, and the emulator runs
 # every thread of every block on the CPU — checking each load and store against the bounds of
 # its array. The NumPy reference (`minunet.backends.reference.conv3x3_forward`, i.e.
-# `reference_forward` in the same module; what device `"cpu"` runs) is the oracle. We report the **max abs error** $\max|y_{emu} - y_{cpu}|$ and the **relative
-# error** $\max|y_{emu} - y_{cpu}| / \max|y_{cpu}|$; float32 sums of $9 C_i$ products in a
-# different order agree to about $10^{-7}$ relative.
+# `reference_forward` in the same module; what device `"cpu"` runs) is the oracle. We report
+# the **max abs error** $\max|y_{emu} - y_{cpu}|$ and the **relative error**
+# $\max|y_{emu} - y_{cpu}| / \max|y_{cpu}|$; float32 sums of $9 C_i$ products in a different
+# order agree to about $10^{-7}$ relative.
 
 # %%
 from minunet.backends import reference

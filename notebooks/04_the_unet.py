@@ -150,7 +150,8 @@ expected = small.layer_table(572)
 assert len(expected) == len(traced)
 print(f"{'layer':16s} {'table (base 2)':>15s}   {'real forward: F.<op>':22s} {'(N, C, H, W)'}")
 for r, (name, shape) in zip(expected, traced):
-    assert r["op"] == table_op[name] and shape[1:] == (r["out_channels"], r["out_size"], r["out_size"]), (r, name, shape)
+    assert r["op"] == table_op[name], (r, name)
+    assert shape[1:] == (r["out_channels"], r["out_size"], r["out_size"]), (r, shape)
     print(f"{r['op']:16s} {r['out_channels']:5d} x {r['out_size']:3d} x {r['out_size']:<3d}    "
           f"{name:22s} {shape}")
 print(len(traced), "layers: every size and channel count of the table matches the real forward pass")
