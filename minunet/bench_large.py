@@ -23,8 +23,8 @@ Zarr's machinery);
 the blocked run used (an upper bound; one pass runs at a time); ``block`` is what one block in
 flight holds: its input with the halo in the stored dtype, in float64 and float32 while being
 standardised, and its class and foreground probabilities (float32). Dask's local scheduler runs
-``threads`` blocks at once (one per core). The weights are random: speed and memory do not
-depend on them. The results go to ``--out`` (Markdown) and a JSON file next to it.
+``threads`` blocks at once (:data:`minunet.data.lazy_io.LOCAL_THREADS`). The weights are random:
+speed and memory do not depend on them. The results go to ``--out`` (Markdown) and a JSON file next to it.
 """
 from __future__ import annotations
 
@@ -119,6 +119,7 @@ def measure(args) -> dict:
 
     from .checkpoint import save_checkpoint
     from .data.blocked import Geometry
+    from .data.lazy_io import LOCAL_THREADS
     from .inference import forward_cost
     from .nn import UNet
 
@@ -138,7 +139,7 @@ def measure(args) -> dict:
                          str(Geometry(args.depth, small).smallest_chunk()), "--quiet",
                          "--overwrite"], work / "base.log")
     load = [os.getloadavg()[0]]
-    threads = os.cpu_count() or 1
+    threads = LOCAL_THREADS
     rows = []
     for size in args.sizes:
         tiff, store = write_inputs(work, size, args.chunk)
@@ -218,7 +219,8 @@ def report(result: dict, command: str) -> str:
         f"Network: UNet(base_channels={net['base_channels']}, depth={net['depth']}), "
         f"{result['parameters']:,} parameters, random weights. Memory budget for the tile "
         f"choice: {result['memory_mb']} MB (`--memory-mb`). Blocks: {result['chunk']} x "
-        f"{result['chunk']}, Dask's local threaded scheduler ({result['threads']} threads).",
+        f"{result['chunk']}, Dask's local threaded scheduler ({result['threads']} worker thread; "
+        "the network's kernels use every core).",
         "",
         HEADER,
         *[format_row(r) for r in result["rows"]],

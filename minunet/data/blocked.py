@@ -358,11 +358,11 @@ def predict_blocked(image, model: UNet, tile: int, chunk=None, statistics=None):
         geometry.check_chunk(c, what)
     source = _DaskWindows(image) if isinstance(image, da.Array) else image
     if statistics is None:
-        stored = getattr(image, "chunks", None)
-        if not (isinstance(stored, tuple) and len(stored) == len(shape)
-                and all(np.ndim(c) == 0 for c in stored)):
-            stored = chunks if flat else (1, *chunks)
-        view = image if isinstance(image, da.Array) else da.from_array(image, chunks=stored)
+        stored = stored_chunks(image)                      # read whole stored chunks, but
+        if stored:                                         # about a block's worth per task
+            stored = tuple(max(s, c // s * s) for s, c in zip(stored, chunks))
+        view = image if isinstance(image, da.Array) else \
+            da.from_array(image, chunks=(stored or chunks) if flat else (1, *(stored or chunks)))
         statistics = dask.compute(*slice_statistics(view[None] if flat else view))
     intensities = Intensities(statistics)
     predictor = TilePredictor(model)

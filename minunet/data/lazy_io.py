@@ -16,6 +16,11 @@ import numpy as np
 from .io import rgb_to_gray
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+# Blocks computed at once on the local scheduler. The network already uses every core and one
+# forward pass runs at a time (minunet.data.blocked.TilePredictor), so more threads would only
+# overlap reading and writing with it, which is small next to the network, at the cost of more
+# blocks in memory and a heap (malloc arena) per thread.
+LOCAL_THREADS = 1
 
 
 class TiffImage:
@@ -136,7 +141,8 @@ def _write_block(block, *targets_and_transforms, block_info=None):
     return np.ones((1,) * block.ndim, bool)
 
 
-def store_chunks(array, outputs, client=None, progress: bool = True, desc: str = "chunks") -> int:
+def store_chunks(array, outputs, client=None, progress: bool = True, desc: str = "chunks",
+                 threads: int = LOCAL_THREADS) -> int:
     """Compute `array` and write it into Zarr arrays, chunk by chunk, with a progress bar.
 
     Args:
@@ -144,7 +150,8 @@ def store_chunks(array, outputs, client=None, progress: bool = True, desc: str =
             one Zarr chunk).
         outputs: list of (zarr array, transform or None); a transform maps a block to what is
             stored (e.g. a threshold for a mask), computed in the same task.
-        client: a ``distributed.Client`` to run on, or None for Dask's local threads.
+        client: a ``distributed.Client`` to run on, or None for Dask's local threaded scheduler
+            with `threads` worker threads (blocks in flight).
         progress: show a tqdm bar over chunks.
     Returns the number of chunks written. Errors raised in a task (e.g. ValueError for bad
     input found while reading) are raised here.
@@ -170,7 +177,7 @@ def store_chunks(array, outputs, client=None, progress: bool = True, desc: str =
                         bar.update(1)
 
             with _Bar():
-                markers.compute(scheduler="threads")
+                markers.compute(scheduler="threads", num_workers=threads)
         else:
             from distributed import as_completed
 
