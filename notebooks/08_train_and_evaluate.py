@@ -27,7 +27,7 @@ from nbsetup import F, mu, np, plt  # the shared setup: imports, figures, printi
 
 # %%
 from minunet.data import TileSampler, standardize, synthetic_samples
-from minunet.train import predict_probabilities
+from minunet.inference import predict_probabilities
 
 train = synthetic_samples("em", n=16, size=192, seed=0)     # images in [0, 1]
 val = synthetic_samples("em", n=2, size=192, seed=10_000)     # other seeds: unseen images
