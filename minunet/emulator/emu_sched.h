@@ -377,34 +377,44 @@ EMU_NOSAN static void run_block_loop(uint32_t nthreads, bool shuffled) {
     }
 }
 
+// One pass resumes every ready fiber once and notes where each thread now is; a barrier that every
+// live thread reached is released at the start of the next pass (no separate loops over threads).
 EMU_NOSAN static void run_block_fibers(Worker& w, uint32_t nthreads, bool shuffled) {
     for (uint32_t t = 0; t < nthreads; ++t) { start_fiber(w, (int)t); w.order[t] = t; }
     w.warp_waiting = 0;
+    bool release = false;
     for (;;) {
         if (shuffled) shuffle(w.order, nthreads);
+        int done = -1, waiting = -1, first = -1, second = -1;  // example threads; first/second diverge
         for (uint32_t k = 0; k < nthreads; ++k) {
             const uint32_t t = w.order[k];
-            if (w.fibers[t].state != READY) continue;
-            resume_fiber(w, (int)t);
-            if (g_pending.active) resolve_pending();
-        }
-        if (resolve_warps(w, nthreads)) continue;
-        if (w.warp_waiting) fail_stuck_warp(w, nthreads);
-        int done = -1, waiting = -1;  // one example thread of each kind
-        for (uint32_t t = 0; t < nthreads; ++t) {
-            const Fiber& f = w.fibers[t];
-            if (f.state == DONE) { done = (int)t; continue; }
-            if (waiting >= 0 && f.line != w.fibers[waiting].line) {
-                Report r = blank_report();
-                r.line = w.fibers[waiting].line;
-                r.other_line = f.line;
-                copy_uint3(r.other_thread, thread_of((uint64_t)waiting));
-                set_thread(t);
-                fail_with(BARRIER_DIVERGENCE, r);
+            Fiber& f = w.fibers[t];
+            if (release && f.state == AT_BARRIER) f.state = READY;
+            if (f.state == READY) {
+                resume_fiber(w, (int)t);
+                if (g_pending.active) resolve_pending();
             }
-            waiting = (int)t;
+            if (f.state == DONE) {
+                done = (int)t;
+            } else if (f.state == AT_BARRIER) {
+                if (waiting >= 0 && f.line != w.fibers[waiting].line && first < 0) { first = waiting; second = (int)t; }
+                waiting = (int)t;
+            }
+        }
+        release = false;
+        if (w.warp_waiting) {
+            if (resolve_warps(w, nthreads)) continue;
+            fail_stuck_warp(w, nthreads);
         }
         if (waiting < 0) return;  // every thread finished
+        if (first >= 0) {
+            Report r = blank_report();
+            r.line = w.fibers[first].line;
+            r.other_line = w.fibers[second].line;
+            copy_uint3(r.other_thread, thread_of((uint64_t)first));
+            set_thread((uint32_t)second);
+            fail_with(BARRIER_DIVERGENCE, r);
+        }
         if (done >= 0) {
             Report r = blank_report();
             r.line = w.fibers[waiting].line;
@@ -413,7 +423,7 @@ EMU_NOSAN static void run_block_fibers(Worker& w, uint32_t nthreads, bool shuffl
             fail_with(BARRIER_EXIT, r);
         }
         if (g_options.racecheck) new_interval(nthreads);
-        for (uint32_t t = 0; t < nthreads; ++t) w.fibers[t].state = READY;
+        release = true;
     }
 }
 
