@@ -135,6 +135,14 @@ def test_global_write_after_write_between_blocks(ordered):
         ordered.get_function("global_last_writer")(4, 32, (np.zeros(1, np.int32),))
 
 
+def test_buffers_over_16_mib_are_not_race_checked(ordered):
+    """The documented limit: the shadow of a global buffer costs 32 bytes per byte, so buffers
+    over 16 MiB are left out of the race checker (bounds are still checked)."""
+    out = np.zeros(4 * 2**20 + 1, np.int32)  # 16 MiB + 4 bytes
+    ordered.get_function("global_last_writer")(4, 32, (out,))
+    assert out[0] == 3  # the last block in index order wrote last
+
+
 @pytest.mark.parametrize("seed", [None, 1, 2, 3, -1])
 def test_global_read_of_another_blocks_output(seed):
     """Caught whichever block runs first: read-after-write if the writer ran first, else

@@ -52,8 +52,8 @@ kernel, the CUDA thread and block, the argument or array and element, and the so
 - Races, as compute-sanitizer's racecheck defines them: between two barriers (``__syncthreads``,
   and ``__syncwarp`` for the lanes it names) a write by one thread and a read or write of the
   same byte by another, in shared memory (per byte: the last writer and two readers of the
-  interval) and in global memory (per byte of a written buffer: the last writer and reader; also
-  between blocks, which never synchronise within a launch). The report names both threads and
+  interval) and in global memory (per byte of a written buffer of up to 16 MiB: the last writer
+  and reader; also between blocks, which never synchronise within a launch). The report names both threads and
   both source lines. Atomics are not hazards. Two writes of the *same value* are not reported
   (the result does not depend on their order); the check compares the bytes after the second
   store. After a ``__threadfence()`` global read-after-write and write-after-read between blocks

@@ -19,8 +19,8 @@
 // lanes it names), a write by one thread and a read or write of the same byte by another is a
 // hazard, reported with both threads and both source lines. Per byte of shared memory the checker
 // remembers the last writer and two readers of the current barrier interval; per byte of a
-// writable global buffer the last writer and the last reader (global memory: hazards also between
-// blocks, which never synchronise within a launch). Atomics are not hazards. Two
+// writable global buffer of up to 16 MiB the last writer and the last reader (global memory:
+// hazards also between blocks, which never synchronise within a launch). Atomics are not hazards. Two
 // writes of the *same value* are not reported: the result does not depend on their order (the
 // check compares the bytes once the second store has happened).
 #pragma once
@@ -253,8 +253,12 @@ EMU_NOSAN static inline bool global_conflict(uint32_t block1, uint32_t tid, uint
     return block1 != my_block1 || (epoch == g_epoch && !ordered(tid, sync, me));
 }
 
+// Global buffers larger than this are not race-checked: their shadow (32 bytes per byte written
+// or read) would cost more memory than a checked run should take.
+static const size_t kRaceCheckedBytes = (size_t)16 << 20;
+
 EMU_NOSAN static void global_race(Span& s, uintptr_t a, size_t n, int is_write, const void* pc) {
-    if (!s.writable) return;  // nothing writes it: no hazard
+    if (!s.writable || s.hi - s.lo > kRaceCheckedBytes) return;  // nothing writes it, or too large
     if (!s.cells && !(s.cells = (GlobalCell*)map_zeroed((s.hi - s.lo) * sizeof(GlobalCell)))) return;
     const uint32_t tid = g_tid, block1 = (uint32_t)g_block_linear + 1;
     const uint16_t sync = g_sync_count ? g_sync_count[tid] : 0;

@@ -95,7 +95,7 @@ EMU_NOSAN static void run_blocks(Worker& w) {
             uint64_t i = __atomic_fetch_add(&g_next_block, 1, __ATOMIC_RELAXED);
             if (i >= g_nblocks) break;
             uint64_t b = g_block_order.at(i);
-            g_block_linear = b;
+            if (EMU_CHECKED) g_block_linear = b;
             block_idx = block_of(b);
             if (EMU_CHECKED) {
                 poison_shared(g_dynamic_bytes);

@@ -132,7 +132,7 @@ static uint3* g_thread_table;  // thread_of(t) for every thread of a block, when
 
 EMU_NOSAN static void set_thread(uint32_t t) {
     thread_idx = g_thread_table ? g_thread_table[t] : thread_of(t);
-    g_tid = t;
+    if (EMU_CHECKED) g_tid = t;
 }
 
 EMU_NOSAN static void resume_fiber(Worker& w, int t) {

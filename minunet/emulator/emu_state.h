@@ -122,7 +122,8 @@ static const int kMaxWorkers = 64;
 static Worker g_workers[kMaxWorkers];
 static EMU_TLS Worker* g_self;              // the worker this OS thread is
 
-// The running CUDA thread, for the checks and reports (checked mode runs one worker).
+// The running CUDA thread, for the checks and the profiler (checked mode, one worker; fast mode
+// never writes them).
 static uint32_t g_tid;                      // linear thread index in the block
 static uint64_t g_block_linear;
 
