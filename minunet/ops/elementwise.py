@@ -117,6 +117,9 @@ def sgd_reference_step(param, grad, velocity, lr, momentum):
 # cut into equal blocks, one per task, each a vectorised loop). They are memory-bound: one pass
 # over the data instead of NumPy's two or three (a temporary mask, then the product). Dropout
 # stays with its reference (it acts on the few small planes at the bottom of the U-Net).
+# Each task loops over its own slice from index 0: a loop ``range(lo, hi)`` over the whole array
+# would make Numba test every index for negative (wrap-around) values and LLVM give up on
+# vectorising it (measured 7x slower, bench/results/cpu_numba.md).
 BLOCK = 1 << 16          # elements per task
 
 
@@ -125,9 +128,12 @@ def _relu(x, y):
     """y = max(x, 0), a NaN stays NaN (``not x < 0`` is true for NaN)."""
     size = x.size
     for t in prange((size + BLOCK - 1) // BLOCK):
-        for i in range(t * BLOCK, min(size, (t + 1) * BLOCK)):
-            v = x[i]
-            y[i] = v if not v < 0 else np.float32(0.0)
+        lo = t * BLOCK
+        m = min(size - lo, BLOCK)
+        xs, ys = x[lo:lo + m], y[lo:lo + m]
+        for i in range(m):
+            v = xs[i]
+            ys[i] = v if not v < 0 else np.float32(0.0)
 
 
 @jit()
@@ -135,8 +141,11 @@ def _relu_backward(y, gy, gx):
     """gx = gy where y > 0, else 0."""
     size = y.size
     for t in prange((size + BLOCK - 1) // BLOCK):
-        for i in range(t * BLOCK, min(size, (t + 1) * BLOCK)):
-            gx[i] = gy[i] if y[i] > 0 else np.float32(0.0)
+        lo = t * BLOCK
+        m = min(size - lo, BLOCK)
+        ys, gys, gxs = y[lo:lo + m], gy[lo:lo + m], gx[lo:lo + m]
+        for i in range(m):
+            gxs[i] = gys[i] if ys[i] > 0 else np.float32(0.0)
 
 
 @jit()
@@ -145,11 +154,14 @@ def _sgd_step(param, grad, velocity, lr, momentum):
     roundings as the reference (no fastmath: no fused multiply-add), so the result is identical."""
     size = param.size
     for t in prange((size + BLOCK - 1) // BLOCK):
-        for i in range(t * BLOCK, min(size, (t + 1) * BLOCK)):
-            v = velocity[i] * momentum
-            v = v + grad[i]
-            velocity[i] = v
-            param[i] = param[i] - lr * v
+        lo = t * BLOCK
+        m = min(size - lo, BLOCK)
+        ps, gs, vs = param[lo:lo + m], grad[lo:lo + m], velocity[lo:lo + m]
+        for i in range(m):
+            v = vs[i] * momentum
+            v = v + gs[i]
+            vs[i] = v
+            ps[i] = ps[i] - lr * v
 
 
 def relu_cpu_forward(x):
