@@ -1,5 +1,5 @@
-"""The emulator's second edition, part 2: warp-level and tensor-core code. Warp shuffles, votes
-and __syncwarp with CUDA's semantics (the reference model here is written from the CUDA
+"""The emulator's second edition, part 2: warp-level and tensor-core code (and asynchronous
+copies). Warp shuffles, votes and __syncwarp with CUDA's semantics (the reference model here is written from the CUDA
 Programming Guide's description of each function, independently of the emulator's PTX-based
 implementation), their misuse reported, and nvcuda::wmma TF32 and FP16 products against NumPy.
 The kernels (tests/emu_kernels/warp.cu, wmma_gemm.cu) are written for a real GPU and also
@@ -323,3 +323,61 @@ def test_warp_and_wmma_kernels_compile_with_nvrtc(file, arch):
         assert "wmma.mma.sync" in ptx and ".tf32" in ptx
     else:
         assert "shfl.sync" in ptx and "vote.sync" in ptx
+
+
+# ---- asynchronous copies (cp.async through <cuda_pipeline.h>) --------------------------------------
+
+PIPELINE_SOURCE = (KERNELS / "pipeline.cu").read_text()
+
+
+@pytest.mark.parametrize("mode", ["checked", "fast"])
+def test_async_copy_with_its_wait(rng, mode):
+    fn = EmuModule(PIPELINE_SOURCE, name="pipeline.cu", mode=mode).get_function("neighbour_through_async_copy")
+    x = rng.standard_normal(3 * 128).astype(np.float32)
+    y = np.full_like(x, np.nan)
+    fn(3, 128, (x, y, np.int32(1)))
+    assert_close(y, np.roll(x.reshape(3, 128), -1, axis=1).reshape(-1), rtol=0, atol=0, what=f"{mode} mode")
+
+
+def test_a_missing_wait_shows_as_nan(rng):
+    """Without __pipeline_wait_prior the destination is still poisoned when the threads read it."""
+    fn = EmuModule(PIPELINE_SOURCE, name="pipeline.cu").get_function("neighbour_through_async_copy")
+    x = rng.standard_normal(128).astype(np.float32)
+    y = np.zeros_like(x)
+    fn(1, 128, (x, y, np.int32(0)))
+    assert np.isnan(y).all()
+
+
+def test_wait_prior_completes_only_older_batches(rng):
+    fn = EmuModule(PIPELINE_SOURCE, name="pipeline.cu").get_function("two_stages")
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    first, second = np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)
+    fn(1, 32, (x, first, second, np.int32(0)))
+    assert (first == x[:32]).all() and np.isnan(second).all()  # the second batch is still in flight
+    fn(1, 32, (x, first, second, np.int32(1)))
+    expected = x[32:].copy()
+    expected[:, 3] = 0  # zfill = 4 bytes: the last float of each copy is zero
+    assert (first == x[:32]).all() and (second == expected).all()
+
+
+def test_misaligned_async_copy(rng):
+    fn = EmuModule(PIPELINE_SOURCE, name="pipeline.cu").get_function("misaligned_async_copy")
+    with pytest.raises(EmulatorError, match=rf"misaligned read of 16 bytes by thread \(\d+,0,0\) of block \(0,0,0\) at "
+                                            rf"pipeline.cu:{line_of(PIPELINE_SOURCE, 'x + 1 + 4 * threadIdx.x')}: .*not a "
+                                            r"multiple of 16 \(argument 0 `x`"):
+        fn(1, 32, (rng.standard_normal(200).astype(np.float32), np.zeros(32, np.float32)))
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_pipeline_kernels_compile_with_nvrtc(arch):
+    from minunet.backends import nvrtc_check
+
+    try:
+        nvrtc_check.find_libnvrtc()
+    except nvrtc_check.NvrtcNotFound as exc:
+        pytest.skip(f"NVRTC not installed: {exc}")
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("the CUDA toolkit's headers (<cuda_pipeline.h>) are not installed")
+    ptx = nvrtc_check.nvrtc_compile(PIPELINE_SOURCE, "pipeline.cu", arch, ("-std=c++17", f"-I{include}"))
+    assert "cp.async" in ptx

@@ -23,8 +23,9 @@ How it works
 2. ``cuda_emu.h``: CUDA's qualifiers become nothing or ``static``; ``threadIdx``, ``blockIdx``,
    ``blockDim``, ``gridDim`` are read-only views of variables the runtime sets per thread; math
    intrinsics map to libm; atomics are real atomic read-modify-writes; warp collectives park the
-   calling thread until its warp-mates arrive. ``include/`` holds the emulator's ``<mma.h>`` and
-   ``<cuda_fp16.h>``.
+   calling thread until its warp-mates arrive. ``include/`` holds the emulator's ``<mma.h>``
+   (wmma: TF32 and FP16 tensor-core fragments), ``<cuda_fp16.h>`` and ``<cuda_pipeline.h>``
+   (asynchronous global-to-shared copies, whose destination reads as NaN until the thread waits).
 3. ``compiler.py``: ``g++ -std=c++17`` into a shared library, in one of two modes (``modes.py``):
    *checked* (``-O2 -g`` with ``-fsanitize=thread`` instrumentation, which makes GCC call our
    check before every load and store; linked without the sanitizer's runtime) or *fast*

@@ -22,6 +22,7 @@
 #include "emu_check.h"
 #include "emu_sched.h"
 #include "emu_profile.h"
+#include "emu_pipeline.h"
 
 namespace emu {
 
@@ -127,6 +128,7 @@ EMU_NOSAN static bool attempt(int workers) {
     g_pending.active = 0;
     g_fenced = false;
     g_launch_number++;
+    g_launch_serial++;
     g_nused = 0;
     g_static_bytes = 0;
     for (int i = 0; i < g_nspans; ++i)

@@ -181,7 +181,7 @@ def describe_failure(fn, report, values, owners, nregions, shared_mem, seed, lau
     elif kind in (WARP_MASK, WARP_DIVERGENCE, WARP_EXIT, WARP_ARGUMENT):
         text = _warp_text(report, kind, who)
     elif kind == DEVICE_ASSERT:
-        text = f"device-side {report.text.decode(errors='replace')} in {who}"
+        text = f"device-side {report.text.decode(errors='replace')} in {who}{at}"
     elif kind == SETUP:
         text = "the emulator could not allocate memory for the launch (arguments too large?)"
     else:
