@@ -195,17 +195,19 @@ def _conv3x3_backward_im2col(x, w, gy, with_bias):
 # vector instructions.
 PIXELS_PER_TASK = 2048   # full-width output pixels per task of the forward/grad-input kernel
 GW_PIXELS = 8192         # pixels per slice of the weight-gradient reduction
+PAD_BELOW_PIXELS = 4096  # planes smaller than this are copied with zeros after them for gw
 
 
 @jit(fastmath={"contract"})
-def _conv3x3_flat(x, w, b, y, rows):
+def _conv3x3_flat(x, w, b, y, rows, flip):
     """y[n,co,i,j] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] * xf[n,ci,(i+ky)*W + j+kx], for i < y's
     height and j < y's width <= W, where xf is x's plane (H, W) read as one flat row of H*W values.
 
-    With y's width W-2 this is the valid convolution; with width W (and x = gy padded by
-    ``_conv3x3_pad_grad``, weights flipped and transposed) it is the input gradient, exactly as
-    GRAD_INPUT = true in conv3x3_forward_tiled: the zeros that pad the rows of gy on the left and
-    right are the same two columns seen from either side of the wrap-around.
+    With y's width W-2 this is the valid convolution; with width W, x = gy padded by
+    ``_conv3x3_pad_grad`` and ``flip`` (the weight read as w[ci,co,2-ky,2-kx]: channel axes
+    swapped, both spatial axes flipped) it is the input gradient, exactly as GRAD_INPUT = true in
+    conv3x3_forward_tiled: the zeros that pad the rows of gy on the left and right are the same two
+    columns seen from either side of the wrap-around.
 
     Mapping (compare the CUDA block of 8 channels x 16x32 pixels): one task = 3 output channels x
     ``rows`` output rows (about ``PIXELS_PER_TASK`` pixels) of one image; tasks are split over the
@@ -251,15 +253,20 @@ def _conv3x3_flat(x, w, b, y, rows):
                 mm = mv                    # whole vectors: the reads stay inside x
             else:
                 mm = min(m, plane - 2 * wd - 2 - p0)   # exact: the reads stay inside the plane
-            u0 = w[c0, ci, 0, 0]; u1 = w[c0, ci, 0, 1]; u2 = w[c0, ci, 0, 2]   # noqa: E702
-            u3 = w[c0, ci, 1, 0]; u4 = w[c0, ci, 1, 1]; u5 = w[c0, ci, 1, 2]   # noqa: E702
-            u6 = w[c0, ci, 2, 0]; u7 = w[c0, ci, 2, 1]; u8 = w[c0, ci, 2, 2]   # noqa: E702
-            v0 = w[c1, ci, 0, 0]; v1 = w[c1, ci, 0, 1]; v2 = w[c1, ci, 0, 2]   # noqa: E702
-            v3 = w[c1, ci, 1, 0]; v4 = w[c1, ci, 1, 1]; v5 = w[c1, ci, 1, 2]   # noqa: E702
-            v6 = w[c1, ci, 2, 0]; v7 = w[c1, ci, 2, 1]; v8 = w[c1, ci, 2, 2]   # noqa: E702
-            t0 = w[c2, ci, 0, 0]; t1 = w[c2, ci, 0, 1]; t2 = w[c2, ci, 0, 2]   # noqa: E702
-            t3 = w[c2, ci, 1, 0]; t4 = w[c2, ci, 1, 1]; t5 = w[c2, ci, 1, 2]   # noqa: E702
-            t6 = w[c2, ci, 2, 0]; t7 = w[c2, ci, 2, 1]; t8 = w[c2, ci, 2, 2]   # noqa: E702
+            k0 = w[ci, c0] if flip else w[c0, ci]      # (3, 3) taps of the 3 output channels
+            k1 = w[ci, c1] if flip else w[c1, ci]
+            k2 = w[ci, c2] if flip else w[c2, ci]
+            f = 2 if flip else 0                       # tap (ky, kx) is k[f-ky, f-kx] up to sign
+            d = -1 if flip else 1
+            u0 = k0[f, f]; u1 = k0[f, f + d]; u2 = k0[f, f + 2 * d]                    # noqa: E702
+            u3 = k0[f + d, f]; u4 = k0[f + d, f + d]; u5 = k0[f + d, f + 2 * d]        # noqa: E702
+            u6 = k0[f + 2 * d, f]; u7 = k0[f + 2 * d, f + d]; u8 = k0[f + 2 * d, f + 2 * d]  # noqa: E702
+            v0 = k1[f, f]; v1 = k1[f, f + d]; v2 = k1[f, f + 2 * d]                    # noqa: E702
+            v3 = k1[f + d, f]; v4 = k1[f + d, f + d]; v5 = k1[f + d, f + 2 * d]        # noqa: E702
+            v6 = k1[f + 2 * d, f]; v7 = k1[f + 2 * d, f + d]; v8 = k1[f + 2 * d, f + 2 * d]  # noqa: E702
+            t0 = k2[f, f]; t1 = k2[f, f + d]; t2 = k2[f, f + 2 * d]                    # noqa: E702
+            t3 = k2[f + d, f]; t4 = k2[f + d, f + d]; t5 = k2[f + d, f + 2 * d]        # noqa: E702
+            t6 = k2[f + 2 * d, f]; t7 = k2[f + 2 * d, f + d]; t8 = k2[f + 2 * d, f + 2 * d]  # noqa: E702
             x0 = xf[n, ci, p0:]            # the three input rows of the kernel's rows ky = 0, 1, 2
             x1 = xf[n, ci, p0 + wd:]
             x2 = xf[n, ci, p0 + 2 * wd:]
@@ -325,11 +332,13 @@ def _conv3x3_pad_grad(gy, gp, gb):
 
 
 @jit(fastmath={"contract", "reassoc"})
-def _conv3x3_grad_weight_flat(x, gp, part, chunk):
+def _conv3x3_grad_weight_flat(xf, gp, part, chunk):
     """part[n*slices+s, co, ci, ky*3+kx] = sum over the pixels p of slice s of
     g[n,co,p] * xf[n,ci,p + ky*W + kx], with g = gy on the full-width grid (gp from flat offset
-    2W+2, zero in the wrap-around columns, so those pixels add nothing). gw = part summed over
-    its first axis by the caller, in a fixed order: the result does not depend on the threads.
+    2W+2, zero in the wrap-around columns, so those pixels add nothing). xf holds x's planes
+    flattened, (N, Ci, L) with L >= H*W (zeros after H*W when the caller padded them); H and W
+    come from gp (H+3, W). gw = part summed over its first axis by the caller, in a fixed order:
+    the result does not depend on the threads.
 
     Mapping (compare conv3x3_grad_weight: a block per (co, 4 input channels, pixel slice), a tree
     reduction in shared memory): one task = 2 output channels x one slice of ``chunk`` pixels
@@ -339,15 +348,16 @@ def _conv3x3_grad_weight_flat(x, gp, part, chunk):
     x, 18 FMAs; no stores.
 
     The loop is rounded up to whole vectors where the extra pixels stay inside both planes (g
-    is zero there, gp has 3 zero rows at the bottom); the last slice of a plane stops exactly."""
-    n_, ci_, h, wd = x.shape
-    co_ = gp.shape[1]
-    length = (h - 2) * wd                  # the full-width output grid
+    is zero there, gp has 3 zero rows at the bottom); else (the last slice of an unpadded plane)
+    it stops exactly, after a scalar tail of at most 15 pixels: reading on into the next plane
+    would multiply zeros of g by values that may be Inf or NaN. Small planes are therefore padded
+    by the caller (the tail would be a large part of their work)."""
+    n_, ci_, plane = xf.shape
+    co_, wd = gp.shape[1], gp.shape[3]
+    length = (gp.shape[2] - 5) * wd        # the full-width output grid: Ho = H - 2 rows
     slices = (length + chunk - 1) // chunk
     pairs = (co_ + 1) // 2
-    plane = h * wd
     gplane = gp.shape[2] * gp.shape[3]
-    xf = x.reshape(n_, ci_, plane)
     gf = gp.reshape(n_, co_, gplane)
     off = 2 * wd + 2
     for task in prange(n_ * slices * pairs):
@@ -413,14 +423,15 @@ def cpu_forward(x, w, b=None):
     co = w.shape[0]
     y = np.empty((n, co, h - 2, wd - 2), np.float32)
     bias = np.zeros(co, np.float32) if b is None else np.ascontiguousarray(b)
-    _conv3x3_flat(np.ascontiguousarray(x), np.ascontiguousarray(w), bias, y, _rows_per_task(h - 2, wd))
+    _conv3x3_flat(np.ascontiguousarray(x), np.ascontiguousarray(w), bias, y, _rows_per_task(h - 2, wd), False)
     return y
 
 
 def cpu_backward(x, w, gy, with_bias=True):
     """The fast CPU gradients (float32; other dtypes go to the reference): gy padded once
-    (``_conv3x3_pad_grad``, which also sums gb), gx = ``_conv3x3_flat`` on it with the weights
-    flipped and transposed (Ci, Co, 2-ky, 2-kx), gw = ``_conv3x3_grad_weight_flat``."""
+    (``_conv3x3_pad_grad``, which also sums gb), gx = ``_conv3x3_flat`` on it reading the weights
+    flipped and transposed, gw = ``_conv3x3_grad_weight_flat`` (on x's planes padded by zeros
+    when they are small, see there)."""
     if not all_float32(x, w, gy):
         return reference_backward(x, w, gy, with_bias)
     x, w, gy = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(gy)
@@ -429,15 +440,17 @@ def cpu_backward(x, w, gy, with_bias=True):
     gp = np.empty((n, co, h + 3, wd), np.float32)
     gb = np.empty((n, co), np.float64)
     _conv3x3_pad_grad(gy, gp, gb)
-    w_flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     gx = np.empty((n, ci, h, wd), np.float32)
-    _conv3x3_flat(gp, w_flipped, np.zeros(ci, np.float32), gx, _rows_per_task(h, wd))
+    _conv3x3_flat(gp, w, np.zeros(ci, np.float32), gx, _rows_per_task(h, wd), True)
     length = (h - 2) * wd
     slices = -(-length // GW_PIXELS)
     chunk = -(-length // (slices * LANES)) * LANES        # equal slices, whole vectors
     part = np.empty((n * -(-length // chunk), co, ci, 9), np.float32)
-    _conv3x3_grad_weight_flat(x, gp, part, chunk)
-    gw = part.sum(axis=0).reshape(co, ci, 3, 3)
+    xf = x.reshape(n, ci, h * wd)
+    if h * wd < PAD_BELOW_PIXELS:            # whole vectors to the end of every plane
+        xf = np.concatenate([xf, np.zeros((n, ci, 2 * LANES), np.float32)], axis=2)
+    _conv3x3_grad_weight_flat(xf, gp, part, chunk)
+    gw = (part[0] if len(part) == 1 else part.sum(axis=0)).reshape(co, ci, 3, 3)
     return gx, gw, (gb.sum(axis=0).astype(np.float32) if with_bias else None)
 
 
