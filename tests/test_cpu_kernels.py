@@ -209,3 +209,38 @@ def test_relu_and_sgd_cpu_equal_the_float32_reference_bit_for_bit(rng):
     ew.sgd_cpu_step(param, grad, velocity, 0.01, 0.99)
     R.sgd_step(p_ref, grad, v_ref, 0.01, 0.99)
     assert np.array_equal(param, p_ref) and np.array_equal(velocity, v_ref)
+
+
+# ---- threads ------------------------------------------------------------------------------------------
+def test_kernels_launched_from_many_python_threads_at_once(tmp_path):
+    """Dask runs prediction blocks in threads: four Python threads calling the kernels at once
+    must get the single-thread results (Numba's workqueue layer aborts the whole process on a
+    concurrent launch, so every launch takes numba_config.LAUNCH_LOCK). In a subprocess, so that
+    an abort fails this test instead of the test run."""
+    import subprocess
+    import sys
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import threading, numpy as np\n"
+        "from minunet.ops import conv3x3, numba_config\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.standard_normal((1, 8, 40, 41)).astype(np.float32)\n"
+        "w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)\n"
+        "want = conv3x3.cpu_forward(x, w)\n"
+        "bad = []\n"
+        "def work():\n"
+        "    for _ in range(50):\n"
+        "        if not np.array_equal(conv3x3.cpu_forward(x, w), want):\n"
+        "            bad.append(1)\n"
+        "threads = [threading.Thread(target=work) for _ in range(4)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print('ok' if not bad else 'wrong', numba_config.threading_layer())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr[-2000:]
+
+
+def test_the_threading_layer_is_not_spinning_openmp_unless_asked_for():
+    import os
+    if {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+        pytest.skip("the threading layer was chosen through the environment")
+    assert numba_config.threading_layer() in ("tbb", "workqueue")

@@ -7,27 +7,58 @@ which are compiled by Numba.
   the first run of a fresh install compiles. ``boundscheck=False`` is explicit, not left to the
   ``NUMBA_BOUNDSCHECK`` environment variable: the kernels round their vector loops up to whole
   registers and prove, in their docstrings, that every read stays inside its array.
-- Threads: Numba starts ``NUMBA_NUM_THREADS`` worker threads (default: one per core) when it is
-  first imported; ``set_num_threads(n)`` (``python -m minunet.train --threads n``) lets the
+- Threads: Numba starts ``NUMBA_NUM_THREADS`` worker threads (default: one per core) when a
+  kernel first runs; ``set_num_threads(n)`` (``python -m minunet.train --threads n``) lets the
   kernels use fewer. The kernels split their work into fixed tasks that do not depend on the
   thread count, so the results are bit-identical for any number of threads.
+- Threading layer: TBB if the ``tbb`` package is installed, else Numba's own ``workqueue``, and
+  GNU OpenMP only last (unless ``NUMBA_THREADING_LAYER`` or ``NUMBA_THREADING_LAYER_PRIORITY``
+  says otherwise). OpenMP's idle workers spin, and its loops are cut into one fixed share per
+  thread: on cores shared with other processes (or with PyTorch's or OpenBLAS's own spinning
+  threads) a kernel then waits for a preempted thread's share, 8-20 ms instead of 1 ms
+  (bench/results/cpu_numba.md). TBB balances the shares and its workers sleep. The workqueue is
+  not thread-safe (two Python threads launching kernels at once abort the process, and Dask
+  runs prediction blocks in threads), so every kernel launch takes ``LAUNCH_LOCK``.
 - Only float32 arrays take the fast path (one compiled signature per kernel keeps the first
   compile short); every other dtype (float64 for gradient checks) goes to the NumPy reference.
 """
 from __future__ import annotations
 
+import functools
+import os
+import threading
+
 import numba
 import numpy as np
 
 LANES = 16  # float32 lanes of a 512-bit vector register: kernels round loop counts up to this
+LAUNCH_LOCK = threading.Lock()   # one kernel launch at a time (see the module docstring)
+
+if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
 
 
 def jit(parallel: bool = True, fastmath=False):
-    """``numba.njit`` with the options shared by every fast CPU kernel (see the module docstring).
-    ``fastmath``: ``{"contract"}`` lets LLVM fuse a*b+c into one FMA instruction (one rounding
-    instead of two); ``{"contract", "reassoc"}`` also lets it split a long sum into one partial
-    sum per vector lane (needed to vectorise a reduction; it changes the summation order)."""
-    return numba.njit(parallel=parallel, fastmath=fastmath, boundscheck=False, cache=True)
+    """``numba.njit`` with the options shared by every fast CPU kernel (see the module docstring);
+    a parallel kernel is returned wrapped so that each launch holds ``LAUNCH_LOCK`` (the compiled
+    dispatcher stays reachable as ``.compiled``). ``fastmath``: ``{"contract"}`` lets LLVM fuse
+    a*b+c into one FMA instruction (one rounding instead of two); ``{"contract", "reassoc"}``
+    also lets it split a long sum into one partial sum per vector lane (needed to vectorise a
+    reduction; it changes the summation order)."""
+    def decorate(fn):
+        compiled = numba.njit(parallel=parallel, fastmath=fastmath, boundscheck=False, cache=True)(fn)
+        if not parallel:
+            return compiled
+
+        @functools.wraps(fn)
+        def launch(*args):
+            with LAUNCH_LOCK:
+                return compiled(*args)
+
+        launch.compiled = compiled
+        return launch
+
+    return decorate
 
 
 def all_float32(*arrays) -> bool:
@@ -38,6 +69,12 @@ def all_float32(*arrays) -> bool:
 def max_threads() -> int:
     """The number of worker threads Numba started (``NUMBA_NUM_THREADS``, default the cores)."""
     return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def threading_layer() -> str:
+    """The threading layer the kernels run on ("tbb", "workqueue" or "omp"), starting it if needed."""
+    numba.get_num_threads()   # starts the layer
+    return numba.threading_layer()
 
 
 def num_threads() -> int:
