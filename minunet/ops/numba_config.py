@@ -11,12 +11,12 @@ which are compiled by Numba.
   kernel first runs; ``set_num_threads(n)`` (``python -m minunet.train --threads n``) lets the
   kernels use fewer. The kernels split their work into fixed tasks that do not depend on the
   thread count, so the results are bit-identical for any number of threads.
-- Threading layer: TBB if the ``tbb`` package is installed, else Numba's own ``workqueue``, and
-  GNU OpenMP only last (unless ``NUMBA_THREADING_LAYER`` or ``NUMBA_THREADING_LAYER_PRIORITY``
-  says otherwise). OpenMP's idle workers spin, and its loops are cut into one fixed share per
-  thread: on cores shared with other processes (or with PyTorch's or OpenBLAS's own spinning
-  threads) a kernel then waits for a preempted thread's share, 8-20 ms instead of 1 ms
-  (bench/results/cpu_numba.md). TBB balances the shares and its workers sleep. The workqueue is
+- Threading layer: Numba's choice (``NUMBA_THREADING_LAYER``): TBB when the ``tbb`` package is
+  installed, else GNU OpenMP, else its own ``workqueue``. On an idle machine TBB and OpenMP
+  train equally fast, the workqueue 1.4x slower (its launches are slow); on cores shared with
+  other busy processes OpenMP's kernels stall (its idle workers spin and each thread owns a
+  fixed share of the loop, so a kernel waits for a preempted thread: 8-20 ms instead of 1 ms)
+  while TBB's balance the work (bench/results/cpu_numba.md): install ``tbb``. The workqueue is
   not thread-safe (two Python threads launching kernels at once abort the process, and Dask
   runs prediction blocks in threads), so every kernel launch takes ``LAUNCH_LOCK``.
 - Only float32 arrays take the fast path (one compiled signature per kernel keeps the first
@@ -25,7 +25,6 @@ which are compiled by Numba.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 
 import numba
@@ -34,8 +33,6 @@ import numpy as np
 LANES = 16  # float32 lanes of a 512-bit vector register: kernels round loop counts up to this
 LAUNCH_LOCK = threading.Lock()   # one kernel launch at a time (see the module docstring)
 
-if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
-    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
 
 
 def jit(parallel: bool = True, fastmath=False):
