@@ -2,7 +2,7 @@
 
     python -m minunet.bench --device cpu                    # ops + training steps (tiles 252 and 348), base 16
     python -m minunet.bench --device cuda --base-channels 64 --tile 572
-    python -m minunet.bench --kernels                       # registers/shared memory/spills (nvcc)
+    python -m minunet.bench --kernels --gpu sm_90           # ptxas resources + emulator counters, predicted times
 
 The op rows come from the registry (``minunet/ops``): every backend function of every op, on the
 shapes each op's ``bench_cases`` picks from a U-Net with ``--base-channels`` on a ``--tile`` input
@@ -327,6 +327,71 @@ def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin:
     return rows
 
 
+# ---- what makes each kernel fast: the emulator's counters and a predicted time ----------------------
+REDUCTION_KERNELS = ("channel_sum", "sum_partials", "sum_scaled")
+
+
+def profile_kernels(base: int, tile: int, batch: int, gpu: str, sample_blocks: int = 4) -> list[dict]:
+    """Every backend function of every op on its bench case, run once on ``emu`` (checked build)
+    under ``minunet.emulator.profile``: global sectors per request, shared-memory wavefronts per
+    request, DRAM bytes, occupancy on ``gpu``, and the roofline time the model PREDICTS for that GPU
+    (never a measurement). The op's FLOPs (its ``cost``) are shared equally by the kernels that do
+    its arithmetic (a conv backward's input- and weight-gradient kernels each do one forward's
+    worth); the reductions of reduce.cu get none."""
+    from . import emulator, ops
+    from .backends.kernels import KernelBackend
+
+    backend = KernelBackend("emu")
+    rng = np.random.default_rng(0)
+    rows = []
+    for op in ops.OPS:
+        for case in op.bench_cases(base, tile, batch):
+            costs = op.cost(case)
+            for function, args in op.example(rng, case).items():
+                args = tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args)
+                with emulator.profile(gpu=gpu, sample_blocks=sample_blocks) as report:
+                    getattr(backend, function)(*args)
+                workers = [r for r in report.rows if r.kernel not in REDUCTION_KERNELS] or report.rows
+                for r in workers:
+                    report.set_flops(r.kernel, costs[function][0] / len(workers) / r.launches)
+
+                def worst(values):
+                    values = [v for v in values if v is not None]
+                    return max(values) if values else None
+
+                rows.append(dict(
+                    function=function, case=_describe(case), kernels=len(report.rows),
+                    flops=costs[function][0], dram_bytes=sum(r.dram_bytes for r in report.rows),
+                    load_sectors=worst(r.sectors_per_load for r in report.rows),
+                    store_sectors=worst(r.sectors_per_store for r in report.rows),
+                    shared_wavefronts=worst(r.wavefronts_per_shared_load for r in report.rows),
+                    occupancy=min((r.occupancy.occupancy for r in report.rows if r.occupancy), default=None),
+                    predicted_us=None if report.total_predicted_seconds is None
+                    else report.total_predicted_seconds * 1e6,
+                    bound=max(report.rows, key=lambda r: r.predicted_seconds or 0).bound,
+                    report=emulator.format_profile(report)))
+    return rows
+
+
+def format_kernel_profile(rows: list[dict], gpu: str) -> str:
+    def num(v, fmt):
+        width = int(fmt.split(".")[0])
+        return f"{'-':>{width}}" if v is None else format(v, fmt)
+
+    head = (f"{'function':<31} {'case':<34} {'kern':>4} {'GFLOP':>7} {'DRAM MB':>8} {'ld sect/req':>11} "
+            f"{'st sect/req':>11} {'smem wf/req':>11} {'occup.':>6} {'PREDICTED us':>12} {'bound':>7}")
+    lines = [f"Emulator counts (exact, from every access of the sampled blocks) and times PREDICTED for "
+             f"{gpu} by a roofline model: not measurements. Worst kernel of each function shown.",
+             head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['function']:<31} {r['case']:<34} {r['kernels']:>4} {r['flops'] / 1e9:7.3f} "
+                     f"{r['dram_bytes'] / 1e6:8.2f} {num(r['load_sectors'], '11.2f')} "
+                     f"{num(r['store_sectors'], '11.2f')} {num(r['shared_wavefronts'], '11.2f')} "
+                     f"{num(None if r['occupancy'] is None else 100 * r['occupancy'], '5.0f')}% "
+                     f"{num(r['predicted_us'], '12.2f')} {r['bound']:>7}")
+    return "\n".join(lines)
+
+
 # ---- output ------------------------------------------------------------------------------------------
 def format_table(rows: list[Row]) -> str:
     head = (f"{'op':<31} {'shape':<34} {'MFLOP':>9} {'MB':>7} {'ms':>8} {'GFLOP/s':>8} "
@@ -378,17 +443,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-step", action="store_true", help="skip the training-step tables")
     p.add_argument("--no-torch", action="store_true", help="do not compare with PyTorch")
     p.add_argument("--kernels", action="store_true",
-                   help="print each kernel's registers, shared memory and spills (nvcc -Xptxas -v)")
+                   help="instead of timing: each kernel's registers, shared memory and spills (nvcc "
+                   "-Xptxas -v), then the emulator's counters for every op (coalescing, bank "
+                   "conflicts, DRAM bytes, occupancy) with a PREDICTED time on --gpu; use a small "
+                   "--base-channels and --tile (the emulator is slow)")
+    p.add_argument("--gpu", default="sm_90", choices=("sm_80", "sm_90"), help="GPU model of --kernels")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
+
+
+def kernels_report(args) -> int:
+    """``--kernels``: ptxas's resource report, then the emulator's counters for every op."""
+    from .backends import nvrtc_check
+
+    try:
+        UNet.output_size(args.tile)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    status = nvrtc_check.main(["--arch", args.gpu])
+    rows = profile_kernels(args.base_channels, args.tile, args.batch, args.gpu)
+    print(f"\n## kernels on emu (shapes from a U-Net with base {args.base_channels} on a {args.tile} tile)")
+    print(format_kernel_profile(rows, args.gpu))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{k: v for k, v in r.items() if k != "report"} for r in rows], f, indent=2)
+    return status
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.kernels:
-        from .backends import nvrtc_check
-
-        return nvrtc_check.main([])
+        return kernels_report(args)
     try:
         device = resolve_device(args.device)
         for tile in [args.tile, *args.step_tiles]:

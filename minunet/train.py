@@ -51,10 +51,10 @@ DEFAULT_LR = 0.002
 DEFAULT_LR_BORDER_WEIGHTS = 0.001
 RUN_FILES = ("checkpoint.npz", "log.csv", "metrics.json", "loss.png", "prediction.png")
 # What --resume takes from the command line rather than from the checkpoint: where the run is,
-# what to do with it, and how much to print. Of the restored arguments, these may be changed on
+# what to do with it, how much to print, and how this machine runs it (threads, emulator mode). Of the restored arguments, these may be changed on
 # resuming (train longer, lower a step size that made the loss NaN, move to another device); any
 # other that is given must equal the run's own.
-NOT_RESTORED = ("out", "resume", "overwrite", "quiet")
+NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode")
 CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every")
 
 
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "validate and save when it is spent (0 = no limit)")
     model.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, "
                        "augmentation and dropout")
+    model.add_argument("--threads", type=int, default=None, help="CPU threads of the fast cpu "
+                       "kernels (Numba) and of the emulator's fast mode (default: every core; "
+                       "results do not depend on it)")
+    model.add_argument("--emu-mode", choices=("checked", "fast"), default=None, help="for --device "
+                       "emu: 'checked' finds out-of-bounds accesses, races and misalignment (slow); "
+                       "'fast' skips the checks for long runs (default: $MINUNET_EMU_MODE or checked)")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
     run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
@@ -108,6 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
                       "checkpoints")
     run_.add_argument("--quiet", action="store_true", help="no progress report")
     return p
+
+
+def configure_machine(args) -> None:
+    """Apply --threads and --emu-mode (this session's choices, never stored in the run)."""
+    from . import emulator
+    from .ops import numba_config
+
+    if args.emu_mode is not None:
+        emulator.set_emu_mode(args.emu_mode)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        numba_config.set_num_threads(min(args.threads, numba_config.max_threads()))
+        emulator.set_workers(args.threads)
+
+
+def device_note(device: str) -> str:
+    """What the header line says about how the device runs: the emulator's mode on emu."""
+    if device != "emu":
+        return ""
+    from . import emulator
+
+    if emulator.emu_mode() == "checked":
+        return (" (emulator mode: checked, every access checked; --emu-mode fast runs without "
+                "the checks, several times faster)")
+    return " (emulator mode: fast, no checks; --emu-mode checked finds out-of-bounds accesses and races)"
 
 
 def default_lr(args) -> float:
@@ -427,6 +459,7 @@ def train(args, given: set | None = None) -> int:
     defaults)."""
     out_dir = Path(args.out)
     resumed, notes = resolve_args(args, given, out_dir)
+    configure_machine(args)
     train_samples, val_samples, what = load_data(args)
     run_ = build_run(args, resumed, train_samples, val_samples, out_dir)
     if args.overwrite:
@@ -438,7 +471,7 @@ def train(args, given: set | None = None) -> int:
     model = run_.model
     print(f"minunet.train: {what}; U-Net base {model.config['base_channels']}, depth {model.depth}, "
           f"{model.config['num_classes']} classes, tile {args.tile} -> "
-          f"{model.output_size(args.tile)}, device {run_.device}"
+          f"{model.output_size(args.tile)}, device {run_.device}{device_note(run_.device)}"
           + (f"; resuming at iteration {run_.iteration} of {args.iterations}" if resumed else ""),
           flush=True)
     if stale:

@@ -27,3 +27,16 @@ def test_bench_refuses_an_invalid_tile_with_one_line(capsys):
     assert bench.main(["--device", "cpu", "--tile", "200"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_kernel_profile_covers_every_function_and_labels_times_as_predicted():
+    """--kernels: the emulator's counters for every backend function, FLOPs from the op's cost
+    shared by its arithmetic kernels, and a time that the table calls PREDICTED."""
+    rows = bench.profile_kernels(base=2, tile=188, batch=1, gpu="sm_80", sample_blocks=2)
+    assert {r["function"] for r in rows} == set(ops.functions())
+    for r in rows:
+        assert r["kernels"] >= 1 and r["dram_bytes"] > 0 and r["predicted_us"] > 0, r
+        assert "PREDICTED" in r["report"]
+    conv = next(r for r in rows if r["function"] == "conv3x3_forward")
+    assert conv["shared_wavefronts"] == 1.0   # the tiled conv reads shared memory without conflicts
+    assert "PREDICTED for sm_80" in bench.format_kernel_profile(rows, "sm_80")

@@ -261,3 +261,21 @@ def test_evaluate_pairs_predictions_with_the_truth_of_their_name(tmp_path, rng):
     assert [(r["prediction"], r["truth"]) for r in scores["images"]] == \
         [("a_prob.tif", "a.png"), ("a_1_prob.tif", "a_1.png")]
     assert scores["mean"]["iou"] == 1.0
+
+
+def test_train_on_emu_says_which_emulator_mode_it_runs(tmp_path, capsys):
+    """--device emu names its mode in the header line; --emu-mode fast switches it (and, like
+    --threads, is this session's choice, not part of the run)."""
+    from minunet import emulator
+    from minunet.train import main
+
+    previous = emulator.emu_mode()
+    try:
+        code = main(["--device", "emu", "--emu-mode", "fast", "--threads", "1", "--iterations", "1",
+                     "--base-channels", "2", "--depth", "1", "--tile", "44", "--max-minutes", "0",
+                     "--out", str(tmp_path / "run"), "--quiet"])
+        out = capsys.readouterr().out
+    finally:
+        emulator.set_emu_mode(previous)
+    assert code == 0
+    assert "device emu (emulator mode: fast, no checks" in out

@@ -426,3 +426,45 @@ def test_launch_constants_are_read_from_the_cu_files_defines(tmp_path, monkeypat
     monkeypatch.setattr(sources_module, "kernels_dir", lambda: tmp_path)
     assert sources_module.cu_defines("consts") == {"A": 4, "B": 32, "C": 10}
     assert (ops.conv3x3.TILE_W, ops.conv3x3.TILE_H) == (32, 16)  # from kernels/conv3x3.cu
+
+
+def test_the_kernel_backend_follows_the_emulator_mode():
+    """set_emu_mode("fast") takes effect on the cached backend: its modules are built per mode,
+    and the fast build gives the checked build's answers (here the tiled conv and its gradients)."""
+    from minunet import emulator
+
+    backend = make_backend("emu")
+    previous = emulator.emu_mode()
+    try:
+        emulator.set_emu_mode("fast")
+        assert backend.module("conv3x3").mode == "fast"
+        run_conv3x3(backend, np.random.default_rng(5), 2, 9, 19, 35, 10)
+    finally:
+        emulator.set_emu_mode(previous)
+    assert backend.module("conv3x3").mode == previous
+
+
+# ---- kernels whose threads share memory, under several thread orders ----------------------------
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_shared_memory_kernels_under_other_shuffle_seeds(seed):
+    """The emulator runs a block's threads between barriers in a shuffled order; a race that one
+    order hides shows under another (and the race checker reports it). The kernels that cooperate
+    through shared memory (tiled conv, the weight-gradient and sum reductions, the loss mean) are
+    run under three more seeds against the reference."""
+    from minunet import emulator
+
+    previous = emulator.shuffle_seed()
+    emulator.set_shuffle_seed(seed)
+    try:
+        rng = np.random.default_rng(seed)
+        backend = make_backend("emu", "tiled", split=True)
+        run_conv3x3(backend, rng, 2, 9, 19, 35, 10)
+        case = ((2, 3, 20, 21), 5.0, True)
+        args = ops.cross_entropy.example(rng, case)["weighted_cross_entropy_forward"]
+        loss, grad = backend.weighted_cross_entropy_forward(*args)
+        loss_ref, grad_ref = R.weighted_cross_entropy_forward(*_in_float64(args))
+        assert_close(to_host(loss), loss_ref, what=f"loss, seed {seed}", rtol=1e-5, atol=1e-6)
+        assert_close(to_host(grad), grad_ref, what=f"loss gradient, seed {seed}",
+                     **ops.tolerance(ops.cross_entropy, "weighted_cross_entropy_forward", case))
+    finally:
+        emulator.set_shuffle_seed(previous)

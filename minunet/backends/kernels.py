@@ -43,8 +43,8 @@ MAX_GRID_YZ = 65535             # CUDA's limit on gridDim.y and gridDim.z
 REDUCE_THREADS = cu_defines("reduce")["REDUCE_THREADS"]
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
 
-# (device, path) -> (mtime_ns, size, compiled module), shared by all backend instances
-_MODULES: dict[tuple[str, str], tuple[int, int, object]] = {}
+# (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
+_MODULES: dict[tuple, tuple[int, int, object]] = {}
 
 
 class KernelError(RuntimeError):
@@ -116,13 +116,19 @@ class KernelBackend:
 
     # ---- compiling and launching ------------------------------------------------------------
     def module(self, file: str):
-        """``kernels/<file>.cu`` compiled for this device; compiled again if the file changed."""
+        """``kernels/<file>.cu`` compiled for this device; compiled again if the file changed, and
+        on emu once per emulator mode (``minunet.emulator.set_emu_mode``: "checked" or "fast")."""
         path = kernels_dir() / f"{file}.cu"
         try:
             stat = path.stat()
         except FileNotFoundError:
             raise KernelError(f"no kernel file {path}") from None
-        key = (self.device, str(path))
+        mode = None
+        if self.device == "emu":
+            from ..emulator import emu_mode
+
+            mode = emu_mode()
+        key = (self.device, str(path), mode)
         cached = _MODULES.get(key)
         if cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
             return cached[2]

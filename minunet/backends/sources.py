@@ -80,16 +80,16 @@ def function_source(file: str, name: str, comment: bool = True) -> str:
     what a reader sees is the code that runs."""
     import re
 
-    from ..emulator.source import blank_comments_and_strings
+    from ..emulator.source import blank_comments_and_strings, matching_bracket
 
     text = kernel_source(file)
     clean = blank_comments_and_strings(text)  # same length: positions carry over to `text`
     for found in re.finditer(rf"\b{re.escape(name)}\s*\(", clean):
-        close = _matching(clean, found.end() - 1, "(", ")")
+        close = matching_bracket(clean, found.end() - 1)
         body = re.compile(r"[^;{}()]*\{").match(clean, close + 1)  # `) {` or `) const {`: a definition
         if body is None:
             continue  # a call or a declaration
-        end = _matching(clean, body.end() - 1, "{", "}") + 1
+        end = matching_bracket(clean, body.end() - 1) + 1
         lines = text[:found.start()].split("\n")
         start_line = len(lines) - 1
         # Earlier lines of the same declaration: `template <int N>`, `extern "C" __global__ void`.
@@ -102,13 +102,3 @@ def function_source(file: str, name: str, comment: bool = True) -> str:
         start = len("\n".join(lines[:start_line])) + (1 if start_line else 0)
         return text[start:end]
     raise KeyError(f"no definition of {name!r} in kernels/{file.removesuffix('.cu')}.cu")
-
-
-def _matching(text: str, open_at: int, opening: str, closing: str) -> int:
-    """Index of the bracket that closes the one at ``open_at``."""
-    depth = 0
-    for i in range(open_at, len(text)):
-        depth += (text[i] == opening) - (text[i] == closing)
-        if depth == 0:
-            return i
-    raise ValueError(f"unbalanced {opening}{closing} from offset {open_at}")
