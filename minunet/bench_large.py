@@ -4,27 +4,29 @@
     python -m minunet.bench_large --sizes 2048 --base-channels 16 --out /tmp/large.md
 
 For each image size it writes one synthetic EM-like image (``minunet.data.synthetic``, 16-bit)
-as a TIFF and as a Zarr array in ``--chunk`` chunks, then runs both commands, each in a fresh
-process so that peaks are independent:
+as a TIFF and as Zarr arrays stored in ``--chunks`` chunks, then runs the commands, each in a
+fresh process so that peaks are independent:
 
 * in memory: ``python -m minunet.predict --checkpoint C em.tif --out DIR`` (the whole image,
   its probabilities and the network's tile in memory at once);
-* blocked:   ``python -m minunet.predict --checkpoint C em.zarr --out em_prob.zarr --chunk N``.
+* blocked:   ``python -m minunet.predict --checkpoint C em.zarr --out em_prob.zarr --chunk N``
+  for each N of ``--chunks`` (the blocks are the stored chunks).
 
 It reports wall time (the whole command: start-up, reading, predicting, writing), pixels per
-second, and peak resident memory (the child's ``ru_maxrss`` from ``wait4``), with the bound the
-blocked peak should stay under, whatever the image size:
+second, and peak resident memory (the process's VmHWM), with the bound the blocked peak should
+stay under, whatever the image size:
 
     bound = base + forward + threads x block
 
-``base`` is the peak of the blocked command on a 64 x 64 image (imports, the model, Dask's and
-Zarr's machinery);
-``forward`` is :func:`minunet.inference.forward_cost`'s memory of one forward pass of the tile
-the blocked run used (an upper bound; one pass runs at a time); ``block`` is what one block in
-flight holds: its input with the halo in the stored dtype, in float64 and float32 while being
-standardised, and its class and foreground probabilities (float32). Dask's local scheduler runs
-``threads`` blocks at once (:data:`minunet.data.lazy_io.LOCAL_THREADS`). The weights are random:
-speed and memory do not depend on them. The results go to ``--out`` (Markdown) and a JSON file next to it.
+``base`` is the peak of the blocked command on a 64 x 64 image with the smallest tile (imports,
+the model, Dask's and Zarr's machinery, one small forward pass); ``forward`` is
+:func:`minunet.inference.forward_cost`'s memory of one forward pass of the tile the blocked run
+used (an upper bound; one pass runs at a time); ``block`` is what one block in flight holds: the
+stored chunks its window touches (decoded whole by Zarr), the window with the halo in the stored
+dtype, in float64 and float32 while being standardised, and its class and foreground
+probabilities (float32). Dask's local scheduler runs ``threads`` blocks at once
+(:data:`minunet.data.lazy_io.LOCAL_THREADS`). The weights are random: speed and memory do not
+depend on them. The results go to ``--out`` (Markdown) and a JSON file next to it.
 """
 from __future__ import annotations
 
@@ -72,27 +74,33 @@ def run_measured(args: list[str], log: Path) -> dict:
     return {"wall_s": wall, "peak_bytes": int(peaks[-1]) * 1024, "stdout": text}
 
 
-def write_inputs(folder: Path, size: int, chunk: int) -> tuple[Path, Path]:
-    """One synthetic EM image of size x size, 16-bit, as TIFF and as Zarr (chunk x chunk)."""
-    chunk = min(chunk, size)
+def write_inputs(folder: Path, size: int, chunks) -> tuple[Path, dict]:
+    """One synthetic EM image of size x size, 16-bit, as TIFF and as Zarr arrays stored in
+    chunk x chunk chunks, one per chunk size (the blocks are then the stored chunks)."""
     import tifffile
     import zarr
 
     from .data.synthetic import em_images
 
     image = (em_images(1, size, seed=size)[0][0] * 65535).astype(np.uint16)
-    tiff, store = folder / f"em_{size}.tif", folder / f"em_{size}.zarr"
+    tiff = folder / f"em_{size}.tif"
     tifffile.imwrite(tiff, image)
-    z = zarr.create_array(store=str(store), shape=image.shape, chunks=(chunk, chunk),
-                          dtype=image.dtype)
-    z[...] = image
-    return tiff, store
+    stores = {}
+    for chunk in chunks:
+        stores[chunk] = folder / f"em_{size}_{chunk}.zarr"
+        z = zarr.create_array(store=str(stores[chunk]), shape=image.shape,
+                              chunks=(min(chunk, size),) * 2, dtype=image.dtype, overwrite=True)
+        z[...] = image
+    return tiff, stores
 
 
 def block_bytes(chunk: int, margin: int, grid: int, classes: int) -> int:
-    """Memory of one block in flight (see the module docstring)."""
+    """Memory of one block in flight (see the module docstring), plus the stored chunks its
+    window touches, which Zarr decodes whole (3 x 3 of them for an interior block when the
+    blocks are the stored chunks)."""
     side = chunk + 2 * margin + grid
-    return side * side * (2 + 8 + 4 + 4) + chunk * chunk * 4 * (classes + 1)
+    touched = (-(-side // chunk) + 1) ** 2 * chunk * chunk * 2
+    return touched + side * side * (2 + 8 + 4 + 4) + chunk * chunk * 4 * (classes + 1)
 
 
 def compare(mem_prob: Path, blocked: Path, tile_output: int) -> dict:
@@ -133,7 +141,7 @@ def measure(args) -> dict:
     small = UNet.valid_input_size(1, args.depth)
     while UNet.output_size(small, args.depth) < 2 ** args.depth:
         small = UNet.valid_input_size(small + 1, args.depth)
-    tiny = write_inputs(work, 64, args.chunk)[1]
+    tiny = write_inputs(work, 64, [64])[1][64]
     base = run_measured(["minunet.predict", *common, str(tiny), "--out", str(work / "tiny.zarr"),
                          "--tile", str(small), "--chunk",
                          str(Geometry(args.depth, small).smallest_chunk()), "--quiet",
@@ -142,39 +150,40 @@ def measure(args) -> dict:
     threads = LOCAL_THREADS
     rows = []
     for size in args.sizes:
-        tiff, store = write_inputs(work, size, args.chunk)
-        runs = {}
+        tiff, stores = write_inputs(work, size, args.chunks)
+        runs = []
         if not args.blocked_only:
-            runs["in memory"] = run_measured(
+            runs.append((None, run_measured(
                 ["minunet.predict", *common, str(tiff), "--out", str(work / f"mem_{size}")],
-                work / f"mem_{size}.log")
-        runs["blocked"] = run_measured(
-            ["minunet.predict", *common, str(store), "--out", str(work / f"blk_{size}.zarr"),
-             "--chunk", str(args.chunk), "--quiet", "--overwrite"], work / f"blk_{size}.log")
-        for path, run in runs.items():
+                work / f"mem_{size}.log")))
+        for chunk in args.chunks:
+            out = work / f"blk_{size}_{chunk}.zarr"
+            runs.append((chunk, run_measured(
+                ["minunet.predict", *common, str(stores[chunk]), "--out", str(out), "--chunk",
+                 str(chunk), "--quiet", "--overwrite"], work / f"blk_{size}_{chunk}.log")))
+        for chunk, run in runs:
             tile, out = (int(v) for v in re.findall(r"tile (\d+) -> (\d+)", run.pop("stdout"))[-1])
-            row = {"path": path, "size": size, "tile": tile, "tile_output": out,
-                   "chunk": args.chunk if path == "blocked" else None,
-                   "wall_s": run["wall_s"], "pixels_per_s": size * size / run["wall_s"],
-                   "peak_bytes": run["peak_bytes"]}
-            if path == "blocked":
+            row = {"path": "blocked" if chunk else "in memory", "size": size, "tile": tile,
+                   "tile_output": out, "chunk": chunk, "wall_s": run["wall_s"],
+                   "pixels_per_s": size * size / run["wall_s"], "peak_bytes": run["peak_bytes"]}
+            if chunk:
                 margin = (tile - out) // 2
                 row["bound_bytes"] = (base["peak_bytes"] + forward_cost(tile, model.config)[1]
-                                      + threads * block_bytes(args.chunk, margin, 2 ** args.depth,
+                                      + threads * block_bytes(chunk, margin, 2 ** args.depth,
                                                               model.config["num_classes"]))
-                if "in memory" in runs:
+                if not args.blocked_only:
                     row.update(compare(work / f"mem_{size}" / f"em_{size}_prob.tif",
-                                       work / f"blk_{size}.zarr", rows[-1]["tile_output"]))
+                                       work / f"blk_{size}_{chunk}.zarr", memory_output))
+            else:
+                memory_output = out
             rows.append(row)
             print(format_row(row), flush=True)
             load.append(os.getloadavg()[0])
-        for p in (tiff,):
-            p.unlink()
+        tiff.unlink()
     return {"rows": rows, "base_bytes": base["peak_bytes"], "threads": threads,
             "network": dict(model.config), "parameters": sum(p.size for p in model.parameters()),
-            "chunk": args.chunk, "memory_mb": args.memory_mb, "machine": machine(),
-            "load_average_1min": load,
-            "workdir": str(work)}
+            "chunks": args.chunks, "memory_mb": args.memory_mb, "machine": machine(),
+            "load_average_1min": load, "workdir": str(work)}
 
 
 def machine() -> str:
@@ -218,9 +227,9 @@ def report(result: dict, command: str) -> str:
         "(other work shared the cores, so wall times are upper bounds).  ",
         f"Network: UNet(base_channels={net['base_channels']}, depth={net['depth']}), "
         f"{result['parameters']:,} parameters, random weights. Memory budget for the tile "
-        f"choice: {result['memory_mb']} MB (`--memory-mb`). Blocks: {result['chunk']} x "
-        f"{result['chunk']}, Dask's local threaded scheduler ({result['threads']} worker thread; "
-        "the network's kernels use every core).",
+        f"choice: {result['memory_mb']} MB (`--memory-mb`). Blocked: Zarr input stored in "
+        "chunks of the block size, Dask's local threaded scheduler "
+        f"({result['threads']} worker thread; the network's kernels use every core).",
         "",
         HEADER,
         *[format_row(r) for r in result["rows"]],
@@ -240,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minunet.bench_large", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="image sides")
-    p.add_argument("--chunk", type=int, default=1024, help="Zarr chunk and block side")
+    p.add_argument("--chunks", type=int, nargs="+", default=[1024, 512], help="block sides, "
+                   "each also the stored chunk side of its Zarr input")
     p.add_argument("--base-channels", type=int, default=64, help="64: the paper's network")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--memory-mb", type=float, default=1024, help="--memory-mb of both commands")
