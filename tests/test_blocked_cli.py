@@ -11,6 +11,7 @@ import minunet as mu
 from minunet import predict
 from minunet.checkpoint import save_checkpoint
 from minunet.cli import run
+from minunet.data.blocked import TilePredictor
 from tests.conftest import assert_close
 
 zarr = pytest.importorskip("zarr")
@@ -81,10 +82,15 @@ def test_lazy_tiff_stack_with_chunks_and_overwrite(tmp_path, rng, checkpoint):
         assert_close(prob[...], expected, rtol=0, atol=ATOL, what=f"lazy TIFF stack {extra}")
 
 
-def test_two_worker_cluster_equals_local(tmp_path, rng, checkpoint):
+def test_two_worker_cluster_equals_local(tmp_path, rng, checkpoint, monkeypatch):
     """A LocalCluster on 127.0.0.1 (two workers as threads of this process, talking over TCP,
-    so the graph and the weights are serialised as for remote workers), always closed."""
+    so the graph and the weights are serialised as for remote workers), always closed. The
+    weights are unpickled at most once by the scheduler and once per worker, not per block."""
     distributed = pytest.importorskip("distributed")
+    unpickled = []
+    setstate = TilePredictor.__setstate__
+    monkeypatch.setattr(TilePredictor, "__setstate__",
+                        lambda self, state: (unpickled.append(1), setstate(self, state)))
     image = rng.random((150, 190)).astype(np.float32)
     src = write_zarr(tmp_path / "img.zarr", image, (64, 64))
     args = [src, "--chunk", 64, "--tile", 108, "--quiet"]
@@ -93,6 +99,7 @@ def test_two_worker_cluster_equals_local(tmp_path, rng, checkpoint):
                                   protocol="tcp", host="127.0.0.1", dashboard_address=None) as cl:
         assert predict_cli(checkpoint, *args, "--out", tmp_path / "cluster.zarr",
                            "--scheduler", cl.scheduler_address) == 0
+    assert 1 <= len(unpickled) <= 3, unpickled                 # 3 x 3 = 9 blocks
     local = zarr.open_array(str(tmp_path / "local.zarr"), mode="r")[...]
     cluster = zarr.open_array(str(tmp_path / "cluster.zarr"), mode="r")[...]
     assert_close(cluster, local, rtol=0, atol=1e-6, what="cluster vs local")
