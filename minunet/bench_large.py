@@ -223,7 +223,8 @@ def report(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {result['machine']}; no GPU (device `cpu`). One-minute load average during "
-        f"the runs: {min(result['load_average_1min']):.1f} to {max(result['load_average_1min']):.1f} "
+        f"the runs: {min(result['load_average_1min']):.1f} to "
+        f"{max(result['load_average_1min']):.1f} "
         "(other work shared the cores, so wall times are upper bounds).  ",
         f"Network: UNet(base_channels={net['base_channels']}, depth={net['depth']}), "
         f"{result['parameters']:,} parameters, random weights. Memory budget for the tile "
@@ -234,7 +235,8 @@ def report(result: dict, command: str) -> str:
         HEADER,
         *[format_row(r) for r in result["rows"]],
         "",
-        f"`base` (the blocked command on a 64 x 64 image) = {mb(result['base_bytes'])} MiB. `bound` = base + "
+        f"`base` (the blocked command on a 64 x 64 image) = {mb(result['base_bytes'])} MiB. "
+        "`bound` = base + "
         "one forward pass of the tile (`inference.forward_cost`) + threads x one block in flight "
         "(see `minunet/bench_large.py`). `diff`: the largest |difference| of the foreground "
         "probability, blocked vs in memory on the same image, where the in-memory path's first "

@@ -76,7 +76,9 @@ def _foreground_block(block: np.ndarray) -> np.ndarray:
     """P(foreground) of one block of class probabilities, (K, h, w) or (1, K, h, w)."""
     from .inference import foreground_probability
 
-    return foreground_probability(block) if block.ndim == 3 else foreground_probability(block[0])[None]
+    if block.ndim == 3:
+        return foreground_probability(block)
+    return foreground_probability(block[0])[None]
 
 
 def _connect(address: str):
@@ -88,7 +90,8 @@ def _connect(address: str):
     except (OSError, TimeoutError, ValueError) as exc:
         raise ValueError(f"cannot reach a Dask scheduler at {address} ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); start one with "
-                         "'dask scheduler' and 'dask worker ADDRESS', or omit --scheduler") from None
+                         "'dask scheduler' and 'dask worker ADDRESS', or omit --scheduler") \
+            from None
 
 
 def predict_large(args, model) -> int:

@@ -120,7 +120,8 @@ def test_bad_input_one_line_exit_2(tmp_path, rng, checkpoint, capsys):
     assert "use 56 or 64" in one_line_error(capsys)
     (tmp_path / "o.zarr").mkdir()
     assert predict_cli(checkpoint, good, *out) == 2
-    assert "o.zarr already exists; choose another path or pass --overwrite" in one_line_error(capsys)
+    assert "o.zarr already exists; choose another path or pass --overwrite" in \
+        one_line_error(capsys)
     bad = image.copy()
     bad[5, 80] = np.inf
     nan = write_zarr(tmp_path / "nan.zarr", bad, (64, 64))
@@ -128,5 +129,6 @@ def test_bad_input_one_line_exit_2(tmp_path, rng, checkpoint, capsys):
     assert "1 NaN or infinite pixel values" in one_line_error(capsys)
     assert predict_cli(checkpoint, good, "--out", tmp_path / "folder") == 2
     assert "give --out PATH.zarr" in one_line_error(capsys)
-    assert predict_cli(checkpoint, good, "--out", tmp_path / "x.zarr", "--mask", tmp_path / "m") == 2
+    assert predict_cli(checkpoint, good, "--out", tmp_path / "x.zarr",
+                       "--mask", tmp_path / "m") == 2
     assert "must be a Zarr path ending in .zarr" in one_line_error(capsys)

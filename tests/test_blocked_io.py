@@ -70,8 +70,8 @@ def test_store_chunks_writes_every_chunk_and_its_transform(tmp_path, rng):
     x = da.from_array(data, chunks=(1, 16, 32))
     prob = create_output(tmp_path / "p.zarr", data.shape, (1, 16, 32), "f4")
     mask = create_output(tmp_path / "m.zarr", data.shape, (1, 16, 32), "u1")
-    count = store_chunks(x, [(prob, None), (mask, functools.partial(threshold_mask, threshold=0.3))],
-                         progress=False)
+    to_mask = functools.partial(threshold_mask, threshold=0.3)
+    count = store_chunks(x, [(prob, None), (mask, to_mask)], progress=False)
     assert count == 3 * 3 * 3
     assert np.array_equal(prob[...], data)
     assert np.array_equal(mask[...], np.where(data >= 0.3, 255, 0).astype(np.uint8))
