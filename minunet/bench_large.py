@@ -131,6 +131,7 @@ def measure(args) -> dict:
     from .inference import forward_cost
     from .nn import UNet
 
+    code = code_version()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="minunet-bench-large-"))
     work.mkdir(parents=True, exist_ok=True)
     model = mu.UNet(base_channels=args.base_channels, depth=args.depth, seed=0)
@@ -183,7 +184,20 @@ def measure(args) -> dict:
     return {"rows": rows, "base_bytes": base["peak_bytes"], "threads": threads,
             "network": dict(model.config), "parameters": sum(p.size for p in model.parameters()),
             "chunks": args.chunks, "memory_mb": args.memory_mb, "machine": machine(),
-            "load_average_1min": load, "workdir": str(work)}
+            "load_average_1min": load, "workdir": str(work), "code": [code, code_version()]}
+
+
+def code_version() -> str:
+    """The commit the package was run from, and whether its files had uncommitted edits."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "minunet"], cwd=root,
+                               text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (" with uncommitted edits in minunet/" if dirty else "")
 
 
 def machine() -> str:
@@ -226,6 +240,8 @@ def report(result: dict, command: str) -> str:
         f"the runs: {min(result['load_average_1min']):.1f} to "
         f"{max(result['load_average_1min']):.1f} "
         "(other work shared the cores, so wall times are upper bounds).  ",
+        f"Code: {result['code'][0]}" + ("" if result["code"][0] == result["code"][1] else
+                                          f", {result['code'][1]} at the end") + ".  ",
         f"Network: UNet(base_channels={net['base_channels']}, depth={net['depth']}), "
         f"{result['parameters']:,} parameters, random weights. Memory budget for the tile "
         f"choice: {result['memory_mb']} MB (`--memory-mb`). Blocked: Zarr input stored in "
