@@ -13,21 +13,20 @@ which are compiled by Numba.
   thread count, so the results are bit-identical for any number of threads.
 - Threading layer: Numba's choice (``NUMBA_THREADING_LAYER``): TBB when the ``tbb`` package is
   installed, else GNU OpenMP, else its own ``workqueue``. On an idle machine TBB and OpenMP
-  train equally fast, the workqueue 1.4x slower (its launches are slow). On cores shared with
-  other busy processes, OpenMP's default workers spin at the end of every loop while the thread
-  they wait for is preempted: a training step took 1.4 s instead of 50 ms with TBB
-  (bench/results/cpu_numba.md). So unless ``OMP_WAIT_POLICY`` is set, Numba's OpenMP runtime
-  is started here, at import, with ``OMP_WAIT_POLICY=PASSIVE`` (idle workers sleep), and the
-  variable is removed again so that an OpenMP runtime loaded later (PyTorch's) keeps its default.
-  The workqueue is not thread-safe (two Python threads launching kernels at once abort the
-  process, and Dask runs prediction blocks in threads), so every launch takes ``LAUNCH_LOCK``.
+  train equally fast and the workqueue 1.4x slower (its launches are slow). On cores shared
+  with other busy processes OpenMP's workers spin at the end of every loop while the thread
+  they wait for is preempted: a training step took 1.4 s instead of 50 ms with TBB. Passive
+  OpenMP waiting fixes that but costs 25% on an idle machine (and the runtime is shared with
+  PyTorch's when both load libgomp), so it is not set here; install ``tbb``
+  (bench/results/cpu_numba.md). The workqueue is not thread-safe (two Python threads launching
+  kernels at once abort the process, and Dask runs prediction blocks in threads), so every
+  launch takes ``LAUNCH_LOCK``.
 - Only float32 arrays take the fast path (one compiled signature per kernel keeps the first
   compile short); every other dtype (float64 for gradient checks) goes to the NumPy reference.
 """
 from __future__ import annotations
 
 import functools
-import os
 import threading
 
 import numba
@@ -35,23 +34,6 @@ import numpy as np
 
 LANES = 16  # float32 lanes of a 512-bit vector register: kernels round loop counts up to this
 LAUNCH_LOCK = threading.Lock()   # one kernel launch at a time (see the module docstring)
-
-
-def _start_threading_layer() -> None:
-    """Start Numba's threading layer now, its OpenMP runtime (if that is the layer) reading
-    OMP_WAIT_POLICY=PASSIVE unless the user set the variable (see the module docstring)."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        numba.get_num_threads()
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        numba.get_num_threads()      # loads the layer; libgomp reads its variables when loaded
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
-
-
-_start_threading_layer()
-
 
 
 def jit(parallel: bool = True, fastmath=False):
