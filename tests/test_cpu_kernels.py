@@ -22,7 +22,8 @@ from minunet.ops import conv3x3, numba_config
 
 from .conftest import assert_close
 
-CPU_FUNCTIONS = [(op, name) for op in ops.OPS for name, impls in op.IMPLEMENTATIONS.items() if "cpu" in impls]
+CPU_FUNCTIONS = [(op, name) for op in ops.OPS for name, impls in op.IMPLEMENTATIONS.items()
+                 if "cpu" in impls]
 
 
 def f64(a):
@@ -66,7 +67,7 @@ def test_cpu_kernel_matches_reference_on_registry_cases(rng, op, name, case):
             assert g is None, f"{name} {case} output {k} should be None"
         else:
             if r.dtype.kind in "iu":   # argmax: exact, and of the reference's dtype
-                assert g.dtype == r.dtype, f"{name} {case} output {k}: dtype {g.dtype}, want {r.dtype}"
+                assert g.dtype == r.dtype, f"{name} {case} output {k}: dtype {g.dtype}"
                 assert_close(g, r, what=f"{name} {case} output {k}", rtol=0.0, atol=0.0)
             else:
                 assert g.dtype == np.float32, f"{name} {case} output {k}: dtype {g.dtype}"
@@ -74,7 +75,8 @@ def test_cpu_kernel_matches_reference_on_registry_cases(rng, op, name, case):
 
 
 def sum_tolerance(terms: int) -> dict:
-    """conv3x3.TOLERANCE for a sum of ``terms`` products, widened by sqrt(terms / 1000) beyond 1000."""
+    """conv3x3.TOLERANCE for a sum of ``terms`` products, widened by sqrt(terms / 1000) beyond
+    1000 terms."""
     scale = max(1.0, math.sqrt(terms / 1000))
     return {k: v * scale for k, v in conv3x3.TOLERANCE.items()}
 
@@ -97,7 +99,8 @@ def test_conv3x3_cpu_kernels_match_reference(rng, case, bias):
     what = f"conv3x3 cpu {case} bias={bias}"
     y = conv3x3.cpu_forward(x, wt, b)
     assert y.dtype == np.float32
-    assert_close(y, R.conv3x3_forward(f64(x), f64(wt), f64(b)), what=f"{what} y", **sum_tolerance(9 * ci))
+    assert_close(y, R.conv3x3_forward(f64(x), f64(wt), f64(b)), what=f"{what} y",
+                 **sum_tolerance(9 * ci))
     gx, gw, gb = conv3x3.cpu_backward(x, wt, gy, bias)
     gx_r, gw_r, gb_r = R.conv3x3_backward(f64(x), f64(wt), f64(gy), bias)
     assert_close(gx, gx_r, what=f"{what} gx", **sum_tolerance(9 * co))
@@ -109,7 +112,7 @@ def test_conv3x3_cpu_kernels_match_reference(rng, case, bias):
 
 
 def test_conv3x3_cpu_takes_views_and_sends_other_dtypes_to_the_reference(rng):
-    x = rng.standard_normal((2, 9, 3, 20)).astype(np.float32).transpose(0, 3, 2, 1)  # (2, 20, 3, 9), a view
+    x = rng.standard_normal((2, 9, 3, 20)).astype(np.float32).transpose(0, 3, 2, 1)  # a view
     wt = rng.standard_normal((3, 20, 3, 3)).astype(np.float32)
     gy = rng.standard_normal((2, 3, 1, 7)).astype(np.float32)
     assert_close(conv3x3.cpu_forward(x, wt), R.conv3x3_forward(f64(x), f64(wt)), what="view y",
@@ -150,7 +153,7 @@ def test_set_num_threads_refuses_bad_counts_in_one_line(bad):
     assert "\n" not in str(info.value)
 
 
-# ---- the 1x1 convolution and the up-convolution (a 1x1 convolution to 4*Co channels) ------------
+# ---- the 1x1 convolution and the up-convolution (a 1x1 convolution to 4*Co channels) -------
 # (N, Ci, H, W, Co): several pixel slices (H*W > 4096), an odd Ci (the single-channel tail), Co
 # not a multiple of 4 (channel groups) nor of 2 (weight-gradient pairs).
 POINTWISE_CASES = [(2, 7, 67, 71, 5), (1, 16, 90, 91, 2), (3, 33, 5, 9, 13)]
@@ -175,7 +178,7 @@ def test_conv1x1_and_up_conv_cpu_kernels_match_reference(rng, case):
             assert_close(g, r, what=f"{what} {name}", **sum_tolerance(terms))
 
 
-# ---- max-pooling, ReLU, SGD: exact ------------------------------------------------------------------
+# ---- max-pooling, ReLU, SGD: exact ----------------------------------------------------------
 def test_max_pool_cpu_matches_reference_exactly_with_ties_and_nans(rng):
     """Odd sizes (the floor drops a row and a column), ties (values from {0, 1}) and NaNs in every
     corner pattern: y, argmax and the routed gradient equal the reference's."""
@@ -211,7 +214,7 @@ def test_relu_and_sgd_cpu_equal_the_float32_reference_bit_for_bit(rng):
     assert np.array_equal(param, p_ref) and np.array_equal(velocity, v_ref)
 
 
-# ---- threads ------------------------------------------------------------------------------------------
+# ---- threads --------------------------------------------------------------------------------
 def test_kernels_launched_from_many_python_threads_at_once(tmp_path):
     """Dask runs prediction blocks in threads: four Python threads calling the kernels at once
     must get the single-thread results, on the one layer where this is hard: Numba's workqueue
@@ -238,5 +241,7 @@ def test_kernels_launched_from_many_python_threads_at_once(tmp_path):
         "[t.start() for t in threads]; [t.join() for t in threads]\n"
         "print('ok' if not bad else 'wrong', numba_config.threading_layer())\n")
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0 and done.stdout.split() == ["ok", "workqueue"], done.stdout + done.stderr[-2000:]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["ok", "workqueue"], \
+        done.stdout + done.stderr[-2000:]

@@ -97,20 +97,24 @@ def _pointwise(x, w, b, y, chunk):
         a2[:] = b[c2]
         a3[:] = b[c3]
         for ci in range(0, ci_ - 1, 2):
-            u0 = w[c0, ci]; u1 = w[c1, ci]; u2 = w[c2, ci]; u3 = w[c3, ci]                  # noqa: E702
-            v0 = w[c0, ci + 1]; v1 = w[c1, ci + 1]; v2 = w[c2, ci + 1]; v3 = w[c3, ci + 1]  # noqa: E702
+            u0, u1, u2, u3 = w[c0, ci], w[c1, ci], w[c2, ci], w[c3, ci]
+            v0, v1, v2, v3 = w[c0, ci + 1], w[c1, ci + 1], w[c2, ci + 1], w[c3, ci + 1]
             xa = x[n, ci, p0:p0 + m]
             xb = x[n, ci + 1, p0:p0 + m]
             for p in range(m):
                 e = xa[p]
                 f = xb[p]
-                s0 = a0[p]; s1 = a1[p]; s2 = a2[p]; s3 = a3[p]                           # noqa: E702
-                s0 += u0 * e; s1 += u1 * e; s2 += u2 * e; s3 += u3 * e                   # noqa: E702
-                s0 += v0 * f; s1 += v1 * f; s2 += v2 * f; s3 += v3 * f                   # noqa: E702
-                a0[p] = s0; a1[p] = s1; a2[p] = s2; a3[p] = s3                           # noqa: E702
+                s0 = a0[p] + u0 * e
+                s1 = a1[p] + u1 * e
+                s2 = a2[p] + u2 * e
+                s3 = a3[p] + u3 * e
+                a0[p] = s0 + v0 * f
+                a1[p] = s1 + v1 * f
+                a2[p] = s2 + v2 * f
+                a3[p] = s3 + v3 * f
         if ci_ % 2 == 1:
             ci = ci_ - 1
-            u0 = w[c0, ci]; u1 = w[c1, ci]; u2 = w[c2, ci]; u3 = w[c3, ci]                  # noqa: E702
+            u0, u1, u2, u3 = w[c0, ci], w[c1, ci], w[c2, ci], w[c3, ci]
             xa = x[n, ci, p0:p0 + m]
             for p in range(m):
                 e = xa[p]
@@ -171,8 +175,8 @@ def _pointwise_grad_weight(a, g, part, chunk):
             e = x3[p]
             s03 += d0 * e; s13 += d1 * e   # noqa: E702
         k = n * slices + s
-        part[k, k0, i0] = s00; part[k, k0, i1] = s01; part[k, k0, i2] = s02; part[k, k0, i3] = s03  # noqa: E702
-        part[k, k1, i0] = s10; part[k, k1, i1] = s11; part[k, k1, i2] = s12; part[k, k1, i3] = s13  # noqa: E702
+        part[k, k0, i0], part[k, k0, i1], part[k, k0, i2], part[k, k0, i3] = s00, s01, s02, s03
+        part[k, k1, i0], part[k, k1, i1], part[k, k1, i2], part[k, k1, i3] = s10, s11, s12, s13
 
 
 def pointwise(x, w, b, chunk=PW_PIXELS):
@@ -186,7 +190,8 @@ def pointwise(x, w, b, chunk=PW_PIXELS):
 
 
 def pointwise_grad_weight(a, g, chunk=PW_PIXELS):
-    """(K, C) = sum over images and pixels of g (N,K,P) times a (N,C,P), by ``_pointwise_grad_weight``."""
+    """(K, C) = sum over images and pixels of g (N,K,P) times a (N,C,P), by
+    ``_pointwise_grad_weight``."""
     n, _, pix = a.shape
     slices = -(-pix // chunk)
     part = np.empty((n * slices, g.shape[1], a.shape[1]), np.float32)

@@ -161,7 +161,8 @@ def cpu_forward(x):
 
 
 def cpu_backward(gy, argmax, x_shape):
-    """The fast CPU backward (float32; other dtypes go to the reference): ``_max_pool2x2_backward``."""
+    """The fast CPU backward (float32; other dtypes go to the reference):
+    ``_max_pool2x2_backward``."""
     if not (all_float32(gy) and isinstance(argmax, np.ndarray) and argmax.dtype == np.uint8):
         return reference_backward(gy, argmax, x_shape)
     gx = np.empty(tuple(x_shape), np.float32)

@@ -44,7 +44,8 @@ def jit(parallel: bool = True, fastmath=False):
     also lets it split a long sum into one partial sum per vector lane (needed to vectorise a
     reduction; it changes the summation order)."""
     def decorate(fn):
-        compiled = numba.njit(parallel=parallel, fastmath=fastmath, boundscheck=False, cache=True)(fn)
+        compiled = numba.njit(parallel=parallel, fastmath=fastmath, boundscheck=False,
+                              cache=True)(fn)
         if not parallel:
             return compiled
 
@@ -70,7 +71,7 @@ def max_threads() -> int:
 
 
 def threading_layer() -> str:
-    """The threading layer the kernels run on ("tbb", "workqueue" or "omp"), starting it if needed."""
+    """The threading layer the kernels run on ("tbb", "omp" or "workqueue"); starts it."""
     numba.get_num_threads()   # starts the layer
     return numba.threading_layer()
 
@@ -84,6 +85,7 @@ def set_num_threads(n: int) -> None:
     """Let the fast CPU kernels use ``n`` threads (1 <= n <= ``max_threads()``)."""
     limit = max_threads()
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= limit:
-        raise ValueError(f"threads must be an integer from 1 to {limit} (NUMBA_NUM_THREADS), got {n!r}; "
+        raise ValueError(f"threads must be an integer from 1 to {limit} (NUMBA_NUM_THREADS), "
+                         f"got {n!r}; "
                          f"set NUMBA_NUM_THREADS before starting Python to allow more")
     numba.set_num_threads(int(n))
