@@ -163,8 +163,11 @@ def build(code: str, name: str, options: tuple[str, ...] = (), mode: str = "chec
     command = find_compiler()
     identity = _compiler_identity(tuple(command))
     flags = _flags(identity, mode) + extra
+    # The working directory is part of the key: the library's debug information records it
+    # (DW_AT_comp_dir), and the source lines of error reports are resolved through it, so a
+    # library built from another checkout would report the wrong lines.
     key_text = "\0".join([unit, *[h.read_text() for h in headers()],
-                          " ".join(command), identity, " ".join(flags)])
+                          " ".join(command), identity, " ".join(flags), os.getcwd()])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     if key in _loaded:
         return _loaded[key]
