@@ -254,7 +254,7 @@ def _conv3x3_flat(x, w, b, y, rows, flip):
         p0 = r0 * wd                       # first pixel of the task on the flat grid
         m = (r1 - r0) * wd                 # its pixels, wrap-around columns included
         mv = (m + LANES - 1) // LANES * LANES
-        c0 = 3 * g                         # 3 output channels; repeated at the end of an odd Co
+        c0 = 3 * g             # 3 output channels, the last one repeated when 3 does not divide Co
         c1 = min(c0 + 1, co_ - 1)
         c2 = min(c0 + 2, co_ - 1)
         acc = np.empty((3, mv), np.float32)
