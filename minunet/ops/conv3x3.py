@@ -204,7 +204,8 @@ def _weight_taps(w, c, ci, flip):
     """The 9 taps (ky, kx) in row-major order of the weight from input channel ci to output
     channel c; with ``flip`` the input gradient's: channel axes swapped, both spatial axes
     flipped, w[ci, c, 2-ky, 2-kx]. (Inlined into the kernel, where each tap is a choice between
-    two loads; taking views w[ci, c] of the weight there instead made the kernel 30% slower.)"""
+    two loads; taking views w[ci, c] of the weight there instead made the whole kernel slower,
+    bench/results/cpu_numba.md.)"""
     if flip:
         return (w[ci, c, 2, 2], w[ci, c, 2, 1], w[ci, c, 2, 0], w[ci, c, 1, 2], w[ci, c, 1, 1],
                 w[ci, c, 1, 0], w[ci, c, 0, 2], w[ci, c, 0, 1], w[ci, c, 0, 0])
@@ -418,8 +419,8 @@ def _conv3x3_grad_weight_flat(xf, gp, part, chunk):
 
 def _rows_per_task(height: int, width: int) -> int:
     """Output rows per task: about PIXELS_PER_TASK pixels, and the same number of rows in every
-    task (``prange`` hands each thread one contiguous share of the tasks: with one short last
-    chunk, 35 + 21 rows on 2 threads, one core did 62% of the work)."""
+    task (``prange`` hands each thread one contiguous share of the tasks: with full chunks and
+    one short last chunk, e.g. 35 + 21 rows on 2 threads, one core would do 5/8 of the work)."""
     chunks = -(-height * width // PIXELS_PER_TASK)
     return -(-height // chunks)
 

@@ -119,7 +119,7 @@ def sgd_reference_step(param, grad, velocity, lr, momentum):
 # stays with its reference (it acts on the few small planes at the bottom of the U-Net).
 # Each task loops over its own slice from index 0: a loop ``range(lo, hi)`` over the whole array
 # would make Numba test every index for negative (wrap-around) values and LLVM give up on
-# vectorising it (measured 7x slower, bench/results/cpu_numba.md).
+# vectorising it (bench/results/cpu_numba.md).
 BLOCK = 1 << 16          # elements per task
 
 

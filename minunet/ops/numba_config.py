@@ -12,15 +12,15 @@ which are compiled by Numba.
   kernels use fewer. The kernels split their work into fixed tasks that do not depend on the
   thread count, so the results are bit-identical for any number of threads.
 - Threading layer: Numba's choice (``NUMBA_THREADING_LAYER``): TBB when the ``tbb`` package is
-  installed, else GNU OpenMP, else its own ``workqueue``. On an idle machine TBB and OpenMP
-  train equally fast and the workqueue 1.4x slower (its launches are slow). On cores shared
-  with other busy processes OpenMP's workers spin at the end of every loop while the thread
-  they wait for is preempted: a training step took 1.4 s instead of 50 ms with TBB. Passive
-  OpenMP waiting fixes that but costs 25% on an idle machine (and the runtime is shared with
-  PyTorch's when both load libgomp), so it is not set here; install ``tbb``
-  (bench/results/cpu_numba.md). The workqueue is not thread-safe (two Python threads launching
-  kernels at once abort the process, and Dask runs prediction blocks in threads), so every
-  launch takes ``LAUNCH_LOCK``.
+  installed (a dependency of minunet), else GNU OpenMP, else its own ``workqueue``. On an idle
+  machine TBB and OpenMP train equally fast and the workqueue is slower (its launches are
+  slow). On cores shared with other busy processes OpenMP's workers spin at the end of every
+  loop while the thread they wait for is preempted, and a training step takes many times
+  longer; TBB balances the work and its workers sleep. Passive OpenMP waiting would fix that
+  but slows the idle case (and the runtime is shared with PyTorch's when both load libgomp), so
+  it is not set here. The measurements are in bench/results/cpu_numba.md. The workqueue is not
+  thread-safe (two Python threads launching kernels at once abort the process, and Dask runs
+  prediction blocks in threads), so every launch takes ``LAUNCH_LOCK``.
 - Only float32 arrays take the fast path (one compiled signature per kernel keeps the first
   compile short); every other dtype (float64 for gradient checks) goes to the NumPy reference.
 """
