@@ -23,6 +23,14 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str = "") -> 
                              f"atol={atol} + rtol={rtol}*|ref| (max abs diff {diff.max():.3g}); {rows}")
 
 
+def source_line(source: str, marker: str) -> int:
+    """The 1-based line of ``source`` that contains ``marker`` (tests that check reported source
+    lines follow edits of the kernel file this way)."""
+    hits = [i + 1 for i, line in enumerate(source.splitlines()) if marker in line]
+    assert len(hits) == 1, f"{marker!r} is on lines {hits}"
+    return hits[0]
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test's name: reproducible from run to run

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import assert_close
+from .conftest import assert_close, source_line
 from minunet import emulator
 from minunet.emulator import EmuModule, EmulatorError
 
@@ -20,9 +20,7 @@ SOURCE = (KERNELS / "misses.cu").read_text()
 
 def line_of(marker: str) -> int:
     """The 1-based line of misses.cu that contains ``marker`` (so the tests follow edits)."""
-    hits = [i + 1 for i, line in enumerate(SOURCE.splitlines()) if marker in line]
-    assert len(hits) == 1, f"{marker!r} is on lines {hits}"
-    return hits[0]
+    return source_line(SOURCE, marker)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import assert_close
+from .conftest import assert_close, source_line
 from minunet.emulator import EmuModule, EmulatorError
 
 KERNELS = Path(__file__).parent / "emu_kernels"
@@ -21,10 +21,7 @@ WARP_SOURCE = (KERNELS / "warp.cu").read_text()
 WMMA_SOURCE = (KERNELS / "wmma_gemm.cu").read_text()
 
 
-def line_of(source: str, marker: str) -> int:
-    hits = [i + 1 for i, line in enumerate(source.splitlines()) if marker in line]
-    assert len(hits) == 1, f"{marker!r} is on lines {hits}"
-    return hits[0]
+line_of = source_line
 
 
 @pytest.fixture(scope="module")
