@@ -16,6 +16,8 @@
 //   conv1x1_grad_weight: one block per (co, group of C1_CI = 8 input channels, slice of the
 //     pixels); per pixel a thread loads gy once and uses it for 8 input channels, then the block
 //     sums its threads' 8 partial sums with a shared-memory tree (as conv3x3_grad_weight).
+//   conv1x1_grad_weight_serial: one thread per weight (co, ci), a loop over the N*P pixels; the
+//     launcher uses it when weights outnumber pixels (see conv3x3_grad_weight_serial).
 
 extern "C" __global__ void conv1x1_forward(const float* __restrict__ x, const float* __restrict__ w,
                                            const float* __restrict__ b, float* __restrict__ y,
@@ -60,14 +62,16 @@ conv1x1_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
     float acc[C1_CI];
 #pragma unroll
     for (int c = 0; c < C1_CI; ++c) acc[c] = 0.0f;
-    for (int e = start + t; e < stop; e += C1_THREADS) {   // e = (n, p)
-        const int p = e % P, n = e / P;
+    int p = (start + t) % P, n = (start + t) / P;   // e = (n, p), then stepped by additions
+    for (int e = start + t; e < stop; e += C1_THREADS) {
         const float g = gy[(n * Co + co) * P + p];
 #pragma unroll
         for (int c = 0; c < C1_CI; ++c) {
             if (ci0 + c >= Ci) break;
             acc[c] += g * x[(n * Ci + ci0 + c) * P + p];
         }
+        p += C1_THREADS;
+        if (p >= P) { n += p / P; p %= P; }
     }
 #pragma unroll
     for (int c = 0; c < C1_CI; ++c) s_sum[c][t] = acc[c];
@@ -78,4 +82,21 @@ conv1x1_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
         __syncthreads();
     }
     if (t < C1_CI && ci0 + t < Ci) out[(blockIdx.y * Co + co) * Ci + ci0 + t] = s_sum[t][0];
+}
+
+// Serial weight gradient: thread m = co * Ci + ci adds gy[n,co,p] * x[n,ci,p] over (n, p) in order.
+#define SERIAL_CHUNK 32
+extern "C" __global__ void conv1x1_grad_weight_serial(const float* __restrict__ x, const float* __restrict__ gy,
+                                                      float* __restrict__ gw, int N, int Ci, int P, int Co) {
+    const int m = blockIdx.x * blockDim.x + threadIdx.x;
+    if (m >= Co * Ci) return;
+    const int ci = m % Ci, co = m / Ci;
+    float acc = 0.0f;
+    for (int n = 0; n < N; ++n)
+        for (int p0 = 0; p0 < P; p0 += SERIAL_CHUNK) {   // chunks of 32 pixels, for accuracy (reduce.cu)
+            float part = 0.0f;
+            for (int p = p0; p < min(P, p0 + SERIAL_CHUNK); ++p) part += gy[(n * Co + co) * P + p] * x[(n * Ci + ci) * P + p];
+            acc += part;
+        }
+    gw[m] = acc;
 }

@@ -34,6 +34,9 @@
 //                              reduction in shared memory. Slices (blockIdx.y) write separate
 //                              partial results that reduce.cu's sum_partials adds in a fixed
 //                              order, so the result does not depend on the thread schedule.
+//   conv3x3_grad_weight_serial one thread per weight, adding its products over all pixels in a
+//                              loop: no shared memory, no barriers. For the deep, small layers,
+//                              where there are more weights than pixels (the launcher picks it).
 //
 // Index arithmetic is 32-bit: the Python launcher refuses arrays of 2^31 or more elements.
 
@@ -187,7 +190,9 @@ __device__ __forceinline__ void conv3x3_tiled(const float* __restrict__ src, con
 
         // 3. compute. The 4 x 3 window of inputs is read from shared memory once per channel and
         //    reused for 8 output channels and 2 output rows (row r + ky serves output row r).
-        for (int c = 0; c < CI_CHUNK; ++c) {
+        //    Only the chunk's real channels: U-Net's first layer has 1 input channel, not 8.
+        const int chunk = min(CI_CHUNK, C_src - s0);
+        for (int c = 0; c < chunk; ++c) {
             float in[ROWS_PER_THREAD + 2][3];
 #pragma unroll
             for (int r = 0; r < ROWS_PER_THREAD + 2; ++r)
@@ -237,7 +242,8 @@ conv3x3_grad_input_tiled(const float* __restrict__ gy, const float* __restrict__
 // Weight gradient: a reduction over N*Ho*Wo pixels for each of Co*Ci*9 weights.
 //
 // Block (co, group of GW_CI = 4 input channels, slice blockIdx.y of the pixels), GW_THREADS = 128
-// threads. Thread t visits pixels p = start + t, start + t + 128, ... of its slice; per pixel it
+// threads. Thread t visits pixels p = start + t, start + t + 128, ... of its slice (stepping the
+// pixel's row and column by additions, without a division per pixel); per pixel it
 // loads gy[n,co,i,j] once and reuses it for 4 channels x 9 taps = 36 multiply-adds (the 9 x loads
 // of a channel overlap those of the neighbouring pixel and come from cache). Neighbouring threads
 // take neighbouring pixels, so all loads are coalesced.
@@ -270,8 +276,12 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
 #pragma unroll
         for (int k = 0; k < 9; ++k) acc[c][k] = 0.0f;
 
+    // Pixel p = start + t as (n, i, j), found by division once; each step of GW_THREADS pixels
+    // then adds di rows and dj columns and carries, instead of dividing at every pixel (an
+    // integer division by a run-time value costs tens of instructions, on a GPU as on a CPU).
+    const int di = GW_THREADS / Wo, dj = GW_THREADS % Wo;
+    int j = (start + t) % Wo, i = ((start + t) / Wo) % Ho, n = (start + t) / (Wo * Ho);
     for (int p = start + t; p < stop; p += GW_THREADS) {
-        const int j = p % Wo, i = (p / Wo) % Ho, n = p / (Wo * Ho);
         const float g = gy[((n * Co + co) * Ho + i) * Wo + j];
 #pragma unroll
         for (int c = 0; c < GW_CI; ++c) {
@@ -282,6 +292,10 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
 #pragma unroll
                 for (int kx = 0; kx < 3; ++kx) acc[c][ky * 3 + kx] += g * xp[ky * W + kx];
         }
+        j += dj;
+        i += di;
+        if (j >= Wo) { j -= Wo; ++i; }
+        if (i >= Ho) { n += i / Ho; i %= Ho; }   // into the next image: rare unless images are tiny
     }
 
 #pragma unroll
@@ -295,4 +309,44 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
     // threads 0..35 write one weight each: v = c*9 + k -> out[slice][co][ci0+c][k]
     if (t < GW_CI * 9 && ci0 + t / 9 < Ci)
         out[(blockIdx.y * Co + co) * Ci * 9 + (ci0 + t / 9) * 9 + t % 9] = s_sum[t][0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serial weight gradient: one thread per weight m = ((co * Ci + ci) * 9 + ky * 3 + kx), adding
+// gy[n,co,i,j] * x[n,ci,i+ky,j+kx] over every pixel in a loop (the order is fixed: n, i, j).
+//
+// When it pays: the two sides of the reduction are Co*Ci*9 weights and N*Ho*Wo pixels, and a
+// kernel should spread its threads over the larger one. In U-Net's deepest layers (128 x 128
+// channels at 6 x 6 -> 4 x 4 pixels) there are 147,456 weights and 16 pixels: the tree kernel
+// above would start 4,096 blocks of 128 threads, 112 of which have no pixel but still take part
+// in 8 barriers, while this kernel starts 147,456 threads that each do 16 multiply-adds. In the
+// first layers (8 x 8 x 9 = 576 weights, 33,856 pixels) it would be the other way round: 576
+// threads with 33,856 serial steps each, so there the tree kernel is used. The launcher
+// (KernelBackend.grad_weight) compares the two counts.
+//
+// Napkin math: 2 loads per multiply-add, as the naive convolution. Neighbouring threads have
+// neighbouring (ky, kx) of one (co, ci), so a warp reads the same gy value (a broadcast) and x
+// values from 3 or 4 channels' 3x3 windows, which overlap from one pixel to the next (cached).
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ x, const float* __restrict__ gy,
+                                                      float* __restrict__ gw, int N, int Ci, int H, int W, int Co) {
+    const int m = blockIdx.x * blockDim.x + threadIdx.x;
+    if (m >= Co * Ci * 9) return;
+    const int k = m % 9, ci = (m / 9) % Ci, co = m / (9 * Ci);
+    const int ky = k / 3, kx = k % 3;
+    const int Ho = H - 2, Wo = W - 2;
+    // Each output row is summed on its own and then added to the total: float32 rounding error
+    // grows with the number of additions into one running sum, and this way no sum has more than
+    // max(Wo, N*Ho) terms instead of N*Ho*Wo (the tree kernel gets the same effect from its tree).
+    float acc = 0.0f;
+    for (int n = 0; n < N; ++n) {
+        const float* gp = gy + (n * Co + co) * Ho * Wo;
+        const float* xp = x + ((n * Ci + ci) * H + ky) * W + kx;   // x[n, ci, ky, kx]: tap (ky, kx) of pixel (0, 0)
+        for (int i = 0; i < Ho; ++i) {
+            float row = 0.0f;
+            for (int j = 0; j < Wo; ++j) row += gp[i * Wo + j] * xp[i * W + j];
+            acc += row;
+        }
+    }
+    gw[m] = acc;
 }

@@ -22,6 +22,9 @@
 //                                  the pixels): per input pixel a thread loads x once and uses it
 //                                  for 8 channels x 4 taps; the block then sums its threads' 32
 //                                  partial sums with a shared-memory tree (as conv3x3_grad_weight).
+//   conv_transpose2x2_grad_weight_serial  one thread per weight, a loop over the pixels: for the
+//                                  small deep layers, where weights outnumber pixels (see
+//                                  conv3x3_grad_weight_serial for when each one pays).
 
 extern "C" __global__ void conv_transpose2x2_forward(const float* __restrict__ x, const float* __restrict__ w,
                                                      const float* __restrict__ b, float* __restrict__ y,
@@ -84,8 +87,10 @@ conv_transpose2x2_grad_weight(const float* __restrict__ x, const float* __restri
 #pragma unroll
         for (int k = 0; k < 4; ++k) acc[d][k] = 0.0f;
 
-    for (int p = start + t; p < stop; p += CT_THREADS) {   // p = (n, i, j) of an input pixel
-        const int j = p % W, i = (p / W) % H, n = p / (W * H);
+    // p = (n, i, j) of an input pixel, stepped by additions as in conv3x3_grad_weight
+    const int di = CT_THREADS / W, dj = CT_THREADS % W;
+    int j = (start + t) % W, i = ((start + t) / W) % H, n = (start + t) / (W * H);
+    for (int p = start + t; p < stop; p += CT_THREADS) {
         const float v = x[((n * Ci + ci) * H + i) * W + j];
 #pragma unroll
         for (int d = 0; d < CT_CO; ++d) {
@@ -96,6 +101,10 @@ conv_transpose2x2_grad_weight(const float* __restrict__ x, const float* __restri
             acc[d][2] += v * gp[2 * W];
             acc[d][3] += v * gp[2 * W + 1];
         }
+        j += dj;
+        i += di;
+        if (j >= W) { j -= W; ++i; }
+        if (i >= H) { n += i / H; i %= H; }
     }
 
 #pragma unroll
@@ -109,4 +118,27 @@ conv_transpose2x2_grad_weight(const float* __restrict__ x, const float* __restri
     // threads 0..31 write one weight each: q = d*4 + k -> out[slice][ci][co0+d][k]
     if (t < CT_CO * 4 && co0 + t / 4 < Co)
         out[((blockIdx.y * Ci + ci) * Co + co0 + t / 4) * 4 + t % 4] = s_sum[t][0];
+}
+
+// Serial weight gradient: thread m = ((ci * Co + co) * 4 + a * 2 + c) adds x[n,ci,i,j] *
+// gy[n,co,2i+a,2j+c] over every input pixel (n, i, j) in a loop. No shared memory, no barriers.
+// Napkin math: 2 loads per multiply-add; a warp's threads share ci and read the same x value
+// (a broadcast) and gy values of 8 channels.
+extern "C" __global__ void conv_transpose2x2_grad_weight_serial(const float* __restrict__ x, const float* __restrict__ gy,
+                                                                float* __restrict__ gw,
+                                                                int N, int Ci, int H, int W, int Co) {
+    const int m = blockIdx.x * blockDim.x + threadIdx.x;
+    if (m >= Ci * Co * 4) return;
+    const int a = (m / 2) % 2, c = m % 2, co = (m / 4) % Co, ci = m / (4 * Co);
+    float acc = 0.0f;
+    for (int n = 0; n < N; ++n) {
+        const float* xp = x + (n * Ci + ci) * H * W;
+        const float* gp = gy + ((n * Co + co) * 2 * H + a) * 2 * W + c;   // gy[n, co, a, c]
+        for (int i = 0; i < H; ++i) {   // a row at a time, for accuracy (see conv3x3_grad_weight_serial)
+            float row = 0.0f;
+            for (int j = 0; j < W; ++j) row += xp[i * W + j] * gp[2 * i * 2 * W + 2 * j];
+            acc += row;
+        }
+    }
+    gw[m] = acc;
 }

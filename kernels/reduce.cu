@@ -1,4 +1,5 @@
-// reduce.cu -- the sums every op shares: one block-level tree reduction, used three ways.
+// reduce.cu -- the sums every op shares: one block-level tree reduction, used two ways, and
+// two one-thread-per-output sums.
 //
 //   block_sum      (a __device__ helper) the sum of one float per thread of a block, with a tree
 //                  reduction in shared memory: at step s = 128, 64, ..., 1 thread t < s adds the
@@ -8,9 +9,15 @@
 //   channel_sum    out[c] = sum_{n,p} g[n,c,p] for g (N, C, P): the bias gradient of every conv
 //                  layer (gb[co] = sum over images and pixels of gy[n,co,:,:]).
 //                  One block per channel c, REDUCE_THREADS = 256 threads. Thread t adds up the
-//                  elements t, t+256, t+512, ... of the N*P values of channel c (consecutive
-//                  threads read consecutive addresses of one image's plane: coalesced), then
-//                  block_sum combines the block's 256 partial sums.
+//                  pixels t, t+256, t+512, ... of channel c in every image (consecutive threads
+//                  read consecutive addresses of one image's plane: coalesced), then block_sum
+//                  combines the block's 256 partial sums.
+//
+//   channel_sum_serial  the same sum with one thread per channel, adding its N*P values in a
+//                  loop. For the small deep layers (128 channels of 4 x 4 pixels), where
+//                  channel_sum's blocks would have 256 threads for 16 values and 9 barriers; the
+//                  launcher picks it when there are at least as many channels as values per
+//                  channel (the rule of the serial weight gradients, conv3x3.cu).
 //
 //   sum_scaled     out[b] = scale * (the sum of block b's share of x): each thread adds a
 //                  grid-strided subset, then block_sum. The loss launcher runs it twice: many
@@ -48,12 +55,28 @@ channel_sum(const float* __restrict__ g, float* __restrict__ out, int N, int C, 
     const int c = blockIdx.x;
     const int t = threadIdx.x;
     float acc = 0.0f;
-    for (int e = t; e < N * P; e += REDUCE_THREADS) {
-        const int n = e / P, p = e % P;
-        acc += g[(n * C + c) * P + p];
-    }
+    for (int n = 0; n < N; ++n)  // two loops rather than one over e = n*P + p: no division by P
+        for (int p = t; p < P; p += REDUCE_THREADS) acc += g[(n * C + c) * P + p];
     const float total = block_sum(acc);
     if (t == 0) out[c] = total;
+}
+
+// Thread c reads g[n, c, p] for p = 0, 1, ...: a warp's 32 threads read 32 addresses P floats
+// apart (32 sectors per request: uncoalesced), which is why this version is kept for small P.
+// float32 rounding error grows with the number of additions into one running sum, so the values
+// are added in chunks of SERIAL_CHUNK, each chunk's sum then added to the total.
+#define SERIAL_CHUNK 32
+extern "C" __global__ void channel_sum_serial(const float* __restrict__ g, float* __restrict__ out, int N, int C, int P) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float acc = 0.0f;
+    for (int n = 0; n < N; ++n)
+        for (int p0 = 0; p0 < P; p0 += SERIAL_CHUNK) {
+            float part = 0.0f;   // a chunk's own sum first: no running sum gets more than ~N*P/32 + 32 terms
+            for (int p = p0; p < min(P, p0 + SERIAL_CHUNK); ++p) part += g[(n * C + c) * P + p];
+            acc += part;
+        }
+    out[c] = acc;
 }
 
 extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)

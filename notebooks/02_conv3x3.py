@@ -222,7 +222,10 @@ plt.tight_layout(h_pad=1.0); plt.show()
 # ### Running it on `"emu"`
 #
 # `KernelBackend("emu", conv3x3="naive")` is the `"emu"` device's backend with the naive
-# kernel selected (the default, also for `mu.Tensor(..., device="emu")`, is the tiled one).
+# kernel selected (the default, also for `mu.Tensor(..., device="emu")`, is `"auto"`: the tiled
+# kernel where the output fills at least one 16 x 32 tile, the naive one on smaller planes).
+# `reduction="tree"` keeps the block-per-weight-group gradient kernels described below (the
+# default picks one thread per weight when there are more weights than pixels, as here).
 # Its `conv3x3_forward` (the launcher `kernels_forward` of `minunet/ops/conv3x3.py`, attached to
 # the backend as a method) computes the launch configuration just shown, and the emulator runs
 # every thread of every block on the CPU — checking each load and store against the bounds of
@@ -249,7 +252,7 @@ def compare(what, got, ref, tol=1e-5):
     results.append((what, err, rel))
     print(f"{what:52s} max abs error {err:.2e}   relative {rel:.2e}   {'OK' if rel < tol else 'MISMATCH'}")
 
-naive = KernelBackend("emu", conv3x3="naive")
+naive = KernelBackend("emu", conv3x3="naive", reduction="tree")
 y_ref = reference.conv3x3_forward(xs, ws, bs)
 y_naive = naive.conv3x3_forward(xs, ws, bs)
 print(naive, "->", y_naive.shape, type(y_naive).__name__, y_naive.dtype)
@@ -413,7 +416,7 @@ for what, (h_out, w_out, co) in {"this notebook's test shape": (Ho, Wo, Co),
 # the U-Net, whose 572 x 572 input tiles the paper chose because "we favor large input tiles
 # over a large batch size" (Section 3). On the tiny test images of this notebook most of
 # each tile lies outside the image. (How fast either kernel really is can only be measured on
-# a GPU: `MINUNET_CONV3X3=naive python -m minunet.bench --device cuda` against the default, tiled.)
+# a GPU: `MINUNET_CONV3X3=naive python -m minunet.bench --device cuda` against `MINUNET_CONV3X3=tiled`.)
 #
 # ### Running the tiled kernel on `"emu"`
 #
@@ -423,7 +426,7 @@ for what, (h_out, w_out, co) in {"this notebook's test shape": (Ho, Wo, Co),
 # the second with one channel).
 
 # %%
-tiled = KernelBackend("emu", conv3x3="tiled")
+tiled = KernelBackend("emu", conv3x3="tiled", reduction="tree")
 compare("forward, tiled (emu) vs reference (cpu)", tiled.conv3x3_forward(xs, ws, bs), y_ref)
 compare("forward, tiled vs naive (both emu)", tiled.conv3x3_forward(xs, ws, bs), y_naive)
 
@@ -530,7 +533,9 @@ print("gb == gy summed over n, i, j:", np.allclose(gb_ref, gy.sum(axis=(0, 2, 3)
 #   $s = 64, 32, \ldots, 1$ thread $t < s$ adds the value of thread $t + s$, with a barrier
 #   after each step — 7 steps instead of 127 serial additions. (For large images the pixels
 #   are also split over several blocks, whose partial results `reduce.cu` adds in a fixed
-#   order, so the result is deterministic.)
+#   order, so the result is deterministic.) In the deep layers, where weights outnumber pixels
+#   (128 x 128 x 9 weights, 4 x 4 pixels), the default `reduction="auto"` runs
+#   `conv3x3_grad_weight_serial` instead: one thread per weight, a loop over the pixels.
 # * **Bias gradient**: `channel_sum` in `kernels/reduce.cu`: one block per channel, each
 #   thread sums a strided share of the channel's pixels, then `block_sum` — the one tree
 #   reduction in shared memory that all ops share — adds the block's partial sums.
@@ -556,7 +561,7 @@ for backend in (naive, tiled):
 
 gyb = rng.standard_normal((1, 9, 19, 35)).astype(np.float32)
 refs = reference.conv3x3_backward(xb, wb, gyb, True)
-tiled_split = KernelBackend("emu", conv3x3="tiled")
+tiled_split = KernelBackend("emu", conv3x3="tiled", reduction="tree")
 tiled_split.min_pixels_per_slice = 128          # 665 pixels -> 6 slices of the weight-gradient sum
 for name, got, ref in zip(("gx", "gw", "gb"), tiled_split.conv3x3_backward(xb, wb, gyb, True), refs):
     compare(f"backward {name}, tiled, big shape, split gw", got, ref)
@@ -565,8 +570,8 @@ for name, got, ref in zip(("gx", "gw", "gb"), tiled_split.conv3x3_backward(xb, w
 # ### The same through autograd: tensors on `"emu"`
 #
 # Ordinary code never calls a backend: it makes tensors on a device and calls `F.conv3x3`;
-# `.backward()` then runs the backward kernels of that device (on `"emu"` the tiled
-# version). Here a loss $L = \sum y \cdot p$ with a fixed random $p$ (so $g_y = p$) is
+# `.backward()` then runs the backward kernels of that device (on `"emu"` those the
+# `"auto"` defaults pick for each shape). Here a loss $L = \sum y \cdot p$ with a fixed random $p$ (so $g_y = p$) is
 # differentiated once on `"emu"` and once on `"cpu"`:
 
 # %%

@@ -501,7 +501,10 @@ print(f"{steps} steps; tree sum {s[0]:.12f} vs np.sum {partial.sum():.12f}")
 # `kernels/reduce.cu`, adds the slices in a fixed order. Fixed order means the result is
 # deterministic, unlike `atomicAdd`. The bias gradient is `channel_sum` of the same file: one
 # block per channel, ending in `block_sum`, the tree reduction in shared memory that all ops
-# share.
+# share. (In U-Net's deepest layers, 128 x 64 x 4 weights but 4 x 4 pixels, a block of 128
+# threads would find almost no pixels to add: there the default `reduction="auto"` runs
+# `conv_transpose2x2_grad_weight_serial`, one thread per weight, and `channel_sum_serial`.
+# `reduction="tree"` below keeps the tree kernels.)
 #
 # ### Up-convolution on `emu` vs the NumPy reference
 #
@@ -542,7 +545,7 @@ class LoggedBackend(KernelBackend):                      # prints every kernel l
         print(f"  launch {kernel:30s} grid={grid}, block={block}")
         return super().launch(file, kernel, grid, block, args)
 
-sliced = LoggedBackend("emu")
+sliced = LoggedBackend("emu", reduction="tree")
 sliced.min_pixels_per_slice = 8
 print(f"backward with {N * H * W} pixels in slices of at least {sliced.min_pixels_per_slice}:")
 _, gw_sliced, _ = sliced.conv_transpose2x2_backward(*args32[:2], args32[3])

@@ -131,3 +131,39 @@ extern "C" __global__ void block_sums(const float* x, float* out) {
     out = np.zeros(200, np.float32)
     EmuModule(code, name="file_scope_shared.cu", mode="fast").get_function("block_sums")(200, 64, (x, out))
     assert_close(out, x.reshape(200, 64).astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-4, what="block sums")
+
+
+UNROLLED = r"""
+extern "C" __global__ void dot8(const float* a, const float* b, float* out, int n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    float acc[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+    # pragma unroll 4
+    for (int k = 0; k < 8; ++k) acc[k] += a[t * 8 + k] * b[t * 8 + k];
+    float s = 0.0f;
+#pragma unroll(1)
+    for (int k = 0; k < 8; ++k) s += acc[k];   // #pragma unroll in a comment stays a comment
+    out[t] = s;
+}
+"""
+
+
+def test_pragma_unroll_becomes_gcc_unroll_in_fast_mode(rng):
+    """CUDA's `#pragma unroll [N]` (which GCC ignores) is rewritten in place to EMU_UNROLL(N),
+    GCC's `#pragma GCC unroll N` in fast mode and nothing in checked mode; the line numbers stay,
+    a comment stays a comment, and both builds compute the same thing."""
+    from minunet.emulator.source import rewrite_pragma_unroll
+
+    text = rewrite_pragma_unroll(UNROLLED)
+    assert text.count("\n") == UNROLLED.count("\n")
+    assert "EMU_UNROLL(64)" in text and "    EMU_UNROLL(4)" in text and "EMU_UNROLL(1)" in text
+    assert "#pragma" not in text.replace("// #pragma unroll in a comment", "")
+    n = 1000
+    a, b = rng.standard_normal((n, 8), np.float32), rng.standard_normal((n, 8), np.float32)
+    for mode in ("checked", "fast"):
+        out = np.full(n, np.nan, np.float32)
+        EmuModule(UNROLLED, name="dot8.cu", mode=mode).get_function("dot8")(
+            (n + 127) // 128, 128, (a, b, out, np.int32(n)))
+        assert_close(out, (a.astype(np.float64) * b).sum(1), rtol=1e-5, atol=1e-5, what=f"dot8 {mode}")

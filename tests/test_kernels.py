@@ -2,9 +2,11 @@
 
 Devices: "emu" (the kernels compiled for the CPU by minunet's emulator, which also checks every
 access for out-of-bounds and races) and "cuda" (skipped, with the reason, where CuPy sees no GPU).
-Both conv3x3 versions ("naive", "tiled") are tested. Shapes are odd, not multiples of the tiles
-(32x16 pixels, 8 channels) or blocks, with N > 1 and C > 1; the weight-gradient reductions are
-also run split into many pixel slices (``min_pixels_per_slice`` lowered).
+Both conv3x3 versions ("naive", "tiled") are tested, and both reductions of weight and bias
+gradients ("tree", "serial"), each forced; the "auto" choices between them are tested apart.
+Shapes are odd, not multiples of the tiles (32x16 pixels, 8 channels) or blocks, with N > 1 and
+C > 1; the tree reductions are also run split into many pixel slices (``min_pixels_per_slice``
+lowered).
 
 The reference runs in float64 on the same (float32) inputs. Tolerances, |got - want| <= atol +
 rtol * |want|: sums of products (convolutions, their gradients, loss) atol = rtol = 1e-4 (inputs
@@ -34,12 +36,12 @@ EXACT = dict(rtol=0.0, atol=0.0)
 DEVICES = ["emu", "cuda"]
 
 
-def make_backend(device: str, conv3x3: str = "tiled", split: bool = False) -> KernelBackend:
+def make_backend(device: str, conv3x3: str = "tiled", split: bool = False, reduction: str = "tree") -> KernelBackend:
     if device == "cuda":
         available, reason = cuda_status()
         if not available:
             pytest.skip(f"CuPy with a GPU is not available: {reason}")
-    backend = KernelBackend(device, conv3x3=conv3x3)
+    backend = KernelBackend(device, conv3x3=conv3x3, reduction=reduction)
     if split:
         backend.min_pixels_per_slice = 7  # many slices, and a last one that is only partly full
     return backend
@@ -67,19 +69,20 @@ def check_grads(got, want, names, what, tol=SUM_TOL):
 
 # ---- every backend function of every op, on the registry's cases (minunet/ops) ------------------
 def _variants(op, function):
-    """(conv3x3 version, split weight-gradient reduction) pairs worth running for a function."""
-    variants = [("tiled", False)]
+    """(conv3x3 version, split tree reduction, reduction) triples worth running for a function."""
+    variants = [("tiled", False, "tree")]
     if op is ops.conv3x3:
-        variants.append(("naive", False))
+        variants.append(("naive", False, "tree"))
     if function.endswith("_backward") and hasattr(op, "GW_THREADS"):
-        variants.append(("tiled", True))   # many pixel slices, the last one only partly full
+        variants.append(("tiled", True, "tree"))     # many pixel slices, the last one only partly full
+        variants.append(("tiled", False, "serial"))  # one thread per weight and per bias
     return variants
 
 
-REGISTRY_CASES = [pytest.param(op, function, case, version, split,
-                               id=f"{function}-{case}-{version}{'-split' if split else ''}")
+REGISTRY_CASES = [pytest.param(op, function, case, version, split, reduction,
+                               id=f"{function}-{case}-{version}-{reduction}{'-split' if split else ''}")
                   for op in ops.OPS for case in op.TEST_CASES for function in op.IMPLEMENTATIONS
-                  for version, split in _variants(op, function)]
+                  for version, split, reduction in _variants(op, function)]
 
 
 def _on_device(backend, args):
@@ -100,12 +103,12 @@ def _outputs(result, args):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op,function,case,version,split", REGISTRY_CASES)
-def test_kernel_matches_reference(rng, device, op, function, case, version, split):
+@pytest.mark.parametrize("op,function,case,version,split,reduction", REGISTRY_CASES)
+def test_kernel_matches_reference(rng, device, op, function, case, version, split, reduction):
     """The kernels' result for one function on one case of its op's TEST_CASES, against the
     reference in float64 on the same float32 inputs, within the op's stated tolerance (exact for
     ops that move or select values; argmax and dropout masks always exact)."""
-    backend = make_backend(device, version, split)
+    backend = make_backend(device, version, split, reduction)
     args = op.example(rng, case)[function]
     dev_args = _on_device(backend, args)
     got = _outputs(getattr(backend, function)(*dev_args), dev_args)
@@ -114,7 +117,7 @@ def test_kernel_matches_reference(rng, device, op, function, case, version, spli
     assert len(got) == len(want), f"{function}: {len(got)} outputs, the reference has {len(want)}"
     tol = ops.tolerance(op, function, case)
     for k, (g, r) in enumerate(zip(got, want)):
-        what = f"{function} {case} output {k} on {device} [{version}{', split' if split else ''}]"
+        what = f"{function} {case} output {k} on {device} [{version}, {reduction}{', split' if split else ''}]"
         if r is None:
             assert g is None, f"{what} should be None"
             continue
@@ -167,10 +170,10 @@ def test_conv3x3_without_bias_and_split_weight_reduction(rng, device, version):
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 2), ci=st.integers(1, 10), co=st.integers(1, 10), h=st.integers(3, 21),
-       w=st.integers(3, 36), version=st.sampled_from(["naive", "tiled"]), split=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
-def test_conv3x3_random_shapes(device, n, ci, co, h, w, version, split, seed):
-    run_conv3x3(make_backend(device, version, split), np.random.default_rng(seed), n, ci, h, w, co)
+       w=st.integers(3, 36), version=st.sampled_from(["naive", "tiled", "auto"]), split=st.booleans(),
+       reduction=st.sampled_from(["tree", "serial", "auto"]), seed=st.integers(0, 2**32 - 1))
+def test_conv3x3_random_shapes(device, n, ci, co, h, w, version, split, reduction, seed):
+    run_conv3x3(make_backend(device, version, split, reduction), np.random.default_rng(seed), n, ci, h, w, co)
 
 
 # ---- max-pooling ------------------------------------------------------------------------------
@@ -275,8 +278,61 @@ def test_conv3x3_version_from_argument_or_environment(monkeypatch):
     backend = KernelBackend("emu", conv3x3="tiled")
     backend.conv3x3_version = "naive"          # switching later, e.g. on get_backend("emu")
     assert backend.conv3x3_version == "naive"
-    with pytest.raises(ValueError, match="use 'naive' or 'tiled'"):
+    with pytest.raises(ValueError, match="use one of: auto, naive, tiled"):
         backend.conv3x3_version = "fast"
+    monkeypatch.delenv("MINUNET_CONV3X3")
+    assert KernelBackend("emu").conv3x3_version == "auto"
+
+
+def test_reduction_from_argument_or_environment(monkeypatch):
+    monkeypatch.delenv("MINUNET_REDUCTION", raising=False)
+    assert KernelBackend("emu").reduction == "auto"
+    monkeypatch.setenv("MINUNET_REDUCTION", "serial")
+    assert KernelBackend("emu").reduction == "serial"
+    assert KernelBackend("emu", reduction="tree").reduction == "tree"
+    monkeypatch.setenv("MINUNET_REDUCTION", "atomic")
+    with pytest.raises(ValueError, match="MINUNET_REDUCTION"):
+        KernelBackend("emu")
+    backend = KernelBackend("emu", reduction="tree")
+    backend.reduction = "serial"
+    assert backend.reduction == "serial"
+    with pytest.raises(ValueError, match="use one of: auto, tree, serial"):
+        backend.reduction = "atomic"
+
+
+def _launched(backend, monkeypatch) -> list[str]:
+    """The kernel names ``backend`` launches from now on (recorded, then launched as usual)."""
+    names, launch = [], backend.launch
+
+    def record(file, kernel, grid, block, args):
+        names.append(kernel)
+        launch(file, kernel, grid, block, args)
+
+    monkeypatch.setattr(backend, "launch", record)
+    return names
+
+
+@pytest.mark.parametrize("shape,tiled,serial_gw,serial_gb", [
+    ((1, 2, 40, 40, 3), True, False, False),  # 38 x 38 outputs fill a 16 x 32 tile; 54 weights < 1444 pixels
+    ((1, 8, 18, 34, 8), True, True, False),   # exactly one tile (512 outputs); 576 weights >= 512 pixels,
+                                              # but 8 channels < 512 values per channel
+    ((1, 8, 17, 34, 8), False, True, False),  # one output row short of a tile
+    ((2, 16, 6, 6, 32), False, True, True),   # U-Net's deep layers: 4,608 weights, 32 = 2 x 4 x 4 pixels
+])
+def test_auto_picks_kernels_by_shape(rng, monkeypatch, shape, tiled, serial_gw, serial_gb):
+    """"auto" runs the tiled convolution only when the output plane fills a tile (the forward
+    pass: Ho x Wo; the input gradient: H x W), and the serial sums when there are at least as many
+    outputs as terms per output; the result matches the reference either way."""
+    n, ci, h, w, co = shape
+    backend = KernelBackend("emu", conv3x3="auto", reduction="auto")
+    names = _launched(backend, monkeypatch)
+    run_conv3x3(backend, rng, n, ci, h, w, co)
+    assert names[0] == f"conv3x3_forward_{'tiled' if tiled else 'naive'}"
+    assert f"conv3x3_grad_input_{'tiled' if h * w >= 512 else 'naive'}" in names
+    assert ("conv3x3_grad_weight_serial" in names) == serial_gw
+    assert ("conv3x3_grad_weight" in names) == (not serial_gw)
+    assert ("channel_sum_serial" in names) == serial_gb
+    assert ("channel_sum" in names) == (not serial_gb)
 
 
 def test_a_failed_launch_names_the_kernel():

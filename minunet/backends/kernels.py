@@ -17,10 +17,20 @@ What this file does, and no op repeats:
 - the sums several ops share (``kernels/reduce.cu``): bias gradients, the split weight-gradient
   reductions, and means.
 
-The 3x3 convolution has two kernel versions (see kernels/conv3x3.cu): ``"naive"`` (one thread per
-output) and ``"tiled"`` (shared-memory tiles and register blocking, the default). Choose with
-``KernelBackend(device, conv3x3="naive")`` or the environment variable ``MINUNET_CONV3X3`` (read
-when the backend is created), or later with ``get_backend(device).conv3x3_version = "naive"``.
+Two choices of kernel, each made per launch from the shapes unless a version is forced:
+
+- The 3x3 convolution (kernels/conv3x3.cu): ``"naive"`` (one thread per output), ``"tiled"``
+  (shared-memory tiles and register blocking), or ``"auto"`` (the default): tiled when the output
+  plane fills at least one tile (TILE_H x TILE_W pixels), naive below that, where most threads of
+  a tiled block would have no pixel. Choose with ``KernelBackend(device, conv3x3="naive")``, the
+  environment variable ``MINUNET_CONV3X3`` (read when the backend is created), or later with
+  ``get_backend(device).conv3x3_version = "naive"``.
+- The reductions of weight and bias gradients: ``"tree"`` (a block of threads per output group,
+  adding the threads' partial sums with a shared-memory tree), ``"serial"`` (one thread per
+  output, a loop over its terms), or ``"auto"`` (the default): serial when there are at least as
+  many outputs as terms per output (the deep, small layers: 147,456 weights, 16 pixels), tree
+  otherwise. ``KernelBackend(device, reduction="tree")``, ``MINUNET_REDUCTION``, or
+  ``get_backend(device).reduction = "tree"``.
 """
 from __future__ import annotations
 
@@ -34,7 +44,8 @@ from .sources import cu_defines, kernels_dir
 # Options for NVRTC on the GPU. tests/test_nvrtc.py compiles every file with exactly these (plus
 # an architecture), so what passes there is what CuPy compiles.
 CUDA_OPTIONS = ("-std=c++17",)
-CONV3X3_VERSIONS = ("naive", "tiled")
+CONV3X3_VERSIONS = ("auto", "naive", "tiled")
+REDUCTIONS = ("auto", "tree", "serial")
 # Block size of the one-thread-per-element kernels. Those kernels work with any block size (they
 # index with blockDim), so this is the launcher's choice: 8 warps, a common default.
 THREADS = 256
@@ -73,12 +84,23 @@ def check_size(shape, what: str) -> None:
                          f"(at most {INT_MAX}): use a smaller batch or tile")
 
 
+def _choice(value: str | None, variable: str | None, allowed: tuple[str, ...], what: str) -> str:
+    """``value``, else the environment variable, else "auto"; refused unless one of ``allowed``."""
+    source = "the argument"
+    if value is None and variable:
+        value, source = os.environ.get(variable, "").strip().lower() or None, variable
+    value = value or "auto"
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r} (from {source}); use one of: {', '.join(allowed)}")
+    return value
+
+
 class KernelBackend:
     """The backend of ``device`` ``"cuda"`` or ``"emu"``: attributes ``xp`` (cupy or numpy) and
     ``device``, the launch machinery below, and one method per backend function of
     docs/backends.md (attached by ``minunet.ops`` from each op's ``kernels_*`` functions)."""
 
-    def __init__(self, device: str, conv3x3: str | None = None):
+    def __init__(self, device: str, conv3x3: str | None = None, reduction: str | None = None):
         if device not in ("cuda", "emu"):
             raise ValueError(f"KernelBackend runs on 'cuda' or 'emu', not {device!r}; "
                              "the 'cpu' backend is minunet.backends.get_backend('cpu')")
@@ -89,30 +111,40 @@ class KernelBackend:
             self.xp = cupy
         else:
             self.xp = np
-        version = conv3x3 or os.environ.get("MINUNET_CONV3X3", "").strip().lower() or "tiled"
-        if version not in CONV3X3_VERSIONS:
-            raise ValueError(f"unknown conv3x3 kernel version {version!r} (from "
-                             f"{'the argument' if conv3x3 else 'MINUNET_CONV3X3'}); use 'naive' or 'tiled'")
-        self._conv3x3_version = version
+        self._conv3x3_version = _choice(conv3x3, "MINUNET_CONV3X3", CONV3X3_VERSIONS, "conv3x3 kernel version")
+        self._reduction = _choice(reduction, "MINUNET_REDUCTION", REDUCTIONS, "reduction")
         # A weight-gradient block reduces at least this many pixels before the reduction is split
         # over more blocks (blockIdx.y slices). Tests lower it to exercise the split on small images.
         self.min_pixels_per_slice = 4096
 
     @property
     def conv3x3_version(self) -> str:
-        """"naive" or "tiled". Tensors use the backend that ``get_backend(device)`` created once
-        (reading MINUNET_CONV3X3 then), so to switch later set this attribute on it:
+        """"auto", "naive" or "tiled". Tensors use the backend that ``get_backend(device)`` created
+        once (reading MINUNET_CONV3X3 then), so to switch later set this attribute on it:
         ``minunet.backends.get_backend("emu").conv3x3_version = "naive"``."""
         return self._conv3x3_version
 
     @conv3x3_version.setter
     def conv3x3_version(self, version: str) -> None:
-        if version not in CONV3X3_VERSIONS:
-            raise ValueError(f"unknown conv3x3 kernel version {version!r}; use 'naive' or 'tiled'")
-        self._conv3x3_version = version
+        self._conv3x3_version = _choice(version, None, CONV3X3_VERSIONS, "conv3x3 kernel version")
+
+    @property
+    def reduction(self) -> str:
+        """"auto", "tree" or "serial": how weight and bias gradients are summed (module docstring)."""
+        return self._reduction
+
+    @reduction.setter
+    def reduction(self, version: str) -> None:
+        self._reduction = _choice(version, None, REDUCTIONS, "reduction")
+
+    def serial_reduction(self, outputs: int, terms: int) -> bool:
+        """Whether a sum of ``terms`` values for each of ``outputs`` outputs runs one thread per
+        output (serial) rather than one block per output group (tree): forced by ``reduction``,
+        else serial when outputs >= terms, i.e. threads go to the larger of the two axes."""
+        return self._reduction == "serial" or (self._reduction == "auto" and outputs >= terms)
 
     def __repr__(self) -> str:
-        return f"KernelBackend({self.device!r}, conv3x3={self.conv3x3_version!r})"
+        return f"KernelBackend({self.device!r}, conv3x3={self.conv3x3_version!r}, reduction={self.reduction!r})"
 
     # ---- compiling and launching ------------------------------------------------------------
     def module(self, file: str):
@@ -204,13 +236,18 @@ class KernelBackend:
 
     # ---- the shared sums (kernels/reduce.cu) ------------------------------------------------
     def channel_sum(self, g):
-        """gb[c] = sum over n and pixels of g[n, c, ...]: the bias gradient."""
+        """gb[c] = sum over n and pixels of g[n, c, ...]: the bias gradient (a block per channel,
+        or a thread per channel when there are at least as many channels as values to add)."""
         n, c = g.shape[:2]
         pixels = int(np.prod(g.shape[2:]))
         out = self.xp.zeros(c, dtype=self.xp.float32)
-        if n * pixels > 0:
-            self.launch("reduce", "channel_sum", (c,), (REDUCE_THREADS,),
-                        (g, out, np.int32(n), np.int32(c), np.int32(pixels)))
+        args = (g, out, np.int32(n), np.int32(c), np.int32(pixels))
+        if n * pixels == 0:
+            pass
+        elif self.serial_reduction(c, n * pixels):
+            self.launch_elementwise("reduce", "channel_sum_serial", c, args)
+        else:
+            self.launch("reduce", "channel_sum", (c,), (REDUCE_THREADS,), args)
         return out
 
     def mean(self, values, count: int):
@@ -229,14 +266,21 @@ class KernelBackend:
 
     def grad_weight(self, file: str, kernel: str, threads: int, blocks: int, pixels: int, shape,
                     arrays, ints):
-        """Run a grad-weight kernel (arguments: arrays, out, ints, pixels_per_slice) with the
-        pixel reduction split into slices when there are too few blocks to fill a GPU; each slice
+        """A weight gradient: a sum over ``pixels`` terms for each weight of ``shape``.
+
+        Serial (see ``serial_reduction``): ``<kernel>_serial`` (arguments: arrays, out, ints), one
+        thread per weight. Tree: ``kernel`` (arguments: arrays, out, ints, pixels_per_slice), with
+        the pixels split into slices when there are too few blocks to fill a GPU; each slice
         writes its own partial result and reduce.cu's sum_partials adds them in a fixed order, so
         the result is deterministic (no atomics)."""
         xp = self.xp
         if pixels == 0:
             return xp.zeros(shape, dtype=xp.float32)
         size = int(np.prod(shape))
+        if self.serial_reduction(size, pixels):
+            out = self.empty(shape)
+            self.launch_elementwise(file, f"{kernel}_serial", size, (*arrays, out, *int32s(*ints)))
+            return out
         slices = max(1, min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, self.min_pixels_per_slice)))
         per_slice = ceil_div(pixels, slices)
         slices = ceil_div(pixels, per_slice)

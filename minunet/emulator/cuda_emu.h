@@ -51,6 +51,16 @@
 #define __constant__            // a plain global: fine for constants initialised in the source
 #define __grid_constant__
 
+// `#pragma unroll N` (source.py rewrites it to EMU_UNROLL(N); N = 64 when the pragma has none):
+// GCC's own unroll pragma in fast mode, where it keeps a thread's accumulator arrays in registers
+// as on a GPU; nothing in checked mode, whose build is about checks, not speed.
+#define EMU_PRAGMA(text) _Pragma(#text)
+#if EMU_CHECKED
+#define EMU_UNROLL(n)
+#else
+#define EMU_UNROLL(n) EMU_PRAGMA(GCC unroll n)
+#endif
+
 // `__shared__` memory: one copy per block. source.py rewrites every `__shared__` declaration inside
 // a function (arrays and scalars) into an emu::SharedArray holder (below) whose storage lives in
 // the runtime's per-block arena; this macro is what is left for declarations at file scope: a

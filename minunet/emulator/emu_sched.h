@@ -107,7 +107,11 @@ EMU_NOSAN static void fiber_body() {  // what every fiber runs; it is never resu
 
 EMU_NOSAN static void start_fiber(Worker& w, int t) {
     Fiber& f = w.fibers[t];
-    char* top = w.stacks + (size_t)(t + 1) * (kStackBytes + g_page_bytes);  // stacks grow down
+    // Stacks grow down from the top of their slot. The slots are a multiple of 4 KiB apart, so
+    // their tops would all fall in the same set of the L1 data cache (which has 8 ways: at most 8
+    // fibers' top frames cached at once); starting fiber t's stack (t % 64) cache lines lower
+    // spreads 64 fibers over all 64 sets.
+    char* top = w.stacks + (size_t)(t + 1) * (kStackBytes + g_page_bytes) - (size_t)(t % 64) * 64;
     f.state = READY;
     f.line = 0;
     f.call = nullptr;

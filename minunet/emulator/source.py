@@ -11,7 +11,9 @@ Python does only what a header cannot:
    per dimension, and private to each OS thread in fast mode;
 3. rewrite ``extern __shared__ T name[];`` (dynamic shared memory, sized at launch) into a pointer
    to the launch's dynamic buffer, because an unsized ``extern`` array has no C++ meaning that a
-   macro could give it.
+   macro could give it;
+4. rewrite ``#pragma unroll [N]`` into ``EMU_UNROLL(N)`` (a pragma cannot be redefined by a
+   macro), which fast mode turns into GCC's ``#pragma GCC unroll N``.
 
 Every rewrite keeps the text on the same line, and a ``#line`` directive makes compiler errors
 and ``__LINE__`` (used in the barrier reports) refer to the ``.cu`` file's own line numbers.
@@ -243,6 +245,25 @@ def rewrite_extern_shared(code: str) -> str:
     return "".join(pieces)
 
 
+_PRAGMA_UNROLL = re.compile(r"^([ \t]*)#[ \t]*pragma[ \t]+unroll\b[ \t]*\(?[ \t]*(\d*)[ \t]*\)?[ \t]*$", re.M)
+
+
+def rewrite_pragma_unroll(code: str) -> str:
+    """``#pragma unroll`` (CUDA: unroll completely) and ``#pragma unroll N`` -> ``EMU_UNROLL(64)``
+    and ``EMU_UNROLL(N)`` on the same line. GCC ignores CUDA's pragma; in fast mode the macro is
+    GCC's own ``#pragma GCC unroll`` (cuda_emu.h), so a loop the kernel author unrolled to keep
+    its accumulators in registers does so on the CPU too (64: more than any constant trip count
+    the pragma is meant for). Checked mode leaves loops as they are."""
+    clean = blank_comments_and_strings(code)
+    pieces, last = [], 0
+    for found in _PRAGMA_UNROLL.finditer(clean):
+        pieces.append(code[last:found.start()])
+        pieces.append(f"{found.group(1)}EMU_UNROLL({found.group(2) or 64})")
+        last = found.end()
+    pieces.append(code[last:])
+    return "".join(pieces)
+
+
 def add_launch_bound_constants(code: str, kernels: list[KernelInfo]) -> str:
     """After each kernel with ``__launch_bounds__(EXPR)`` define ``emu_bound_value__<name> =
     (EXPR)``: the compiler evaluates EXPR where the kernel's own macros are in scope."""
@@ -261,7 +282,7 @@ def translation_unit(code: str, file_label: str, kernels: list[KernelInfo]) -> s
     entries = "\n".join(f"EMU_KERNEL({k.name})" + (f"\nEMU_LAUNCH_BOUND({k.name})" if k.launch_bound and k.body_end > 0 else "")
                         for k in kernels)
     body, file_scope_shared = rewrite_shared(add_launch_bound_constants(code, kernels))
-    body = rewrite_extern_shared(body)
+    body = rewrite_pragma_unroll(rewrite_extern_shared(body))
     return (
         '#include "cuda_emu.h"\n'
         f'#line 1 "{label}"\n'

@@ -495,15 +495,24 @@ def tiled_grid(n: int, channels: int, h: int, w: int) -> tuple[int, int, int]:
     return tiles, groups, n
 
 
+def use_tiled(k, h_out: int, w_out: int) -> bool:
+    """Whether this launch runs the tiled kernel: forced by ``k.conv3x3_version``, else ("auto")
+    when the output plane fills at least one tile. Below that (U-Net's deep 4x4 to 18x18 planes)
+    most threads of a 16 x 32 tile would have no pixel, and the naive kernel's one thread per
+    output element spreads the same work over more threads."""
+    version = k.conv3x3_version
+    return version == "tiled" or (version == "auto" and h_out * w_out >= TILE_H * TILE_W)
+
+
 def kernels_forward(k, x, w, b=None):
     x, w, (n, ci, h, wd, co) = _kernel_args(k, x, w)
     b = k.bias(b, co)
     y = k.empty((n, co, h - 2, wd - 2))
     args = (x, w, b, y, *int32s(n, ci, h, wd, co))
-    if k.conv3x3_version == "naive":
-        k.launch_elementwise(KERNEL_FILE, "conv3x3_forward_naive", y.size, args)
-    else:
+    if use_tiled(k, h - 2, wd - 2):
         k.launch(KERNEL_FILE, "conv3x3_forward_tiled", tiled_grid(n, co, h - 2, wd - 2), TILED_BLOCK, args)
+    else:
+        k.launch_elementwise(KERNEL_FILE, "conv3x3_forward_naive", y.size, args)
     return y
 
 
@@ -514,11 +523,11 @@ def kernels_backward(k, x, w, gy, with_bias=True):
             f"conv3x3 gy has shape {tuple(gy.shape)}; expected the output's {(n, co, h - 2, wd - 2)}")
     gx = k.empty(x.shape)
     dims = int32s(n, ci, h, wd, co)
-    if k.conv3x3_version == "naive":
-        k.launch_elementwise(KERNEL_FILE, "conv3x3_grad_input_naive", gx.size, (gy, w, gx, *dims))
-    else:
+    if use_tiled(k, h, wd):
         k.launch(KERNEL_FILE, "conv3x3_grad_input_tiled", tiled_grid(n, ci, h, wd), TILED_BLOCK,
                  (gy, w, gx, *dims))
+    else:
+        k.launch_elementwise(KERNEL_FILE, "conv3x3_grad_input_naive", gx.size, (gy, w, gx, *dims))
     gw = k.grad_weight(KERNEL_FILE, "conv3x3_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
                        n * (h - 2) * (wd - 2), w.shape, (x, gy), (n, ci, h, wd, co))
     gb = k.channel_sum(gy) if with_bias else None
