@@ -6,12 +6,15 @@ in ``<repo>/kernels``; an installed minunet carries them as the data package ``m
 """
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
 
+@functools.lru_cache(maxsize=1)
 def kernels_dir() -> Path:
-    """The folder that holds ``*.cu``: the checkout's ``kernels/`` first, else the installed copy."""
+    """The folder that holds ``*.cu``: the checkout's ``kernels/`` first, else the installed copy.
+    Found once per process (every kernel launch asks for it; the search costs tens of us)."""
     checkout = Path(__file__).resolve().parents[2] / "kernels"
     if checkout.is_dir() and any(checkout.glob("*.cu")):
         return checkout
