@@ -162,17 +162,19 @@ __device__ __forceinline__ void conv3x3_tiled(const float* __restrict__ src, con
         for (int r = 0; r < ROWS_PER_THREAD; ++r) acc[d][r] = 0.0f;
 
     for (int s0 = 0; s0 < C_src; s0 += CI_CHUNK) {
-        // 1a. the input tile: element e -> (channel c, tile row r, tile column q). A strided loop,
-        //     because the tile (4896 floats) has more elements than the block has threads.
-        for (int e = tid; e < CI_CHUNK * IN_TILE_H * IN_TILE_W; e += TILED_THREADS) {
-            const int q = e % IN_TILE_W;
-            const int r = (e / IN_TILE_W) % IN_TILE_H;
-            const int c = e / (IN_TILE_W * IN_TILE_H);
-            const int si = tile_i0 + r - PAD, sj = tile_j0 + q - PAD, s = s0 + c;
-            float v = 0.0f;
-            if (s < C_src && si >= 0 && si < H_src && sj >= 0 && sj < W_src)
-                v = src[((n * C_src + s) * H_src + si) * W_src + sj];
-            s_in[c][r][q] = v;
+        const int chunk = min(CI_CHUNK, C_src - s0);  // channels in this chunk: U-Net's first layer has 1, not 8
+        // 1a. the input tile, chunk x 18 x 34 floats, as rows: tile row `row` = (channel c, row r)
+        //     goes to the threads with ty = row % 8, whose 32 lanes load columns q = tx and, for
+        //     the two halo columns past 32, q = tx + 32. Neighbouring lanes read neighbouring
+        //     pixels (coalesced), and no thread divides per element (one division per row).
+        for (int row = ty; row < chunk * IN_TILE_H; row += BLOCK_ROWS) {
+            const int c = row / IN_TILE_H, r = row % IN_TILE_H;
+            const int si = tile_i0 + r - PAD;
+            const float* src_row = src + ((n * C_src + s0 + c) * H_src + si) * W_src;
+            for (int q = tx; q < IN_TILE_W; q += TILE_W) {
+                const int sj = tile_j0 + q - PAD;
+                s_in[c][r][q] = (si >= 0 && si < H_src && sj >= 0 && sj < W_src) ? src_row[sj] : 0.0f;
+            }
         }
         // 1b. the weights of this chunk, as a [dst channel][src channel][tap] block.
         for (int e = tid; e < CO_PER_BLOCK * CI_CHUNK * 9; e += TILED_THREADS) {
@@ -190,8 +192,7 @@ __device__ __forceinline__ void conv3x3_tiled(const float* __restrict__ src, con
 
         // 3. compute. The 4 x 3 window of inputs is read from shared memory once per channel and
         //    reused for 8 output channels and 2 output rows (row r + ky serves output row r).
-        //    Only the chunk's real channels: U-Net's first layer has 1 input channel, not 8.
-        const int chunk = min(CI_CHUNK, C_src - s0);
+        //    Only the chunk's real channels (the rows of s_in past them were not loaded).
         for (int c = 0; c < chunk; ++c) {
             float in[ROWS_PER_THREAD + 2][3];
 #pragma unroll

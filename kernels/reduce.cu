@@ -4,14 +4,18 @@
 //   block_sum      (a __device__ helper) the sum of one float per thread of a block, with a tree
 //                  reduction in shared memory: at step s = 128, 64, ..., 1 thread t < s adds the
 //                  partial of thread t+s, and a barrier separates the steps. log2(256) = 8 steps
-//                  instead of 255 serial adds. channel_sum and sum_scaled end with it.
+//                  instead of 255 serial adds. channel_sum and sum_scaled end with it. It works
+//                  for any power-of-two block size up to REDUCE_THREADS.
 //
 //   channel_sum    out[c] = sum_{n,p} g[n,c,p] for g (N, C, P): the bias gradient of every conv
 //                  layer (gb[co] = sum over images and pixels of gy[n,co,:,:]).
-//                  One block per channel c, REDUCE_THREADS = 256 threads. Thread t adds up the
-//                  pixels t, t+256, t+512, ... of channel c in every image (consecutive threads
-//                  read consecutive addresses of one image's plane: coalesced), then block_sum
-//                  combines the block's 256 partial sums.
+//                  One block per channel c, of B threads: B is a power of two from 32 to
+//                  REDUCE_THREADS = 256, the smallest that leaves each thread at most
+//                  REDUCE_VALUES_PER_THREAD = 8 of the channel's values (the launcher chooses it:
+//                  a 16 x 16 plane gets 32 threads, not 256 threads of which 224 would add nothing
+//                  and still wait at 8 barriers). Thread t adds up the pixels t, t+B, t+2B, ... of
+//                  channel c in every image (consecutive threads read consecutive addresses of one
+//                  image's plane: coalesced), then block_sum combines the block's B partial sums.
 //
 //   channel_sum_serial  the same sum with one thread per channel, adding its N*P values in a
 //                  loop. For the small deep layers (128 channels of 4 x 4 pixels), where
@@ -33,9 +37,10 @@
 //                  consecutive m: coalesced.
 
 #define REDUCE_THREADS 256
+#define REDUCE_VALUES_PER_THREAD 8
 
-// The sum of `value` over the REDUCE_THREADS threads of the block, returned to every thread (the
-// last barrier makes s_sum[0] complete for all). Every thread of the block must call it, since
+// The sum of `value` over the threads of the block (a power of two, at most REDUCE_THREADS),
+// returned to every thread (the last barrier makes s_sum[0] complete for all). Every thread of the block must call it, since
 // it has barriers, and a kernel calls it once (a second call would overwrite s_sum while slower
 // threads may still be reading s_sum[0]).
 __device__ float block_sum(float value) {
@@ -43,7 +48,7 @@ __device__ float block_sum(float value) {
     const int t = threadIdx.x;
     s_sum[t] = value;
     __syncthreads();
-    for (int stride = REDUCE_THREADS / 2; stride > 0; stride /= 2) {
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
         if (t < stride) s_sum[t] += s_sum[t + stride];
         __syncthreads();  // outside the `if`: every thread must reach every barrier
     }
@@ -56,7 +61,7 @@ channel_sum(const float* __restrict__ g, float* __restrict__ out, int N, int C, 
     const int t = threadIdx.x;
     float acc = 0.0f;
     for (int n = 0; n < N; ++n)  // two loops rather than one over e = n*P + p: no division by P
-        for (int p = t; p < P; p += REDUCE_THREADS) acc += g[(n * C + c) * P + p];
+        for (int p = t; p < P; p += blockDim.x) acc += g[(n * C + c) * P + p];
     const float total = block_sum(acc);
     if (t == 0) out[c] = total;
 }
@@ -83,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 sum_scaled(const float* __restrict__ x, float* __restrict__ out, int n, float scale) {
     const int t = threadIdx.x;
     float acc = 0.0f;
-    for (int e = blockIdx.x * REDUCE_THREADS + t; e < n; e += gridDim.x * REDUCE_THREADS) acc += x[e];
+    for (int e = blockIdx.x * blockDim.x + t; e < n; e += gridDim.x * blockDim.x) acc += x[e];
     const float total = block_sum(acc);
     if (t == 0) out[blockIdx.x] = total * scale;
 }

@@ -167,3 +167,27 @@ def test_pragma_unroll_becomes_gcc_unroll_in_fast_mode(rng):
         EmuModule(UNROLLED, name="dot8.cu", mode=mode).get_function("dot8")(
             (n + 127) // 128, 128, (a, b, out, np.int32(n)))
         assert_close(out, (a.astype(np.float64) * b).sum(1), rtol=1e-5, atol=1e-5, what=f"dot8 {mode}")
+
+
+def test_speed_table_has_every_row_and_ratio(capsys):
+    """`python -m minunet.emulator.speed` times cpu, the NumPy reference on cpu and emu (fast) in
+    their own processes and prints one row each with the ratios to cpu and to the reference (a
+    smoke test of the tool: speed itself is measured by running it, not asserted here)."""
+    from minunet.emulator import speed
+
+    assert speed.main(["--base", "2", "--tile", "188", "--steps", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "threads 1" in lines[0] and lines[1].split()[:4] == ["device", "wall", "s/step", "x"]
+    rows = {line[:16].strip(): line[16:].split() for line in lines[2:]}
+    assert set(rows) == {"cpu", "cpu (reference)", "emu (fast)"}
+    values = {name: [float(v) for v in row] for name, row in rows.items()}  # wall, x cpu, x ref, CPU, x cpu
+    assert values["cpu"][1] == 1.0 and values["cpu (reference)"][2] == 1.0
+    for name, (wall, x_cpu, x_ref, cpu, _) in values.items():
+        assert wall > 0 and cpu > 0 and x_cpu > 0 and x_ref > 0, name   # (printed rounded: no ratio check)
+
+
+def test_speed_refuses_bad_arguments(capsys):
+    from minunet.emulator import speed
+
+    assert speed.main(["--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err

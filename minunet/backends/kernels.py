@@ -51,7 +51,9 @@ REDUCTIONS = ("auto", "tree", "serial")
 THREADS = 256
 INT_MAX = 2**31 - 1             # the kernels index with 32-bit int
 MAX_GRID_YZ = 65535             # CUDA's limit on gridDim.y and gridDim.z
-REDUCE_THREADS = cu_defines("reduce")["REDUCE_THREADS"]
+_REDUCE = cu_defines("reduce")
+REDUCE_THREADS = _REDUCE["REDUCE_THREADS"]                      # the largest block of reduce.cu's block_sum
+REDUCE_VALUES_PER_THREAD = _REDUCE["REDUCE_VALUES_PER_THREAD"]  # channel_sum: its block is sized to this
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
 
 # (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
@@ -82,6 +84,16 @@ def check_size(shape, what: str) -> None:
     if size > INT_MAX:
         raise ValueError(f"{what} would have {size} elements; the kernels use 32-bit indices "
                          f"(at most {INT_MAX}): use a smaller batch or tile")
+
+
+def reduce_block(values: int) -> int:
+    """Threads of a block that sums ``values`` numbers with reduce.cu's block_sum: the smallest
+    power of two from one warp (32) to REDUCE_THREADS that leaves each thread at most
+    REDUCE_VALUES_PER_THREAD values, so a small sum does not start threads that add nothing."""
+    threads = 32
+    while threads < REDUCE_THREADS and threads * REDUCE_VALUES_PER_THREAD < values:
+        threads *= 2
+    return threads
 
 
 def _choice(value: str | None, variable: str | None, allowed: tuple[str, ...], what: str) -> str:
@@ -247,7 +259,7 @@ class KernelBackend:
         elif self.serial_reduction(c, n * pixels):
             self.launch_elementwise("reduce", "channel_sum_serial", c, args)
         else:
-            self.launch("reduce", "channel_sum", (c,), (REDUCE_THREADS,), args)
+            self.launch("reduce", "channel_sum", (c,), (reduce_block(n * pixels),), args)
         return out
 
     def mean(self, values, count: int):

@@ -4,8 +4,9 @@
     python -m minunet.emulator.speed --modes fast checked --steps 2
 
 Each step is one forward pass, the weighted cross-entropy, one backward pass and one SGD update
-of ``mu.UNet(base_channels=B)`` on one random tile, on ``device="cpu"`` and on ``device="emu"`` in
-each emulator mode asked for, each in its own process. One untimed step first compiles the
+of ``mu.UNet(base_channels=B)`` on one random tile, on ``device="cpu"`` (its Numba kernels, and
+again with the NumPy reference functions in their place: "cpu (reference)") and on
+``device="emu"`` in each emulator mode asked for, each in its own process. One untimed step first compiles the
 kernels (or loads them from the cache) and warms everything up; then the median of the timed
 steps is printed as a table, wall-clock and CPU seconds (all threads of the process), with the
 ratios to ``cpu``. These are times on *this* CPU: the emulator's
@@ -24,12 +25,27 @@ import time
 import numpy as np
 
 
+def use_reference_on_cpu() -> None:
+    """Make device "cpu" run every op's NumPy reference instead of its fast CPU kernel (in this
+    process): the CPU path as it was before the Numba kernels, for comparison."""
+    from minunet import ops
+    from minunet.backends import CpuBackend
+
+    for name, impls in ops.functions().items():
+        setattr(CpuBackend, name, staticmethod(impls["reference"]))
+
+
 def step_times(device: str, base: int, tile: int, steps: int, seed: int = 0) -> list[tuple[float, float]]:
     """(wall seconds, CPU seconds of this process) per training step (forward, loss, backward,
-    SGD) on ``device``, after one warm-up step. CPU seconds add up every thread of the process, so
-    they are the fairer number when other programs share the cores."""
+    SGD) on ``device`` ("reference": device "cpu" with the NumPy reference functions), after one
+    warm-up step. CPU seconds add up every thread of the process, so they are the fairer number
+    when other programs share the cores."""
     import minunet as mu
     import minunet.functional as F
+
+    if device == "reference":
+        use_reference_on_cpu()
+        device = "cpu"
 
     rng = np.random.default_rng(seed)
     model = mu.UNet(base_channels=base, device=device, seed=seed)
@@ -85,16 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print("speed: --threads must be >= 1", file=sys.stderr)
         return 2
-    rows = [("cpu", *measure("cpu", "", args.base, args.tile, args.steps, args.threads))]
+    rows = [("cpu", *measure("cpu", "", args.base, args.tile, args.steps, args.threads)),
+            ("cpu (reference)", *measure("reference", "", args.base, args.tile, args.steps, args.threads))]
     for mode in args.modes:
         rows.append((f"emu ({mode})", *measure("emu", mode, args.base, args.tile, args.steps, args.threads)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"U-Net base {args.base}, tile {args.tile}, median of {args.steps} steps, {cores} cores, "
           f"threads {args.threads or 'default'}, load average {load:.1f} at the end")
-    print(f"{'device':<16} {'wall s/step':>12} {'x cpu':>7} {'CPU s/step':>11} {'x cpu':>7}")
+    print(f"{'device':<16} {'wall s/step':>12} {'x cpu':>7} {'x ref':>7} {'CPU s/step':>11} {'x cpu':>7}")
     for name, wall, cpu in rows:
-        print(f"{name:<16} {wall:>12.3f} {wall / rows[0][1]:>7.1f} {cpu:>11.3f} {cpu / rows[0][2]:>7.1f}")
+        print(f"{name:<16} {wall:>12.3f} {wall / rows[0][1]:>7.1f} {wall / rows[1][1]:>7.1f} "
+              f"{cpu:>11.3f} {cpu / rows[0][2]:>7.1f}")
     return 0
 
 
