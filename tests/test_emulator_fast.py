@@ -175,7 +175,7 @@ def test_speed_table_has_every_row_and_ratio(capsys):
     smoke test of the tool: speed itself is measured by running it, not asserted here)."""
     from minunet.emulator import speed
 
-    assert speed.main(["--base", "2", "--tile", "188", "--steps", "1", "--threads", "1"]) == 0
+    assert speed.main(["--base", "4", "--tile", "188", "--steps", "1", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "threads 1" in lines[0] and lines[1].split()[:4] == ["device", "wall", "s/step", "x"]
     rows = {line[:16].strip(): line[16:].split() for line in lines[2:]}
