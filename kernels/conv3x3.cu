@@ -164,17 +164,17 @@ __device__ __forceinline__ void conv3x3_tiled(const float* __restrict__ src, con
     for (int s0 = 0; s0 < C_src; s0 += CI_CHUNK) {
         const int chunk = min(CI_CHUNK, C_src - s0);  // channels in this chunk: U-Net's first layer has 1, not 8
         // 1a. the input tile, chunk x 18 x 34 floats, as rows: tile row `row` = (channel c, row r)
-        //     goes to the threads with ty = row % 8, whose 32 lanes load columns q = tx and, for
-        //     the two halo columns past 32, q = tx + 32. Neighbouring lanes read neighbouring
-        //     pixels (coalesced), and no thread divides per element (one division per row).
+        //     goes to the warp with ty = row % 8, whose 32 lanes load columns q = tx and, for
+        //     the two halo columns past 32, lanes 0 and 1 load q = 32 + tx as well. Neighbouring
+        //     lanes read neighbouring pixels (coalesced), and no thread divides per element.
         for (int row = ty; row < chunk * IN_TILE_H; row += BLOCK_ROWS) {
             const int c = row / IN_TILE_H, r = row % IN_TILE_H;
-            const int si = tile_i0 + r - PAD;
-            const float* src_row = src + ((n * C_src + s0 + c) * H_src + si) * W_src;
-            for (int q = tx; q < IN_TILE_W; q += TILE_W) {
-                const int sj = tile_j0 + q - PAD;
-                s_in[c][r][q] = (si >= 0 && si < H_src && sj >= 0 && sj < W_src) ? src_row[sj] : 0.0f;
-            }
+            const int si = tile_i0 + r - PAD, sj = tile_j0 + tx - PAD;
+            const bool row_in = si >= 0 && si < H_src;
+            const float* src_row = src + ((n * C_src + s0 + c) * H_src + (row_in ? si : 0)) * W_src;
+            s_in[c][r][tx] = row_in && sj >= 0 && sj < W_src ? src_row[sj] : 0.0f;
+            if (tx < IN_TILE_W - TILE_W)   // (sj + TILE_W >= 30: only the right edge can be outside)
+                s_in[c][r][TILE_W + tx] = row_in && sj + TILE_W < W_src ? src_row[sj + TILE_W] : 0.0f;
         }
         // 1b. the weights of this chunk, as a [dst channel][src channel][tap] block.
         for (int e = tid; e < CO_PER_BLOCK * CI_CHUNK * 9; e += TILED_THREADS) {
