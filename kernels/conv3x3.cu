@@ -56,15 +56,21 @@ extern "C" __global__ void conv3x3_forward_naive(const float* __restrict__ x, co
     const int i = (t / Wo) % Ho;
     const int co = (t / (Wo * Ho)) % Co;
     const int n = t / (Wo * Ho * Co);
-    float acc = b[co];
+    // One running sum per row of the window: three independent chains of multiply-adds instead
+    // of one, so a multiply-add need not wait for the previous one to finish (instruction-level
+    // parallelism; on a GPU and on a CPU alike), and each sum has a third as many terms (less
+    // float32 rounding). They are added at the end.
+    float acc[3] = {0.0f, 0.0f, 0.0f};
     for (int ci = 0; ci < Ci; ++ci) {
         const float* xp = x + ((n * Ci + ci) * H + i) * W + j;  // top-left of the 3x3 window
         const float* wp = w + (co * Ci + ci) * 9;
+#pragma unroll
         for (int ky = 0; ky < 3; ++ky)
+#pragma unroll
             for (int kx = 0; kx < 3; ++kx)
-                acc += wp[ky * 3 + kx] * xp[ky * W + kx];
+                acc[ky] += wp[ky * 3 + kx] * xp[ky * W + kx];
     }
-    y[t] = acc;
+    y[t] = b[co] + (acc[0] + acc[1] + acc[2]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -81,21 +87,23 @@ extern "C" __global__ void conv3x3_grad_input_naive(const float* __restrict__ gy
     const int i = (t / W) % H;
     const int ci = (t / (W * H)) % Ci;
     const int n = t / (W * H * Ci);
-    float acc = 0.0f;
+    float acc[3] = {0.0f, 0.0f, 0.0f};   // one running sum per ky, as in the forward kernel
     for (int co = 0; co < Co; ++co) {
         const float* gp = gy + (n * Co + co) * Ho * Wo;
         const float* wp = w + (co * Ci + ci) * 9;
+#pragma unroll
         for (int ky = 0; ky < 3; ++ky) {
             const int oi = i - ky;
             if (oi < 0 || oi >= Ho) continue;
+#pragma unroll
             for (int kx = 0; kx < 3; ++kx) {
                 const int oj = j - kx;
                 if (oj < 0 || oj >= Wo) continue;
-                acc += gp[oi * Wo + oj] * wp[ky * 3 + kx];
+                acc[ky] += gp[oi * Wo + oj] * wp[ky * 3 + kx];
             }
         }
     }
-    gx[t] = acc;
+    gx[t] = acc[0] + acc[1] + acc[2];
 }
 
 // ---------------------------------------------------------------------------------------------
