@@ -87,7 +87,8 @@ def choose_tile(height: int, width: int, config: dict,
         flops, nbytes = forward_cost(tile, config)
         if nbytes > budget and best is not None:
             break
-        cost = len(tile_origins(height, out)) * len(tile_origins(width, out)) * flops
+        grid = 2 ** depth
+        cost = len(tile_origins(height, out, grid)) * len(tile_origins(width, out, grid)) * flops
         if best is None or cost <= best_cost:
             best, best_cost = tile, cost
         if out >= max(height, width):
@@ -98,7 +99,9 @@ def choose_tile(height: int, width: int, config: dict,
 
 def predict_probabilities(model: UNet, image: np.ndarray, tile: int | None = None,
                           device: str = "cpu", memory_mb: float = DEFAULT_MEMORY_MB) -> np.ndarray:
-    """Softmax class probabilities (K, H, W) of one 2-D image by overlap-tile prediction.
+    """Softmax class probabilities (K, H, W) of one 2-D image by overlap-tile prediction, with
+    every tile on the network's pooling grid: the probabilities of one pass over the whole
+    mirror-padded image, whatever the tile (up to float32 rounding), as the blocked prediction.
 
     The image is standardised as in training (:func:`minunet.data.standardize`, which refuses
     NaN or infinite values). `tile`: the input tile side, a valid size for the model; None
@@ -117,7 +120,7 @@ def predict_probabilities(model: UNet, image: np.ndarray, tile: int | None = Non
         e = np.exp(logits)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    return predict_overlap_tile(image[None], predict_fn, tile, out)
+    return predict_overlap_tile(image[None], predict_fn, tile, out, grid=2 ** model.depth)
 
 
 def foreground_probability(probs: np.ndarray) -> np.ndarray:

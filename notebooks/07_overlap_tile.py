@@ -59,7 +59,8 @@ ax.axis("off"); plt.show()
 #
 # The output squares (yellow) start every `OUT` = 76 pixels; where an axis is not a
 # multiple of 76, the last square is moved back to end at the image edge
-# (`tile_origins`). Each is predicted from the input tile (blue) that surrounds it by the
+# (`tile_origins` with its default `grid=1`; the end of this notebook shows why minunet's
+# prediction passes `grid=2**depth` instead). Each is predicted from the input tile (blue) that surrounds it by the
 # margin — for squares at the border, that tile reaches into the mirrored part.
 
 # %%
@@ -197,7 +198,23 @@ plt.tight_layout(); plt.show()
 # learned to give nearly the same answer for an image shifted by a few pixels; notebook 8
 # measures it — which is why the paper's tiling looks seamless. But only tiles on the
 # pooling grid reproduce the whole-image pass exactly.
-#
+
+# %% [markdown]
+# Cropping 2 pixels per side wastes a little of every tile. `predict_overlap_tile(...,
+# grid=8)` (and `tile_origins(..., grid=8)`) keeps the whole 76x76 output instead: squares
+# still start at multiples of 8 and step by 72, so neighbours overlap by 4 pixels, where
+# both compute the same values; the last square may end a few pixels past the border (its
+# overhang reads mirrored context and is cropped away), so any image size works. This is
+# what `minunet.inference.predict_probabilities` and `python -m minunet.predict` do, with
+# `grid = 2**depth` of the model; the result equals the plain whole-image pass:
+
+# %%
+print("grid-8 square origins, rows:", tile_origins(image.shape[0], OUT, grid=8),
+      "columns:", tile_origins(image.shape[1], OUT, grid=8))
+on_grid = predict_overlap_tile(image, probabilities, TILE, OUT, grid=8)
+print("max |grid-8 tiles - whole image| =", np.abs(on_grid - whole_image(MARGIN, 0)).max())
+
+# %% [markdown]
 # ## What to take away
 #
 # * Valid convolutions give output squares smaller than the input tiles; the difference is
@@ -207,7 +224,7 @@ plt.tight_layout(); plt.show()
 # * Tiles let a network of fixed memory segment an image of any size.
 # * Because of max-pooling, a U-Net is equivariant only to shifts by multiples of
 #   $2^{\text{depth}}$: to reproduce one pass over the whole image exactly, output squares
-#   must start on that grid.
+#   must start on that grid (`grid=2**depth`, what minunet's prediction uses).
 #
 # Next: [08_train_and_evaluate.ipynb](08_train_and_evaluate.ipynb) trains a network and
 # predicts with these tiles.

@@ -79,6 +79,28 @@ def test_tile_origins_cover_the_axis():
         assert covered[:length].all()
 
 
+@pytest.mark.parametrize("grid", [1, 4, 8, 16])
+def test_tile_origins_on_the_pooling_grid_cover_the_axis(grid):
+    """Every square starts on the grid, squares step by the largest multiple of the grid that
+    fits, the axis is covered, and the last square ends fewer than `grid` pixels past it."""
+    for output in (4, 7, 12, 20, 28, 36, 388):
+        for length in list(range(1, 90)) + [571, 1000]:
+            origins = tile_origins(length, output, grid)
+            covered = np.zeros(length + output, bool)
+            for o in origins:
+                covered[o:o + output] = True
+            assert covered[:length].all(), (grid, output, length, origins)
+            if output < grid:
+                assert origins == tile_origins(length, output), "a square smaller than the grid: grid 1"
+                continue
+            assert all(o % grid == 0 for o in origins)
+            if len(origins) > 1:   # (one square on a short axis overhangs as far as it must)
+                assert origins[-1] + output - length < grid and origins[-1] < length
+            steps = np.diff(origins)
+            assert all(s == output - output % grid for s in steps[:-1]) and all(steps > 0)
+    assert tile_origins(600, 388, 16) == [0, 224] and tile_origins(10, 4, 1) == [0, 4, 6]
+
+
 def test_bad_arguments():
     predict, _ = _valid_conv_net(0, 1, 1)
     image = np.zeros((10, 10), np.float32)

@@ -77,7 +77,8 @@ def candidates(depth, up_to):
 
 def total_flops(tile, h, w, cfg):
     out = UNet.output_size(tile, cfg["depth"])
-    return len(tile_origins(h, out)) * len(tile_origins(w, out)) * forward_cost(tile, cfg)[0]
+    grid = 2 ** cfg["depth"]
+    return len(tile_origins(h, out, grid)) * len(tile_origins(w, out, grid)) * forward_cost(tile, cfg)[0]
 
 
 @pytest.mark.parametrize("h,w,memory_mb", [(48, 48, 1024), (37, 301, 1024), (256, 256, 1024),
@@ -116,6 +117,32 @@ def test_predictions_do_not_depend_on_the_tile(rng):
     assert auto.shape == fixed.shape == (3, 48, 48)
     np.testing.assert_allclose(auto.sum(axis=0), 1.0, atol=1e-5)
     np.testing.assert_allclose(auto, fixed, atol=1e-5, rtol=0)
+
+
+def test_tiles_off_a_multiple_of_the_grid_give_the_whole_image_pass(rng):
+    """Depth 3, tile 116 -> output 28 = 4 (mod 8) on a 157 x 211 image (both prime): the tiles
+    step by 24 and the last overhangs, all on the pooling grid, so the probabilities equal one
+    tile covering the whole image (atol 2e-5: float32 rounding). Side by side from 0 (grid 1, as
+    before) the tiles after the first pool other pixel pairs, and the untrained network's
+    probabilities move by far more."""
+    from minunet.data import standardize
+    from minunet.data.tiling import predict_overlap_tile
+
+    model = UNet(in_channels=1, num_classes=3, base_channels=3, depth=3, seed=2).eval()
+    image = rng.random((157, 211)).astype(np.float32)
+    whole = UNet.valid_input_size(211 + 88, 3)                 # one tile: output covers the image
+    assert UNet.output_size(whole, 3) >= 211
+    expected = predict_probabilities(model, image, tile=whole)
+    tiled = predict_probabilities(model, image, tile=116)
+    np.testing.assert_allclose(tiled, expected, atol=2e-5, rtol=0)
+
+    def probabilities(batch):
+        with no_grad():
+            logits = model(Tensor(batch)).numpy()
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    side_by_side = predict_overlap_tile(standardize(image)[None], probabilities, 116, 28, grid=1)
+    assert np.abs(side_by_side - expected).max() > 1e-3
 
 
 def test_predict_probabilities_refuses_nan_and_non_2d_images(rng):

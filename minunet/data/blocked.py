@@ -19,8 +19,8 @@ output squares start at multiples of ``2**depth`` counted from the image's first
 tiles start at ``-margin`` plus such a multiple, exactly where one pass of the network over the
 whole mirror-padded image would pool. Blocks are multiples of ``2**depth`` too, so every block,
 every tile size and every chunking give the same probabilities, up to float32 rounding: those of
-a single pass over the whole image, which is what the in-memory prediction computes whenever its
-tiles lie on that grid (for instance one tile covering the image).
+a single pass over the whole image, which is also what the in-memory prediction computes (its
+tiles lie on the same grid: :func:`minunet.data.tiling.tile_origins` with ``grid = 2**depth``).
 
 **The halo.** A block of L output rows is predicted by tiles whose outputs cover it; valid output
 sides are ``o = o_min + k * 2**depth`` (388 = 4 + 24 * 16 in the paper), so aligned tiles end

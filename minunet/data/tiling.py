@@ -69,23 +69,39 @@ def mirror_pad(image: np.ndarray, pad) -> np.ndarray:
     return mirror_crop(image, -top, -left, h + top + bottom, w + left + right)
 
 
-def tile_origins(length: int, output_size: int) -> list[int]:
+def tile_origins(length: int, output_size: int, grid: int = 1) -> list[int]:
     """Where the output squares start along one axis of `length` pixels.
 
-    Squares sit side by side from 0; if `length` is not a multiple of `output_size`, the last
-    one is moved back to end exactly at the image edge (it overlaps its neighbour, whose values
-    it recomputes identically). An axis shorter than one square gets a single square at 0 (its
-    overhang reads mirrored context and is cropped away). Returns a sorted list of ints."""
+    With ``grid = 1``: squares sit side by side from 0; if `length` is not a multiple of
+    `output_size`, the last one is moved back to end exactly at the image edge (it overlaps its
+    neighbour). An axis shorter than one square gets a single square at 0 (its overhang reads
+    mirrored context and is cropped away).
+
+    With ``grid = 2**depth`` (the network's pooling grid; what :func:`predict_overlap_tile`'s
+    callers in minunet pass): every square starts at a multiple of `grid`, where one pass of the
+    network over the whole mirror-padded image would pool, so overlapping squares compute the same
+    values where they overlap and the result is that of the whole-image pass (notebook 07).
+    Squares step by the largest multiple of `grid` that fits in `output_size` (388 -> 384 for the
+    paper's network) and the last one may end up to `grid - 1` pixels past the image edge (its
+    overhang reads mirrored context, like a short axis). A square smaller than the grid cannot
+    step along it; then the ``grid = 1`` placement is used. Returns a sorted list of ints."""
     if output_size < 1:
         raise ValueError(f"output_size must be >= 1, got {output_size}")
-    if length <= output_size:
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1 (2**depth of the network), got {grid}")
+    if output_size < grid:
+        grid = 1
+    end = length + (output_size - length) % grid   # the last square's end: >= length, on the grid
+    if end <= output_size:
         return [0]
-    origins = list(range(0, length - output_size, output_size))
-    return origins + [length - output_size]
+    step = output_size - output_size % grid
+    last = end - output_size
+    return list(range(0, last, step)) + [last]
 
 
 def predict_overlap_tile(image: np.ndarray, predict_fn: Callable[[np.ndarray], np.ndarray],
-                         input_size: int, output_size: int, batch_size: int = 1) -> np.ndarray:
+                         input_size: int, output_size: int, batch_size: int = 1,
+                         grid: int = 1) -> np.ndarray:
     """Predict an image of any size tile by tile (Fig. 2).
 
     Args:
@@ -94,6 +110,9 @@ def predict_overlap_tile(image: np.ndarray, predict_fn: Callable[[np.ndarray], n
             output_size) (e.g. class probabilities of the network's central square).
         input_size, output_size: the network's tile sizes; (input - output) must be even.
         batch_size: tiles per call of predict_fn.
+        grid: 2**depth of the network: tiles start on its pooling grid, so that the result is
+            that of one pass over the whole image (see :func:`tile_origins`); 1 places them
+            side by side from the top-left corner.
     Returns:
         float32 (K, H, W).
     """
@@ -110,7 +129,7 @@ def predict_overlap_tile(image: np.ndarray, predict_fn: Callable[[np.ndarray], n
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     margin = (input_size - output_size) // 2
     _, h, w = image.shape
-    origins = [(y, x) for y in tile_origins(h, output_size) for x in tile_origins(w, output_size)]
+    origins = [(y, x) for y in tile_origins(h, output_size, grid) for x in tile_origins(w, output_size, grid)]
     result = None
     for first in range(0, len(origins), batch_size):
         batch_origins = origins[first:first + batch_size]
