@@ -130,8 +130,10 @@ extern "C" __global__ void conv3x3_grad_input_naive(const float* __restrict__ gy
 // same address for every thread of a warp (a broadcast: one transaction), and the input reads of
 // a warp are 32 consecutive floats (no bank conflicts).
 //
-// Out-of-range pixels and channels are loaded as 0 (with 0 weights), so the inner loops need no
-// bounds checks; only the final store checks that the output pixel exists.
+// Out-of-range pixels are loaded as 0, and so are the weights of channels past C_src or C_dst, so
+// the inner loops need no bounds checks; the input channels past C_src in the last chunk are
+// neither loaded nor used (the compute loop stops at the chunk's real channels). Only the final
+// store checks that the output pixel and channel exist.
 //
 // GRAD_INPUT = false:  src = x, dst = y; dst[n,d,i,j] = bias[d] + sum src[n,s,i+ky,j+kx] * w[d,s,ky,kx]
 // GRAD_INPUT = true:   src = gy, dst = gx; the source window starts 2 pixels up/left (PAD = 2,
@@ -335,7 +337,8 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
 //
 // Napkin math: 2 loads per multiply-add, as the naive convolution. Neighbouring threads have
 // neighbouring (ky, kx) of one (co, ci), so a warp reads the same gy value (a broadcast) and x
-// values from 3 or 4 channels' 3x3 windows, which overlap from one pixel to the next (cached).
+// values from 4 or 5 channels' 3x3 windows (32 weights / 9 taps), which overlap from one pixel
+// to the next (cached).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ x, const float* __restrict__ gy,
                                                       float* __restrict__ gw, int N, int Ci, int H, int W, int Co) {

@@ -12,16 +12,15 @@
 //                  One block per channel c, of B threads: B is a power of two from 32 to
 //                  REDUCE_THREADS = 256, the smallest that leaves each thread at most
 //                  REDUCE_VALUES_PER_THREAD = 8 of the channel's values (the launcher chooses it:
-//                  a 16 x 16 plane gets 32 threads, not 256 threads of which 224 would add nothing
-//                  and still wait at 8 barriers). Thread t adds up the pixels t, t+B, t+2B, ... of
-//                  channel c in every image (consecutive threads read consecutive addresses of one
+//                  one 16 x 16 plane, 256 values, gets 32 threads adding 8 each and 5 tree
+//                  steps, not 256 threads adding one each and 8 tree steps, each with a barrier). Thread t adds up the values t, t+B, t+2B, ...
+//                  of channel c's N*P (consecutive threads read consecutive addresses of one
 //                  image's plane: coalesced), then block_sum combines the block's B partial sums.
 //
 //   channel_sum_serial  the same sum with one thread per channel, adding its N*P values in a
-//                  loop. For the small deep layers (128 channels of 4 x 4 pixels), where
-//                  channel_sum's blocks would have 256 threads for 16 values and 9 barriers; the
-//                  launcher picks it when there are at least as many channels as values per
-//                  channel (the rule of the serial weight gradients, conv3x3.cu).
+//                  loop. For the small deep layers (128 channels of 4 x 4 pixels), where each of
+//                  channel_sum's blocks would have 32 threads for 16 values and 6 barriers; the
+//                  launcher picks it when each thread's loop is short (KernelBackend.serial_reduction).
 //
 //   sum_scaled     out[b] = scale * (the sum of block b's share of x): each thread adds a
 //                  grid-strided subset, then block_sum. The loss launcher runs it twice: many
@@ -59,9 +58,18 @@ extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 channel_sum(const float* __restrict__ g, float* __restrict__ out, int N, int C, int P) {
     const int c = blockIdx.x;
     const int t = threadIdx.x;
+    // Thread t takes the values e = t, t + B, t + 2B, ... of the N*P, as (image n, pixel p): found
+    // by division once, then stepped by additions (a division per value would cost more than the
+    // add it feeds), so every thread gets its share of all N*P values, even when P < B.
     float acc = 0.0f;
-    for (int n = 0; n < N; ++n)  // two loops rather than one over e = n*P + p: no division by P
-        for (int p = t; p < P; p += blockDim.x) acc += g[(n * C + c) * P + p];
+    int n = t / P, p = t % P;
+    const int dn = blockDim.x / P, dp = blockDim.x % P;
+    for (int e = t; e < N * P; e += blockDim.x) {
+        acc += g[(n * C + c) * P + p];
+        n += dn;
+        p += dp;
+        if (p >= P) { p -= P; ++n; }
+    }
     const float total = block_sum(acc);
     if (t == 0) out[c] = total;
 }

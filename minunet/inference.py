@@ -67,20 +67,29 @@ def forward_cost(tile: int, config: dict) -> tuple[int, int]:
     return flops, 4 * (floats + scratch)
 
 
+def smallest_grid_tile(depth: int) -> int:
+    """The smallest valid input tile whose output square is at least the pooling grid (2**depth)
+    wide, so that its tiles can step along the grid (204 -> 20 for depth 4; the smallest valid
+    tile, 188 -> 4, cannot)."""
+    smallest = UNet.valid_input_size(1, depth)
+    margin = (smallest - UNet.output_size(smallest, depth)) // 2
+    return UNet.valid_input_size(2 ** depth + 2 * margin, depth)
+
+
 def choose_tile(height: int, width: int, config: dict,
                 memory_mb: float = DEFAULT_MEMORY_MB) -> int:
     """The valid input tile that predicts an (height, width) image with the fewest operations
     (number of tiles times :func:`forward_cost`), among tiles whose forward pass fits in
-    `memory_mb` megabytes; ties go to the larger tile. Candidates run from the smallest valid
-    tile up to the first whose output covers the image's longer side; if not even the smallest
-    fits the budget, the smallest is returned."""
+    `memory_mb` megabytes; ties go to the larger tile. Candidates run from the smallest tile on
+    the pooling grid (:func:`smallest_grid_tile`) up to the first whose output covers the image's
+    longer side; if not even the smallest fits the budget, the smallest is returned."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height} x {width}")
     if not memory_mb > 0:
         raise ValueError(f"the memory budget must be positive, got {memory_mb} MB")
     depth = int(config["depth"])
     budget = memory_mb * 2 ** 20
-    tile = UNet.valid_input_size(1, depth)
+    tile = smallest_grid_tile(depth)
     best, best_cost = None, None
     while True:
         out = UNet.output_size(tile, depth)
@@ -112,6 +121,11 @@ def predict_probabilities(model: UNet, image: np.ndarray, tile: int | None = Non
     if tile is None:
         tile = choose_tile(*image.shape, model.config, memory_mb)
     out = model.output_size(tile)
+    if out < 2 ** model.depth:
+        raise ValueError(f"tile {tile} gives a {out}-pixel output square, smaller than the "
+                         f"{2 ** model.depth}-pixel pooling grid its tiles must step along (the "
+                         f"probabilities would depend on the tile); use a tile of at least "
+                         f"{smallest_grid_tile(model.depth)}")
 
     def predict_fn(batch: np.ndarray) -> np.ndarray:
         with no_grad():

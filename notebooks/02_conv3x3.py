@@ -225,7 +225,8 @@ plt.tight_layout(h_pad=1.0); plt.show()
 # kernel selected (the default, also for `mu.Tensor(..., device="emu")`, is `"auto"`: the tiled
 # kernel where the output fills at least one 16 x 32 tile, the naive one on smaller planes).
 # `reduction="tree"` keeps the block-per-weight-group gradient kernels described below (the
-# default picks one thread per weight when there are more weights than pixels, as here).
+# default, `"auto"`, runs one thread per weight in U-Net's deep layers, where weights far
+# outnumber pixels; here it would pick the same tree kernels).
 # Its `conv3x3_forward` (the launcher `kernels_forward` of `minunet/ops/conv3x3.py`, attached to
 # the backend as a method) computes the launch configuration just shown, and the emulator runs
 # every thread of every block on the CPU — checking each load and store against the bounds of

@@ -154,12 +154,28 @@ def test_pragma_unroll_becomes_gcc_unroll_in_fast_mode(rng):
     """CUDA's `#pragma unroll [N]` (which GCC ignores) is rewritten in place to EMU_UNROLL(N),
     GCC's `#pragma GCC unroll N` in fast mode and nothing in checked mode; the line numbers stay,
     a comment stays a comment, and both builds compute the same thing."""
-    from minunet.emulator.source import rewrite_pragma_unroll
+    import subprocess
+
+    from minunet.emulator import compiler
+    from minunet.emulator.source import find_kernels, rewrite_pragma_unroll, translation_unit
 
     text = rewrite_pragma_unroll(UNROLLED)
     assert text.count("\n") == UNROLLED.count("\n")
     assert "EMU_UNROLL(64)" in text and "    EMU_UNROLL(4)" in text and "EMU_UNROLL(1)" in text
     assert "#pragma" not in text.replace("// #pragma unroll in a comment", "")
+    for source, want in [("#pragma unroll 4 // four\n", "EMU_UNROLL(4) // four\n"),
+                         ("#pragma unroll /* a\n b */\n", "EMU_UNROLL(64) /* a\n b */\n"),
+                         ("#pragma unroll CO_PER_BLOCK\r\n", "EMU_UNROLL(CO_PER_BLOCK)\r\n"),
+                         ('const char* s = "#pragma unroll";\n', 'const char* s = "#pragma unroll";\n'),
+                         ("#pragma unrolled\n", "#pragma unrolled\n")]:
+        assert rewrite_pragma_unroll(source) == want, source
+    # What g++ sees after preprocessing: GCC's pragma in the fast build, none in the checked one.
+    unit = translation_unit(UNROLLED, "dot8.cu", find_kernels(UNROLLED))
+    for checked, present in ((0, True), (1, False)):
+        done = subprocess.run([*compiler.find_compiler(), "-E", "-std=c++17", f"-DEMU_CHECKED={checked}",
+                               f"-I{compiler.HEADER_DIR}", f"-I{compiler.INCLUDE_DIR}", "-x", "c++", "-"],
+                              input=unit, capture_output=True, text=True, check=True)
+        assert ("#pragma GCC unroll 64" in done.stdout and "#pragma GCC unroll 4" in done.stdout) == present
     n = 1000
     a, b = rng.standard_normal((n, 8), np.float32), rng.standard_normal((n, 8), np.float32)
     for mode in ("checked", "fast"):
@@ -181,7 +197,6 @@ def test_speed_table_has_every_row_and_ratio(capsys):
     rows = {line[:16].strip(): line[16:].split() for line in lines[2:]}
     assert set(rows) == {"cpu", "cpu (reference)", "emu (fast)"}
     values = {name: [float(v) for v in row] for name, row in rows.items()}  # wall, x cpu, x ref, CPU, x cpu
-    assert values["cpu"][1] == 1.0 and values["cpu (reference)"][2] == 1.0
     for name, (wall, x_cpu, x_ref, cpu, _) in values.items():
         assert wall > 0 and cpu > 0 and x_cpu > 0 and x_ref > 0, name   # (printed rounded: no ratio check)
 

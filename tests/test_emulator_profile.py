@@ -183,3 +183,18 @@ def test_profile_arguments_are_validated():
     with pytest.raises(ValueError, match="sample_blocks must be a positive int"):
         with profile(sample_blocks=0):
             pass
+
+
+def test_long_kernel_names_are_printed_whole(rng):
+    """The table's kernel column widens to the longest name (conv_transpose2x2_grad_weight_serial
+    has 36 characters), so two kernels that share a 30-character prefix stay apart."""
+    name = "copy_with_a_name_longer_than_thirty_characters"
+    code = f'extern "C" __global__ void {name}(const float* x, float* y, int n) {{\n' \
+           "    int i = blockIdx.x * blockDim.x + threadIdx.x;\n    if (i < n) y[i] = x[i];\n}\n"
+    fn = EmuModule(code, name="long_name.cu").get_function(name)
+    with profile(gpu="sm_90") as report:
+        fn(1, 32, (np.ones(32, np.float32), np.zeros(32, np.float32), np.int32(32)))
+    rows = format_profile(report).splitlines()
+    row = next(line for line in rows if line.startswith(name))
+    header = next(line for line in rows if line.startswith("kernel"))
+    assert row.index(" 1 ") > len(name) and header.index("launch") > len(name)

@@ -11,7 +11,7 @@ import minunet.functional as F
 from minunet.autograd import no_grad
 from minunet.data.tiling import tile_origins
 from minunet.inference import (choose_tile, foreground_probability, forward_cost,
-                               predict_probabilities)
+                               predict_probabilities, smallest_grid_tile)
 from minunet.nn import UNet
 from minunet.tensor import Tensor
 
@@ -67,7 +67,7 @@ def test_forward_cost_bytes_bound_the_memory_of_a_forward_pass(rng, cfg, tile):
 
 
 def candidates(depth, up_to):
-    tile = UNet.valid_input_size(1, depth)
+    tile = smallest_grid_tile(depth)
     while True:
         yield tile
         if UNet.output_size(tile, depth) >= up_to:
@@ -143,6 +143,17 @@ def test_tiles_off_a_multiple_of_the_grid_give_the_whole_image_pass(rng):
         return e / e.sum(axis=1, keepdims=True)
     side_by_side = predict_overlap_tile(standardize(image)[None], probabilities, 116, 28, grid=1)
     assert np.abs(side_by_side - expected).max() > 1e-3
+
+
+def test_tiles_smaller_than_the_pooling_grid_are_refused(rng):
+    """A tile whose output square is narrower than 2**depth cannot step along the pooling grid:
+    prediction refuses it with one line naming the smallest tile that can, and never chooses it."""
+    model = UNet(in_channels=1, num_classes=2, base_channels=2, depth=3, seed=0).eval()
+    assert (smallest_grid_tile(3), UNet.output_size(smallest_grid_tile(3), 3)) == (100, 12)
+    assert smallest_grid_tile(4) == 204 and smallest_grid_tile(2) == 44
+    with pytest.raises(ValueError, match="tile 92 gives a 4-pixel output square.*at least 100"):
+        predict_probabilities(model, rng.random((20, 20)).astype(np.float32), tile=92)
+    assert choose_tile(300, 300, model.config, memory_mb=1e-9) == 100
 
 
 def test_predict_probabilities_refuses_nan_and_non_2d_images(rng):

@@ -312,27 +312,54 @@ def _launched(backend, monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("shape,tiled,serial_gw,serial_gb", [
-    ((1, 2, 40, 40, 3), True, False, False),  # 38 x 38 outputs fill a 16 x 32 tile; 54 weights < 1444 pixels
-    ((1, 8, 18, 34, 8), True, True, False),   # exactly one tile (512 outputs); 576 weights >= 512 pixels,
-                                              # but 8 channels < 512 values per channel
-    ((1, 8, 17, 34, 8), False, True, False),  # one output row short of a tile
-    ((2, 16, 6, 6, 32), False, True, True),   # U-Net's deep layers: 4,608 weights, 32 = 2 x 4 x 4 pixels
+@pytest.mark.parametrize("shape,forward,grad_input,grad_weight,bias", [
+    # 38 x 38 outputs fill a 16 x 32 tile; 54 weights < 1444 pixels
+    ((1, 2, 40, 40, 3), "tiled", "tiled", "tree", "tree"),
+    # exactly one tile (16 x 32 = 512 outputs); 576 weights >= 512 pixels, but 512-step loops in
+    # only 576 threads: tree
+    ((1, 8, 18, 34, 8), "tiled", "tiled", "tree", "tree"),
+    # one output row short of a tile (480 outputs); the input gradient's 17 x 34 plane fills one
+    ((1, 8, 17, 34, 8), "naive", "tiled", "tree", "tree"),
+    # U-Net's deepest layers: 4,608 weights of 32 = 2 x 4 x 4 pixels each, 32 biases of 32 values
+    ((2, 16, 6, 6, 32), "naive", "naive", "serial", "serial"),
+    # 36,864 weights of 400 pixels: many threads, so serial; 64 biases of 400 values: tree
+    ((1, 64, 22, 22, 64), "naive", "naive", "serial", "tree"),
+    # 4,608 weights, 4,624 pixels: fewer outputs than terms, tree
+    ((1, 16, 70, 70, 32), "tiled", "tiled", "tree", "tree"),
 ])
-def test_auto_picks_kernels_by_shape(rng, monkeypatch, shape, tiled, serial_gw, serial_gb):
+def test_auto_picks_kernels_by_shape(rng, monkeypatch, shape, forward, grad_input, grad_weight, bias):
     """"auto" runs the tiled convolution only when the output plane fills a tile (the forward
-    pass: Ho x Wo; the input gradient: H x W), and the serial sums when there are at least as many
-    outputs as terms per output; the result matches the reference either way."""
+    pass: Ho x Wo; the input gradient: H x W), and a serial sum when there are at least as many
+    outputs as terms and either the loops are short (<= 64 terms) or the threads many (>= 4096);
+    the result matches the reference either way. Expected kernels written out per case."""
     n, ci, h, w, co = shape
     backend = KernelBackend("emu", conv3x3="auto", reduction="auto")
     names = _launched(backend, monkeypatch)
     run_conv3x3(backend, rng, n, ci, h, w, co)
-    assert names[0] == f"conv3x3_forward_{'tiled' if tiled else 'naive'}"
-    assert f"conv3x3_grad_input_{'tiled' if h * w >= 512 else 'naive'}" in names
-    assert ("conv3x3_grad_weight_serial" in names) == serial_gw
-    assert ("conv3x3_grad_weight" in names) == (not serial_gw)
-    assert ("channel_sum_serial" in names) == serial_gb
-    assert ("channel_sum" in names) == (not serial_gb)
+    assert names[0] == f"conv3x3_forward_{forward}"
+    assert f"conv3x3_grad_input_{grad_input}" in names
+    assert ("conv3x3_grad_weight_serial" in names) == (grad_weight == "serial")
+    assert ("conv3x3_grad_weight" in names) == (grad_weight == "tree")
+    assert ("channel_sum_serial" in names) == (bias == "serial")
+    assert ("channel_sum" in names) == (bias == "tree")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(16, 5, 4, 4), (3, 7, 1, 1), (2, 3, 17, 19), (1, 2, 300, 301), (40, 2, 3, 3)])
+def test_channel_sum_tree_blocks_sized_to_the_work(rng, device, shape):
+    """The tree channel_sum's block (reduce_block: 32..256 threads, at most 8 values each) covers
+    all N*P values of a channel also when a plane has fewer pixels than the block has threads
+    (N > 1, P < 32) and when N*P needs the largest block; checked against NumPy in float64."""
+    from minunet.backends.kernels import REDUCE_THREADS, reduce_block
+
+    backend = make_backend(device, reduction="tree")
+    g = f32(rng, *shape)
+    values = shape[0] * int(np.prod(shape[2:]))
+    block = reduce_block(values)
+    assert block in (32, 64, 128, 256) and (block * 8 >= values or block == REDUCE_THREADS)
+    assert block == 32 or block * 4 < values       # the smallest block that suffices
+    assert_close(to_host(backend.channel_sum(dev(backend, g))), f64(g).sum(axis=(0, 2, 3)),
+                 what=f"channel_sum {shape}", **SUM_TOL)
 
 
 def test_a_failed_launch_names_the_kernel():

@@ -28,8 +28,8 @@ Two choices of kernel, each made per launch from the shapes unless a version is 
 - The reductions of weight and bias gradients: ``"tree"`` (a block of threads per output group,
   adding the threads' partial sums with a shared-memory tree), ``"serial"`` (one thread per
   output, a loop over its terms), or ``"auto"`` (the default): serial when there are at least as
-  many outputs as terms per output (the deep, small layers: 147,456 weights, 16 pixels), tree
-  otherwise. ``KernelBackend(device, reduction="tree")``, ``MINUNET_REDUCTION``, or
+  many outputs as terms per output and the loops are short or the threads many (the deep, small
+  layers: 147,456 weights, 16 pixels; see ``serial_reduction``), tree otherwise. ``KernelBackend(device, reduction="tree")``, ``MINUNET_REDUCTION``, or
   ``get_backend(device).reduction = "tree"``.
 """
 from __future__ import annotations
@@ -55,6 +55,8 @@ _REDUCE = cu_defines("reduce")
 REDUCE_THREADS = _REDUCE["REDUCE_THREADS"]                      # the largest block of reduce.cu's block_sum
 REDUCE_VALUES_PER_THREAD = _REDUCE["REDUCE_VALUES_PER_THREAD"]  # channel_sum: its block is sized to this
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
+SERIAL_SHORT_LOOP = 64          # "auto" reductions: a serial thread per output when its loop is this short,
+SERIAL_MIN_THREADS = 4096       # ... or when there are this many outputs (16 blocks of 256 threads)
 
 # (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
 _MODULES: dict[tuple, tuple[int, int, object]] = {}
@@ -152,8 +154,14 @@ class KernelBackend:
     def serial_reduction(self, outputs: int, terms: int) -> bool:
         """Whether a sum of ``terms`` values for each of ``outputs`` outputs runs one thread per
         output (serial) rather than one block per output group (tree): forced by ``reduction``,
-        else serial when outputs >= terms, i.e. threads go to the larger of the two axes."""
-        return self._reduction == "serial" or (self._reduction == "auto" and outputs >= terms)
+        else ("auto") serial when there are at least as many outputs as terms (threads go to the
+        larger axis) and either each thread's loop is short (at most SERIAL_SHORT_LOOP terms) or
+        there are enough outputs to keep a GPU busy while each thread runs its whole loop (at
+        least SERIAL_MIN_THREADS). 576 weights of 512 pixels each stay with the tree: 576
+        threads with 512-step loops would leave a GPU nearly idle."""
+        if self._reduction != "auto":
+            return self._reduction == "serial"
+        return outputs >= terms and (terms <= SERIAL_SHORT_LOOP or outputs >= SERIAL_MIN_THREADS)
 
     def __repr__(self) -> str:
         return f"KernelBackend({self.device!r}, conv3x3={self.conv3x3_version!r}, reduction={self.reduction!r})"

@@ -115,7 +115,9 @@ class Geometry:
         self.output = UNet.output_size(self.tile, depth)  # ValueError naming the nearest sizes
         self.margin = (self.tile - self.output) // 2
         if self.output < self.grid:
-            bigger = UNet.valid_input_size(self.grid + 2 * self.margin, depth)
+            from ..inference import smallest_grid_tile   # (inference imports minunet.data)
+
+            bigger = smallest_grid_tile(depth)
             raise ValueError(f"tile {tile} gives a {self.output}-pixel output square, smaller than "
                              f"the {self.grid}-pixel pooling grid it must step along; use a tile "
                              f"of at least {bigger}")

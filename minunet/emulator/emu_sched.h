@@ -125,8 +125,8 @@ EMU_NOSAN static void start_fiber(Worker& w, int t) {
     f.sp = sp;
 #else
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = top - kStackBytes;
-    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_stack.ss_sp = top - (kStackBytes - (size_t)(t % 64) * 64);   // above the guard page
+    f.context.uc_stack.ss_size = kStackBytes - (size_t)(t % 64) * 64;
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_body, 0);
 #endif

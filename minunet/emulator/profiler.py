@@ -202,9 +202,11 @@ def format_profile(report: ProfileReport) -> str:
     lines = [f"Emulator counts, and times PREDICTED for {g.name} ({g.arch}) by a roofline model "
              f"(FP32 {g.fp32_flops / 1e12:.1f} TFLOP/s, TF32 tensor {g.tf32_flops / 1e12:.0f} TFLOP/s, "
              f"DRAM {g.dram_bandwidth / 1e12:.2f} TB/s): not measurements.",
-             "sect/req: 32-byte sectors per global request (4 = coalesced floats); wf/req: shared-memory "
-             "wavefronts per request (1 = no bank conflicts); DRAM: distinct sectors read + written."]
-    header = (f"{'kernel':<30} {'launch':>6} {'blocks':>7} {'thr':>5} {'ld req':>9} {'sect/req':>8} {'st req':>9} "
+             "thr: threads per block (of the last launch); sect/req: 32-byte sectors per global request "
+             "(4 = coalesced floats); wf/req: shared-memory wavefronts per request (1 = no bank conflicts); "
+             "DRAM: distinct sectors read + written."]
+    width = max([30] + [len(r.kernel) for r in report.rows])   # whole kernel names, never cut
+    header = (f"{'kernel':<{width}} {'launch':>6} {'blocks':>7} {'thr':>5} {'ld req':>9} {'sect/req':>8} {'st req':>9} "
               f"{'sect/req':>8} {'sm ld wf/req':>12} {'sm st wf/req':>12} {'DRAM MB':>8} {'GFLOP':>7} {'regs':>5} "
               f"{'smem B':>7} {'occup.':>6} {'predicted us':>12} {'bound':>7}")
     lines += [header, "-" * len(header)]
@@ -212,7 +214,7 @@ def format_profile(report: ProfileReport) -> str:
         c = r.counts
         flops = r.total_flops if (r.flops is not None or r.tensor_flops) else None
         lines.append(
-            f"{r.kernel[:30]:<30} {r.launches:>6} {r.blocks:>7} {r.threads_per_block:>5} "
+            f"{r.kernel:<{width}} {r.launches:>6} {r.blocks:>7} {r.threads_per_block:>5} "
             f"{c['global_load_requests']:>9.0f} {_fmt(r.sectors_per_load, '>8.2f'):>8} "
             f"{c['global_store_requests']:>9.0f} {_fmt(r.sectors_per_store, '>8.2f'):>8} "
             f"{_fmt(r.wavefronts_per_shared_load, '>12.2f'):>12} {_fmt(r.wavefronts_per_shared_store, '>12.2f'):>12} "
@@ -223,7 +225,7 @@ def format_profile(report: ProfileReport) -> str:
             f"{_fmt(None if r.predicted_seconds is None else r.predicted_seconds * 1e6, '>12.2f'):>12} {r.bound:>7}")
     total = report.total_predicted_seconds
     if total is not None:
-        lines.append(f"{'total (predicted)':<30} {'':>6} {'':>7} {'':>5} {'':>9} {'':>8} {'':>9} {'':>8} {'':>12} "
+        lines.append(f"{'total (predicted)':<{width}} {'':>6} {'':>7} {'':>5} {'':>9} {'':>8} {'':>9} {'':>8} {'':>12} "
                      f"{'':>12} {sum(r.dram_bytes for r in report.rows) / 1e6:>8.3f} {'':>7} {'':>5} {'':>7} "
                      f"{'':>6} {total * 1e6:>12.2f}")
     if any(r.resources is None for r in report.rows):

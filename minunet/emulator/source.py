@@ -245,21 +245,28 @@ def rewrite_extern_shared(code: str) -> str:
     return "".join(pieces)
 
 
-_PRAGMA_UNROLL = re.compile(r"^([ \t]*)#[ \t]*pragma[ \t]+unroll\b[ \t]*\(?[ \t]*(\d*)[ \t]*\)?[ \t]*$", re.M)
+# `#pragma unroll`, `#pragma unroll 4`, `#pragma unroll(4)`, `#pragma unroll CO_PER_BLOCK`: the
+# directive (group 2) and its count (group 3), on a line of its own (comments already blanked).
+_PRAGMA_UNROLL = re.compile(
+    r"^([ \t]*)(#[ \t]*pragma[ \t]+unroll\b(?:[ \t]*\(?[ \t]*([A-Za-z_]\w*|\d+)(?:[ \t]*\))?)?)(?=[ \t]*\r?$)", re.M)
 
 
 def rewrite_pragma_unroll(code: str) -> str:
-    """``#pragma unroll`` (CUDA: unroll completely) and ``#pragma unroll N`` -> ``EMU_UNROLL(64)``
-    and ``EMU_UNROLL(N)`` on the same line. GCC ignores CUDA's pragma; in fast mode the macro is
-    GCC's own ``#pragma GCC unroll`` (cuda_emu.h), so a loop the kernel author unrolled to keep
-    its accumulators in registers does so on the CPU too (64: more than any constant trip count
-    the pragma is meant for). Checked mode leaves loops as they are."""
+    """``#pragma unroll`` (CUDA: unroll completely) and ``#pragma unroll N`` (a number or a macro)
+    -> ``EMU_UNROLL(64)`` and ``EMU_UNROLL(N)`` in place; the rest of the line (a comment, even
+    one that continues on the next lines) and the line count stay. GCC ignores CUDA's pragma; in
+    fast mode the macro is GCC's own ``#pragma GCC unroll N`` (cuda_emu.h), so a loop the kernel
+    author unrolled to keep its accumulators in registers does so on the CPU too (64: more than
+    any constant trip count the pragma is meant for; unlike nvcc, GCC then also unrolls a loop
+    whose trip count is known only at run time, which costs compile time, not correctness).
+    Checked mode leaves loops as they are. Not rewritten (so not unrolled, still correct): a
+    pragma continued with a backslash, and ``_Pragma("unroll")``."""
     clean = blank_comments_and_strings(code)
     pieces, last = [], 0
     for found in _PRAGMA_UNROLL.finditer(clean):
-        pieces.append(code[last:found.start()])
-        pieces.append(f"{found.group(1)}EMU_UNROLL({found.group(2) or 64})")
-        last = found.end()
+        pieces.append(code[last:found.start(2)])
+        pieces.append(f"EMU_UNROLL({found.group(3) or 64})")
+        last = found.end(2)
     pieces.append(code[last:])
     return "".join(pieces)
 

@@ -262,7 +262,8 @@ IMPLEMENTATIONS = {
     "conv1x1_forward": {"reference": reference_forward, "cpu": cpu_forward, "kernels": kernels_forward},
     "conv1x1_backward": {"reference": reference_backward, "cpu": cpu_backward, "kernels": kernels_backward},
 }
-TEST_CASES = [(1, 1, 1, 1, 1), (2, 10, 5, 7, 3), (3, 17, 4, 9, 2)]   # (N, Ci, H, W, Co)
+# (N, Ci, H, W, Co); the last has 150 pixels per image, more than the grad-weight block's 128 threads
+TEST_CASES = [(1, 1, 1, 1, 1), (2, 10, 5, 7, 3), (3, 17, 4, 9, 2), (2, 3, 3, 50, 2)]
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 

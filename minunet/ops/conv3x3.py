@@ -544,9 +544,11 @@ IMPLEMENTATIONS = {
 
 # (N, Ci, H, W, Co): the smallest input; odd sizes; Ci > 8 and Co > 8 (two channel chunks/groups,
 # the second partly empty); an output 16 rows tall and 33 wide (exactly one tile row, two tile
-# columns); an output taller than one tile; 3 x 3 tiles and 3 channel chunks/groups per image.
+# columns); an output taller than one tile; 3 x 3 tiles and 3 channel chunks/groups per image;
+# rows of 131 outputs, wider than the weight-gradient block's 128 threads (its pixel stepping
+# then moves by whole rows less often than by columns).
 TEST_CASES = [(1, 1, 3, 3, 1), (2, 3, 9, 11, 5), (1, 9, 18, 35, 10), (3, 2, 20, 7, 3),
-              (2, 17, 37, 70, 17)]
+              (2, 17, 37, 70, 17), (2, 3, 5, 133, 2)]
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # sums of <= ~1000 float32 products of N(0, 1) values
 
 

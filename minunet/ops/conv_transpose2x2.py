@@ -188,8 +188,9 @@ IMPLEMENTATIONS = {
     "conv_transpose2x2_forward": {"reference": reference_forward, "cpu": cpu_forward, "kernels": kernels_forward},
     "conv_transpose2x2_backward": {"reference": reference_backward, "cpu": cpu_backward, "kernels": kernels_backward},
 }
-# (N, Ci, H, W, Co): a single pixel; odd sizes; Co not a multiple of the grad-weight block's 8
-TEST_CASES = [(1, 1, 1, 1, 1), (2, 6, 5, 7, 9), (3, 10, 4, 3, 17), (2, 3, 6, 5, 2)]
+# (N, Ci, H, W, Co): a single pixel; odd sizes; Co not a multiple of the grad-weight block's 8;
+# 135 input pixels per image, more than the grad-weight block's 128 threads
+TEST_CASES = [(1, 1, 1, 1, 1), (2, 6, 5, 7, 9), (3, 10, 4, 3, 17), (2, 3, 6, 5, 2), (2, 2, 3, 45, 3)]
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
