@@ -499,7 +499,7 @@ print(function_source("reduce", "sum_scaled", comment=False))
 # In words, for a block of 256 threads:
 #
 # 1. **Grid-stride loop.** Thread `t` of block `b` adds up elements `b*256 + t`, then that
-#    plus `gridDim.x * 256` (the number of threads in the whole grid), and so on: however
+#    plus `gridDim.x * blockDim.x` (the number of threads in the whole grid), and so on: however
 #    many elements there are, each one is read by exactly one thread, and neighbouring
 #    threads read neighbouring elements.
 # 2. `block_sum`: the 256 partial sums go into `s_sum`, an array in **shared memory**: fast
@@ -598,7 +598,9 @@ print(f"{'exact (float64)':17s}: {values.astype(np.float64).sum():.3f}")
 # The convolutions' bias gradients need the same kind of sum — over all images and pixels of
 # one channel — and `channel_sum` in `kernels/reduce.cu` ends in the same `block_sum`, with one
 # block per channel (`blockIdx.x` is the channel) and a strided loop over that channel's $N P$
-# values; one pass suffices there, since each channel's sum is one block's result:
+# values; one pass suffices there, since each channel's sum is one block's result. Its block
+# has 32 to 256 threads, as few as leave each thread at most 8 values (`block_sum` works for
+# any power of two up to 256), and each thread steps its (image, pixel) index by additions:
 
 # %%
 print(function_source("reduce", "channel_sum", comment=False))
