@@ -155,10 +155,11 @@ def resource_report(arch: str = "sm_90") -> list[KernelResources]:
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = f"{'file':<22} {'kernel':<32} {'regs':>5} {'smem B':>7} {'spill st':>8} {'spill ld':>8} {'stack':>6}"
+    width = max([32] + [len(r.kernel) for r in rows])   # the column fits the longest kernel name
+    header = f"{'file':<22} {'kernel':<{width}} {'regs':>5} {'smem B':>7} {'spill st':>8} {'spill ld':>8} {'stack':>6}"
     lines = [header, "-" * len(header)]
     for r in sorted(rows, key=lambda r: (r.file, r.kernel)):
-        lines.append(f"{r.file:<22} {r.kernel:<32} {r.registers:>5} {r.shared_bytes:>7} "
+        lines.append(f"{r.file:<22} {r.kernel:<{width}} {r.registers:>5} {r.shared_bytes:>7} "
                      f"{r.spill_stores:>8} {r.spill_loads:>8} {r.stack_bytes:>6}")
     return "\n".join(lines)
 
