@@ -12,7 +12,7 @@
 //   grad input    gx[n,ci,i,j]  = sum_{co,ky,kx} gy[n,co,i-ky,j-kx] * w[co,ci,ky,kx]
 //                               (terms whose gy index falls outside the output are 0)
 //   grad weight   gw[co,ci,ky,kx] = sum_{n,i,j} gy[n,co,i,j] * x[n,ci,i+ky,j+kx]
-//   grad bias     gb[co] = sum_{n,i,j} gy[n,co,i,j]   (reduce.cu: channel_sum)
+//   grad bias     gb[co] = sum_{n,i,j} gy[n,co,i,j]   (fused into the weight-gradient kernels)
 //
 // Kernels in this file
 //   conv3x3_forward_naive      v1: one thread per output element, everything read from global
@@ -29,14 +29,15 @@
 //                              gathers its own sums, so no two threads write the same element and
 //                              no atomics are needed.
 //   conv3x3_grad_weight        one block per (co, group of 4 input channels) and slice of the
-//                              pixels; each thread accumulates 4*9 partial sums over a strided
-//                              subset of pixels, then the block adds them up with a tree
+//                              pixels; each thread accumulates 4*9 partial sums (and the bias's)
+//                              over a strided subset of pixels, then the block adds them up with a tree
 //                              reduction in shared memory. Slices (blockIdx.y) write separate
 //                              partial results that reduce.cu's sum_partials adds in a fixed
 //                              order, so the result does not depend on the thread schedule.
-//   conv3x3_grad_weight_serial one thread per weight, adding its products over all pixels in a
-//                              loop: no shared memory, no barriers. For the deep, small layers,
-//                              where there are more weights than pixels (the launcher picks it).
+//   conv3x3_grad_weight_serial one thread per weight (and per bias), adding its products over
+//                              all pixels in a loop: no shared memory, no barriers. For the deep,
+//                              small layers, where weights outnumber pixels (the launcher picks it).
+//   Both weight-gradient kernels also compute the bias gradient (fused: the same pass over gy).
 //
 // Index arithmetic is 32-bit: the Python launcher refuses arrays of 2^31 or more elements.
 
@@ -259,19 +260,25 @@ conv3x3_grad_input_tiled(const float* __restrict__ gy, const float* __restrict__
 // of a channel overlap those of the neighbouring pixel and come from cache). Neighbouring threads
 // take neighbouring pixels, so all loads are coalesced.
 //
-// Then the block sums its 128 partial results per weight with a tree: in step k, thread t < s
-// adds the value of thread t + s (s = 64, 32, ..., 1), all 36 weights at once; a barrier after
-// each step makes the additions of one step visible to the next. 36 * 128 floats = 18 KiB.
+// The bias gradient rides along (a fused kernel): gb[co] is the sum of the same gy values, so
+// each thread also adds up its g's, one add per pixel beside 36 multiply-adds, and the blocks of
+// the first channel group write it. That saves a separate launch that would read all of gy again.
 //
-// out = partial[slice][co][ci][ky][kx]; with one slice the launcher passes gw itself.
+// Then the block sums its 128 partial results per weight (and the bias) with a tree: in step k,
+// thread t < s adds the value of thread t + s (s = 64, 32, ..., 1), all 37 sums at once; a
+// barrier after each step makes the additions of one step visible to the next. 37 * 128 floats
+// = 18.5 KiB.
+//
+// out = partial[slice][co][ci][ky][kx], out_bias = partial[slice][co]; with one slice the
+// launcher passes gw and gb themselves.
 // ---------------------------------------------------------------------------------------------
 #define GW_THREADS 128
 #define GW_CI 4
 
 extern "C" __global__ void __launch_bounds__(GW_THREADS)
 conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
-                    int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
-    __shared__ float s_sum[GW_CI * 9][GW_THREADS];
+                    float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
+    __shared__ float s_sum[GW_CI * 9 + 1][GW_THREADS];   // 36 weights, then the bias
     const int Ho = H - 2, Wo = W - 2;
     const int groups = (Ci + GW_CI - 1) / GW_CI;
     const int co = blockIdx.x / groups;
@@ -286,6 +293,7 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
     for (int c = 0; c < GW_CI; ++c)
 #pragma unroll
         for (int k = 0; k < 9; ++k) acc[c][k] = 0.0f;
+    float bias = 0.0f;
 
     // Pixel p = start + t as (n, i, j), found by division once; each step of GW_THREADS pixels
     // then adds di rows and dj columns and carries, instead of dividing at every pixel (an
@@ -294,6 +302,7 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
     int j = (start + t) % Wo, i = ((start + t) / Wo) % Ho, n = (start + t) / (Wo * Ho);
     for (int p = start + t; p < stop; p += GW_THREADS) {
         const float g = gy[((n * Co + co) * Ho + i) * Wo + j];
+        bias += g;
 #pragma unroll
         for (int c = 0; c < GW_CI; ++c) {
             if (ci0 + c >= Ci) break;  // the last group may have fewer channels (no barrier inside)
@@ -311,20 +320,25 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
 
 #pragma unroll
     for (int v = 0; v < GW_CI * 9; ++v) s_sum[v][t] = acc[v / 9][v % 9];
+    s_sum[GW_CI * 9][t] = bias;
     __syncthreads();
     for (int stride = GW_THREADS / 2; stride > 0; stride /= 2) {
         if (t < stride)
-            for (int v = 0; v < GW_CI * 9; ++v) s_sum[v][t] += s_sum[v][t + stride];
+            for (int v = 0; v <= GW_CI * 9; ++v) s_sum[v][t] += s_sum[v][t + stride];
         __syncthreads();  // outside the `if`: every thread of the block reaches every barrier
     }
-    // threads 0..35 write one weight each: v = c*9 + k -> out[slice][co][ci0+c][k]
+    // threads 0..35 write one weight each: v = c*9 + k -> out[slice][co][ci0+c][k]; thread 36 of
+    // the first channel group's block writes the bias (every group summed it: one writes)
     if (t < GW_CI * 9 && ci0 + t / 9 < Ci)
         out[(blockIdx.y * Co + co) * Ci * 9 + (ci0 + t / 9) * 9 + t % 9] = s_sum[t][0];
+    if (t == GW_CI * 9 && ci0 == 0)
+        out_bias[blockIdx.y * Co + co] = s_sum[GW_CI * 9][0];
 }
 
 // ---------------------------------------------------------------------------------------------
 // Serial weight gradient: one thread per weight m = ((co * Ci + ci) * 9 + ky * 3 + kx), adding
-// gy[n,co,i,j] * x[n,ci,i+ky,j+kx] over every pixel in a loop (the order is fixed: n, i, j).
+// gy[n,co,i,j] * x[n,ci,i+ky,j+kx] over every pixel in a loop (the order is fixed: n, i, j),
+// and Co more threads, m = Co*Ci*9 + co, for the bias gradient gb[co] (the same loop over gy).
 //
 // When it pays: the two sides of the reduction are Co*Ci*9 weights and N*Ho*Wo pixels, and a
 // kernel should spread its threads over the larger one. In U-Net's deepest layers (128 x 128
@@ -341,12 +355,28 @@ conv3x3_grad_weight(const float* __restrict__ x, const float* __restrict__ gy, f
 // to the next (cached).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ x, const float* __restrict__ gy,
-                                                      float* __restrict__ gw, int N, int Ci, int H, int W, int Co) {
+                                                      float* __restrict__ gw, float* __restrict__ gb,
+                                                      int N, int Ci, int H, int W, int Co) {
     const int m = blockIdx.x * blockDim.x + threadIdx.x;
-    if (m >= Co * Ci * 9) return;
+    const int weights = Co * Ci * 9;
+    const int Ho = H - 2, Wo = W - 2;
+    if (m >= weights + Co) return;
+    if (m >= weights) {   // a bias thread: the rows of gy[., co] without the x factor
+        const int co = m - weights;
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n) {
+            const float* gp = gy + (n * Co + co) * Ho * Wo;
+            for (int i = 0; i < Ho; ++i) {
+                float row = 0.0f;
+                for (int j = 0; j < Wo; ++j) row += gp[i * Wo + j];
+                acc += row;
+            }
+        }
+        gb[co] = acc;
+        return;
+    }
     const int k = m % 9, ci = (m / 9) % Ci, co = m / (9 * Ci);
     const int ky = k / 3, kx = k % 3;
-    const int Ho = H - 2, Wo = W - 2;
     // Each output row is summed on its own and then added to the total: float32 rounding error
     // grows with the number of additions into one running sum, and this way no sum has more than
     // max(Wo, N*Ho) terms instead of N*Ho*Wo (the tree kernel gets the same effect from its tree).

@@ -328,7 +328,7 @@ def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin:
 
 
 # ---- what makes each kernel fast: the emulator's counters and a predicted time ----------------------
-REDUCTION_KERNELS = ("channel_sum", "sum_partials", "sum_scaled")
+REDUCTION_KERNELS = ("sum_partials", "sum_scaled")
 
 
 def profile_kernels(base: int, tile: int, batch: int, gpu: str, sample_blocks: int = 4) -> list[dict]:

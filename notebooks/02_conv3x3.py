@@ -537,9 +537,11 @@ print("gb == gy summed over n, i, j:", np.allclose(gb_ref, gy.sum(axis=(0, 2, 3)
 #   order, so the result is deterministic.) In the deep layers, where weights outnumber pixels
 #   (128 x 128 x 9 weights, 4 x 4 pixels), the default `reduction="auto"` runs
 #   `conv3x3_grad_weight_serial` instead: one thread per weight, a loop over the pixels.
-# * **Bias gradient**: `channel_sum` in `kernels/reduce.cu`: one block per channel, each
-#   thread sums a strided share of the channel's pixels, then `block_sum` — the one tree
-#   reduction in shared memory that all ops share — adds the block's partial sums.
+# * **Bias gradient**: $g_b[c_o]$ is the sum of the same $g_y$ values the weight gradient
+#   reads, so both weight-gradient kernels compute it on the way (a *fused* kernel): each
+#   thread also adds up its $g$'s, and the tree adds those partial sums with the weights'
+#   (one more row of `s_sum`; the blocks of the first channel group write it). One pass over
+#   $g_y$ and one launch instead of two.
 
 # %%
 print(function_source("conv3x3", "conv3x3_grad_input_naive"))

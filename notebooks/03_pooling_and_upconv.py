@@ -499,12 +499,13 @@ print(f"{steps} steps; tree sum {s[0]:.12f} vs np.sum {partial.sum():.12f}")
 # the shared `KernelBackend.grad_weight`) also splits the pixels into *slices*, `blockIdx.y`;
 # every slice writes its own partial weights and a second kernel, `sum_partials` in
 # `kernels/reduce.cu`, adds the slices in a fixed order. Fixed order means the result is
-# deterministic, unlike `atomicAdd`. The bias gradient is `channel_sum` of the same file: one
-# block per channel, ending in `block_sum`, the tree reduction in shared memory that all ops
-# share. (In U-Net's deepest layers, 128 x 64 x 4 weights but 4 x 4 pixels, a block of 128
-# threads would find almost no pixels to add: there the default `reduction="auto"` runs
-# `conv_transpose2x2_grad_weight_serial`, one thread per weight, and `channel_sum_serial`.
-# `reduction="tree"` below keeps the tree kernels.)
+# deterministic, unlike `atomicAdd`. The bias gradient comes from the same kernel: each thread
+# also adds the 4 $g_y$ values it loads for a channel to that channel's bias sum (`bias[d]`),
+# and the blocks of $c_i = 0$ write it, so $g_y$ is read once for both gradients. (In U-Net's
+# deepest layers, 128 x 64 x 4 weights but 4 x 4 pixels, a block of 128 threads would find
+# almost no pixels to add: there the default `reduction="auto"` runs
+# `conv_transpose2x2_grad_weight_serial`, one thread per weight and per bias. `reduction="tree"`
+# below keeps the tree kernel.)
 #
 # ### Up-convolution on `emu` vs the NumPy reference
 #

@@ -483,10 +483,9 @@ print("loss of pixel 0:", loss_pixel[0], "| its gradient:", grad[0, :, 0, 0], "|
 #
 # The loss is the mean of the $NP$ per-pixel values. Adding them up is a **reduction**, and
 # on a GPU it has to be shared among threads too. It is done by `sum_scaled` in
-# `kernels/reduce.cu`, the file of the sums every op shares: a loop over the block's share of
-# the values, then `block_sum`, the classic shared-memory **tree reduction** — one
-# `__device__` function, which `channel_sum` (the bias gradients of the convolutions) uses
-# too:
+# `kernels/reduce.cu`, the file of the sums several ops share: a loop over the block's share of
+# the values, then `block_sum`, the classic shared-memory **tree reduction**, a `__device__`
+# function:
 
 # %%
 print("#define REDUCE_THREADS 256\n")
@@ -596,14 +595,9 @@ print(f"{'exact (float64)':17s}: {values.astype(np.float64).sum():.3f}")
 # wrote reads as NaN instead of a plausible stale value.
 #
 # The convolutions' bias gradients need the same kind of sum — over all images and pixels of
-# one channel — and `channel_sum` in `kernels/reduce.cu` ends in the same `block_sum`, with one
-# block per channel (`blockIdx.x` is the channel) and a strided loop over that channel's $N P$
-# values; one pass suffices there, since each channel's sum is one block's result. Its block
-# has 32 to 256 threads, as few as leave each thread at most 8 values (`block_sum` works for
-# any power of two up to 256), and each thread steps its (image, pixel) index by additions:
-
-# %%
-print(function_source("reduce", "channel_sum", comment=False))
+# one channel — but they need no kernel of their own: the weight-gradient kernels read the same
+# output gradient and add it up on the way, with the same tree in shared memory (notebooks 2
+# and 3).
 
 
 # %% [markdown]

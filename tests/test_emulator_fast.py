@@ -73,8 +73,8 @@ def test_atomics_from_parallel_blocks(two_workers, rng):
 
 
 def test_real_kernels_agree_with_checked_mode(two_workers, rng):
-    """The tiled 3x3 convolution (barriers, shared memory) and its weight gradient (a shared-memory
-    tree reduction): fast and checked builds compute the same floats."""
+    """The tiled 3x3 convolution (barriers, shared memory) and its weight and bias gradient (a
+    shared-memory tree reduction): fast and checked builds compute the same floats."""
     source = kernel_source("conv3x3")
     n, ci, co, h, w = 2, 3, 9, 21, 37
     x = rng.standard_normal((n, ci, h, w)).astype(np.float32)
@@ -89,11 +89,16 @@ def test_real_kernels_agree_with_checked_mode(two_workers, rng):
         mod.get_function("conv3x3_forward_tiled")(grid, (32, 8), (x, wt, b, y, *(np.int32(v) for v in (n, ci, h, w, co))))
         pixels = n * (h - 2) * (w - 2)
         gw = np.full((2, co * ci * 9), np.nan, np.float32)
-        mod.get_function("conv3x3_grad_weight")((co * -(-ci // 4), 2), 128, (x, gy, gw, *(np.int32(v) for v in (n, ci, h, w, co)),
-                                                                            np.int32(-(-pixels // 2))))
-        results[mode] = (y, gw)
+        gb = np.full((2, co), np.nan, np.float32)
+        mod.get_function("conv3x3_grad_weight")((co * -(-ci // 4), 2), 128,
+                                                (x, gy, gw, gb, *(np.int32(v) for v in (n, ci, h, w, co)),
+                                                 np.int32(-(-pixels // 2))))
+        results[mode] = (y, gw, gb)
     assert np.array_equal(results["fast"][0], results["checked"][0])
     assert_close(results["fast"][1], results["checked"][1], rtol=1e-5, atol=1e-5, what="grad weight partials")
+    assert_close(results["fast"][2], results["checked"][2], rtol=1e-5, atol=1e-5, what="grad bias partials")
+    assert_close(results["fast"][2].sum(axis=0), gy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4,
+                 what="grad bias vs NumPy")
     windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), (3, 3), axis=(2, 3))  # n c i j ky kx
     y_ref = np.einsum("ncijkl,ockl->noij", windows, wt) + b[None, :, None, None]
     assert_close(results["fast"][0], y_ref, rtol=1e-4, atol=1e-4, what="forward vs NumPy")

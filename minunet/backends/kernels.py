@@ -14,8 +14,8 @@ What this file does, and no op repeats:
 - converts arguments (C-contiguous float32 arrays of this device) and allocates outputs; on
   ``emu`` a fresh output is filled with NaN (0xFF bytes for integer outputs), so a kernel that
   forgets to write part of its output fails its test instead of passing on leftover memory;
-- the sums several ops share (``kernels/reduce.cu``): bias gradients, the split weight-gradient
-  reductions, and means.
+- the weight and bias gradients of the convolutions (their kernels, serial or tree, and the
+  split tree reductions' partial sums, added by ``kernels/reduce.cu``), and means.
 
 Two choices of kernel, each made per launch from the shapes unless a version is forced:
 
@@ -51,9 +51,7 @@ REDUCTIONS = ("auto", "tree", "serial")
 THREADS = 256
 INT_MAX = 2**31 - 1             # the kernels index with 32-bit int
 MAX_GRID_YZ = 65535             # CUDA's limit on gridDim.y and gridDim.z
-_REDUCE = cu_defines("reduce")
-REDUCE_THREADS = _REDUCE["REDUCE_THREADS"]                      # the largest block of reduce.cu's block_sum
-REDUCE_VALUES_PER_THREAD = _REDUCE["REDUCE_VALUES_PER_THREAD"]  # channel_sum: its block is sized to this
+REDUCE_THREADS = cu_defines("reduce")["REDUCE_THREADS"]   # the block of reduce.cu's sum_scaled
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
 SERIAL_SHORT_LOOP = 64          # "auto" reductions: a serial thread per output when its loop is this short,
 SERIAL_MIN_THREADS = 4096       # ... or when there are this many outputs (16 blocks of 256 threads)
@@ -86,16 +84,6 @@ def check_size(shape, what: str) -> None:
     if size > INT_MAX:
         raise ValueError(f"{what} would have {size} elements; the kernels use 32-bit indices "
                          f"(at most {INT_MAX}): use a smaller batch or tile")
-
-
-def reduce_block(values: int) -> int:
-    """Threads of a block that sums ``values`` numbers with reduce.cu's block_sum: the smallest
-    power of two from one warp (32) to REDUCE_THREADS that leaves each thread at most
-    REDUCE_VALUES_PER_THREAD values, so a small sum does not start threads that add nothing."""
-    threads = 32
-    while threads < REDUCE_THREADS and threads * REDUCE_VALUES_PER_THREAD < values:
-        threads *= 2
-    return threads
 
 
 def _choice(value: str | None, variable: str | None, allowed: tuple[str, ...], what: str) -> str:
@@ -255,21 +243,6 @@ class KernelBackend:
         return self.xp.empty(shape, dtype=dtype)
 
     # ---- the shared sums (kernels/reduce.cu) ------------------------------------------------
-    def channel_sum(self, g):
-        """gb[c] = sum over n and pixels of g[n, c, ...]: the bias gradient (a block per channel,
-        or a thread per channel when there are at least as many channels as values to add)."""
-        n, c = g.shape[:2]
-        pixels = int(np.prod(g.shape[2:]))
-        out = self.xp.zeros(c, dtype=self.xp.float32)
-        args = (g, out, np.int32(n), np.int32(c), np.int32(pixels))
-        if n * pixels == 0:
-            pass
-        elif self.serial_reduction(c, n * pixels):
-            self.launch_elementwise("reduce", "channel_sum_serial", c, args)
-        else:
-            self.launch("reduce", "channel_sum", (c,), (reduce_block(n * pixels),), args)
-        return out
-
     def mean(self, values, count: int):
         """sum(values) / count as a 0-d device array: one partial sum per block, then one block
         adds the partials (two passes, a fixed order: deterministic)."""
@@ -285,31 +258,41 @@ class KernelBackend:
         return out.reshape(())
 
     def grad_weight(self, file: str, kernel: str, threads: int, blocks: int, pixels: int, shape,
-                    arrays, ints):
-        """A weight gradient: a sum over ``pixels`` terms for each weight of ``shape``.
+                    channels: int, arrays, ints):
+        """The weight and bias gradients of a convolution, ``(gw, gb)``: for each weight of
+        ``shape`` and for each of the ``channels`` output channels, a sum over ``pixels`` terms.
+        The weight-gradient kernels compute the bias gradient too (the sum of the same gy values:
+        one pass over gy, one launch).
 
-        Serial (see ``serial_reduction``): ``<kernel>_serial`` (arguments: arrays, out, ints), one
-        thread per weight. Tree: ``kernel`` (arguments: arrays, out, ints, pixels_per_slice), with
-        the pixels split into slices when there are too few blocks to fill a GPU; each slice
-        writes its own partial result and reduce.cu's sum_partials adds them in a fixed order, so
-        the result is deterministic (no atomics)."""
+        Serial (see ``serial_reduction``): ``<kernel>_serial`` (arguments: arrays, gw, gb, ints),
+        one thread per weight and per bias. Tree: ``kernel`` (arguments: arrays, gw, gb, ints,
+        pixels_per_slice), with the pixels split into slices when there are too few blocks to fill
+        a GPU; each slice writes its own partial results and reduce.cu's sum_partials adds them in
+        a fixed order, so the result is deterministic (no atomics)."""
         xp = self.xp
         if pixels == 0:
-            return xp.zeros(shape, dtype=xp.float32)
+            return xp.zeros(shape, dtype=xp.float32), xp.zeros(channels, dtype=xp.float32)
         size = int(np.prod(shape))
         if self.serial_reduction(size, pixels):
-            out = self.empty(shape)
-            self.launch_elementwise(file, f"{kernel}_serial", size, (*arrays, out, *int32s(*ints)))
-            return out
+            gw, gb = self.empty(shape), self.empty((channels,))
+            self.launch_elementwise(file, f"{kernel}_serial", size + channels, (*arrays, gw, gb, *int32s(*ints)))
+            return gw, gb
         slices = max(1, min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, self.min_pixels_per_slice)))
         per_slice = ceil_div(pixels, slices)
         slices = ceil_div(pixels, per_slice)
-        out = self.empty(shape) if slices == 1 else self.empty((slices, size))
-        self.launch(file, kernel, (blocks, slices), (threads,),
-                    (*arrays, out, *int32s(*ints), np.int32(per_slice)))
         if slices == 1:
-            return out
+            gw, gb = self.empty(shape), self.empty((channels,))
+        else:
+            gw, gb = self.empty((slices, size)), self.empty((slices, channels))
+        self.launch(file, kernel, (blocks, slices), (threads,), (*arrays, gw, gb, *int32s(*ints), np.int32(per_slice)))
+        if slices == 1:
+            return gw, gb
+        return self._sum_slices(gw, shape), self._sum_slices(gb, (channels,))
+
+    def _sum_slices(self, partial, shape):
+        """sum over the first axis of ``partial`` (slices, M), in slice order (reduce.cu's sum_partials)."""
+        slices, size = partial.shape
         total = self.empty(shape)
         self.launch("reduce", "sum_partials", (ceil_div(size, THREADS),), (THREADS,),
-                    (out, total, np.int32(slices), np.int32(size)))
+                    (partial, total, np.int32(slices), np.int32(size)))
         return total

@@ -251,10 +251,9 @@ def kernels_backward(k, x, w, gy, with_bias=True):
             f"conv1x1 gy has shape {tuple(gy.shape)}; expected {(n, co) + x.shape[2:]}")
     gx = k.empty(x.shape)
     k.launch_elementwise(KERNEL_FILE, "conv1x1_grad_input", gx.size, (gy, w, gx, *int32s(n, ci, p, co)))
-    gw = k.grad_weight(KERNEL_FILE, "conv1x1_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
-                       n * p, w.shape, (x, gy), (n, ci, p, co))
-    gb = k.channel_sum(gy) if with_bias else None
-    return gx, gw, gb
+    gw, gb = k.grad_weight(KERNEL_FILE, "conv1x1_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
+                           n * p, w.shape, co, (x, gy), (n, ci, p, co))
+    return gx, gw, gb if with_bias else None
 
 
 # ---- registry entry ------------------------------------------------------------------------------

@@ -528,10 +528,9 @@ def kernels_backward(k, x, w, gy, with_bias=True):
                  (gy, w, gx, *dims))
     else:
         k.launch_elementwise(KERNEL_FILE, "conv3x3_grad_input_naive", gx.size, (gy, w, gx, *dims))
-    gw = k.grad_weight(KERNEL_FILE, "conv3x3_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
-                       n * (h - 2) * (wd - 2), w.shape, (x, gy), (n, ci, h, wd, co))
-    gb = k.channel_sum(gy) if with_bias else None
-    return gx, gw, gb
+    gw, gb = k.grad_weight(KERNEL_FILE, "conv3x3_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
+                           n * (h - 2) * (wd - 2), w.shape, co, (x, gy), (n, ci, h, wd, co))
+    return gx, gw, gb if with_bias else None
 
 
 # ---- registry entry: implementations, test and benchmark cases ----------------------------------

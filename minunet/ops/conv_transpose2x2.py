@@ -177,10 +177,9 @@ def kernels_backward(k, x, w, gy, with_bias=True):
     dims = (n, ci, h, wd, co)
     gx = k.empty(x.shape)
     k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_grad_input", gx.size, (gy, w, gx, *int32s(*dims)))
-    gw = k.grad_weight(KERNEL_FILE, "conv_transpose2x2_grad_weight", GW_THREADS,
-                       ci * ceil_div(co, GW_CO), n * h * wd, w.shape, (x, gy), dims)
-    gb = k.channel_sum(gy) if with_bias else None
-    return gx, gw, gb
+    gw, gb = k.grad_weight(KERNEL_FILE, "conv_transpose2x2_grad_weight", GW_THREADS,
+                           ci * ceil_div(co, GW_CO), n * h * wd, w.shape, co, (x, gy), dims)
+    return gx, gw, gb if with_bias else None
 
 
 # ---- registry entry ------------------------------------------------------------------------------
