@@ -266,38 +266,29 @@ def test_bad_shapes_raise_one_line_value_errors(rng):
         backend.sgd_step(x.astype(np.float64), x, x.copy(), 0.1, 0.9)
 
 
-def test_conv3x3_version_from_argument_or_environment(monkeypatch):
-    monkeypatch.setenv("MINUNET_CONV3X3", "naive")
-    assert KernelBackend("emu").conv3x3_version == "naive"
-    assert KernelBackend("emu", conv3x3="tiled").conv3x3_version == "tiled"
-    monkeypatch.setenv("MINUNET_CONV3X3", "fast")
-    with pytest.raises(ValueError, match="MINUNET_CONV3X3"):
+@pytest.mark.parametrize("keyword,attribute,variable,versions", [
+    ("conv3x3", "conv3x3_version", "MINUNET_CONV3X3", ("auto", "naive", "tiled")),
+    ("reduction", "reduction", "MINUNET_REDUCTION", ("auto", "tree", "serial")),
+])
+def test_kernel_choices_from_argument_environment_or_attribute(monkeypatch, keyword, attribute, variable, versions):
+    """Each choice: "auto" by default, else the environment variable (read when the backend is
+    created), the constructor's argument over it, the attribute later; a bad value is a one-line
+    ValueError that names where it came from and the allowed values."""
+    monkeypatch.delenv(variable, raising=False)
+    assert getattr(KernelBackend("emu"), attribute) == "auto"
+    monkeypatch.setenv(variable, versions[1])
+    assert getattr(KernelBackend("emu"), attribute) == versions[1]
+    assert getattr(KernelBackend("emu", **{keyword: versions[2]}), attribute) == versions[2]
+    monkeypatch.setenv(variable, "fast")
+    with pytest.raises(ValueError, match=variable):
         KernelBackend("emu")
+    backend = KernelBackend("emu", **{keyword: versions[2]})
+    setattr(backend, attribute, versions[1])          # switching later, e.g. on get_backend("emu")
+    assert getattr(backend, attribute) == versions[1]
+    with pytest.raises(ValueError, match="use one of: " + ", ".join(versions)):
+        setattr(backend, attribute, "fast")
     with pytest.raises(ValueError, match="'cuda' or 'emu'"):
         KernelBackend("cpu")
-    backend = KernelBackend("emu", conv3x3="tiled")
-    backend.conv3x3_version = "naive"          # switching later, e.g. on get_backend("emu")
-    assert backend.conv3x3_version == "naive"
-    with pytest.raises(ValueError, match="use one of: auto, naive, tiled"):
-        backend.conv3x3_version = "fast"
-    monkeypatch.delenv("MINUNET_CONV3X3")
-    assert KernelBackend("emu").conv3x3_version == "auto"
-
-
-def test_reduction_from_argument_or_environment(monkeypatch):
-    monkeypatch.delenv("MINUNET_REDUCTION", raising=False)
-    assert KernelBackend("emu").reduction == "auto"
-    monkeypatch.setenv("MINUNET_REDUCTION", "serial")
-    assert KernelBackend("emu").reduction == "serial"
-    assert KernelBackend("emu", reduction="tree").reduction == "tree"
-    monkeypatch.setenv("MINUNET_REDUCTION", "atomic")
-    with pytest.raises(ValueError, match="MINUNET_REDUCTION"):
-        KernelBackend("emu")
-    backend = KernelBackend("emu", reduction="tree")
-    backend.reduction = "serial"
-    assert backend.reduction == "serial"
-    with pytest.raises(ValueError, match="use one of: auto, tree, serial"):
-        backend.reduction = "atomic"
 
 
 def _launched(backend, monkeypatch) -> list[str]:
