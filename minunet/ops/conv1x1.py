@@ -4,8 +4,8 @@ Python about it.
 
     y[n,co,p] = b[co] + sum_ci w[co,ci] * x[n,ci,p]     x (N,Ci,H,W), w (Co,Ci,1,1) -> (N,Co,H,W)
 
-This module holds the op and its autograd Function, the NumPy reference, the launcher of
-``kernels/conv1x1.cu``, and the registry entry.
+This module holds the op and its autograd Function, the NumPy reference, the fast CPU kernels
+(Numba), the launcher of ``kernels/conv1x1.cu``, and the registry entry.
 """
 from __future__ import annotations
 

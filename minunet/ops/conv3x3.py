@@ -4,9 +4,10 @@
     x (N,Ci,H,W), w (Co,Ci,3,3), b (Co,) -> y (N,Co,H-2,W-2)
 
 This module holds, in order: the differentiable op ``conv3x3`` (argument checks and its autograd
-Function), the NumPy reference forward and backward (the oracle), the launcher of the CUDA
-kernels in ``kernels/conv3x3.cu`` (naive and tiled versions, on ``cuda`` and ``emu``), and the
-registry entry (implementations, test and benchmark cases, napkin math).
+Function), the NumPy reference forward and backward (the oracle), the fast CPU kernels (Numba:
+device ``cpu``), the launcher of the CUDA kernels in ``kernels/conv3x3.cu`` (naive and tiled
+versions, chosen per shape; the weight and bias gradients serial or tree; on ``cuda`` and
+``emu``), and the registry entry (implementations, test and benchmark cases, napkin math).
 
 The reference's trick ("full-width im2col")
 --------------------------------------------

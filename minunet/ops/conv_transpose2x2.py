@@ -4,8 +4,8 @@ convolution that doubles the feature map and halves the channels. Everything Pyt
     y[n,co,2i+a,2j+b] = bias[co] + sum_ci x[n,ci,i,j] * w[ci,co,a,b]
     x (N,Ci,H,W), w (Ci,Co,2,2) as PyTorch, b (Co,) -> y (N,Co,2H,2W)
 
-This module holds the op and its autograd Function, the NumPy reference, the launcher of
-``kernels/conv_transpose2x2.cu``, and the registry entry.
+This module holds the op and its autograd Function, the NumPy reference, the fast CPU kernels
+(Numba), the launcher of ``kernels/conv_transpose2x2.cu``, and the registry entry.
 """
 from __future__ import annotations
 

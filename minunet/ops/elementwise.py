@@ -1,6 +1,7 @@
 """The elementwise ops: ReLU, inverted dropout, and the SGD-with-momentum update. Everything
-Python about them: the ops and their autograd Functions, the NumPy references, the launchers of
-``kernels/elementwise.cu`` (one thread per element), and the registry entry.
+Python about them: the ops and their autograd Functions, the NumPy references, the fast CPU
+kernels (Numba), the launchers of ``kernels/elementwise.cu`` (one thread per element), and the
+registry entry.
 
 - ReLU (paper Section 2: every 3x3 convolution is "followed by a rectified linear unit").
 - Dropout (Section 3.1: "drop-out layers at the end of the contracting path"), inverted: kept

@@ -5,8 +5,8 @@
 The forward also returns ``argmax`` (uint8, dy*2+dx of the winning pixel in its window: first in
 row-major order on ties, a NaN beats every number, the first NaN among NaNs), and the backward
 routes each output gradient to that one pixel (docs/backends.md). This module holds the op and
-its autograd Function, the NumPy reference, the launcher of ``kernels/maxpool2x2.cu``, and the
-registry entry.
+its autograd Function, the NumPy reference, the fast CPU kernels (Numba), the launcher of
+``kernels/maxpool2x2.cu``, and the registry entry.
 """
 from __future__ import annotations
 
