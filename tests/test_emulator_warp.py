@@ -138,12 +138,16 @@ def test_syncwarp_orders_shared_memory_between_lanes(seed, rng):
 
 
 # ---- misuse --------------------------------------------------------------------------------------
+def launch_one_warp(warp, kernel: str) -> None:
+    """One block of one warp, with the (in, out) int32 arrays of 32 that the misuse kernels take."""
+    warp.get_function(kernel)(1, 32, (np.zeros(32, np.int32), np.zeros(32, np.int32)))
+
 
 def test_lane_outside_its_own_mask(warp):
     with pytest.raises(EmulatorError, match=rf"'lane_outside_mask'.*thread \((1[6-9]|2\d|3[01]),0,0\) of block \(0,0,0\) "
                                             rf"calls __shfl_sync on line {line_of(WARP_SOURCE, '__shfl_sync(0x0000ffffu, value')} "
                                             r"with mask 0x0000ffff, which does not include its own lane (1[6-9]|2\d|3[01])"):
-        warp.get_function("lane_outside_mask")(1, 32, (np.zeros(32, np.int32), np.zeros(32, np.int32)))
+        launch_one_warp(warp, "lane_outside_mask")
 
 
 def test_lanes_at_different_calls(warp):
@@ -151,19 +155,19 @@ def test_lanes_at_different_calls(warp):
     with pytest.raises(EmulatorError, match=rf"'shuffles_at_different_lines'.*waits at __shfl_sync on line ({first}|{second}) "
                                             rf"\(mask 0xffffffff\) while thread \(\d+,0,0\) of its mask waits at __shfl_sync "
                                             rf"on line ({first}|{second})"):
-        warp.get_function("shuffles_at_different_lines")(1, 32, (np.zeros(32, np.int32), np.zeros(32, np.int32)))
+        launch_one_warp(warp, "shuffles_at_different_lines")
 
 
 def test_lanes_at_a_shuffle_and_a_barrier(warp):
     with pytest.raises(EmulatorError, match=r"'shuffle_against_barrier'.*waits at __shfl_sync on line \d+ \(mask "
                                             r"0xffffffff\) while thread \((1[6-9]|2\d|3[01]),0,0\) of its mask waits at "
                                             r"__syncthreads\(\) on line \d+"):
-        warp.get_function("shuffle_against_barrier")(1, 32, (np.zeros(32, np.int32), np.zeros(32, np.int32)))
+        launch_one_warp(warp, "shuffle_against_barrier")
 
 
 def test_width_must_be_a_power_of_two(warp):
     with pytest.raises(EmulatorError, match=r"calls __shfl_sync on line \d+ with width 3; width must be a power of two"):
-        warp.get_function("shuffle_width_three")(1, 32, (np.zeros(32, np.int32), np.zeros(32, np.int32)))
+        launch_one_warp(warp, "shuffle_width_three")
 
 
 # ---- TF32 and FP16 conversions -------------------------------------------------------------------
