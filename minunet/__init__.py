@@ -9,10 +9,11 @@ See README.md and docs/ for the design; notebooks/ steps through every piece.
 """
 from . import functional, optim
 from .autograd import no_grad
+from .backends.kernels import PRECISIONS, set_precision
 from .devices import cuda_available
 from .nn import Module, Parameter, UNet
 from .tensor import Tensor
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "UNet", "Module", "Parameter", "no_grad", "functional", "optim",
-           "cuda_available"]
+           "cuda_available", "set_precision", "PRECISIONS"]

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import functional as F
+from .backends.kernels import PRECISIONS, set_precision
 from .devices import resolve_device, to_host
 from .nn import UNet
 from .optim import SGD
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "conflicts, DRAM bytes, occupancy) with a PREDICTED time on --gpu; use a small "
                    "--base-channels and --tile (the emulator is slow)")
     p.add_argument("--gpu", default="sm_90", choices=("sm_80", "sm_90"), help="GPU model of --kernels")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="minunet's kernels on "
+                   "cuda/emu: 'tf32' (tensor cores where a kernel has them) or 'fp32' (strict) "
+                   "(default: $MINUNET_PRECISION or fp32)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -473,6 +477,8 @@ def kernels_report(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.precision is not None:
+        set_precision(args.precision)
     if args.kernels:
         return kernels_report(args)
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.kernels import PRECISIONS, set_precision
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .cli import HelpFormatter, check_tile, device_arg, run
 from .devices import resolve_device
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-mb", type=float, default=DEFAULT_MEMORY_MB, help="memory for one "
                    "tile's forward pass when the tile is chosen automatically")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground probability for the mask")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="for --device cuda or emu: "
+                   "'tf32' lets the convolutions use tensor cores (like PyTorch's allow_tf32), "
+                   "'fp32' is strict float32 (default: $MINUNET_PRECISION or fp32)")
     large = p.add_argument_group("large images (--out PATH.zarr)")
     large.add_argument("--chunk", type=int, default=None, help="block side in pixels, a multiple "
                        "of 2**depth of at least the tile's output; memory grows with it (default: "
@@ -161,6 +165,8 @@ def main(argv=None) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if not args.memory_mb > 0:
         raise ValueError(f"--memory-mb must be positive, got {args.memory_mb}")
+    if args.precision is not None:
+        set_precision(args.precision)
     ckpt = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = model_from_checkpoint(ckpt, device).eval()

@@ -33,6 +33,7 @@ from .checkpoint import (atomic_write, load_checkpoint, model_from_checkpoint,
                          remove_stale_temporary_files, save_checkpoint)
 from .cli import (EXIT_FAILED, EXIT_OK, HelpFormatter, Progress, check_tile, device_arg,
                   given_options, run)
+from .backends.kernels import PRECISIONS, set_precision
 from .data.io import standardize
 from .devices import resolve_device
 from .inference import foreground_probability, predict_probabilities
@@ -54,7 +55,7 @@ RUN_FILES = ("checkpoint.npz", "log.csv", "metrics.json", "loss.png", "predictio
 # what to do with it, how much to print, and how this machine runs it (threads, emulator mode). Of the restored arguments, these may be changed on
 # resuming (train longer, lower a step size that made the loss NaN, move to another device); any
 # other that is given must equal the run's own.
-NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode")
+NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode", "precision")
 CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every")
 
 
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--emu-mode", choices=("checked", "fast"), default=None, help="for --device "
                        "emu: 'checked' finds out-of-bounds accesses, races and misalignment (slow); "
                        "'fast' skips the checks for long runs (default: $MINUNET_EMU_MODE or checked)")
+    model.add_argument("--precision", choices=PRECISIONS, default=None, help="for --device cuda "
+                       "or emu: 'tf32' lets the convolutions use tensor cores (TF32 inputs, float32 "
+                       "sums, like PyTorch's allow_tf32), 'fp32' is strict float32 (default: "
+                       "$MINUNET_PRECISION or fp32); the cpu device always computes in float32")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
     run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
@@ -117,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_machine(args) -> None:
-    """Apply --threads and --emu-mode (this session's choices, never stored in the run)."""
+    """Apply --threads, --emu-mode and --precision (this session's choices, never stored in the run)."""
     from . import emulator
     from .ops import numba_config
 
+    if args.precision is not None:
+        set_precision(args.precision)
     if args.emu_mode is not None:
         emulator.set_emu_mode(args.emu_mode)
     if args.threads is not None:

@@ -31,6 +31,13 @@ Two choices of kernel, each made per launch from the shapes unless a version is 
   many outputs as terms per output and the loops are short or the threads many (the deep, small
   layers: 147,456 weights, 16 pixels; see ``serial_reduction``), tree otherwise. ``KernelBackend(device, reduction="tree")``, ``MINUNET_REDUCTION``, or
   ``get_backend(device).reduction = "tree"``.
+
+One choice of arithmetic, like PyTorch's ``allow_tf32``: ``precision`` is ``"fp32"`` (the default:
+strict float32 arithmetic everywhere) or ``"tf32"`` (the convolution GEMMs may run on tensor cores,
+which round their inputs to TF32: 10 mantissa bits, errors of ~1e-3 relative; sums stay float32).
+``KernelBackend(device, precision="tf32")``, ``MINUNET_PRECISION``, ``minunet.set_precision("tf32")``
+(every kernel backend, now and later) or ``get_backend(device).precision = "tf32"``; the command
+lines take ``--precision``. Kernels without a TF32 version ignore it.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ from .sources import cu_defines, kernels_dir
 CUDA_OPTIONS = ("-std=c++17",)
 CONV3X3_VERSIONS = ("auto", "naive", "tiled")
 REDUCTIONS = ("auto", "tree", "serial")
+PRECISIONS = ("fp32", "tf32")
 # Block size of the one-thread-per-element kernels. Those kernels work with any block size (they
 # index with blockDim), so this is the launcher's choice: 8 warps, a common default.
 THREADS = 256
@@ -55,6 +63,11 @@ REDUCE_THREADS = cu_defines("reduce")["REDUCE_THREADS"]   # the block of reduce.
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
 SERIAL_SHORT_LOOP = 64          # "auto" reductions: a serial thread per output when its loop is this short,
 SERIAL_MIN_THREADS = 4096       # ... or when there are this many outputs (16 blocks of 256 threads)
+
+# set_precision's choice for every kernel backend (None: each reads MINUNET_PRECISION, else "fp32")
+_PRECISION_DEFAULT: str | None = None
+# every KernelBackend created, so set_precision reaches the ones that exist already
+_BACKENDS: list["KernelBackend"] = []
 
 # (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
 _MODULES: dict[tuple, tuple[int, int, object]] = {}
@@ -97,12 +110,34 @@ def _choice(value: str | None, variable: str | None, allowed: tuple[str, ...], w
     return value
 
 
+def _precision_choice(value: str | None, variable: str | None) -> str:
+    """``value``, else the environment variable, else "fp32"; refused unless fp32 or tf32."""
+    source = "the argument"
+    if value is None and variable:
+        value, source = os.environ.get(variable, "").strip().lower() or None, variable
+    value = value or "fp32"
+    if value not in PRECISIONS:
+        raise ValueError(f"unknown precision {value!r} (from {source}); use one of: {', '.join(PRECISIONS)}")
+    return value
+
+
+def set_precision(precision: str) -> None:
+    """Every kernel backend (``cuda`` and ``emu``, those that exist and those created later)
+    computes its convolution GEMMs in ``precision``: "fp32" or "tf32" (module docstring). The
+    ``cpu`` device always computes in float32 (or the tensor's own float64)."""
+    global _PRECISION_DEFAULT
+    _PRECISION_DEFAULT = _precision_choice(precision, None)
+    for backend in _BACKENDS:
+        backend.precision = _PRECISION_DEFAULT
+
+
 class KernelBackend:
     """The backend of ``device`` ``"cuda"`` or ``"emu"``: attributes ``xp`` (cupy or numpy) and
     ``device``, the launch machinery below, and one method per backend function of
     docs/backends.md (attached by ``minunet.ops`` from each op's ``kernels_*`` functions)."""
 
-    def __init__(self, device: str, conv3x3: str | None = None, reduction: str | None = None):
+    def __init__(self, device: str, conv3x3: str | None = None, reduction: str | None = None,
+                 precision: str | None = None):
         if device not in ("cuda", "emu"):
             raise ValueError(f"KernelBackend runs on 'cuda' or 'emu', not {device!r}; "
                              "the 'cpu' backend is minunet.backends.get_backend('cpu')")
@@ -115,6 +150,8 @@ class KernelBackend:
             self.xp = np
         self._conv3x3_version = _choice(conv3x3, "MINUNET_CONV3X3", CONV3X3_VERSIONS, "conv3x3 kernel version")
         self._reduction = _choice(reduction, "MINUNET_REDUCTION", REDUCTIONS, "reduction")
+        self._precision = _precision_choice(precision or _PRECISION_DEFAULT, "MINUNET_PRECISION")
+        _BACKENDS.append(self)
         # A weight-gradient block reduces at least this many pixels before the reduction is split
         # over more blocks (blockIdx.y slices). Tests lower it to exercise the split on small images.
         self.min_pixels_per_slice = 4096
@@ -139,6 +176,15 @@ class KernelBackend:
     def reduction(self, version: str) -> None:
         self._reduction = _choice(version, None, REDUCTIONS, "reduction")
 
+    @property
+    def precision(self) -> str:
+        """"fp32" (strict float32) or "tf32" (tensor-core GEMMs where a kernel has them)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = _precision_choice(value, None)
+
     def serial_reduction(self, outputs: int, terms: int) -> bool:
         """Whether a sum of ``terms`` values for each of ``outputs`` outputs runs one thread per
         output (serial) rather than one block per output group (tree): forced by ``reduction``,
@@ -152,7 +198,8 @@ class KernelBackend:
         return outputs >= terms and (terms <= SERIAL_SHORT_LOOP or outputs >= SERIAL_MIN_THREADS)
 
     def __repr__(self) -> str:
-        return f"KernelBackend({self.device!r}, conv3x3={self.conv3x3_version!r}, reduction={self.reduction!r})"
+        return (f"KernelBackend({self.device!r}, conv3x3={self.conv3x3_version!r}, "
+                f"reduction={self.reduction!r}, precision={self.precision!r})")
 
     # ---- compiling and launching ------------------------------------------------------------
     def module(self, file: str):
