@@ -148,6 +148,13 @@ class Progress:
             line += f", about {left / 60:.1f} min left"
         print(line, file=self.stream, flush=True)
 
+    def write(self, line: str) -> None:
+        """Print a line of its own (above the bar on a terminal, which stays intact)."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -42,6 +43,13 @@ from .optim import SGD
 from .tensor import Tensor
 
 EXIT_INTERRUPTED = 130
+# What the user is told about speed (README, "How long training takes"), both measured on an idle
+# 2-core AVX-512 VM with the default run (base 16, depth 4, tile 348): the first compile of every
+# CPU kernel (Numba), and the training rate in FLOP/s per core, data preparation included.
+COMPILE_S_MEASURED = 12
+STEP_FLOPS_PER_CORE = 85e9
+PACE_AFTER_STEPS = 3     # steps timed (after the first) before the estimate is printed
+SLOW_FACTOR = 3.0        # a step this many times the expected one: say why it may be slow
 
 # ---- arguments ---------------------------------------------------------------------------------
 DEFAULT_TILE_AT_LEAST = 340
@@ -97,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
     model.add_argument("--iterations", type=int, default=1500, help="training steps")
     model.add_argument("--max-minutes", type=float, default=4.5, help="wall-clock budget: stop, "
-                       "validate and save when it is spent (0 = no limit)")
+                       "validate and save when it is spent (0 = no limit); the one-time compile "
+                       "of the CPU kernels on a fresh install is not counted")
     model.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, "
                        "augmentation and dropout")
     model.add_argument("--threads", type=int, default=None, help="CPU threads of the fast cpu "
@@ -393,12 +402,107 @@ def _resume_command(run_: Run, *extra: str) -> str:
                      *extra])
 
 
+# ---- speed a user can predict ------------------------------------------------------------------
+def compile_cpu_kernels(run_: Run) -> float:
+    """On the cpu device, when some fast CPU kernel is not in Numba's on-disk cache yet (a fresh
+    install, or kernels that changed), say so and compile them now with one throwaway training
+    step of a copy of the network (same configuration, its own weights and dropout masks: the run
+    itself is untouched), before the clock of --max-minutes starts. Returns the seconds spent."""
+    from .optim import SGD as _SGD
+    from .ops import numba_config
+
+    if run_.device != "cpu":
+        return 0.0
+    missing = numba_config.uncached_kernels()
+    if not missing:
+        return 0.0
+    print(f"compiling the CPU kernels, once ({len(missing)} of {len(numba_config.KERNELS)} not in "
+          f"Numba's cache; about {COMPILE_S_MEASURED} s on an idle 2-core VM, up to a minute on a busy "
+          "one; not counted in --max-minutes) ...", flush=True)
+    t0 = time.perf_counter()
+    args, config = run_.args, run_.model.config
+    copy = UNet(**config, seed=0, device="cpu")
+    out = copy.output_size(args.tile)
+    x = np.zeros((args.batch_size, config["in_channels"], args.tile, args.tile), np.float32)
+    target = np.zeros((args.batch_size, out, out), np.int32)
+    loss = F.weighted_cross_entropy(copy(Tensor(x)), Tensor(target),
+                                    Tensor(np.ones(target.shape, np.float32)))
+    loss.backward()
+    _SGD(copy.parameters(), lr=1e-9).step()
+    seconds = time.perf_counter() - t0
+    print(f"compiled in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def expected_step_s(run_: Run) -> float | None:
+    """The seconds one training step should take on this machine's cores if they were idle
+    (STEP_FLOPS_PER_CORE, measured), or None off the cpu device."""
+    from .inference import forward_cost
+    from .ops import numba_config
+
+    if run_.device != "cpu":
+        return None
+    flops = 3 * forward_cost(run_.args.tile, run_.model.config)[0] * run_.args.batch_size
+    return flops / (STEP_FLOPS_PER_CORE * numba_config.num_threads())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Pace:
+    """After the first step of a session and PACE_AFTER_STEPS more, one line: the time per step,
+    how many of --iterations fit in the --max-minutes budget, and, when a step takes far longer
+    than this machine's cores should need (`expected_s`), why that may be and what helps."""
+
+    def __init__(self, run_: Run, budget_s: float, expected_s: float | None, enabled: bool = True,
+                 write=print):
+        self.args, self.budget_s, self.expected_s = run_.args, budget_s, expected_s
+        self.first = run_.iteration + 1          # its time holds first-call overheads: skipped
+        self.enabled, self.write = enabled, write
+        self.start_elapsed = None
+
+    def update(self, iteration: int, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        if iteration == self.first:
+            self.start_elapsed = elapsed
+        elif self.start_elapsed is not None and iteration == self.first + PACE_AFTER_STEPS:
+            self.enabled = False
+            self.write(self.message(iteration, elapsed,
+                                    (elapsed - self.start_elapsed) / PACE_AFTER_STEPS))
+
+    def message(self, iteration: int, elapsed: float, step_s: float) -> str:
+        args, left = self.args, self.args.iterations - iteration
+        text = f"about {step_s:.2f} s per step: "
+        fit = math.inf if not math.isfinite(self.budget_s) else \
+            max(0, int((self.budget_s - elapsed) / step_s))
+        if fit >= left:
+            text += f"the remaining {left} iterations take about {_duration(left * step_s)}"
+        else:
+            need = (elapsed + left * step_s) / 60
+            text += (f"the {args.max_minutes:g}-min budget fits about {iteration + fit} of the "
+                     f"{args.iterations} iterations (--max-minutes {math.ceil(need)} for all)")
+        if self.expected_s and step_s > SLOW_FACTOR * self.expected_s:
+            from .ops import numba_config
+
+            threads = numba_config.num_threads()
+            text += (f"; that is {step_s / self.expected_s:.0f}x the {self.expected_s:.2f} s "
+                     f"expected on {threads} idle core(s): other programs may be using the cores"
+                     + (f" (load average {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg")
+                        else ""))
+            if threads > 1:
+                text += "; on shared cores --threads 1 often runs faster"
+        return text
+
+
 def train_steps(run_: Run) -> tuple[int, str]:
     """SGD steps until --iterations, the time budget, a Ctrl-C or a non-finite loss. Returns the
     exit status and the message to print."""
     args, budget = run_.args, _budget_s(run_.args)
     progress = Progress(args.iterations, budget, run_.iteration, run_.elapsed_before,
                         enabled=not args.quiet)
+    pace = Pace(run_, budget, expected_step_s(run_), enabled=not args.quiet, write=progress.write)
     t0 = time.perf_counter()
     status, message = EXIT_OK, ""
     with _InterruptFlag() as interrupt:
@@ -418,6 +522,7 @@ def train_steps(run_: Run) -> tuple[int, str]:
             run_.log_rows.append({"iteration": run_.iteration, "loss": value,
                                   "seconds": round(elapsed, 3)})
             progress.update(run_.iteration, elapsed, value)
+            pace.update(run_.iteration, elapsed)
             stop = interrupt.raised     # read once: a Ctrl-C between two reads must still save
             if run_.iteration % args.checkpoint_every == 0 or stop:
                 run_.save(elapsed)
@@ -491,6 +596,7 @@ def train(args, given: set | None = None) -> int:
               "checkpoint again", flush=True)
         status, message = EXIT_OK, ""
     else:
+        compile_cpu_kernels(run_)
         status, message = train_steps(run_)
     if status == EXIT_FAILED:
         print(message, file=sys.stderr)
