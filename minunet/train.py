@@ -626,6 +626,17 @@ def validate(model: UNet, samples, device: str) -> tuple[dict, list]:
     return {k: float(np.mean([r[k] for r in results])) for k in keys}, probs
 
 
+def predicted_classes(run_: Run, sample) -> dict:
+    """For more than two classes, the predicted class map of `sample` for prediction.png."""
+    classes = run_.model.config["num_classes"]
+    if classes <= 2:
+        return {}
+    run_.model.eval()
+    probs = predict_probabilities(run_.model, sample.image, None, run_.device)
+    run_.model.train()
+    return dict(classes=probs.argmax(axis=0), num_classes=classes)
+
+
 def finish(run_: Run, val_samples) -> int:
     """Validate, write metrics.json and the plots, print a summary."""
     from .plots import plot_loss_curve, plot_prediction
@@ -644,7 +655,8 @@ def finish(run_: Run, val_samples) -> int:
                         out_dir / "loss.png")
     first = val_samples[0]
     plot_prediction(first.image, first.target, probs[0], first.weight, out_dir / "prediction.png",
-                    title=f"validation image 0: IoU {metrics['iou']:.3f}")
+                    title=f"validation image 0: IoU {metrics['iou']:.3f}",
+                    **predicted_classes(run_, first))
     print(f"validation: IoU {metrics['iou']:.4f}, pixel error {metrics['pixel_error']:.4f}, "
           f"Rand error {metrics['rand_error']:.4f}, warping error {metrics['warping_error']:.5f}; "
           f"{run_.iteration} iterations in {run_.elapsed_before / 60:.1f} min; wrote {out_dir}/",
