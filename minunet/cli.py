@@ -166,13 +166,14 @@ class Progress:
 class CountBar:
     """Progress over `total` items (tiles, chunks): a tqdm bar on a terminal; written to a file
     or a pipe (a log), a plain line at every tenth of the way and at least every `every_s`
-    seconds, never carriage returns; nothing when `enabled` is False. A context manager."""
+    seconds, never carriage returns; nothing when `enabled` is False or there is one item
+    only. A context manager."""
 
     def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, stream=None,
                  every_s: float = 60.0):
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled, self.n, self.next_tenth = enabled and total > 0, 0, 1
+        self.enabled, self.n, self.next_tenth = enabled and total > 1, 0, 1
         self.last_line = time.perf_counter()
         self.bar = None
         if self.enabled and self.stream.isatty():

@@ -191,7 +191,7 @@ def checkpoint_file(path: str | Path) -> Path:
 def predicts_instances(ckpt: dict) -> bool:
     """Whether the checkpoint's run trained on instance masks (--instances, or the built-in
     touching cells), so that prediction writes instance labels."""
-    args = ckpt.get("meta", {}).get("args", {}) or {}
+    args = (ckpt.get("meta") or {}).get("args") or {}
     return bool(args.get("instances")) or (not args.get("data") and args.get("synthetic") == "cells")
 
 

@@ -141,10 +141,11 @@ def load_folder(directory: str | Path, instances: bool = False, num_classes: int
             sample = make_sample(image, label, name, instances=instances, num_classes=num_classes,
                                  w0=w0, sigma=sigma, label_name=label_name)
             if num_classes is None and count_classes([sample]) > MAX_INFERRED_CLASSES:
-                raise ValueError(f"{label_name} has values up to {sample.target.max()}: for "
-                                 "instance masks (0 = background, one value per cell) pass "
-                                 "--instances; class labels are 0/255 masks or class indices 0, 1, "
-                                 "2, ... (give --num-classes if there really are that many)")
+                raise ValueError(f"{label_name} has class values up to "
+                                 f"{sample.target.max()}: instance masks (0 = background, one "
+                                 "value per cell) need --instances; class labels are 0/255 masks "
+                                 "or class indices 0, 1, 2, ... (give --num-classes if there "
+                                 "really are that many)")
             samples.append(sample)
     return samples
 
