@@ -50,6 +50,7 @@ COMPILE_S_MEASURED = 12
 STEP_FLOPS_PER_CORE = 85e9
 PACE_AFTER_STEPS = 3     # steps timed (after the first) before the estimate is printed
 SLOW_FACTOR = 3.0        # a step this many times the expected one: say why it may be slow
+MIN_JUDGED_STEP_S = 0.05 # below this the step is overheads, not FLOPs: not judged
 
 # ---- arguments ---------------------------------------------------------------------------------
 DEFAULT_TILE_AT_LEAST = 340
@@ -483,7 +484,8 @@ class Pace:
             need = (elapsed + left * step_s) / 60
             text += (f"the {args.max_minutes:g}-min budget fits about {iteration + fit} of the "
                      f"{args.iterations} iterations (--max-minutes {math.ceil(need)} for all)")
-        if self.expected_s and step_s > SLOW_FACTOR * self.expected_s:
+        if self.expected_s and self.expected_s >= MIN_JUDGED_STEP_S and \
+                step_s > SLOW_FACTOR * self.expected_s:
             from .ops import numba_config
 
             threads = numba_config.num_threads()

@@ -149,7 +149,21 @@ def test_pace_says_why_a_slow_step_may_be_slow(monkeypatch):
     assert "10x the 0.10 s expected on 2 idle core(s): other programs may be using the cores" \
         in text and "--threads 1" in text
     p, _ = pace(monkeypatch, threads=1)
-    assert "--threads 1" not in p.message(4, 10.0, 1.0)       # already one thread
+    text = p.message(4, 10.0, 1.0)
+    assert "other programs" in text and "--threads 1" not in text     # already one thread
+    p, _ = pace(monkeypatch, expected_s=0.001)      # a tiny network: overheads, not judged
+    assert "other programs" not in p.message(4, 10.0, 1.0)
+
+
+def test_expected_step_of_the_default_run(monkeypatch):
+    """The default run (base 16, depth 4, tile 348) at the measured rate: 0.088 s on 2 cores."""
+    monkeypatch.setattr(numba_config, "num_threads", lambda: 2)
+    model = mu.UNet(base_channels=16, depth=4)
+    run_ = SimpleNamespace(device="cpu", model=model,
+                           args=SimpleNamespace(tile=348, batch_size=1))
+    assert train.expected_step_s(run_) == pytest.approx(0.0886, abs=0.001)
+    run_.device = "emu"
+    assert train.expected_step_s(run_) is None
 
 
 def test_train_prints_the_pace(tmp_path, capsys):
