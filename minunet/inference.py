@@ -182,11 +182,11 @@ def predict_probabilities_tta(model: UNet, image: np.ndarray, tile: int | None =
     averaged over the image's 8 flips and 90-degree rotations, each prediction turned back to
     the image's frame before averaging (8 times the work of one pass).
 
-    The paper's ISBI submission averaged predictions over transformed inputs (Section 4: "averaged over 7 rotated versions of the input data"). The
-    network itself is not rotation-equivariant, but the average is: since the 8 symmetries form a
-    group, the TTA prediction of a rotated or flipped image is the same transformation of the TTA
-    prediction, up to float rounding (the summation order differs). The image is standardised
-    once, so that each transformed copy sees the same intensities."""
+    The paper's ISBI result was "averaged over 7 rotated versions of the input data" (Section
+    4). The network itself is not rotation-equivariant, but the average is: since the 8
+    symmetries form a group, the TTA prediction of a rotated or flipped image is the same
+    transformation of the TTA prediction, up to float rounding (the summation order differs).
+    The image is standardised once, so that each transformed copy sees the same intensities."""
     image = standardize(image)
     if image.ndim != 2:
         raise ValueError(f"predict_probabilities_tta takes one 2-D image (H, W), got shape "

@@ -192,7 +192,8 @@ def predicts_instances(ckpt: dict) -> bool:
     """Whether the checkpoint's run trained on instance masks (--instances, or the built-in
     touching cells), so that prediction writes instance labels."""
     args = (ckpt.get("meta") or {}).get("args") or {}
-    return bool(args.get("instances")) or (not args.get("data") and args.get("synthetic") == "cells")
+    return bool(args.get("instances")) or \
+        (not args.get("data") and args.get("synthetic") == "cells")
 
 
 def instance_labels(mask: np.ndarray) -> np.ndarray:
@@ -286,8 +287,8 @@ def main(argv=None) -> int:
             labels = instance_labels(mask)
             name = f"{path.stem}_instances" + (".png" if labels.dtype == np.uint16 else ".tif")
             written.append(_write_slices(out / name, labels))
-        print(f"{path} -> {', '.join(str(w) for w in written)} ({_describe((len(stack), height, width))}, "
-              f"tile {tile} -> {model.output_size(tile)}"
+        print(f"{path} -> {', '.join(str(w) for w in written)} "
+              f"({_describe((len(stack), height, width))}, tile {tile} -> {model.output_size(tile)}"
               + (f", {int(labels.max())} cells" if instances else "") + ")", flush=True)
     return 0
 

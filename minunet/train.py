@@ -403,101 +403,6 @@ def _resume_command(run_: Run, *extra: str) -> str:
                      *extra])
 
 
-# ---- speed a user can predict ------------------------------------------------------------------
-def compile_cpu_kernels(run_: Run) -> float:
-    """On the cpu device, when some fast CPU kernel is not in Numba's on-disk cache yet (a fresh
-    install, or kernels that changed), say so and compile them now with one throwaway training
-    step of a copy of the network (same configuration, its own weights and dropout masks: the run
-    itself is untouched), before the clock of --max-minutes starts. Returns the seconds spent."""
-    from .optim import SGD as _SGD
-    from .ops import numba_config
-
-    if run_.device != "cpu":
-        return 0.0
-    missing = numba_config.uncached_kernels()
-    if not missing:
-        return 0.0
-    print(f"compiling the CPU kernels, once ({len(missing)} of {len(numba_config.KERNELS)} not in "
-          f"Numba's cache; about {COMPILE_S_MEASURED} s on an idle 2-core VM, up to a minute on a busy "
-          "one; not counted in --max-minutes) ...", flush=True)
-    t0 = time.perf_counter()
-    args, config = run_.args, run_.model.config
-    copy = UNet(**config, seed=0, device="cpu")
-    out = copy.output_size(args.tile)
-    x = np.zeros((args.batch_size, config["in_channels"], args.tile, args.tile), np.float32)
-    target = np.zeros((args.batch_size, out, out), np.int32)
-    loss = F.weighted_cross_entropy(copy(Tensor(x)), Tensor(target),
-                                    Tensor(np.ones(target.shape, np.float32)))
-    loss.backward()
-    _SGD(copy.parameters(), lr=1e-9).step()
-    seconds = time.perf_counter() - t0
-    print(f"compiled in {seconds:.0f} s", flush=True)
-    return seconds
-
-
-def expected_step_s(run_: Run) -> float | None:
-    """The seconds one training step should take on this machine's cores if they were idle
-    (STEP_FLOPS_PER_CORE, measured), or None off the cpu device."""
-    from .inference import forward_cost
-    from .ops import numba_config
-
-    if run_.device != "cpu":
-        return None
-    flops = 3 * forward_cost(run_.args.tile, run_.model.config)[0] * run_.args.batch_size
-    return flops / (STEP_FLOPS_PER_CORE * numba_config.num_threads())
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
-class Pace:
-    """After the first step of a session and PACE_AFTER_STEPS more, one line: the time per step,
-    how many of --iterations fit in the --max-minutes budget, and, when a step takes far longer
-    than this machine's cores should need (`expected_s`), why that may be and what helps."""
-
-    def __init__(self, run_: Run, budget_s: float, expected_s: float | None, enabled: bool = True,
-                 write=print):
-        self.args, self.budget_s, self.expected_s = run_.args, budget_s, expected_s
-        self.first = run_.iteration + 1          # its time holds first-call overheads: skipped
-        self.enabled, self.write = enabled, write
-        self.start_elapsed = None
-
-    def update(self, iteration: int, elapsed: float) -> None:
-        if not self.enabled:
-            return
-        if iteration == self.first:
-            self.start_elapsed = elapsed
-        elif self.start_elapsed is not None and iteration == self.first + PACE_AFTER_STEPS:
-            self.enabled = False
-            self.write(self.message(iteration, elapsed,
-                                    (elapsed - self.start_elapsed) / PACE_AFTER_STEPS))
-
-    def message(self, iteration: int, elapsed: float, step_s: float) -> str:
-        args, left = self.args, self.args.iterations - iteration
-        text = f"about {step_s:.2f} s per step: "
-        fit = math.inf if not math.isfinite(self.budget_s) else \
-            max(0, int((self.budget_s - elapsed) / step_s))
-        if fit >= left:
-            text += f"the remaining {left} iterations take about {_duration(left * step_s)}"
-        else:
-            need = (elapsed + left * step_s) / 60
-            text += (f"the {args.max_minutes:g}-min budget fits about {iteration + fit} of the "
-                     f"{args.iterations} iterations (--max-minutes {math.ceil(need)} for all)")
-        if self.expected_s and self.expected_s >= MIN_JUDGED_STEP_S and \
-                step_s > SLOW_FACTOR * self.expected_s:
-            from .ops import numba_config
-
-            threads = numba_config.num_threads()
-            text += (f"; that is {step_s / self.expected_s:.0f}x the {self.expected_s:.2f} s "
-                     f"expected on {threads} idle core(s): other programs may be using the cores"
-                     + (f" (load average {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg")
-                        else ""))
-            if threads > 1:
-                text += "; on shared cores --threads 1 often runs faster"
-        return text
-
-
 def train_steps(run_: Run) -> tuple[int, str]:
     """SGD steps until --iterations, the time budget, a Ctrl-C or a non-finite loss. Returns the
     exit status and the message to print."""
@@ -608,6 +513,101 @@ def train(args, given: set | None = None) -> int:
     if status == EXIT_INTERRUPTED:
         return status
     return finish(run_, val_samples)
+
+
+# ---- speed a user can predict ------------------------------------------------------------------
+def compile_cpu_kernels(run_: Run) -> float:
+    """On the cpu device, when some fast CPU kernel is not in Numba's on-disk cache yet (a fresh
+    install, or kernels that changed), say so and compile them now with one throwaway training
+    step of a copy of the network (same configuration, its own weights and dropout masks: the run
+    itself is untouched), before the clock of --max-minutes starts. Returns the seconds spent."""
+    from .optim import SGD as _SGD
+    from .ops import numba_config
+
+    if run_.device != "cpu":
+        return 0.0
+    missing = numba_config.uncached_kernels()
+    if not missing:
+        return 0.0
+    print(f"compiling the CPU kernels, once ({len(missing)} of {len(numba_config.KERNELS)} not in "
+          f"Numba's cache; about {COMPILE_S_MEASURED} s on an idle 2-core VM, up to a minute on "
+          "a busy one; not counted in --max-minutes) ...", flush=True)
+    t0 = time.perf_counter()
+    args, config = run_.args, run_.model.config
+    copy = UNet(**config, seed=0, device="cpu")
+    out = copy.output_size(args.tile)
+    x = np.zeros((args.batch_size, config["in_channels"], args.tile, args.tile), np.float32)
+    target = np.zeros((args.batch_size, out, out), np.int32)
+    loss = F.weighted_cross_entropy(copy(Tensor(x)), Tensor(target),
+                                    Tensor(np.ones(target.shape, np.float32)))
+    loss.backward()
+    _SGD(copy.parameters(), lr=1e-9).step()
+    seconds = time.perf_counter() - t0
+    print(f"compiled in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def expected_step_s(run_: Run) -> float | None:
+    """The seconds one training step should take on this machine's cores if they were idle
+    (STEP_FLOPS_PER_CORE, measured), or None off the cpu device."""
+    from .inference import forward_cost
+    from .ops import numba_config
+
+    if run_.device != "cpu":
+        return None
+    flops = 3 * forward_cost(run_.args.tile, run_.model.config)[0] * run_.args.batch_size
+    return flops / (STEP_FLOPS_PER_CORE * numba_config.num_threads())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Pace:
+    """After the first step of a session and PACE_AFTER_STEPS more, one line: the time per step,
+    how many of --iterations fit in the --max-minutes budget, and, when a step takes far longer
+    than this machine's cores should need (`expected_s`), why that may be and what helps."""
+
+    def __init__(self, run_: Run, budget_s: float, expected_s: float | None, enabled: bool = True,
+                 write=print):
+        self.args, self.budget_s, self.expected_s = run_.args, budget_s, expected_s
+        self.first = run_.iteration + 1          # its time holds first-call overheads: skipped
+        self.enabled, self.write = enabled, write
+        self.start_elapsed = None
+
+    def update(self, iteration: int, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        if iteration == self.first:
+            self.start_elapsed = elapsed
+        elif self.start_elapsed is not None and iteration == self.first + PACE_AFTER_STEPS:
+            self.enabled = False
+            self.write(self.message(iteration, elapsed,
+                                    (elapsed - self.start_elapsed) / PACE_AFTER_STEPS))
+
+    def message(self, iteration: int, elapsed: float, step_s: float) -> str:
+        args, left = self.args, self.args.iterations - iteration
+        text = f"about {step_s:.2f} s per step: "
+        fit = math.inf if not math.isfinite(self.budget_s) else \
+            max(0, int((self.budget_s - elapsed) / step_s))
+        if fit >= left:
+            text += f"the remaining {left} iterations take about {_duration(left * step_s)}"
+        else:
+            need = (elapsed + left * step_s) / 60
+            text += (f"the {args.max_minutes:g}-min budget fits about {iteration + fit} of the "
+                     f"{args.iterations} iterations (--max-minutes {math.ceil(need)} for all)")
+        if self.expected_s and self.expected_s >= MIN_JUDGED_STEP_S and \
+                step_s > SLOW_FACTOR * self.expected_s:
+            from .ops import numba_config
+
+            threads = numba_config.num_threads()
+            text += (f"; that is {step_s / self.expected_s:.0f}x the {self.expected_s:.2f} s "
+                     f"expected on {threads} idle core(s): other programs may be using the cores"
+                     + (f" (load average {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg")
+                        else ""))
+            if threads > 1:
+                text += "; on shared cores --threads 1 often runs faster"
+        return text
 
 
 # ---- validation --------------------------------------------------------------------------------

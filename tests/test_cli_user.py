@@ -300,7 +300,8 @@ def test_predict_names_its_device_takes_a_run_folder_and_says_no_slices_of_a_png
     assert predict_cli("--checkpoint", tmp_path / "run", "--out", tmp_path / "p", image,
                        tmp_path / "s.tif", "--quiet") == 0
     out = capsys.readouterr()
-    assert "device cpu" in out.out and f"checkpoint {tmp_path / 'run' / 'checkpoint.npz'}" in out.out
+    assert "device cpu" in out.out
+    assert f"checkpoint {tmp_path / 'run' / 'checkpoint.npz'}" in out.out
     (png_line,) = [line for line in out.out.splitlines() if line.startswith(str(image))]
     assert "(40x52, tile" in png_line and "slice" not in png_line
     assert "(3 slices of 40x44, tile" in out.out
@@ -329,7 +330,8 @@ def test_count_bar_draws_on_a_terminal_and_prints_tenths_to_a_file():
             bar.update()
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 10
-    assert lines[0] == "chunks: 10% (4 of 40 chunks)" and lines[-1] == "chunks: 100% (40 of 40 chunks)"
+    assert lines[0] == "chunks: 10% (4 of 40 chunks)"
+    assert lines[-1] == "chunks: 100% (40 of 40 chunks)"
     terminal = Terminal()
     with CountBar(3, "tiles", "tile", stream=terminal) as bar:
         bar.update(3)

@@ -207,7 +207,7 @@ def write_image(path: str | Path, array: np.ndarray, palette=None) -> None:
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     elif array.dtype in (np.uint8, np.uint16):
-        pass                                   # written as they are (a uint16 label image stays 16-bit)
+        pass                       # as they are: a uint16 label image stays 16-bit
     elif array.dtype.kind in "iu":
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise ValueError(f"values of {path} do not fit a 16-bit PNG; write a .tif instead")
