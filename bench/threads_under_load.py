@@ -16,7 +16,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]   # the child imports this checkout's minunet
 CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
             loops = busy_loops(busy)
             try:
                 time.sleep(0.5)
-                env = dict(os.environ, NUMBA_THREADING_LAYER=layer)
+                env = dict(os.environ, NUMBA_THREADING_LAYER=layer,
+                           PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
                 out = subprocess.run([sys.executable, "-c", CHILD, str(args.repeat)], env=env,
                                      capture_output=True, text=True, check=True).stdout
             finally:

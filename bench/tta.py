@@ -1,6 +1,6 @@
 """Test-time augmentation (``predict --tta``) against one pass, on the built-in synthetic data.
 
-    python bench/tta.py [--iterations 200] [--images 6] [--synthetic em] [--out /tmp/minunet-tta]
+    python bench/tta.py [--iterations 200] [--images 6] [--synthetic em] [--out /tmp/minunet-tta] [--reuse]
 
 Trains a short default run (``python -m minunet.train`` with --iterations, no time budget), then
 predicts fresh synthetic images (seeds the run never saw) once and with the 8 flips and rotations
@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))     # this checkout's minunet, not another installed one
+
 
 def main(argv=None) -> int:
     from minunet import train
@@ -31,14 +34,16 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--synthetic", choices=("em", "cells"), default="em")
     p.add_argument("--out", default="/tmp/minunet-tta")
+    p.add_argument("--reuse", action="store_true", help="predict with the run already in --out")
     args = p.parse_args(argv)
     run_dir = Path(args.out)
     t0 = time.perf_counter()
-    status = train.main(["--synthetic", args.synthetic, "--iterations", str(args.iterations),
-                         "--max-minutes", "0", "--device", "cpu", "--quiet", "--out",
-                         str(run_dir), "--overwrite"])
-    if status:
-        return status
+    if not (args.reuse and (run_dir / "checkpoint.npz").is_file()):
+        status = train.main(["--synthetic", args.synthetic, "--iterations", str(args.iterations),
+                             "--max-minutes", "0", "--device", "cpu", "--quiet", "--out",
+                             str(run_dir), "--overwrite"])
+        if status:
+            return status
     train_s = time.perf_counter() - t0
     model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoint.npz"), "cpu").eval()
     samples = dataset.synthetic_samples(args.synthetic, args.images, 256, seed=20_000)

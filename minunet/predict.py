@@ -262,6 +262,8 @@ def main(argv=None) -> int:
         if not path.is_file():
             raise ValueError(f"input {path} does not exist; give PNG or TIFF image files")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the predictions")
     if not args.overwrite:
         refuse_existing(out, [p.stem for p in paths], num_classes, instances)
     stacks = [read_image(p) for p in paths]        # read all first: fail before writing anything

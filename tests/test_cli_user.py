@@ -308,6 +308,8 @@ def test_predict_names_its_device_takes_a_run_folder_and_says_no_slices_of_a_png
     assert out.err == ""                                       # --quiet: no progress
     assert predict_cli("--checkpoint", tmp_path, "--out", tmp_path / "q", image) == 2
     assert "is a folder without checkpoint.npz" in one_line_error(capsys)
+    assert predict_cli("--checkpoint", tmp_path / "run", "--out", image, image) == 2
+    assert f"--out {image} is a file" in one_line_error(capsys)
 
 
 def test_predict_progress_is_plain_lines_in_a_log(tmp_path, rng, capsys, tiny_checkpoint):
