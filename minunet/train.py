@@ -15,6 +15,7 @@ the same data with the same settings, and refuses an argument that contradicts t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -503,8 +504,8 @@ def train(args, given: set | None = None) -> int:
               "checkpoint again", flush=True)
         status, message = EXIT_OK, ""
     else:
-        compile_cpu_kernels(run_)
-        status, message = train_steps(run_)
+        with compile_time_excluded(run_, announce=not args.quiet):
+            status, message = train_steps(run_)
     if status == EXIT_FAILED:
         print(message, file=sys.stderr)
         return status
@@ -516,35 +517,52 @@ def train(args, given: set | None = None) -> int:
 
 
 # ---- speed a user can predict ------------------------------------------------------------------
-def compile_cpu_kernels(run_: Run) -> float:
-    """On the cpu device, when some fast CPU kernel is not in Numba's on-disk cache yet (a fresh
-    install, or kernels that changed), say so and compile them now with one throwaway training
-    step of a copy of the network (same configuration, its own weights and dropout masks: the run
-    itself is untouched), before the clock of --max-minutes starts. Returns the seconds spent."""
-    from .optim import SGD as _SGD
+def _compile_timer(on_compiled):
+    """A Numba event listener that calls `on_compiled(seconds)` at the end of each outermost
+    compile (a kernel's compile may nest others)."""
+    import numba.core.event as numba_event
+
+    class CompileTimer(numba_event.Listener):
+        depth, start = 0, 0.0
+
+        def on_start(self, event):
+            if self.depth == 0:
+                self.start = time.perf_counter()
+            self.depth += 1
+
+        def on_end(self, event):
+            self.depth -= 1
+            if self.depth == 0:
+                on_compiled(time.perf_counter() - self.start)
+
+    return CompileTimer()
+
+
+@contextlib.contextmanager
+def compile_time_excluded(run_: Run, announce: bool = True):
+    """Training steps inside this block do not count the time Numba spends compiling the fast
+    CPU kernels (once per install: they are cached on disk) against --max-minutes: every
+    compile's seconds are taken off ``run_.elapsed_before`` as it ends, and added up in
+    ``run_.compile_s``. On the cpu device, when some kernel is not in Numba's cache yet (a fresh
+    install, or kernels that changed), it first says so."""
+    import numba.core.event as numba_event
+
     from .ops import numba_config
 
-    if run_.device != "cpu":
-        return 0.0
-    missing = numba_config.uncached_kernels()
-    if not missing:
-        return 0.0
-    print(f"compiling the CPU kernels, once ({len(missing)} of {len(numba_config.KERNELS)} not in "
-          f"Numba's cache; about {COMPILE_S_MEASURED} s on an idle 2-core VM, up to a minute on "
-          "a busy one; not counted in --max-minutes) ...", flush=True)
-    t0 = time.perf_counter()
-    args, config = run_.args, run_.model.config
-    copy = UNet(**config, seed=0, device="cpu")
-    out = copy.output_size(args.tile)
-    x = np.zeros((args.batch_size, config["in_channels"], args.tile, args.tile), np.float32)
-    target = np.zeros((args.batch_size, out, out), np.int32)
-    loss = F.weighted_cross_entropy(copy(Tensor(x)), Tensor(target),
-                                    Tensor(np.ones(target.shape, np.float32)))
-    loss.backward()
-    _SGD(copy.parameters(), lr=1e-9).step()
-    seconds = time.perf_counter() - t0
-    print(f"compiled in {seconds:.0f} s", flush=True)
-    return seconds
+    run_.compile_s = 0.0
+    missing = numba_config.uncached_kernels() if run_.device == "cpu" else []
+    if missing and announce:
+        print(f"compiling the CPU kernels, once, in the first step ({len(missing)} of "
+              f"{len(numba_config.KERNELS)} not in Numba's cache; about {COMPILE_S_MEASURED} s on "
+              "an idle 2-core VM, up to a minute on a busy one; not counted in --max-minutes)",
+              flush=True)
+
+    def exclude(seconds: float) -> None:
+        run_.elapsed_before -= seconds
+        run_.compile_s += seconds
+
+    with numba_event.install_listener("numba:compile", _compile_timer(exclude)):
+        yield
 
 
 def expected_step_s(run_: Run) -> float | None:
@@ -564,13 +582,15 @@ def _duration(seconds: float) -> str:
 
 
 class Pace:
-    """After the first step of a session and PACE_AFTER_STEPS more, one line: the time per step,
-    how many of --iterations fit in the --max-minutes budget, and, when a step takes far longer
-    than this machine's cores should need (`expected_s`), why that may be and what helps."""
+    """After the first step of a session and PACE_AFTER_STEPS more, one line: the seconds spent
+    compiling the CPU kernels (``run_.compile_s``, see :func:`compile_time_excluded`), the time
+    per step, how many of --iterations fit in the --max-minutes budget, and, when a step takes
+    far longer than this machine's cores should need (`expected_s`), why that may be and what
+    helps."""
 
     def __init__(self, run_: Run, budget_s: float, expected_s: float | None, enabled: bool = True,
                  write=print):
-        self.args, self.budget_s, self.expected_s = run_.args, budget_s, expected_s
+        self.run, self.args, self.budget_s, self.expected_s = run_, run_.args, budget_s, expected_s
         self.first = run_.iteration + 1          # its time holds first-call overheads: skipped
         self.enabled, self.write = enabled, write
         self.start_elapsed = None
@@ -583,11 +603,15 @@ class Pace:
         elif self.start_elapsed is not None and iteration == self.first + PACE_AFTER_STEPS:
             self.enabled = False
             self.write(self.message(iteration, elapsed,
-                                    (elapsed - self.start_elapsed) / PACE_AFTER_STEPS))
+                                    (elapsed - self.start_elapsed) / PACE_AFTER_STEPS,
+                                    getattr(self.run, "compile_s", 0.0)))
 
-    def message(self, iteration: int, elapsed: float, step_s: float) -> str:
+    def message(self, iteration: int, elapsed: float, step_s: float,
+                compile_s: float = 0.0) -> str:
         args, left = self.args, self.args.iterations - iteration
         text = f"about {step_s:.2f} s per step: "
+        if compile_s >= 0.5:
+            text = f"compiled in {compile_s:.0f} s (not counted); " + text
         fit = math.inf if not math.isfinite(self.budget_s) else \
             max(0, int((self.budget_s - elapsed) / step_s))
         if fit >= left:
@@ -607,6 +631,9 @@ class Pace:
                         else ""))
             if threads > 1:
                 text += "; on shared cores --threads 1 often runs faster"
+                if numba_config.threading_layer() == "omp":
+                    text += (" (the kernels run on OpenMP threads, which spin on busy cores; "
+                             "with the tbb package installed Numba uses TBB, which copes)")
         return text
 
 
