@@ -253,11 +253,11 @@ def _bench_op(device, op, base, tile, batch, repeat, twin, precision, backend, s
 def _version_row(device: str, auto: Row, label: str, settings: dict, fn, sync, repeat: int) -> Row:
     """``auto``'s row again with one version forced (``settings`` on the backend)."""
     row = Row(f"{auto.name} [{label}]", auto.shape, auto.flops, auto.bytes, math.nan, auto.torch_ms)
-    with backend_settings(device, **settings):
-        try:
+    try:
+        with backend_settings(device, **settings):
             row.ms = time_it(fn, sync, repeat)
-        except Exception as exc:   # a version may refuse a shape (grid limits, no fp32 path, ...)
-            row.extra["error"] = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:   # a version may refuse a shape (grid limits, no fp32 path, ...)
+        row.extra["error"] = f"{type(exc).__name__}: {exc}"
     return row
 
 
@@ -569,12 +569,12 @@ def tune(device: str, base: int, tile: int, batch: int, repeat: int, precisions,
             for knob_name, knob in versioned(device, op):
                 ms, errors = {}, {}
                 for version in knob.versions():
-                    with backend_settings(device, precision=precision, **{knob.attribute: version}):
-                        try:
+                    try:
+                        with backend_settings(device, precision=precision, **{knob.attribute: version}):
                             ms[version] = sum(time_capped(lambda f=f: getattr(backend, f)(*examples[f]),
                                                           sync, repeat, slow_ms) for f in knob.functions(op))
-                        except Exception as exc:   # a version may refuse a shape
-                            ms[version], errors[version] = None, f"{type(exc).__name__}: {exc}"[:300]
+                    except Exception as exc:   # a version may refuse a shape
+                        ms[version], errors[version] = None, f"{type(exc).__name__}: {exc}"[:300]
                 key = choices.layer_key(op_name, case, precision)
                 entry = choices.record(table, knob_name, key, ms, errors)
                 times = "  ".join(f"{v} {'failed' if t is None else f'{t:.3f}'}" for v, t in entry["ms"].items())

@@ -166,7 +166,8 @@ def merge_into(path: str | Path, table: dict) -> dict:
         return table
     if (old.get("device"), old.get("gpu")) != (table["device"], table["gpu"]):
         return table
-    merged = dict(old, date=table["date"], source=_merge_sources(old.get("source", ""), table["source"]))
+    source = table["source"] if not old.get("choices") else _merge_sources(old.get("source", ""), table["source"])
+    merged = dict(old, date=table["date"], source=source)
     merged["choices"] = {k: dict(v) for k, v in old.get("choices", {}).items()}
     for knob, entries in table["choices"].items():
         merged["choices"].setdefault(knob, {}).update(entries)
