@@ -695,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "minunet/backends/cuda_choices.json on cuda; required on emu (a dry run)")
     p.add_argument("--tune-slow-ms", type=float, default=200.0, help="--tune times a version slower than "
                    "this once instead of --repeat times")
+    p.add_argument("--settle", type=float, default=None, metavar="SECONDS", help="quiet time before each "
+                   f"timing, for the CPU's spinning worker threads to sleep (default: {SETTLE_S} on cpu/emu, "
+                   "0 on cuda)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -737,6 +740,35 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
+@contextlib.contextmanager
+def _settle(seconds: float | None, device: str):
+    """``SETTLE_S`` set to ``seconds`` (default: unchanged, 0 on cuda) inside the block."""
+    global SETTLE_S
+    saved = SETTLE_S
+    SETTLE_S = seconds if seconds is not None else (0.0 if device == "cuda" else saved)
+    try:
+        yield
+    finally:
+        SETTLE_S = saved
+
+
+def summarize_ncu(path, top: int = 12) -> str:
+    """Where one profiled training step's kernel time goes: per kernel name, the launches, the
+    total time and its share, from an ``ncu --csv --metrics gpu__time_duration.sum`` file."""
+    launches = choices.ncu_launches(path)
+    total = sum(us for _, us in launches) or 1.0
+    per: dict[str, list] = {}
+    for name, us in launches:
+        entry = per.setdefault(name.split("(")[0].split("<")[0][:60], [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    lines = [f"{len(launches)} launches, {total / 1e3:.2f} ms of kernel time ({path})",
+             f"{'kernel':<60} {'launches':>8} {'ms':>9} {'share':>6}"]
+    for name, (count, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{name:<60} {count:8d} {us / 1e3:9.3f} {100 * us / total:5.1f}%")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.command = "python -m minunet.bench " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -754,14 +786,15 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.tune:
-        return tune_report(args, device, environment(device, TorchTwin(device, enabled=False)).get("gpu", ""))
+        with _settle(args.settle, device):
+            return tune_report(args, device, environment(device, TorchTwin(device, enabled=False)).get("gpu", ""))
     twin = TorchTwin(device, enabled=not args.no_torch)
     env = environment(device, twin)
     save = None if args.save == "none" else args.save
     if save == "auto":
         save = Path("bench", "results", gpu_file_name(env["gpu"])) if device == "cuda" else None
     tee = _Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee):
+    with contextlib.redirect_stdout(tee), _settle(args.settle, device):
         results = run_tables(args, device, twin, env)
     if save is not None:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
