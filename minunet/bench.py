@@ -50,6 +50,8 @@ from .tensor import Tensor
 # or PyTorch's OpenMP) steal the cores from the one timed now (measured: PyTorch's 1.5 ms
 # convolution took 22 ms right after a NumPy GEMM). Every timing first waits this long.
 SETTLE_S = 0.3
+# A forced kernel version (and --tune) slower than this per call is timed once, not --repeat times.
+SLOW_MS = 200.0
 
 
 @dataclass
@@ -255,7 +257,7 @@ def _version_row(device: str, auto: Row, label: str, settings: dict, fn, sync, r
     row = Row(f"{auto.name} [{label}]", auto.shape, auto.flops, auto.bytes, math.nan, auto.torch_ms)
     try:
         with backend_settings(device, **settings):
-            row.ms = time_it(fn, sync, repeat)
+            row.ms = time_capped(fn, sync, repeat, SLOW_MS)
     except Exception as exc:   # a version may refuse a shape (grid limits, no fp32 path, ...)
         row.extra["error"] = f"{type(exc).__name__}: {exc}"
     return row
@@ -533,6 +535,7 @@ def format_kernel_profile(rows: list[dict], gpu: str) -> str:
 def time_capped(fn, sync, repeat: int, slow_ms: float) -> float:
     """Like ``time_it``, but a call slower than ``slow_ms`` is timed once: a version that slow
     (the serial weight gradient of a 570 x 570 layer) loses anyway, and the GPU time is scarce."""
+    time.sleep(SETTLE_S)
     fn()                      # warm-up: compiles the kernel file on its first launch
     sync()
     start = time.perf_counter()
@@ -544,7 +547,7 @@ def time_capped(fn, sync, repeat: int, slow_ms: float) -> float:
     return time_it(fn, sync, repeat - 1, warmup=0)
 
 
-def tune(device: str, base: int, tile: int, batch: int, repeat: int, precisions, slow_ms: float = 200.0,
+def tune(device: str, base: int, tile: int, batch: int, repeat: int, precisions, slow_ms: float = SLOW_MS,
          table: dict | None = None, log=print) -> dict:
     """Time every version of every knob (``choices.KNOBS``) on every layer shape of a U-Net with
     ``base`` channels on a ``tile`` input, in each of ``precisions``, and record the times and
@@ -693,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-output", metavar="FILE", default=None, help="where --tune writes its table "
                    "(merged into the file when it holds a table of the same GPU); default: "
                    "minunet/backends/cuda_choices.json on cuda; required on emu (a dry run)")
-    p.add_argument("--tune-slow-ms", type=float, default=200.0, help="--tune times a version slower than "
+    p.add_argument("--tune-slow-ms", type=float, default=SLOW_MS, help="--tune times a version slower than "
                    "this once instead of --repeat times")
     p.add_argument("--settle", type=float, default=None, metavar="SECONDS", help="quiet time before each "
                    f"timing, for the CPU's spinning worker threads to sleep (default: {SETTLE_S} on cpu/emu, "
