@@ -93,6 +93,30 @@ def test_torch_twin_absent_or_off_is_falsy_and_its_modes_do_nothing():
         pass
 
 
+def test_torch_twin_on_cuda_switches_tf32_both_ways_and_restores_it():
+    """PyTorch is not installed here: a stand-in module with PyTorch's two TF32 switches checks
+    that mode("fp32") is strict (both off), mode("tf32") turns both on, and the user's setting
+    comes back after."""
+    flags = SimpleNamespace(cudnn=SimpleNamespace(allow_tf32=True), cuda=SimpleNamespace(matmul=SimpleNamespace(allow_tf32=False)))
+    twin = bench.TorchTwin("cuda", enabled=False)
+    twin.torch, twin.device = SimpleNamespace(backends=flags), "cuda"
+    assert twin.modes == ("fp32", "tf32") and "strict FP32" in twin.label("fp32") and "TF32" in twin.label("tf32")
+    with twin.mode("fp32"):
+        assert (flags.cudnn.allow_tf32, flags.cuda.matmul.allow_tf32) == (False, False)
+    with twin.mode("tf32"):
+        assert (flags.cudnn.allow_tf32, flags.cuda.matmul.allow_tf32) == (True, True)
+    assert (flags.cudnn.allow_tf32, flags.cuda.matmul.allow_tf32) == (True, False)
+
+
+def test_the_step_summary_compares_each_precision_with_each_pytorch_mode():
+    step = bench.Row("training step", "base 64, tile 572", 9e11, 0.0, 173.5)
+    step.extra["torch_step_ms"] = {"PyTorch cuDNN strict FP32 (allow_tf32 off)": 28.7,
+                                   "PyTorch cuDNN TF32 (allow_tf32 on)": 11.4}
+    text = bench.format_step_summary({"fp32": [step]})
+    assert text.startswith("minunet fp32:") and "strict FP32" in text and "TF32 (allow_tf32 on)" in text
+    assert "6.05" in text and "15.22" in text      # 173.5 / 28.7 and 173.5 / 11.4
+
+
 def test_save_writes_what_was_printed_and_names_the_gpu(tmp_path, monkeypatch, capsys):
     assert bench.gpu_file_name("NVIDIA H200") == "cuda_nvidia_h200.txt"
     monkeypatch.setattr(bench, "SETTLE_S", 0.0)

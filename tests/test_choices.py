@@ -64,6 +64,7 @@ def test_choose_follows_the_table_on_cuda_only_and_never_over_a_forced_version(t
     assert choices.choose(like(gpu, precision="fp32"), "conv3x3", "conv3x3", case) is None
     assert choices.choose(like(gpu, conv3x3_version="naive"), "conv3x3", "conv3x3", case) is None
     assert choices.choose(like(gpu, device="emu"), "conv3x3", "conv3x3", case) is None
+    assert choices.choose(gpu, "conv3x3", "conv3x3", None) is None     # a launcher that passes no layer
     monkeypatch.setenv("MINUNET_CHOICES", "off")
     assert choices.load_table() == {} and choices.choose(gpu, "conv3x3", "conv3x3", case) is None
 

@@ -125,7 +125,7 @@ def choose(backend, knob: str, op: str, case) -> str | None:
     """What a launcher of ``backend`` should run for one layer: the measured version when the
     backend is on ``cuda`` and the knob is left at "auto", else ``None`` (a forced version, or
     ``emu``, or a shape not measured: the caller applies its rule)."""
-    if backend.device != "cuda" or getattr(backend, KNOBS[knob].attribute) != "auto":
+    if case is None or backend.device != "cuda" or getattr(backend, KNOBS[knob].attribute) != "auto":
         return None
     return measured_choice(knob, layer_key(op, case, backend.precision))
 
