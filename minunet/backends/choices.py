@@ -11,7 +11,7 @@ shape of a U-Net (both precisions) and writes the table ``cuda_choices.json`` ne
 
     {"format": 1, "device": "cuda", "gpu": "NVIDIA H200", "date": "2026-12-04", "source": "...",
      "choices": {"reduction": {"conv3x3 1x64x570x570->64 fp32":
-                                   {"ms": {"tree": 1.9, "serial": 40.2}, "chosen": "tree"}, ...},
+                                   {"ms": {"tree": <ms>, "serial": <ms>}, "chosen": <the fastest>}, ...},
                  "conv3x3": {...}},
      "observed": {...}}          # optional: what a profile saw, one version per layer; never used
 
