@@ -548,13 +548,14 @@ def time_capped(fn, sync, repeat: int, slow_ms: float) -> float:
 
 
 def tune(device: str, base: int, tile: int, batch: int, repeat: int, precisions, slow_ms: float = SLOW_MS,
-         table: dict | None = None, log=print) -> dict:
+         table: dict | None = None, log=print, after_layer=None) -> dict:
     """Time every version of every knob (``choices.KNOBS``) on every layer shape of a U-Net with
     ``base`` channels on a ``tile`` input, in each of ``precisions``, and record the times and
     the fastest version per ``(knob, layer_key)`` in ``table`` (``choices.record``). A knob's
     time for a layer is the sum of the backend functions it changes (forward and backward for
     the 3x3 convolution's version: one choice serves both; the backward for the reduction);
-    a version that fails is recorded with no time and its error."""
+    a version that fails is recorded with no time and its error. ``after_layer(table)`` runs after
+    each layer (``tune_report`` saves there, so a run stopped by a time limit keeps what it measured)."""
     from . import ops
     from .backends import get_backend
 
@@ -564,11 +565,11 @@ def tune(device: str, base: int, tile: int, batch: int, repeat: int, precisions,
     table = table if table is not None else choices.new_table(device, "", "")
     config = dict(in_channels=1, num_classes=2, base_channels=base, depth=4)   # UNet's defaults, as bench_step
     layers = list(dict.fromkeys(unet_layers(config, tile, batch)))
-    for precision in precisions:
-        for op_name, case in layers:
-            op = modules[op_name]
-            examples = {f: tuple(backend.xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
-                        for f, args in op.example(rng, case).items()}
+    for op_name, case in layers:
+        op = modules[op_name]
+        examples = {f: tuple(backend.xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+                    for f, args in op.example(rng, case).items()}
+        for precision in precisions:
             for knob_name, knob in versioned(device, op):
                 ms, errors = {}, {}
                 for version in knob.versions():
@@ -582,6 +583,8 @@ def tune(device: str, base: int, tile: int, batch: int, repeat: int, precisions,
                 entry = choices.record(table, knob_name, key, ms, errors)
                 times = "  ".join(f"{v} {'failed' if t is None else f'{t:.3f}'}" for v, t in entry["ms"].items())
                 log(f"{knob_name:<9} {key:<44} {times}  -> {entry['chosen'] or '- (fewer than two ran)'}")
+        if after_layer is not None:
+            after_layer(table)
     return table
 
 
@@ -601,10 +604,11 @@ def tune_report(args, device: str, gpu: str) -> int:
               f"--tile {args.tile} --batch {args.batch} --repeat {args.repeat} (wall time, median)")
     print(f"# kernel versions on {device} ({gpu or 'no GPU'}): U-Net base {args.base_channels}, tile "
           f"{args.tile}, batch {args.batch}, precisions {', '.join(precisions)}; ms per layer, fastest chosen")
-    table = tune(device, args.base_channels, args.tile, args.batch, args.repeat, precisions, args.tune_slow_ms,
-                 choices.new_table(device, gpu, source))
-    table = choices.merge_into(output, table)
-    choices.save_table(output, table)
+    def save(table):
+        choices.save_table(output, choices.merge_into(output, table))
+
+    tune(device, args.base_channels, args.tile, args.batch, args.repeat, precisions, args.tune_slow_ms,
+         choices.new_table(device, gpu, source), after_layer=save)
     print(f"wrote {output}")
     return 0
 

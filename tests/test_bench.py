@@ -160,6 +160,19 @@ def test_tune_times_every_version_per_layer_and_precision(tmp_path, monkeypatch)
         assert pointwise not in table["choices"]["conv3x3"]
 
 
+def test_tune_keeps_what_it_measured_when_stopped_midway(tmp_path, monkeypatch):
+    """gpu_check.sh stops --tune at its time limit: every layer measured so far is in the file."""
+    from minunet.backends import choices
+
+    layers = [("conv1x1", (1, 3, 4, 5, 2)), ("no_such_op", (1, 1, 1, 1, 1))]
+    monkeypatch.setattr(bench, "unet_layers", lambda config, tile, batch: layers)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyError):
+        bench.main(["--device", "emu", "--tune", "--tile", "188", "--repeat", "1", "--precision", "fp32",
+                    "--tune-output", str(out)])
+    assert list(choices.load_table(out)["choices"]["reduction"]) == ["conv1x1 1x3x4x5->2 fp32"]
+
+
 @pytest.mark.slow
 def test_precision_both_times_the_step_in_each_precision(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "SETTLE_S", 0.0)
