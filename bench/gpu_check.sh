@@ -15,7 +15,7 @@
 # Usage, from the repository root:
 #   OUT=/some/folder bash bench/gpu_check.sh
 #   GPU_CHECK_DRY=1 OUT=/tmp/gpu_check bash bench/gpu_check.sh   # dry run: the same commands on
-#       the emulator (device emu) at tiny sizes, ncu skipped, limits x4: catches a typo for free
+#       the emulator (device emu) at tiny sizes, ncu skipped, limits x6 (the emulator on a busy CPU): catches a typo for free
 #   GPU_CHECK_ECHO=1 ...   only lists each stage's command
 # Afterwards: copy cuda_choices.json to minunet/backends/ (after reading it) and the tables to
 # bench/results/ with the date and the GPU.
@@ -31,7 +31,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # minunet from this checko
 START=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
-    DEV=emu; SCALE=4
+    DEV=emu; SCALE=6
     PAPER="--base-channels 1 --tile 188 --step-tiles 188"      # tiny stand-ins for the two networks
     DEFAULT="--base-channels 2 --tile 188 --step-tiles 188"
     REPEAT=1
