@@ -85,8 +85,12 @@ def test_tune_runs_merge_into_one_table_per_gpu(tmp_path):
     path = tmp_path / "t.json"
     a, b = (choices.layer_key("conv3x3", (1, 1, s, s, 4), "fp32") for s in (30, 40))
     choices.save_table(path, choices.merge_into(path, table_with({("reduction", a): {"tree": 1.0, "serial": 2.0}})))
-    merged = choices.merge_into(path, table_with({("reduction", b): {"tree": 5.0, "serial": 2.0}}))
+    second = table_with({("reduction", b): {"tree": 5.0, "serial": 2.0}})
+    second["source"] = "another run"
+    choices.save_table(path, choices.merge_into(path, second))
+    merged = choices.merge_into(path, second)             # --tune saves after every layer
     assert set(merged["choices"]["reduction"]) == {a, b}
+    assert merged["source"] == "a test; another run", "each run named once"
     other = choices.merge_into(path, table_with({("reduction", b): {"tree": 5.0, "serial": 2.0}}, gpu="Other GPU"))
     assert set(other["choices"]["reduction"]) == {b}, "another GPU's table replaces it"
 

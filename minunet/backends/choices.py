@@ -175,7 +175,10 @@ def merge_into(path: str | Path, table: dict) -> dict:
 
 
 def _merge_sources(old: str, new: str) -> str:
-    return new if not old or new in old else f"{old}; {new}"
+    """The commands behind a merged table, each once."""
+    if not old:
+        return new
+    return old if new in old.split("; ") else f"{old}; {new}"
 
 
 def save_table(path: str | Path, table: dict) -> None:
