@@ -801,12 +801,14 @@ def main(argv=None) -> int:
     if save == "auto":
         save = Path("bench", "results", gpu_file_name(env["gpu"])) if device == "cuda" else None
     tee = _Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee), _settle(args.settle, device):
-        results = run_tables(args, device, twin, env)
-    if save is not None:
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        Path(save).write_text(tee.copy.getvalue())
-        print(f"wrote {save}")
+    try:
+        with contextlib.redirect_stdout(tee), _settle(args.settle, device):
+            results = run_tables(args, device, twin, env)
+    finally:   # what was measured before a failure is saved too
+        if save is not None:
+            Path(save).parent.mkdir(parents=True, exist_ok=True)
+            Path(save).write_text(tee.copy.getvalue())
+            print(f"wrote {save}")
     if args.json:
         def as_dicts(rows):
             return [dict(asdict(r), ms=None if math.isnan(r.ms) else r.ms, gflops=r.gflops, gbps=r.gbps,
