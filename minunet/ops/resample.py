@@ -131,9 +131,10 @@ def _resample(coef, label, weight, coords, oy, ox, lo, hi, out_image, out_label,
             wx[1] = (3.0 * tx * tx * tx - 6.0 * tx * tx + 4.0) / 6.0
             wx[2] = (-3.0 * tx * tx * tx + 3.0 * tx * tx + 3.0 * tx + 1.0) / 6.0
             wx[3] = tx * tx * tx / 6.0
-            for k in range(4):
-                rows[k] = int(_mirror(fy - 1.0 + k, H))
-                cols[k] = int(_mirror(fx - 1.0 + k, W))
+            iy, ix = int(fy), int(fx)
+            for k in range(4):      # inside the array (most pixels) no index needs mirroring
+                rows[k] = iy - 1 + k if 1 <= iy and iy + 2 < H else int(_mirror(fy - 1.0 + k, H))
+                cols[k] = ix - 1 + k if 1 <= ix and ix + 2 < W else int(_mirror(fx - 1.0 + k, W))
             for c in range(channels):
                 total = 0.0
                 for i in range(4):
