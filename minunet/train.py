@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "or emu: 'tf32' lets the convolutions use tensor cores (TF32 inputs, float32 "
                        "sums, like PyTorch's allow_tf32), 'fp32' is strict float32 (default: "
                        "$MINUNET_PRECISION or fp32); the cpu device always computes in float32")
-    model.add_argument("--prefetch", type=int, default=1, choices=(0, 1, 2), help="batches a "
+    model.add_argument("--prefetch", type=int, default=None, choices=(0, 1, 2), help="batches a "
                        "background thread prepares ahead while the device runs the step (0: each "
-                       "batch is prepared in the loop); the data and results do not depend on it")
+                       "batch is prepared in the loop; default: 1 on cuda, where the CPU is free "
+                       "while the GPU computes, 0 on cpu and emu, whose step already uses every "
+                       "core); the data and results do not depend on it")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
     run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
@@ -490,7 +492,10 @@ def train_steps(run_: Run) -> tuple[int, str]:
     status, message = EXIT_OK, ""
     if run_.rng_state is None:      # before a thread moves the generator ahead
         run_.rng_state = run_.rng.bit_generator.state
-    batches = Batches(run_.sampler, args.batch_size, getattr(args, "prefetch", 0), run_.device)
+    ahead = getattr(args, "prefetch", None)
+    if ahead is None:
+        ahead = 1 if run_.device == "cuda" else 0
+    batches = Batches(run_.sampler, args.batch_size, ahead, run_.device)
     recent = []     # (data ms, step ms) of the last iterations, for the progress line
     with _InterruptFlag() as interrupt:
         try:
