@@ -11,6 +11,13 @@ the image with cubic interpolation, the label with nearest-neighbour (class ids 
 blended), the weight map with linear interpolation (no overshoot: weights stay positive).
 Beyond the array, values are mirrored without repeating the edge pixel (ndimage mode 'mirror',
 NumPy's 'reflect'), like the overlap-tile strategy (Fig. 2).
+
+The resampling here is scipy's (``ndimage.map_coordinates``), the oracle. Training resamples on
+its own device instead: :func:`random_coordinates` draws the same random numbers and builds the
+same coordinate map on the host, and ``TileSampler(device=...)`` (minunet.data.dataset) reads the
+slice through it with the device's ``resample`` (minunet/ops/resample.py: a parallel Numba
+kernel on cpu, kernels/resample.cu on cuda and emu), matching scipy within the tolerances of
+tests/test_resample.py (labels exactly).
 """
 from __future__ import annotations
 
