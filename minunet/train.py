@@ -497,6 +497,11 @@ def train_steps(run_: Run) -> tuple[int, str]:
         ahead = 1 if run_.device == "cuda" else 0
     batches = Batches(run_.sampler, args.batch_size, ahead, run_.device)
     recent = []     # (data ms, step ms) of the last iterations, for the progress line
+    # On cuda a batch was allocated on the loader thread's CUDA stream, whose memory pool may hand
+    # its memory out again as soon as it is freed, while this thread's stream may still be reading
+    # it. So a batch stays referenced until the next step's loss.item() has waited for this stream,
+    # i.e. until every kernel of the step that read it has finished.
+    held = []
     with _InterruptFlag() as interrupt:
         try:
             while run_.iteration < args.iterations:
@@ -506,6 +511,7 @@ def train_steps(run_: Run) -> tuple[int, str]:
                 data_ms = 1e3 * (time.perf_counter() - started)
                 loss = F.weighted_cross_entropy(run_.model(x), target, weight)
                 value = loss.item()
+                held[:] = (xs, targets, weights)     # frees the previous batch (see above)
                 if not math.isfinite(value):
                     status, message = EXIT_FAILED, _nan_message(run_, value)
                     break
