@@ -242,3 +242,41 @@ def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_batches_prepared_ahead_are_the_batches_in_order(ahead):
+    """train.Batches hands out the same batches, in the same order, with the generator state
+    after each, whether a thread prepares them ahead or not; an error in the thread is raised
+    in the training loop."""
+    from minunet.data import TileSampler, synthetic_samples
+
+    samples = synthetic_samples("em", n=2, size=64, seed=1)
+
+    def batches_of(ahead_):
+        sampler = TileSampler(samples, 60, 20, np.random.default_rng(3), device="cpu")
+        batches = train.Batches(sampler, 2, ahead=ahead_)
+        try:
+            return [batches.next() for _ in range(3)]
+        finally:
+            batches.close()
+
+    want, got = batches_of(0), batches_of(ahead)
+    for (want_batch, want_state, _), (got_batch, got_state, seconds) in zip(want, got):
+        assert got_state == want_state and seconds > 0
+        for a, b in zip(got_batch, want_batch):
+            assert np.array_equal(a, b)
+    assert want[0][1] != want[1][1]
+
+    class Broken:
+        rng = np.random.default_rng(0)
+
+        def batch(self, size):
+            raise ValueError("the image holds 3 NaN values")
+
+    batches = train.Batches(Broken(), 1, ahead=ahead)
+    try:
+        with pytest.raises(ValueError, match="NaN"):
+            batches.next()
+    finally:
+        batches.close()
