@@ -776,6 +776,55 @@ def summarize_ncu(path, top: int = 12) -> str:
     return "\n".join(lines)
 
 
+# ---- a training iteration: batch preparation + step (issue 17) ----------------------------------
+def bench_training_iteration(device: str, base: int, tile: int, batch: int, repeat: int) -> list[Row]:
+    """Where a training iteration's time goes, as ``python -m minunet.train`` runs it on the
+    built-in EM data (256 x 256 slices): the batch preparation alone (augmentation on the
+    device, minunet.train.training_batch), one iteration with the batch prepared in the loop
+    (``--prefetch 0``: preparation + step) and one with the batch prepared ahead by the
+    background thread (``--prefetch 1``, the default). Median (mean for the overlapped loop)
+    of ``repeat`` iterations after one untimed."""
+    from .data.dataset import TileSampler, synthetic_samples
+    from .train import Batches, training_batch
+
+    model = UNet(base_channels=base, seed=0, device=device).train()
+    out = UNet.output_size(tile, model.depth)
+    sampler = TileSampler(synthetic_samples("em", 4, 256, seed=0), tile, out,
+                          np.random.default_rng(0), device=device)
+    opt = SGD(model.parameters(), lr=1e-6, momentum=0.99)
+    sync = device_sync(device)
+
+    def step(xs, targets, weights):
+        x, target, weight = (Tensor(a, device=device) for a in (xs, targets, weights))
+        F.weighted_cross_entropy(model(x), target, weight).backward()
+        opt.step()
+        opt.zero_grad()
+        sync()
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    time.sleep(SETTLE_S)
+    step(*training_batch(sampler, batch))    # warm-up: compiles, caches the slices' coefficients
+    prep = statistics.median(timed(lambda: training_batch(sampler, batch)) for _ in range(repeat))
+    serial = statistics.median(timed(lambda: step(*training_batch(sampler, batch)))
+                               for _ in range(repeat))
+    batches = Batches(sampler, batch, ahead=1, device=device)
+    try:
+        batches.next()
+        overlapped = timed(lambda: [step(*batches.next()[0]) for _ in range(repeat)]) / repeat
+    finally:
+        batches.close()
+    what = f"base {base}, tile {tile}"
+    return [Row("batch preparation", f"{batch}x1x{tile}^2", 0.0, 0.0, prep),
+            Row("training iteration", f"{what}, prefetch 0", 0.0, 0.0, serial),
+            Row("training iteration", f"{what}, prefetch 1", 0.0, 0.0, overlapped)]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.command = "python -m minunet.bench " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -816,7 +865,9 @@ def main(argv=None) -> int:
 
         with open(args.json, "w") as f:
             json.dump({"env": env, "ops": as_dicts(results["ops"]),
-                       "steps": {k: as_dicts(v) for k, v in results["steps"].items()}}, f, indent=2)
+                       "steps": {k: as_dicts(v) for k, v in results["steps"].items()},
+                       "iterations": {k: as_dicts(v) for k, v in results.get("iterations", {}).items()}},
+                      f, indent=2)
     return 0
 
 
@@ -865,6 +916,10 @@ def run_tables(args, device: str, twin: TorchTwin, env: dict) -> dict:
         if twin:
             print(f"\n## training step vs PyTorch (base {args.base_channels}, tile {tile}, batch {args.batch})")
             print(format_step_summary(steps))
+        iteration = bench_training_iteration(device, args.base_channels, tile, args.batch, args.repeat)
+        print("\n## training iteration (batch preparation + step, as minunet.train runs it)")
+        print(format_table(iteration))
+        results.setdefault("iterations", {})[str(tile)] = iteration
     return results
 
 
