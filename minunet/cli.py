@@ -125,18 +125,19 @@ class Progress:
         by_time = elapsed / self.budget_s if math.isfinite(self.budget_s) else 0.0
         return min(1.0, max(iteration / self.iterations, by_time))
 
-    def describe(self, iteration: int, elapsed: float, loss: float) -> str:
+    def describe(self, iteration: int, elapsed: float, loss: float, note: str = "") -> str:
         text = f"iteration {iteration}/{self.iterations}"
         if math.isfinite(self.budget_s):
             text += f", {elapsed / 60:.1f} of {self.budget_s / 60:g} min"
-        return text + f", loss {loss:.4f}"
+        return text + f", loss {loss:.4f}" + (f", {note}" if note else "")
 
-    def update(self, iteration: int, elapsed: float, loss: float) -> None:
+    def update(self, iteration: int, elapsed: float, loss: float, note: str = "") -> None:
+        """`note`: more to show after the loss (the training loop's data and step times)."""
         if not self.enabled:
             return
         fraction = self.fraction(iteration, elapsed)
         if self.bar is not None:
-            self.bar.set_description_str(self.describe(iteration, elapsed, loss), refresh=False)
+            self.bar.set_description_str(self.describe(iteration, elapsed, loss, note), refresh=False)
             self.bar.update(round(1000 * fraction) - self.bar.n)
             return
         now = time.perf_counter()
@@ -144,7 +145,7 @@ class Progress:
             return
         self.next_tenth = math.floor(fraction * 10) + 1
         self.last_line = now
-        line = f"training {100 * fraction:3.0f}%: {self.describe(iteration, elapsed, loss)}"
+        line = f"training {100 * fraction:3.0f}%: {self.describe(iteration, elapsed, loss, note)}"
         done = fraction - self.start_fraction
         if 0 < done and fraction < 1:
             left = (now - self.start_time) * (1 - fraction) / done

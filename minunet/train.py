@@ -21,9 +21,11 @@ import io
 import json
 import math
 import os
+import queue
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +67,8 @@ RUN_FILES = ("checkpoint.npz", "log.csv", "metrics.json", "loss.png", "predictio
 # what to do with it, how much to print, and how this machine runs it (threads, emulator mode). Of the restored arguments, these may be changed on
 # resuming (train longer, lower a step size that made the loss NaN, move to another device); any
 # other that is given must equal the run's own.
-NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode", "precision")
+NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode", "precision",
+                "prefetch")
 CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every")
 
 
@@ -121,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "or emu: 'tf32' lets the convolutions use tensor cores (TF32 inputs, float32 "
                        "sums, like PyTorch's allow_tf32), 'fp32' is strict float32 (default: "
                        "$MINUNET_PRECISION or fp32); the cpu device always computes in float32")
+    model.add_argument("--prefetch", type=int, default=None, choices=(0, 1, 2), help="batches a "
+                       "background thread prepares ahead while the device runs the step (0: each "
+                       "batch is prepared in the loop; default: 1 on cuda, where the CPU is free "
+                       "while the GPU computes, 0 on cpu and emu, whose step already uses every "
+                       "core); the data and results do not depend on it")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
     run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
@@ -295,9 +303,79 @@ def training_batch(sampler, batch_size: int) -> tuple[np.ndarray, np.ndarray, np
     the gray-value variation (a gamma curve) works on intensities in [0, 1], as the loaders give
     them, and would clip a standardised image's negative half to 0. Standardising last also makes
     the network see what prediction gives it (a standardised image); linear gray-value changes then
-    cancel out, and the gamma curve is what remains of that augmentation."""
+    cancel out, and the gamma curve is what remains of that augmentation. On cuda the sampler's
+    arrays are already on the GPU (augmentation ran there) and are standardised there."""
     xs, targets, weights = sampler.batch(batch_size)
-    return np.stack([standardize(x) for x in xs]), targets, weights
+    if isinstance(xs, np.ndarray):
+        return np.stack([standardize(x) for x in xs]), targets, weights
+    mean = xs.mean(axis=(1, 2, 3), keepdims=True)     # a CuPy array: the same formula on the GPU
+    return (xs - mean) / (xs.std(axis=(1, 2, 3), keepdims=True) + 1e-6), targets, weights
+
+
+class Batches:
+    """The training batches in order, each with the random generator's state right after it was
+    drawn (what a checkpoint must store so that a resumed run draws the next batch next) and the
+    seconds it took to prepare.
+
+    With ``ahead`` > 0 a background thread prepares up to ``ahead`` batches while the device runs
+    the current step (the generator is then used by that thread only, in the same order, so the
+    batches are the very same); with 0 each batch is prepared when asked for. On cuda the thread
+    works on its own CUDA stream and waits for it before handing a batch over."""
+
+    def __init__(self, sampler, batch_size: int, ahead: int = 1, device: str = "cpu"):
+        self.sampler, self.batch_size, self.ahead, self.device = sampler, batch_size, ahead, device
+        self._queue: queue.Queue = queue.Queue(maxsize=max(ahead, 1))
+        self._stop = threading.Event()
+        self._thread = None
+        if ahead > 0:
+            self._thread = threading.Thread(target=self._work, name="minunet-batches", daemon=True)
+            self._thread.start()
+
+    def _prepare(self):
+        start = time.perf_counter()
+        batch = training_batch(self.sampler, self.batch_size)   # looked up here: tests replace it
+        return batch, self.sampler.rng.bit_generator.state, time.perf_counter() - start
+
+    def _work(self) -> None:
+        stream = None
+        if self.device == "cuda":
+            import cupy
+
+            stream = cupy.cuda.Stream(non_blocking=True)
+        try:
+            while not self._stop.is_set():
+                if stream is None:
+                    item = self._prepare()
+                else:
+                    with stream:
+                        item = self._prepare()
+                    stream.synchronize()
+                self._put(("batch", item))
+        except BaseException as exc:     # handed to the training loop, raised there
+            self._put(("error", exc))
+
+    def _put(self, message) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self):
+        """(batch, generator state after it, seconds its preparation took)."""
+        if self._thread is None:
+            return self._prepare()
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the thread (a batch it is preparing is finished and dropped)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -314,6 +392,9 @@ class Run:
     iteration: int = 0
     elapsed_before: float = 0.0     # seconds of training so far, over all sessions
     log_rows: list = field(default_factory=list)
+    # the generator's state after the last batch trained on (batches prepared ahead have moved
+    # the generator itself further); None: the generator's own state
+    rng_state: dict | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -323,21 +404,29 @@ class Run:
         """The log first, then the checkpoint (both atomic): a resumed run reads the log only up
         to the checkpoint's iteration, so a kill between the two writes loses nothing."""
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=["iteration", "loss", "seconds"], lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.log_rows)
         atomic_write(self.out_dir / "log.csv", lambda f: f.write(text.getvalue().encode()))
         save_checkpoint(self.checkpoint_path, self.model, self.optimizer, meta={
             "iteration": self.iteration, "elapsed": elapsed,
-            "rng_state": self.rng.bit_generator.state, "tile": self.args.tile,
+            "rng_state": self.rng_state or self.rng.bit_generator.state, "tile": self.args.tile,
             "args": {k: v for k, v in vars(self.args).items() if k not in ("resume", "overwrite")}})
+
+
+# log.csv: per iteration, the loss, the seconds of training so far, and where the iteration's time
+# went: data_ms, the time the loop waited for its batch (all of its preparation without
+# --prefetch, what the background thread had not finished with it), and step_ms, the forward,
+# loss, backward and update on the device
+LOG_FIELDS = ["iteration", "loss", "seconds", "data_ms", "step_ms"]
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [dict(iteration=int(r["iteration"]), loss=float(r["loss"]), seconds=float(r["seconds"]))
+        return [dict(iteration=int(r["iteration"]), loss=float(r["loss"]), seconds=float(r["seconds"]),
+                     data_ms=r.get("data_ms") or "", step_ms=r.get("step_ms") or "")
                 for r in csv.DictReader(f) if int(r["iteration"]) <= upto]
 
 
@@ -370,7 +459,7 @@ def build_run(args, resumed: dict | None, train_samples, val_samples, out_dir: P
         run_.iteration, run_.elapsed_before = int(meta["iteration"]), float(meta.get("elapsed", 0.0))
         run_.log_rows = _read_log(out_dir / "log.csv", run_.iteration)
     run_.sampler = TileSampler(train_samples, args.tile, model.output_size(args.tile), rng,
-                               augment=not args.no_augment)
+                               augment=not args.no_augment, device=device)
     return run_
 
 
@@ -413,41 +502,70 @@ def train_steps(run_: Run) -> tuple[int, str]:
     pace = Pace(run_, budget, expected_step_s(run_), enabled=not args.quiet, write=progress.write)
     t0 = time.perf_counter()
     status, message = EXIT_OK, ""
+    if run_.rng_state is None:      # before a thread moves the generator ahead
+        run_.rng_state = run_.rng.bit_generator.state
+    ahead = getattr(args, "prefetch", None)
+    if ahead is None:
+        ahead = 1 if run_.device == "cuda" else 0
+    batches = Batches(run_.sampler, args.batch_size, ahead, run_.device)
+    recent = []     # (data ms, step ms) of the last iterations, for the progress line
+    # On cuda a batch was allocated on the loader thread's CUDA stream, whose memory pool may hand
+    # its memory out again as soon as it is freed, while this thread's stream may still be reading
+    # it. So a batch stays referenced until the next step's loss.item() has waited for this stream,
+    # i.e. until every kernel of the step that read it has finished.
+    held = []
     with _InterruptFlag() as interrupt:
-        while run_.iteration < args.iterations:
-            xs, targets, weights = training_batch(run_.sampler, args.batch_size)
-            x, target, weight = (Tensor(a, device=run_.device) for a in (xs, targets, weights))
-            loss = F.weighted_cross_entropy(run_.model(x), target, weight)
-            value = loss.item()
-            if not math.isfinite(value):
-                status, message = EXIT_FAILED, _nan_message(run_, value)
-                break
-            loss.backward()
-            run_.optimizer.step()
-            run_.optimizer.zero_grad()
-            run_.iteration += 1
-            elapsed = run_.elapsed_before + time.perf_counter() - t0
-            run_.log_rows.append({"iteration": run_.iteration, "loss": value,
-                                  "seconds": round(elapsed, 3)})
-            progress.update(run_.iteration, elapsed, value)
-            pace.update(run_.iteration, elapsed)
-            stop = interrupt.raised     # read once: a Ctrl-C between two reads must still save
-            if run_.iteration % args.checkpoint_every == 0 or stop:
-                run_.save(elapsed)
-            if stop:
-                status = EXIT_INTERRUPTED
-                message = (f"interrupted at iteration {run_.iteration}; checkpoint saved to "
-                           f"{run_.checkpoint_path}; continue with: {_resume_command(run_)}")
-                break
-            if elapsed >= budget:
-                message = (f"time budget of {args.max_minutes:g} min spent at iteration "
-                           f"{run_.iteration} of {args.iterations}")
-                break
+        try:
+            while run_.iteration < args.iterations:
+                started = time.perf_counter()
+                (xs, targets, weights), rng_state, _ = batches.next()
+                x, target, weight = (Tensor(a, device=run_.device) for a in (xs, targets, weights))
+                data_ms = 1e3 * (time.perf_counter() - started)
+                loss = F.weighted_cross_entropy(run_.model(x), target, weight)
+                value = loss.item()
+                held[:] = (xs, targets, weights)     # frees the previous batch (see above)
+                if not math.isfinite(value):
+                    status, message = EXIT_FAILED, _nan_message(run_, value)
+                    break
+                loss.backward()
+                run_.optimizer.step()
+                run_.optimizer.zero_grad()
+                run_.iteration += 1
+                run_.rng_state = rng_state
+                now = time.perf_counter()
+                step_ms = 1e3 * (now - started) - data_ms
+                elapsed = run_.elapsed_before + now - t0
+                run_.log_rows.append({"iteration": run_.iteration, "loss": value,
+                                      "seconds": round(elapsed, 3), "data_ms": round(data_ms, 2),
+                                      "step_ms": round(step_ms, 2)})
+                recent = (recent + [(data_ms, step_ms)])[-20:]
+                progress.update(run_.iteration, elapsed, value, _time_split(recent))
+                pace.update(run_.iteration, elapsed)
+                stop = interrupt.raised     # read once: a Ctrl-C between two reads must still save
+                if run_.iteration % args.checkpoint_every == 0 or stop:
+                    run_.save(elapsed)
+                if stop:
+                    status = EXIT_INTERRUPTED
+                    message = (f"interrupted at iteration {run_.iteration}; checkpoint saved to "
+                               f"{run_.checkpoint_path}; continue with: {_resume_command(run_)}")
+                    break
+                if elapsed >= budget:
+                    message = (f"time budget of {args.max_minutes:g} min spent at iteration "
+                               f"{run_.iteration} of {args.iterations}")
+                    break
+        finally:
+            batches.close()
     progress.close()
     run_.elapsed_before += time.perf_counter() - t0
     if status == EXIT_OK:
         run_.save(run_.elapsed_before)
     return status, message
+
+
+def _time_split(recent: list) -> str:
+    """'data 3 ms + step 58 ms' per iteration, averaged over `recent` (data ms, step ms) pairs."""
+    data, step = (sum(v) / len(recent) for v in zip(*recent))
+    return f"data {data:.0f} ms + step {step:.0f} ms"
 
 
 def _nan_message(run_: Run, value: float) -> str:
