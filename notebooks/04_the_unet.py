@@ -272,8 +272,8 @@ def draw_u(layers):
                         arrowprops=dict(arrowstyle="->", color=colours[r["op"]], lw=1.2))
         ax.add_patch(plt.Rectangle((x, y - h / 2), w, h, fc="#9cf" if r["op"] != "input" else "#ddd",
                                    ec="k", lw=0.6))
-        ax.text(x + w / 2, y + h / 2 + 0.08, str(r["channels"]), ha="center", va="bottom", fontsize=7)
-        ax.text(x + w / 2, y - h / 2 - 0.08, str(r["size"]), ha="center", va="top", fontsize=6)
+        ax.text(x + w / 2, y + h / 2 + 0.08, str(r["channels"]), ha="center", va="bottom", fontsize=8)
+        ax.text(x + w / 2, y - h / 2 - 0.08, str(r["size"]), ha="center", va="top", fontsize=8)
         previous, previous_level = (x, y, w), r["level"]
         if r["op"] != "up-conv 2x2":
             last_on_level[r["level"]] = (x + w, y)
@@ -296,6 +296,8 @@ draw_u(layers)
 # * 23 convolutional layers, 31,030,658 parameters for the paper's configuration;
 #   `model.layer_table(size)` lists every layer's sizes, channels and parameters.
 #
-# Next: [06_elastic_deformation.ipynb](06_elastic_deformation.ipynb) — how so few training
-# images are made into many; [07_overlap_tile.ipynb](07_overlap_tile.ipynb) — how the
-# shrinking output tiles cover an image of any size.
+# Next: [05_weighted_loss.ipynb](05_weighted_loss.ipynb) — what the network is trained to
+# minimise: the weighted cross-entropy of eq. 1 and the border weights of eq. 2. After it,
+# [06_elastic_deformation.ipynb](06_elastic_deformation.ipynb) (how so few training images
+# are made into many) and [07_overlap_tile.ipynb](07_overlap_tile.ipynb) (how the shrinking
+# output tiles cover an image of any size).

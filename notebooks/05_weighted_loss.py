@@ -131,9 +131,14 @@ plt.tight_layout(); plt.show()
 # %% [markdown]
 # (Colour scales of $d_1$, $d_2$ end at 30 px.) $d_1$ is 0 inside every cell. $d_2$ is large
 # almost everywhere and small only between cells
-# of a cluster, which is where the border term lights up. The library adds the border term on
-# **background** pixels only: inside a cell $d_1 = 0$ and $d_2$ is at least 2, so the term
-# would mostly reward the cell's own rim, which is not what it is for.
+# of a cluster, which is where the border term lights up.
+#
+# **A deviation from the paper.** Eq. 2 as printed adds the border term at *every* pixel $x$;
+# the paper does not say what $d_1$ means inside a cell. minunet adds it on **background**
+# pixels only: inside a cell $d_1 = 0$ and $d_2$ is at least 2, so the term would mostly weight
+# the cell's own rim, which is not what it is for (the gaps are). Fig. 3d of the paper looks
+# the same either way at its scale; the choice is minunet's, made in
+# `minunet.data.weights.unet_weight_map`.
 #
 # ## Class balancing: $w_c$
 #
@@ -182,7 +187,7 @@ rows, cols = np.nonzero(cells)                            # show the region arou
 view = (slice(max(rows.min() - 8, 0), rows.max() + 9), slice(max(cols.min() - 8, 0), cols.max() + 9))
 fig, axes = plt.subplots(1, 4, figsize=(8, 2.3))
 panels = [(image, "(a) raw image", "gray"), (overlay, "(b) instances", None),
-          (target, "(c) mask with gaps", "gray"), (weight, "(d) weight map w(x)", "jet")]
+          (target, "(c) mask with gaps", "gray"), (weight, "(d) weight map w(x)", "magma")]
 for ax, (im, title, cmap) in zip(axes, panels):
     shown = ax.imshow(im[view], cmap=cmap); ax.set_title(title, fontsize=8); ax.axis("off")
 fig.colorbar(shown, ax=axes[3], fraction=0.046)
@@ -220,7 +225,7 @@ for before, run, after in zip(runs, runs[1:], runs[2:]):
 # %%
 cols = np.arange(40, 112)
 fig, axes = plt.subplots(1, 2, figsize=(8, 2.4), gridspec_kw=dict(width_ratios=[1, 1.7]))
-axes[0].imshow(weight[y - 22:y + 23, cols], cmap="jet", extent=(cols[0] - 0.5, cols[-1] + 0.5, y + 22.5, y - 22.5))
+axes[0].imshow(weight[y - 22:y + 23, cols], cmap="magma", extent=(cols[0] - 0.5, cols[-1] + 0.5, y + 22.5, y - 22.5))
 axes[0].axhline(y, color="w", lw=1, ls="--")
 axes[0].set_title(f"w(x) around row {y} (dashed)", fontsize=8)
 ax = axes[1]
@@ -231,7 +236,7 @@ for c in cols:
     if row[c]:
         ax.axvspan(c - 0.5, c + 0.5, color=colours[row[c]], alpha=0.35, lw=0)
 ax.set_xlabel(f"column of row {y} (shaded: cell pixels, coloured by cell)", fontsize=8)
-ax.legend(fontsize=7, loc="upper right"); ax.grid(alpha=0.3)
+ax.legend(fontsize=8, loc="upper right"); ax.grid(alpha=0.3)
 plt.tight_layout(); plt.show()
 
 # %% [markdown]

@@ -176,11 +176,15 @@ print("max |aligned tiles - whole image| =", np.abs(tiled - whole_aligned).max()
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(10, 2.9))
-panels = [(stitched[1], "tiles every 76 px: P(class 1)", "magma"),
-          (diff, f"|76-px tiles - whole|, max {diff.max():.2f}", "viridis"),
-          (np.abs(tiled - whole_aligned)[1], "|72-px-grid tiles - whole|", "viridis")]
-for ax, (im, title, cmap) in zip(axes, panels):
-    shown = ax.imshow(im, cmap=cmap)
+aligned_diff = np.abs(tiled - whole_aligned)[1]
+# the two difference maps share one colour scale, so that "zero" looks like zero: an
+# autoscaled colour bar would stretch float32 rounding (or nothing at all) over the full range
+panels = [(stitched[1], "tiles every 76 px: P(class 1)", "magma", None),
+          (diff, f"|76-px tiles - whole|, max {diff.max():.2f}", "viridis", diff.max()),
+          (aligned_diff, f"|72-px-grid tiles - whole|, max {aligned_diff.max():.0e}\n(same scale)",
+           "viridis", diff.max())]
+for ax, (im, title, cmap, top) in zip(axes, panels):
+    shown = ax.imshow(im, cmap=cmap, vmin=None if top is None else 0, vmax=top)
     fig.colorbar(shown, ax=ax, fraction=0.035)
     ax.set_title(title, fontsize=8); ax.axis("off")
 for y in ys:
@@ -191,13 +195,14 @@ plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # The left map is what the untrained network predicts; the middle one shows the seams of
-# the naive tiling square by square (white lines: square borders); the right one is zero
-# up to float32 rounding.
+# the naive tiling square by square (white lines: square borders); the right one, on the
+# same colour scale, is zero up to float32 rounding (its maximum is in the title).
 #
 # For a *trained* network the differences between pooling phases are much smaller — it has
-# learned to give nearly the same answer for an image shifted by a few pixels; notebook 8
-# measures it — which is why the paper's tiling looks seamless. But only tiles on the
-# pooling grid reproduce the whole-image pass exactly.
+# learned to give nearly the same answer for an image shifted by a few pixels, which is why
+# the paper's tiling looks seamless. But only tiles on the pooling grid reproduce the
+# whole-image pass exactly. Notebook 8 measures both for a trained network: tiles off the
+# grid differ from one pass a little, minunet's on-grid tiles only by float32 rounding.
 
 # %% [markdown]
 # Cropping 2 pixels per side wastes a little of every tile. `predict_overlap_tile(...,

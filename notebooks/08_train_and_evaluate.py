@@ -1,13 +1,15 @@
 # %% [markdown]
 # # 8. Training a U-Net and measuring it
 #
-# Everything so far comes together here, at a size that trains in well under a minute on
-# two CPU cores. The method is the paper's (Section 3):
+# Everything so far comes together here, at a size that trains in well under a minute on an
+# idle 2-core CPU (the training cell prints how long it took, and on which machine, when this
+# notebook was built). The method is the paper's (Section 3):
 #
 # * **one large tile per step** (batch size 1): "we favor large input tiles over a large
 #   batch size";
 # * **SGD with momentum 0.99**, "such that a large number of the previously seen training
-#   samples determine the update in the current optimization step";
+#   samples determine the update in the current optimization step" (the paper gives no
+#   learning rate; the one below is chosen for this small network, see the training loop);
 # * the **weighted softmax cross-entropy** of eq. 1, $E = \sum_x w(x) \log p_{\ell(x)}(x)$
 #   (negated, averaged over pixels), whose weight map $w$ balances the classes (eq. 2's
 #   $w_c$; the border term of eq. 2 matters for touching cells, `--instances`);
@@ -16,7 +18,7 @@
 # * **augmentation** by elastic deformation, rotation, flips and gray values
 #   (Section 3.1, notebook 6);
 # * **overlap-tile prediction** (Fig. 2, notebook 7) and the **ISBI 2012 metrics**
-#   (Section 4, Table 1): pixel, Rand and warping error.
+#   (Section 4, Table 1): pixel, Rand and warping error, next to the paper's numbers at the end.
 #
 # The data are minunet's synthetic EM-like images (cells separated by dark membranes, in the
 # spirit of the ISBI 2012 challenge), generated from a seed — no download. The network is
@@ -54,12 +56,15 @@ plt.tight_layout(); plt.show()
 # ## The network and the training tiles
 #
 # Depth 3 makes valid input sizes $\equiv 4 \pmod 8$ and output = input - 88 (notebook 4).
+# `mu.UNet` puts dropout with rate 0.5 at the end of the contracting path: the paper says
+# "drop-out layers at the end of the contracting path perform further implicit data
+# augmentation" but gives no rate; 0.5 is the rate of the authors' released Caffe model.
 # `TileSampler` draws a random image and position, cuts the input tile (mirroring where it
 # leaves the image), deforms it with the label and weights (notebook 6) and returns the
 # label and weights of the central output square.
 
 # %%
-model = mu.UNet(base_channels=16, depth=3, seed=0)            # dropout 0.5, as in the paper
+model = mu.UNet(base_channels=16, depth=3, seed=0)            # dropout 0.5: see below
 TILE = model.valid_input_size(180)                            # for the model's own depth, 3
 OUT = model.output_size(TILE)
 print(f"{sum(p.size for p in model.parameters()):,} parameters; tile {TILE} -> {OUT}")
@@ -74,7 +79,8 @@ axes[0].imshow(x[0], cmap="gray")
 axes[0].add_patch(plt.Rectangle((m - 0.5, m - 0.5), OUT, OUT, fill=False, ec="yellow", lw=1.5))
 axes[0].set_title(f"input tile {TILE}x{TILE}")
 axes[1].imshow(target, cmap="gray"); axes[1].set_title(f"target {OUT}x{OUT}")
-axes[2].imshow(weight, cmap="viridis"); axes[2].set_title("weights")
+shown = axes[2].imshow(weight, cmap="viridis"); axes[2].set_title("weights w(x)")
+fig.colorbar(shown, ax=axes[2], fraction=0.046)
 for ax in axes: ax.axis("off")
 plt.tight_layout(); plt.show()
 
@@ -200,7 +206,7 @@ for ax, (name, pred) in zip(axes[1:], cases.items()):
     ax.scatter(topo[:, 1], topo[:, 0], s=8, c="red", marker="s", label="topological error")
     ax.set_title(name, fontsize=8)
 for ax in axes: ax.axis("off")
-axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
 plt.show()
 
 # %% [markdown]

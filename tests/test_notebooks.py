@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,48 @@ def test_notebook_runs(path: Path):
 
 def cells(nb) -> list[tuple[str, str]]:
     return [(cell.cell_type, cell.source) for cell in nb.cells]
+
+
+NEXT_LINK = re.compile(r"\[(\d\d_\w+)\.ipynb\]\(\1\.ipynb\)")
+
+
+@pytest.mark.parametrize("name, following", list(zip(EXPECTED, EXPECTED[1:])))
+def test_reading_path_links_each_notebook_to_the_next(name: str, following: str):
+    """The reading path 01 -> 02 -> ...: a notebook's last cell says "Next:" and links the
+    notebook that follows it (first), so a reader who finishes one never has to guess."""
+    last = jupytext.read(NOTEBOOK_DIR / f"{name}.py", fmt="py:percent").cells[-1]
+    assert last.cell_type == "markdown" and "Next:" in last.source, \
+        f"{name}.py should end with a markdown cell 'Next: [...](...)'"
+    after_next = last.source.split("Next:", 1)[1]
+    links = NEXT_LINK.findall(after_next)
+    assert links and links[0] == following, \
+        f"{name}.py's last cell should link {following}.ipynb first after 'Next:', found {links}"
+
+
+def test_readme_marks_the_paper_and_cuda_tracks():
+    """The README names both reading tracks and every notebook on each exists."""
+    readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+    for track in ("Paper track", "CUDA track"):
+        line = next((ln for ln in readme.splitlines() if ln.startswith(f"**{track}")), None)
+        assert line is not None, f"README's Notebooks section should have a line starting **{track}"
+        numbers = re.findall(r"\b(\d\d)\b", line)
+        assert numbers and all(any(n.startswith(k) for n in EXPECTED) for k in numbers), (track, numbers)
+
+
+def test_nbsetup_ignores_a_folder_named_minunet_that_is_not_the_package(tmp_path):
+    """A copied notebooks/ folder next to a directory called minunet (no __init__.py) must not
+    put that directory first on sys.path: `import minunet` would find an empty namespace
+    package. nbsetup adds the parent folder only when it holds minunet/__init__.py."""
+    (tmp_path / "minunet").mkdir()                          # e.g. a clone's data folder
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "nbsetup.py").write_bytes((NOTEBOOK_DIR / "nbsetup.py").read_bytes())
+    env = dict(os.environ, PYTHONPATH=str(NOTEBOOK_DIR.parent), MPLBACKEND="Agg")
+    code = ("import sys, nbsetup; print(nbsetup.mu.UNet.__name__, "
+            f"{str(tmp_path)!r} in sys.path, nbsetup.use_checkout())")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "notebooks", env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["UNet", "False", "False"]
 
 
 @pytest.mark.parametrize("name", EXPECTED)
