@@ -717,7 +717,31 @@ print(f"{len(results)} comparisons, worst relative error {worst:.1e}: "
 #   kernel computes it with the same code as the forward pass.
 # * Every kernel runs on the CPU under the emulator and agrees with the NumPy reference to
 #   float32 rounding; the reference agrees with finite differences in float64.
+
+# %% [markdown]
+# ## Exercises that run on a laptop
 #
+# The exercises live in [`notebooks/exercises/`](exercises/): each is a short `.cu` file (the
+# starter; open it in any editor, the comment at its top says what to do) with a check that
+# compiles it with minunet's CUDA emulator in checked mode, runs it on shapes that cross tile
+# and warp boundaries, compares it with NumPy and, where the exercise is about speed, counts
+# what a GPU profiler would. No GPU is needed. `check(name)` prints what is still wrong;
+# `solution(name)` is the path of a worked solution, for after you have tried.
+# `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
+# starter (which must fail), so the checks keep working.
+#
+# **Exercise 1: restore the barriers.** [`exercises/barrier.cu`](exercises/barrier.cu) is a
+# small tiled convolution (one output channel, a 16 x 16 tile, a loop over input channels)
+# from which both `__syncthreads()` were deleted. The check below runs the starter as it is:
+# the emulator reports the race, naming the two threads and the two source lines. Put the
+# barriers back and run the cell again.
+
+# %%
+from exercises.check import check, solution
+
+check("barrier");
+
+# %% [markdown]
 # Next: [03_pooling_and_upconv.ipynb](03_pooling_and_upconv.ipynb) — the other two
 # operations of Fig. 1 (red and green arrows), their kernels and their gradients. Then
 # [04_the_unet.ipynb](04_the_unet.ipynb) stacks 18 of these convolutions into the network.

@@ -635,5 +635,32 @@ print(f"y[:, :2] is skip[:, :, {oy}:{oy + 4}, {ox}:{ox + 4}]:", np.array_equal(o
 #   a tree in shared memory, slices combined in a fixed order.
 # * On `emu` the kernels give exactly the reference's pooling results and agree with the
 #   reference up-convolution to float32 rounding (about $10^{-6}$).
+
+# %% [markdown]
+# ## Exercises that run on a laptop
 #
+# The exercises live in [`notebooks/exercises/`](exercises/): each is a short `.cu` file (the
+# starter; open it in any editor, the comment at its top says what to do) with a check that
+# compiles it with minunet's CUDA emulator in checked mode, runs it on shapes that cross tile
+# and warp boundaries, compares it with NumPy and, where the exercise is about speed, counts
+# what a GPU profiler would. No GPU is needed. `check(name)` prints what is still wrong;
+# `solution(name)` is the path of a worked solution, for after you have tried.
+# `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
+# starter (which must fail), so the checks keep working.
+#
+# **Exercise 2: make max-pooling's loads coalesced.**
+# [`exercises/coalesced_pool.cu`](exercises/coalesced_pool.cu) is the pooling forward pass
+# above without the argmax: one thread per output pixel, so the lanes of a warp read every
+# other float and each load instruction touches 8 sectors of 32 bytes. Rewrite it with one
+# thread per input column and a warp shuffle (`__shfl_xor_sync`) to pair neighbouring lanes,
+# and watch the profiler's *sectors per request* fall from 8 to 4. (The H200 measured 8.00
+# sectors per request for minunet's pooling kernel, exactly what the emulator counts:
+# `bench/results/h200-2026-12-04/README.md`.)
+
+# %%
+from exercises.check import check, solution
+
+check("coalesced_pool");
+
+# %% [markdown]
 # Next: [04_the_unet.ipynb](04_the_unet.ipynb) puts these pieces together into the network of Fig. 1.

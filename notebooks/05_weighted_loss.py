@@ -685,6 +685,35 @@ else:
 # * The CUDA kernel gives one thread per pixel (fused loss and gradient), then a two-pass
 #   shared-memory tree reduction for the mean, in a fixed order; on the emulator it agrees
 #   with the NumPy reference to float32 rounding.
+
+# %% [markdown]
+# ## Exercises that run on a laptop
 #
+# The exercises live in [`notebooks/exercises/`](exercises/): each is a short `.cu` file (the
+# starter; open it in any editor, the comment at its top says what to do) with a check that
+# compiles it with minunet's CUDA emulator in checked mode, runs it on shapes that cross tile
+# and warp boundaries, compares it with NumPy and, where the exercise is about speed, counts
+# what a GPU profiler would. No GPU is needed. `check(name)` prints what is still wrong;
+# `solution(name)` is the path of a worked solution, for after you have tried.
+# `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
+# starter (which must fail), so the checks keep working.
+#
+# **Exercise 3: a tree without bank conflicts.**
+# [`exercises/bank_conflicts.cu`](exercises/bank_conflicts.cu) sums blocks of 512 numbers with
+# a shared-memory tree like the loss kernel's, but addresses the tree as many first attempts
+# do: in the step with stride $s$, thread $t$ adds word $2st + s$ into word $2st$. Shared
+# memory is split into 32 *banks*, one 4-byte word wide (word $k$ is in bank $k \bmod 32$); a
+# bank serves one word at a time, so when the lanes of a warp ask one bank for several
+# different words the request takes several passes (*wavefronts*). With the stride-$2s$
+# addressing every bank gets 2, 4, 8, ... of a warp's words. The check counts the wavefronts
+# per shared load: change the indexing so that the active threads are the first ones and
+# read consecutive words, and it falls to 1.
+
+# %%
+from exercises.check import check, solution
+
+check("bank_conflicts");
+
+# %% [markdown]
 # Next: [06_elastic_deformation.ipynb](06_elastic_deformation.ipynb) — how the few annotated
 # images, with their weight maps, are deformed into many.

@@ -184,3 +184,42 @@ def test_sync_refuses_to_overwrite_a_newer_edited_ipynb(pair, capsys):
     assert (folder / f"{name}.ipynb").read_bytes() == before
     assert sync.main(["no_such_notebook"], folder=folder) == 2
     assert "unknown notebook(s) no_such_notebook" in capsys.readouterr().err
+
+
+def load_exercise_checks():
+    spec = importlib.util.spec_from_file_location("exercise_check", NOTEBOOK_DIR / "exercises" / "check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+EXERCISES = ["barrier", "coalesced_pool", "bank_conflicts"]
+
+
+@pytest.mark.parametrize("exercise", EXERCISES)
+def test_exercise_check_passes_the_solution_and_fails_the_starter(exercise: str):
+    """Each CUDA exercise's check (run on the emulator) accepts its worked solution and rejects
+    the starter the student begins from, saying why: so the check can fail, and it checks what
+    the exercise is about (a race, uncoalesced loads, bank conflicts)."""
+    checks = load_exercise_checks()
+    solved = checks.check(exercise, checks.solution(exercise), quiet=True)
+    assert solved.passed, str(solved)
+    starter = checks.check(exercise, quiet=True)
+    assert not starter.passed, f"the starter of {exercise} passes its own check:\n{starter}"
+    why = {"barrier": "race", "coalesced_pool": "sectors per request", "bank_conflicts": "bank conflicts"}
+    assert why[exercise] in str(starter), str(starter)
+
+
+def test_exercise_check_refuses_unknown_names():
+    checks = load_exercise_checks()
+    with pytest.raises(ValueError, match="unknown exercise 'nope'; the exercises are barrier"):
+        checks.check("nope")
+
+
+def test_every_exercise_has_a_starter_a_solution_and_a_check():
+    checks = load_exercise_checks()
+    assert sorted(checks.CHECKS) == sorted(EXERCISES)
+    for name in EXERCISES:
+        assert (NOTEBOOK_DIR / "exercises" / f"{name}.cu").is_file()
+        assert checks.solution(name).is_file()
