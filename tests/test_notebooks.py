@@ -32,11 +32,12 @@ MAX_SIZE_KB = 1024
 
 
 EXPECTED = ["01_tensors_and_autograd", "02_conv3x3", "03_pooling_and_upconv", "04_the_unet",
-            "05_weighted_loss", "06_elastic_deformation", "07_overlap_tile", "08_train_and_evaluate"]
+            "05_weighted_loss", "06_elastic_deformation", "07_overlap_tile", "08_train_and_evaluate",
+            "09_making_the_convolution_fast"]
 
 
 def test_notebooks_exist():
-    """The eight notebooks, each a .py source and its .ipynb, each linked from the README."""
+    """The nine notebooks, each a .py source and its .ipynb, each linked from the README."""
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
     assert sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")) == EXPECTED
     readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
