@@ -466,7 +466,9 @@ for what, (h_out, w_out, co) in {"this notebook's test shape": (Ho, Wo, Co),
 # the U-Net, whose 572 x 572 input tiles the paper chose because "we favor large input tiles
 # over a large batch size" (Section 3). On the tiny test images of this notebook most of
 # each tile lies outside the image. (How fast either kernel really is can only be measured on
-# a GPU: `MINUNET_CONV3X3=naive python -m minunet.bench --device cuda` against `MINUNET_CONV3X3=tiled`.)
+# a GPU: `MINUNET_CONV3X3=naive python -m minunet.bench --device cuda` against
+# `MINUNET_CONV3X3=tiled`. Notebook 9 shows what an H200 measured, next to what the emulator
+# counts and predicts.)
 #
 # ### Running the tiled kernel on `"emu"`
 #
