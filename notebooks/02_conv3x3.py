@@ -744,6 +744,19 @@ from exercises.check import check, solution
 check("barrier");
 
 # %% [markdown]
+# **Exercise 2: write a tiled 1x1 convolution.** U-Net's last layer (Fig. 1, teal) is a 1x1
+# convolution: per pixel, the feature vector times a $C_o \times C_i$ matrix.
+# [`exercises/tiled_conv1x1.cu`](exercises/tiled_conv1x1.cu) starts from the naive kernel,
+# which loads an input and a weight from global memory for every multiply-add. Apply the two
+# ideas of the tiled 3x3 kernel: 8 output channels per thread in registers, and the block's
+# weights staged in shared memory (with barriers, and without an early `return` before them).
+# The check counts global load requests per warp of outputs: $2 C_i + 1$ for the starter, at
+# most $C_i / 2$ wanted.
+
+# %%
+check("tiled_conv1x1");
+
+# %% [markdown]
 # Next: [03_pooling_and_upconv.ipynb](03_pooling_and_upconv.ipynb) — the other two
 # operations of Fig. 1 (red and green arrows), their kernels and their gradients. Then
 # [04_the_unet.ipynb](04_the_unet.ipynb) stacks 18 of these convolutions into the network.

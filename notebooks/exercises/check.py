@@ -192,8 +192,55 @@ def check_bank_conflicts(path: Path, result: Result) -> None:
                     f"({wavefronts:.2f} wavefronts per shared load instead of 1)")
 
 
-CHECKS = {"barrier": check_barrier, "coalesced_pool": check_coalesced_pool,
-          "bank_conflicts": check_bank_conflicts}
+# ---- exercise 4: tiled_conv1x1 (notebook 02) -------------------------------------------------------
+
+def _co_per_block(source: str) -> int:
+    found = re.search(r"^#define\s+CO_PER_BLOCK\s+(\d+)", source, re.MULTILINE)
+    return int(found.group(1)) if found else 1
+
+
+def check_tiled_conv1x1(path: Path, result: Result) -> None:
+    fn = _compile(path, "conv1x1", result)
+    if fn is None:
+        return
+    per_block = _co_per_block(path.read_text())
+    rng = np.random.default_rng(11)
+
+    def launch(n, ci, co, p):
+        x = rng.standard_normal((n, ci, p)).astype(np.float32)
+        w = (rng.standard_normal((co, ci)) / np.sqrt(ci)).astype(np.float32)
+        b = rng.standard_normal(co).astype(np.float32)
+        y = np.full((n, co, p), np.nan, np.float32)
+        fn((_ceil(p, 256), _ceil(co, per_block), n), (256, 1, 1),
+           (x, w, b, y, np.int32(ci), np.int32(co), np.int32(p)))
+        want = np.einsum("oc,ncp->nop", w.astype(np.float64), x.astype(np.float64)) + b[None, :, None]
+        return y, want
+
+    try:
+        for shape in ((2, 35, 11, 300), (1, 1, 2, 1), (1, 64, 8, 513), (3, 5, 17, 40)):
+            y, want = launch(*shape)
+            if not np.allclose(y, want, rtol=1e-5, atol=1e-5):
+                bad = int((~np.isclose(y, want, rtol=1e-5, atol=1e-5)).sum())
+                result.fail(f"(N, Ci, Co, P) = {shape}: {bad} of {y.size} outputs wrong "
+                            f"(CO_PER_BLOCK = {per_block}; NaN = never written)")
+                return
+        n, ci, co, p = 1, 64, 16, 1024
+        with emulator.profile(gpu="sm_90", sample_blocks=8) as report:
+            launch(n, ci, co, p)
+    except EmulatorError as error:
+        result.fail(f"the emulator stopped the launch:\n    {_short(error)}")
+        return
+    row = report.rows[0]
+    per_warp = row.counts["global_load_requests"] / (n * co * p / 32)
+    result.note(f"outputs equal NumPy's on 4 shapes; {per_warp:.1f} global load requests per warp of "
+                f"outputs for Ci = {ci} (the naive kernel: 2 * Ci = {2 * ci}; wanted: at most Ci / 2 = {ci // 2})")
+    if per_warp > ci / 2:
+        result.fail("too many global loads: each x value should serve several output channels "
+                    "(registers), and the block's weights should be loaded once into shared memory")
+
+
+CHECKS = {"barrier": check_barrier, "tiled_conv1x1": check_tiled_conv1x1,
+          "coalesced_pool": check_coalesced_pool, "bank_conflicts": check_bank_conflicts}
 
 
 def check(exercise: str, path: str | Path | None = None, quiet: bool = False) -> Result:
