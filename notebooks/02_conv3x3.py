@@ -732,7 +732,7 @@ print(f"{len(results)} comparisons, worst relative error {worst:.1e}: "
 # `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
 # starter (which must fail), so the checks keep working.
 #
-# **Exercise 1: restore the barriers.** [`exercises/barrier.cu`](exercises/barrier.cu) is a
+# **Exercise 02.1: restore the barriers.** [`exercises/barrier.cu`](exercises/barrier.cu) is a
 # small tiled convolution (one output channel, a 16 x 16 tile, a loop over input channels)
 # from which both `__syncthreads()` were deleted. The check below runs the starter as it is:
 # the emulator reports the race, naming the two threads and the two source lines. Put the
@@ -744,7 +744,7 @@ from exercises.check import check, solution
 check("barrier");
 
 # %% [markdown]
-# **Exercise 2: write a tiled 1x1 convolution.** U-Net's last layer (Fig. 1, teal) is a 1x1
+# **Exercise 02.2: write a tiled 1x1 convolution.** U-Net's last layer (Fig. 1, teal) is a 1x1
 # convolution: per pixel, the feature vector times a $C_o \times C_i$ matrix.
 # [`exercises/tiled_conv1x1.cu`](exercises/tiled_conv1x1.cu) starts from the naive kernel,
 # which loads an input and a weight from global memory for every multiply-add. Apply the two

@@ -648,7 +648,7 @@ print(f"y[:, :2] is skip[:, :, {oy}:{oy + 4}, {ox}:{ox + 4}]:", np.array_equal(o
 # `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
 # starter (which must fail), so the checks keep working.
 #
-# **Exercise 2: make max-pooling's loads coalesced.**
+# **Exercise 03.1: make max-pooling's loads coalesced.**
 # [`exercises/coalesced_pool.cu`](exercises/coalesced_pool.cu) is the pooling forward pass
 # above without the argmax: one thread per output pixel, so the lanes of a warp read every
 # other float and each load instruction touches 8 sectors of 32 bytes. Rewrite it with one
@@ -661,6 +661,18 @@ print(f"y[:, :2] is skip[:, :, {oy}:{oy + 4}, {ox}:{ox + 4}]:", np.array_equal(o
 from exercises.check import check, solution
 
 check("coalesced_pool");
+
+# %% [markdown]
+# **Exercise 03.2: the backward pass as a gather.**
+# [`exercises/scatter_gather.cu`](exercises/scatter_gather.cu) computes max-pooling's input
+# gradient the "obvious" way: one thread per window *scatters* its gradient to the argmax
+# pixel. It writes only a quarter of $g_x$; the rest keeps whatever the memory held (the
+# check fills it with NaN first). Rewrite it as the gather that minunet's kernel uses: one
+# thread per input pixel, writing $g_y$ or 0, so every element is written once, by one
+# thread, with no atomics and no separate zero-fill.
+
+# %%
+check("scatter_gather");
 
 # %% [markdown]
 # Next: [04_the_unet.ipynb](04_the_unet.ipynb) puts these pieces together into the network of Fig. 1.

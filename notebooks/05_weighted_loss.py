@@ -698,7 +698,7 @@ else:
 # `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
 # starter (which must fail), so the checks keep working.
 #
-# **Exercise 3: a tree without bank conflicts.**
+# **Exercise 05.1: a tree without bank conflicts.**
 # [`exercises/bank_conflicts.cu`](exercises/bank_conflicts.cu) sums blocks of 512 numbers with
 # a shared-memory tree like the loss kernel's, but addresses the tree as many first attempts
 # do: in the step with stride $s$, thread $t$ adds word $2st + s$ into word $2st$. Shared
@@ -713,6 +713,18 @@ else:
 from exercises.check import check, solution
 
 check("bank_conflicts");
+
+# %% [markdown]
+# **Exercise 05.2: a barrier every thread reaches.**
+# [`exercises/divergent_barrier.cu`](exercises/divergent_barrier.cu) is the conflict-free tree
+# with the barrier moved inside `if (t < stride)`, "because only the adding threads need to
+# wait". `__syncthreads()` waits for *every* thread of the block, and the others never come:
+# on a GPU a hang or an occasional wrong sum, in the emulator an error that names a thread
+# that left and one that waits. (The real kernels put every barrier outside the `if`, with a
+# comment saying why.)
+
+# %%
+check("divergent_barrier");
 
 # %% [markdown]
 # Next: [06_elastic_deformation.ipynb](06_elastic_deformation.ipynb) — how the few annotated

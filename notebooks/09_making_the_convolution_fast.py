@@ -111,7 +111,7 @@ for version, r in counted.items():
 #   below 4 because many requests are broadcasts (all lanes read the same weight: 1 sector).
 # * **Shared-memory wavefronts per request** (bank conflicts): 1.00, none. Shared memory has
 #   32 banks of 4-byte words; the tiled kernel's weight reads are one address per warp (a
-#   broadcast) and its input reads 32 consecutive words, one per bank. (Exercise 3 in
+#   broadcast) and its input reads 32 consecutive words, one per bank. (Exercise 05.1 in
 #   notebook 5 shows a tree whose strided addressing costs 3.8 wavefronts per request.)
 # * **Registers and occupancy**: the tiled kernel keeps 16 sums in registers (register
 #   blocking) and `nvcc` gives it 48 registers per thread; 256 threads x 48 = 12,288 of an

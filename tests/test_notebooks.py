@@ -195,21 +195,24 @@ def load_exercise_checks():
     return module
 
 
-EXERCISES = ["barrier", "tiled_conv1x1", "coalesced_pool", "bank_conflicts"]
+EXERCISES = ["barrier", "tiled_conv1x1", "coalesced_pool", "scatter_gather", "bank_conflicts",
+             "divergent_barrier"]
 
 
 @pytest.mark.parametrize("exercise", EXERCISES)
 def test_exercise_check_passes_the_solution_and_fails_the_starter(exercise: str):
     """Each CUDA exercise's check (run on the emulator) accepts its worked solution and rejects
     the starter the student begins from, saying why: so the check can fail, and it checks what
-    the exercise is about (a race, redundant loads, uncoalesced loads, bank conflicts)."""
+    the exercise is about (a race, redundant loads, uncoalesced loads, unwritten outputs, bank
+    conflicts, a barrier some threads skip)."""
     checks = load_exercise_checks()
     solved = checks.check(exercise, checks.solution(exercise), quiet=True)
     assert solved.passed, str(solved)
     starter = checks.check(exercise, quiet=True)
     assert not starter.passed, f"the starter of {exercise} passes its own check:\n{starter}"
     why = {"barrier": "race", "tiled_conv1x1": "too many global loads",
-           "coalesced_pool": "sectors per request", "bank_conflicts": "bank conflicts"}
+           "coalesced_pool": "sectors per request", "scatter_gather": "never written",
+           "bank_conflicts": "bank conflicts", "divergent_barrier": "waits at __syncthreads()"}
     assert why[exercise] in str(starter), str(starter)
 
 

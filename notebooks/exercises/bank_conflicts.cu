@@ -1,4 +1,4 @@
-// Exercise 3 (notebook 05): a tree reduction without bank conflicts.
+// Exercise 05.1: a tree reduction without bank conflicts.
 //
 // block_sum adds up n floats: block b sums x[b*512 .. b*512 + 511] (zeros past n) and writes the
 // result to partial[b]. Each of its 256 threads first adds two elements, then the block adds its

@@ -1,4 +1,4 @@
-// Exercise 1 (notebook 02): restore the barriers.
+// Exercise 02.1: restore the barriers.
 //
 // channel_conv3x3 computes ONE output channel of a valid 3x3 convolution, summed over the input
 // channels:   y[n, i, j] = sum_{c, ky, kx} w[c, ky, kx] * x[n, c, i + ky, j + kx]

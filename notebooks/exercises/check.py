@@ -72,7 +72,7 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# ---- exercise 1: barrier (notebook 02) ------------------------------------------------------------
+# ---- exercise 02.1: barrier ----------------------------------------------------------------------
 
 def _channel_conv3x3_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     n, c, h, wd = x.shape
@@ -112,7 +112,7 @@ def check_barrier(path: Path, result: Result) -> None:
                 "(odd sizes, partial tiles, 1-5 channels)")
 
 
-# ---- exercise 2: coalesced_pool (notebook 03) -----------------------------------------------------
+# ---- exercise 03.1: coalesced_pool ---------------------------------------------------------------
 
 def _threads_per_output(source: str) -> int:
     found = re.search(r"^#define\s+THREADS_PER_OUTPUT\s+(\d+)", source, re.MULTILINE)
@@ -158,9 +158,9 @@ def check_coalesced_pool(path: Path, result: Result) -> None:
                     "warp read floats that lie apart (every other float is 8)")
 
 
-# ---- exercise 3: bank_conflicts (notebook 05) ------------------------------------------------------
+# ---- exercises 05.1 and 05.2: bank_conflicts, divergent_barrier (one tree, two checks) ------------
 
-def check_bank_conflicts(path: Path, result: Result) -> None:
+def _check_block_sum(path: Path, result: Result, count_conflicts: bool) -> None:
     fn = _compile(path, "block_sum", result)
     if fn is None:
         return
@@ -170,7 +170,7 @@ def check_bank_conflicts(path: Path, result: Result) -> None:
             x = rng.standard_normal(n).astype(np.float32)
             blocks = _ceil(n, 512)
             partial = np.full(blocks, np.nan, np.float32)
-            if n == 4096:
+            if n == 4096 and count_conflicts:
                 with emulator.profile(gpu="sm_90", sample_blocks=8) as report:
                     fn((blocks, 1, 1), (256, 1, 1), (x, partial, np.int32(n)))
             else:
@@ -182,6 +182,12 @@ def check_bank_conflicts(path: Path, result: Result) -> None:
                 return
     except EmulatorError as error:
         result.fail(f"the emulator stopped the launch:\n    {_short(error)}")
+        if "barrier" in str(error) or "__syncthreads" in str(error):
+            result.note("hint: __syncthreads() waits for every thread of the block; is there a "
+                        "thread that never gets to it?")
+        return
+    if not count_conflicts:
+        result.note("sums equal NumPy's for 4 lengths; every thread reaches every barrier")
         return
     row = report.rows[0]
     wavefronts = row.wavefronts_per_shared_load
@@ -192,7 +198,49 @@ def check_bank_conflicts(path: Path, result: Result) -> None:
                     f"({wavefronts:.2f} wavefronts per shared load instead of 1)")
 
 
-# ---- exercise 4: tiled_conv1x1 (notebook 02) -------------------------------------------------------
+def check_bank_conflicts(path: Path, result: Result) -> None:
+    _check_block_sum(path, result, count_conflicts=True)
+
+
+def check_divergent_barrier(path: Path, result: Result) -> None:
+    _check_block_sum(path, result, count_conflicts=False)
+
+
+# ---- exercise 03.2: scatter_gather ---------------------------------------------------------------
+
+def check_scatter_gather(path: Path, result: Result) -> None:
+    fn = _compile(path, "pool_backward", result)
+    if fn is None:
+        return
+    found = re.search(r"^#define\s+ONE_THREAD_PER_INPUT\s+(\d+)", path.read_text(), re.MULTILINE)
+    per_input = bool(found and int(found.group(1)))
+    rng = np.random.default_rng(7)
+    try:
+        for nc, h, w in ((3, 7, 9), (2, 16, 40), (1, 2, 3), (4, 33, 70)):
+            ho, wo = h // 2, w // 2
+            gy = rng.standard_normal((nc, ho, wo)).astype(np.float32)
+            argmax = rng.integers(0, 4, (nc, ho, wo)).astype(np.uint8)
+            gx = np.full((nc, h, w), np.nan, np.float32)           # "whatever the memory held"
+            threads = nc * (h * w if per_input else ho * wo)
+            fn((_ceil(threads, 256), 1, 1), (256, 1, 1), (gy, argmax, gx, np.int32(nc), np.int32(h), np.int32(w)))
+            want = np.zeros((nc, h, w), np.float32)
+            ii, jj = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
+            for c in range(nc):
+                want[c, 2 * ii + argmax[c] // 2, 2 * jj + argmax[c] % 2] = gy[c]
+            if not np.array_equal(gx, want):
+                unwritten = int(np.isnan(gx).sum())
+                result.fail(f"gx {gx.shape}: {int((gx != want).sum())} of {gx.size} elements wrong, "
+                            f"{unwritten} never written (still NaN)"
+                            + (": a scatter writes only the argmax pixels; the others need their 0"
+                               if unwritten else ""))
+                return
+    except EmulatorError as error:
+        result.fail(f"the emulator stopped the launch:\n    {_short(error)}")
+        return
+    result.note("gx equals NumPy's on 4 shapes (odd sizes included), every element written")
+
+
+# ---- exercise 02.2: tiled_conv1x1 ----------------------------------------------------------------
 
 def _co_per_block(source: str) -> int:
     found = re.search(r"^#define\s+CO_PER_BLOCK\s+(\d+)", source, re.MULTILINE)
@@ -239,8 +287,9 @@ def check_tiled_conv1x1(path: Path, result: Result) -> None:
                     "(registers), and the block's weights should be loaded once into shared memory")
 
 
-CHECKS = {"barrier": check_barrier, "tiled_conv1x1": check_tiled_conv1x1,
-          "coalesced_pool": check_coalesced_pool, "bank_conflicts": check_bank_conflicts}
+CHECKS = {"barrier": check_barrier, "tiled_conv1x1": check_tiled_conv1x1,                  # notebook 02
+          "coalesced_pool": check_coalesced_pool, "scatter_gather": check_scatter_gather,  # notebook 03
+          "bank_conflicts": check_bank_conflicts, "divergent_barrier": check_divergent_barrier}  # 05
 
 
 def check(exercise: str, path: str | Path | None = None, quiet: bool = False) -> Result:

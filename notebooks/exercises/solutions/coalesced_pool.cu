@@ -1,4 +1,4 @@
-// Exercise 2 (notebook 03): make max-pooling's loads coalesced. SOLUTION.
+// Exercise 03.1: make max-pooling's loads coalesced. SOLUTION.
 //
 // pool_max computes y[nc, i, j] = max of the 2x2 window x[nc, 2i:2i+2, 2j:2j+2] for x (NC, H, W)
 // and y (NC, H/2, W/2), float32 (an odd last row or column is dropped, as in minunet's kernel).

@@ -1,4 +1,4 @@
-// Exercise 4 (notebook 02): write a tiled 1x1 convolution. SOLUTION.
+// Exercise 02.2: write a tiled 1x1 convolution. SOLUTION.
 //
 // U-Net's last layer is a 1x1 convolution: every pixel's feature vector times a matrix,
 //     y[n, co, p] = b[co] + sum_ci w[co, ci] * x[n, ci, p]
