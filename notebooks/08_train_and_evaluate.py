@@ -104,8 +104,13 @@ plt.tight_layout(); plt.show()
 # machine, whose float rounding differed, saw the loss rise again after step 200 and a much
 # worse Rand error. That is a step size at the edge of stability, where tiny differences
 # decide. At 0.001 the mean loss fell in every quarter of the 400 steps for each of three
-# seeds tried (model and tile sampler seeds 1, 2, 3, on the machine named below), and it
-# reached the same loss as 0.003 by the end.
+# seeds tried (model and tile sampler seeds 1, 2, 3, on the 2-core AVX-512 VM named below),
+# and it reached the same loss as 0.003 by the end (0.39-0.43 over the last 100 steps). The
+# notebook's own seed 0 run with one Numba thread instead of two, which changes the float
+# rounding as another machine would, gave 0.883, 0.455, 0.379, 0.368 by quarter: other
+# numbers, the same descent. (At 0.0015 one of the three seeds rose in its last quarter, and
+# so did one with lr 0.01 at momentum 0.9. The check:
+# `python notebooks/experiments/lr_sweep.py LR MOMENTUM SEED STEPS`.)
 
 # %%
 optimizer = mu.optim.SGD(model.parameters(), lr=0.001, momentum=0.99)
