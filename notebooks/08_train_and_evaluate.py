@@ -355,6 +355,10 @@ print(f"this notebook: IoU {ours['iou']:.3f}, mean of {len(results)} synthetic v
 #   1,500 steps in 2.2 minutes on the 2-core AVX-512 VM of `bench/results/cpu_numba.md`)
 #   reached validation IoU 0.902 and Rand error 0.087 on its synthetic EM data.
 #
+# So a pixel error below the paper's is no achievement: synthetic membranes are cleaner than
+# real ones, and two validation images are a small sample. The Rand and warping errors, many
+# times the paper's, show how far a notebook-sized run is from a challenge result.
+#
 # ## What to take away
 #
 # * The paper's recipe — one large tile per step, momentum 0.99, the weighted loss, He
