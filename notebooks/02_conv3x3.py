@@ -302,7 +302,7 @@ naive = KernelBackend("emu", conv3x3="naive", reduction="tree")
 y_ref = reference.conv3x3_forward(xs, ws, bs)
 y_naive = naive.conv3x3_forward(xs, ws, bs)
 print(naive, "->", y_naive.shape, type(y_naive).__name__, y_naive.dtype)
-compare("forward, naive (emu) vs reference (cpu)", y_naive, y_ref)
+compare("forward, naive (emu) vs reference", y_naive, y_ref)
 
 # %% [markdown]
 # ## v2: the tiled kernel — shared memory and register blocking
@@ -479,7 +479,7 @@ for what, (h_out, w_out, co) in {"this notebook's test shape": (Ho, Wo, Co),
 
 # %%
 tiled = KernelBackend("emu", conv3x3="tiled", reduction="tree")
-compare("forward, tiled (emu) vs reference (cpu)", tiled.conv3x3_forward(xs, ws, bs), y_ref)
+compare("forward, tiled (emu) vs reference", tiled.conv3x3_forward(xs, ws, bs), y_ref)
 compare("forward, tiled vs naive (both emu)", tiled.conv3x3_forward(xs, ws, bs), y_naive)
 
 xb = rng.standard_normal((1, 11, 21, 37)).astype(np.float32)
