@@ -508,9 +508,11 @@ print(f"{steps} steps; tree sum {s[0]:.12f} vs np.sum {partial.sum():.12f}")
 # `kernels/reduce.cu`, adds the slices in a fixed order. Fixed order means the result is
 # deterministic, unlike `atomicAdd`. The bias gradient comes from the same kernel: each thread
 # also adds the 4 $g_y$ values it loads for a channel to that channel's bias sum (`bias[d]`),
-# and the blocks of $c_i = 0$ write it, so $g_y$ is read once for both gradients. (In U-Net's
-# deepest layers, 128 x 64 x 4 weights but 4 x 4 pixels, a block of 128 threads would find
-# almost no pixels to add: there the default `reduction="auto"` runs
+# and the blocks of $c_i = 0$ write it, so $g_y$ is read once for both gradients. (Small deep
+# layers are different. The deepest up-convolution of the base-8, depth-4 network on a 188
+# tile, which `python -m minunet.bench --kernels` profiles, has 128 x 64 x 4 weights but only
+# 4 x 4 input pixels (the paper's network: 1024 x 512 x 4 weights on 28 x 28 pixels). A block
+# of 128 threads would find almost no pixels to add: there the default `reduction="auto"` runs
 # `conv_transpose2x2_grad_weight_serial`, one thread per weight and per bias. `reduction="tree"`
 # below keeps the tree kernel.)
 #
