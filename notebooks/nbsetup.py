@@ -8,8 +8,11 @@ Importing this module, in the notebook's kernel (working directory ``notebooks/`
   folder named ``minunet``) leaves ``sys.path`` alone and imports the installed package;
 - sets NumPy's printing to fit a line and seeds the global random generators (the notebooks draw
   from their own seeded ``np.random.default_rng``; the seeds only pin anything else), so a rebuild
-  prints the same numbers;
-- sets readable plotting defaults (100 dpi, 9 pt text, nothing smaller than 8 pt) and, inside IPython, shows figures as 256-colour PNGs: they look
+  prints the same numbers on the same machine (elsewhere, float rounding that depends on the
+  CPU and the thread count can change the last digits, and in notebook 8's training more than
+  that: its settings are chosen so that the loss falls all the same);
+- sets readable plotting defaults (100 dpi, 9 pt text, nothing smaller than 8 pt) and, inside
+  IPython, shows figures as 256-colour PNGs: they look
   the same at a third of the bytes, keeping the committed notebooks small (tests/test_notebooks.py
   checks the size), and carry no matplotlib version or date, so a rebuild gives the same bytes;
 - offers ``machine()``, the line naming the CPU every timing in a notebook was measured on
