@@ -52,11 +52,33 @@ print(machine())
 # cuDNN, in strict FP32, with TF32 tensor cores, and with bf16:
 
 # %%
+steps = {}                                                  # network -> {library: median ms}
 for name in ("step_base16_tile348.txt", "step_base64_tile572.txt"):
+    network = None
     for line in (H200 / name).read_text().splitlines():
-        if line.startswith("## ") or re.match(r"(minunet|pytorch) ", line):
-            print(line.split("params")[0].rstrip() if "params" in line else line)
+        if line.startswith("## "):
+            network = line[3:].split(":")[0]
+            if network in steps:                            # a later run repeats a network: keep the first
+                network = None
+            else:
+                steps[network] = {}
+            print(line)
+        elif network and re.match(r"(minunet|pytorch) ", line):
+            print(line.split("params")[0].rstrip())
+            label, ms = re.match(r"(.+?)\s+([\d.]+) ms", line).groups()
+            steps[network][label.replace("kernels", "").strip()] = float(ms)
     print()
+
+fig, axes = plt.subplots(1, len(steps), figsize=(10, 2.4))
+for ax, (network, times) in zip(axes, steps.items()):
+    names = list(times)[::-1]
+    ax.barh(names, [times[k] for k in names], color=["tab:gray"] * (len(names) - 1) + ["tab:blue"])
+    for k, name in enumerate(names):
+        ax.text(times[name], k, f" {times[name]:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.2 * max(times.values()))
+    ax.set_xlabel("ms per training step, MEASURED on an H200 (median)")
+    ax.set_title(network)
+plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # On the default training network (base 16, 348 tile) minunet is 1.5x behind cuDNN's FP32;
