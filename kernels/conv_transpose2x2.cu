@@ -170,3 +170,253 @@ extern "C" __global__ void conv_transpose2x2_grad_weight_serial(const float* __r
     }
     gw[m] = acc;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient as a GEMM (issue 16):
+//
+//     gw[ci, c] = sum_p x[ci, p] * G[p, c]      c = co*4 + a*2 + b,  p = (n, i, j) input pixels
+//     G[p, c]   = gy[n, co, 2i+a, 2j+b]          (each input pixel's 2x2 output block)
+//
+// gw (Ci x Co*4) = x (Ci x N*H*W) @ G (N*H*W x Co*4); the bias gradient gb[co] is the sum of
+// G's four columns co*4 .. co*4+3 over the pixels, added up from the same loaded gy values
+// (fused). The structure is conv3x3.cu's conv3x3_grad_weight_gemm (read its header): a 64 x 64
+// tile of gw per block, stages of 32 pixels in shared memory, pixel slices for long reductions
+// (at most WG_MAX_SLICE = 2048 pixels per float32 accumulator, the slices added in a fixed order
+// by reduce.cu's sum_partials: no atomics).
+//
+// v3 FP32 conv_transpose2x2_grad_weight_gemm: grid (ceil(Co*4 / 64), ceil(Ci / 64), slices), 256
+// threads. Warp w, lane l load pixel l of the stage: x rows w, w+8, ... (32 consecutive floats:
+// coalesced) and, for the output channels w and w+8 of the tile's 16, the 2x2 block of gy as two
+// float2 loads (row 2i: columns 2j, 2j+1; row 2i+1: the same), 8-byte aligned since 2j is even;
+// a warp's float2 loads cover 256 consecutive bytes. The lane adds the 4 values to its channel's
+// bias sum. Thread (ty, tx) = (t / 16, t % 16) keeps the 4 x 4 register tile of rows ty + 16r,
+// columns tx + 16c: 8 shared loads per 16 FMAs, conflict-free as in conv3x3's v3.
+// FLOPs 2 * Ci * Co*4 * N*H*W; global loads per stage (64 + 64) * 32 floats for 64*64*32 FMAs:
+// 32 FMAs per load, against 0.5 for conv_transpose2x2_grad_weight_serial.
+//
+// v4 TF32 conv_transpose2x2_grad_weight_gemm_tf32: the same tiles on the tensor cores (wmma
+// m16n16k8 TF32, 4 warps of 2 x 2 fragments, inputs rounded with wmma::__float_to_tf32, float32
+// accumulation), as conv3x3_grad_weight_gemm_tf32; sm_80+ (a __trap() elsewhere: the launcher asks
+// conv_transpose2x2_grad_weight_has_tf32 first and falls back to fp32 with a warning).
+// ---------------------------------------------------------------------------------------------
+#define WG_BM 64                                          // gw rows (input channels) per block
+#define WG_BN 64                                          // gw columns (co*4 + tap) per block: 16 channels
+#define WG_BK 32
+#define WG_TM 4
+#define WG_TN 4
+#define WG_THREADS ((WG_BM / WG_TM) * (WG_BN / WG_TN))    // 256
+#define WG_LOAD_ROWS (WG_THREADS / WG_BK)                 // 8
+#define WG_MAX_SLICE 2048
+
+// gy's 2x2 block of input pixel (i, j) for output channel co: columns co*4 + (0, 1, 2, 3)
+__device__ __forceinline__ float4 ct_block(const float* __restrict__ gy, int at, int W) {
+    const float2 top = *reinterpret_cast<const float2*>(gy + at);           // (2i, 2j), (2i, 2j+1)
+    const float2 bottom = *reinterpret_cast<const float2*>(gy + at + 2 * W);  // row 2i+1
+    return make_float4(top.x, top.y, bottom.x, bottom.y);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS)
+conv_transpose2x2_grad_weight_gemm(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
+                                   float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co,
+                                   int pixels_per_slice) {
+    static_assert(WG_BK == 32, "a stage's pixels are the 32 lanes of a warp (the bias shuffles rely on it)");
+    __shared__ float s_x[WG_BK][WG_BM + 1];   // [pixel][row]
+    __shared__ float s_g[WG_BK][WG_BN + 1];   // [pixel][column]
+    const int plane = H * W, C4 = Co * 4;
+    const int t = threadIdx.x;
+    const int tx = t % (WG_BN / WG_TN), ty = t / (WG_BN / WG_TN);
+    const int lane = t % WG_BK, lrow = t / WG_BK;
+    const int col0 = blockIdx.x * WG_BN, row0 = blockIdx.y * WG_BM, co0 = col0 / 4;
+    const int start = blockIdx.z * pixels_per_slice;
+    const int stop = min(N * plane, start + pixels_per_slice);
+
+    float acc[WG_TM][WG_TN];
+#pragma unroll
+    for (int r = 0; r < WG_TM; ++r)
+#pragma unroll
+        for (int c = 0; c < WG_TN; ++c) acc[r][c] = 0.0f;
+    float bias[WG_BN / 4 / WG_LOAD_ROWS];   // the lane's 2 output channels
+#pragma unroll
+    for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) bias[r] = 0.0f;
+
+    for (int p0 = start; p0 < stop; p0 += WG_BK) {
+        const int p = p0 + lane;
+        const bool live = p < stop;
+        const int n = p / plane, q = p - n * plane, i = q / W, j = q - i * W;
+        const int x_at = n * Ci * plane + q;                        // x[n, 0, i, j]
+        const int gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;   // gy[n, 0, 2i, 2j]
+#pragma unroll
+        for (int r = 0; r < WG_BM / WG_LOAD_ROWS; ++r) {
+            const int m = lrow + r * WG_LOAD_ROWS, ci = row0 + m;
+            s_x[lane][m] = live && ci < Ci ? x[x_at + ci * plane] : 0.0f;
+        }
+#pragma unroll
+        for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) {
+            const int cc = lrow + r * WG_LOAD_ROWS, co = co0 + cc;
+            float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (live && co < Co) g = ct_block(gy, gy_at + co * 4 * plane, W);
+            s_g[lane][4 * cc + 0] = g.x;
+            s_g[lane][4 * cc + 1] = g.y;
+            s_g[lane][4 * cc + 2] = g.z;
+            s_g[lane][4 * cc + 3] = g.w;
+            bias[r] += (g.x + g.y) + (g.z + g.w);
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < WG_BK; ++k) {
+            float a[WG_TM], b[WG_TN];
+#pragma unroll
+            for (int r = 0; r < WG_TM; ++r) a[r] = s_x[k][ty + r * (WG_BM / WG_TM)];
+#pragma unroll
+            for (int c = 0; c < WG_TN; ++c) b[c] = s_g[k][tx + c * (WG_BN / WG_TN)];
+#pragma unroll
+            for (int r = 0; r < WG_TM; ++r)
+#pragma unroll
+                for (int c = 0; c < WG_TN; ++c) acc[r][c] += a[r] * b[c];
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int r = 0; r < WG_TM; ++r) {
+        const int ci = row0 + ty + r * (WG_BM / WG_TM);
+#pragma unroll
+        for (int c = 0; c < WG_TN; ++c) {
+            const int col = col0 + tx + c * (WG_BN / WG_TN);
+            if (ci < Ci && col < C4) out[(blockIdx.z * Ci + ci) * C4 + col] = acc[r][c];
+        }
+    }
+    if (blockIdx.y == 0) {   // the bias, once per column tile (every row tile summed the same gy)
+#pragma unroll
+        for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) {
+            float v = bias[r];
+#pragma unroll
+            for (int offset = WG_BK / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+            const int co = co0 + lrow + r * WG_LOAD_ROWS;
+            if (lane == 0 && co < Co) out_bias[blockIdx.z * Co + co] = v;
+        }
+    }
+}
+
+#if defined(__has_include)
+#if __has_include(<mma.h>)
+#include <mma.h>
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define WG_WMMA_TF32 1                                   // this compilation has TF32 wmma
+#endif
+#endif
+#endif
+
+#define WT_BM 64
+#define WT_BN 64
+#define WT_BK 32
+#define WT_THREADS 128
+#define WT_LD (WT_BK + 4)
+#define WT_LDC (WT_BN + 4)
+#define WT_SMEM (2 * WT_BM * WT_LD)
+
+extern "C" __global__ void conv_transpose2x2_grad_weight_has_tf32(int* flag) {
+#ifdef WG_WMMA_TF32
+    flag[0] = 1;
+#else
+    flag[0] = 0;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WT_THREADS)
+conv_transpose2x2_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restrict__ gy,
+                                        float* __restrict__ out, float* __restrict__ out_bias,
+                                        int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
+#ifdef WG_WMMA_TF32
+    using namespace nvcuda;
+    static_assert(WT_BK == 32 && WT_THREADS == 128, "lane = pixel of the stage; 4 warps of 32 x 32");
+    static_assert(WT_BM * WT_LDC <= WT_SMEM, "the staged result fits the stage buffer");
+    __shared__ __align__(32) float smem[WT_SMEM];
+    float* s_a = smem;                   // [row][pixel]: x
+    float* s_b = smem + WT_BM * WT_LD;   // [column][pixel]: gy's 2x2 blocks
+    float* s_c = smem;                   // after the last stage: [row][column]
+    const int plane = H * W, C4 = Co * 4;
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+    const int wrow = (warp / 2) * 32, wcol = (warp % 2) * 32;
+    const int col0 = blockIdx.x * WT_BN, row0 = blockIdx.y * WT_BM, co0 = col0 / 4;
+    const int start = blockIdx.z * pixels_per_slice;
+    const int stop = min(N * plane, start + pixels_per_slice);
+
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
+#pragma unroll
+    for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+        for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(acc[fi][fj], 0.0f);
+    float bias[WT_BN / 4 / 4];   // the lane's 4 output channels
+#pragma unroll
+    for (int r = 0; r < WT_BN / 4 / 4; ++r) bias[r] = 0.0f;
+
+    for (int p0 = start; p0 < stop; p0 += WT_BK) {
+        const int p = p0 + lane;
+        const bool live = p < stop;
+        const int n = p / plane, q = p - n * plane, i = q / W, j = q - i * W;
+        const int x_at = n * Ci * plane + q;
+        const int gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;
+#pragma unroll
+        for (int r = 0; r < WT_BM / 4; ++r) {
+            const int m = warp + 4 * r, ci = row0 + m;
+            s_a[m * WT_LD + lane] = live && ci < Ci ? x[x_at + ci * plane] : 0.0f;
+        }
+#pragma unroll
+        for (int r = 0; r < WT_BN / 4 / 4; ++r) {
+            const int cc = warp + 4 * r, co = co0 + cc;
+            float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (live && co < Co) g = ct_block(gy, gy_at + co * 4 * plane, W);
+            s_b[(4 * cc + 0) * WT_LD + lane] = g.x;
+            s_b[(4 * cc + 1) * WT_LD + lane] = g.y;
+            s_b[(4 * cc + 2) * WT_LD + lane] = g.z;
+            s_b[(4 * cc + 3) * WT_LD + lane] = g.w;
+            bias[r] += (g.x + g.y) + (g.z + g.w);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < WT_BK; kk += 8) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b[2];
+#pragma unroll
+            for (int f = 0; f < 2; ++f) {
+                wmma::load_matrix_sync(a[f], s_a + (wrow + 16 * f) * WT_LD + kk, WT_LD);
+                wmma::load_matrix_sync(b[f], s_b + (wcol + 16 * f) * WT_LD + kk, WT_LD);
+#pragma unroll
+                for (int e = 0; e < a[f].num_elements; ++e) a[f].x[e] = wmma::__float_to_tf32(a[f].x[e]);
+#pragma unroll
+                for (int e = 0; e < b[f].num_elements; ++e) b[f].x[e] = wmma::__float_to_tf32(b[f].x[e]);
+            }
+#pragma unroll
+            for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+                for (int fj = 0; fj < 2; ++fj) wmma::mma_sync(acc[fi][fj], a[fi], b[fj], acc[fi][fj]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+        for (int fj = 0; fj < 2; ++fj)
+            wmma::store_matrix_sync(s_c + (wrow + 16 * fi) * WT_LDC + wcol + 16 * fj, acc[fi][fj], WT_LDC,
+                                    wmma::mem_row_major);
+    __syncthreads();
+    for (int e = t; e < WT_BM * WT_BN; e += WT_THREADS) {
+        const int m = e / WT_BN, c = e % WT_BN, ci = row0 + m, col = col0 + c;
+        if (ci < Ci && col < C4) out[(blockIdx.z * Ci + ci) * C4 + col] = s_c[m * WT_LDC + c];
+    }
+    if (blockIdx.y == 0) {
+#pragma unroll
+        for (int r = 0; r < WT_BN / 4 / 4; ++r) {
+            float v = bias[r];
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+            const int co = co0 + warp + 4 * r;
+            if (lane == 0 && co < Co) out_bias[blockIdx.z * Co + co] = v;
+        }
+    }
+#else
+    __trap();   // no TF32 tensor cores in this compilation (before sm_80, or no <mma.h>)
+#endif
+}
