@@ -295,7 +295,7 @@ conv1x1_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restri
             s_a[m * WT_LD + lane] = g;
             bias[r] += g;
         }
-#pragma unroll
+#pragma unroll 4   // not 16: fully unrolled, ptxas hoists all 16 loads (254 registers a thread for sm_90)
         for (int r = 0; r < WT_BN / 4; ++r) {
             const int c = warp + 4 * r, ci = col0 + c;
             s_b[c * WT_LD + lane] = live && ci < Ci ? x[x_at + ci * P] : 0.0f;

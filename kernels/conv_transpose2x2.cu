@@ -186,9 +186,9 @@ extern "C" __global__ void conv_transpose2x2_grad_weight_serial(const float* __r
 //
 // v3 FP32 conv_transpose2x2_grad_weight_gemm: grid (ceil(Co*4 / 64), ceil(Ci / 64), slices), 256
 // threads. Warp w, lane l load pixel l of the stage: x rows w, w+8, ... (32 consecutive floats:
-// coalesced) and, for the output channels w and w+8 of the tile's 16, the 2x2 block of gy as two
-// float2 loads (row 2i: columns 2j, 2j+1; row 2i+1: the same), 8-byte aligned since 2j is even;
-// a warp's float2 loads cover 256 consecutive bytes. The lane adds the 4 values to its channel's
+// coalesced) and, for the output channels w and w+8 of the tile's 16, the 2x2 block of gy
+// (rows 2i and 2i+1, columns 2j and 2j+1: a warp's loads of one row cover 256 consecutive
+// bytes, each sector used by two of its four loads). The lane adds the 4 values to its channel's
 // bias sum. Thread (ty, tx) = (t / 16, t % 16) keeps the 4 x 4 register tile of rows ty + 16r,
 // columns tx + 16c: 8 shared loads per 16 FMAs, conflict-free as in conv3x3's v3.
 // FLOPs 2 * Ci * Co*4 * N*H*W; global loads per stage (64 + 64) * 32 floats for 64*64*32 FMAs:
@@ -208,11 +208,12 @@ extern "C" __global__ void conv_transpose2x2_grad_weight_serial(const float* __r
 #define WG_LOAD_ROWS (WG_THREADS / WG_BK)                 // 8
 #define WG_MAX_SLICE 2048
 
-// gy's 2x2 block of input pixel (i, j) for output channel co: columns co*4 + (0, 1, 2, 3)
+// gy's 2x2 block of input pixel (i, j) for one output channel (`at` = its top-left element):
+// the gemm's columns co*4 + (0, 1, 2, 3). Neighbouring lanes (neighbouring j) read neighbouring
+// pairs of floats, so the two loads of a row hit the same 32-byte sectors (the second from L1).
 __device__ __forceinline__ float4 ct_block(const float* __restrict__ gy, int at, int W) {
-    const float2 top = *reinterpret_cast<const float2*>(gy + at);           // (2i, 2j), (2i, 2j+1)
-    const float2 bottom = *reinterpret_cast<const float2*>(gy + at + 2 * W);  // row 2i+1
-    return make_float4(top.x, top.y, bottom.x, bottom.y);
+    const float* g = gy + at;
+    return make_float4(g[0], g[1], g[2 * W], g[2 * W + 1]);
 }
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS)

@@ -1,0 +1,248 @@
+"""The weight-gradient GEMM kernels (issue 16): ``<op>_grad_weight_gemm`` (FP32, register tiles)
+and ``<op>_grad_weight_gemm_tf32`` (TF32 tensor cores through nvcuda::wmma) of conv3x3, conv1x1
+and conv_transpose2x2, against the float64 NumPy reference on the same float32 inputs.
+
+Shapes: the registry's cases (odd sizes, N > 1) and cases with channel counts that are not
+multiples of the 64 x 64 tiles (several row and column tiles, the last ones partly empty),
+pixel counts that are not multiples of the 32-pixel stage, and pixel ranges split into slices:
+forced by lowering ``min_pixels_per_slice``, and by more than WG_MAX_SLICE = 2048 pixels per
+weight (the launcher's accuracy bound). Each test runs every version forced (``reduction`` =
+"gemm", precision fp32 and tf32); the older versions ("tree", "serial") stay tested in
+tests/test_kernels.py.
+
+Tolerances:
+- FP32: the op's registry tolerance (atol = rtol = 1e-4: sums of N(0, 1) products, float32
+  rounding ~6e-8 a term).
+- TF32: each input is rounded to 10 mantissa bits (relative error <= 2^-11), so each product is
+  off by at most ~2^-10 of its size, and the sum by at most 2^-10 * sum|gy||x| =: 2^-10 * A
+  (A is the reference gradient of |x| and |gy|), plus the float32 accumulation, at most
+  (P/4 + 64) * 2^-24 * A for P pixels (one rounding per mma_sync of 8 pixels, doubled for a
+  GPU's tensor cores, which may truncate, and the slice sums). A rigorous bound, not a guess:
+  an error of one missing pixel (~1) exceeds it for the shapes here. And against the reference
+  computed on TF32-rounded inputs, only the accumulation term remains: that checks the kernel
+  really rounds (and that the tf32 kernel ran: its error against the unrounded reference
+  exceeds the FP32 bound).
+- The bias gradient is float32 in both precisions (it adds the unrounded gy values).
+Results must also be bitwise the same from run to run (no atomics: the slices are added in a
+fixed order).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minunet import ops
+from minunet.backends import reference as R
+from minunet.backends.kernels import REDUCTIONS, KernelBackend
+from minunet.backends.sources import cu_defines
+from minunet.devices import cuda_status, to_host
+from minunet.ops import conv1x1, conv3x3, conv_transpose2x2
+
+from .conftest import assert_close
+
+DEVICES = ["emu", "cuda"]
+GEMM_OPS = {"conv3x3": conv3x3, "conv1x1": conv1x1, "conv_transpose2x2": conv_transpose2x2}
+MAX_SLICE = cu_defines("conv3x3")["WG_MAX_SLICE"]
+# (op, (N, Ci, H, W, Co)) beyond the registry's: channels past one 64 x 64 tile and not multiples
+# of it; pixels past WG_MAX_SLICE (2 x 2 x 1100 = 2,200 for conv1x1, 46 x 46 = 2,116 for conv3x3,
+# 2 x 35 x 31 = 2,170 for the up-convolution) so that the launcher must split them.
+EXTRA_CASES = [
+    ("conv3x3", (2, 9, 7, 12, 70)),          # 81 columns (2 column tiles), 70 rows (2 row tiles)
+    ("conv3x3", (1, 2, 48, 48, 3)),          # 2,116 pixels: 2 slices of at most 2,048
+    ("conv1x1", (3, 67, 5, 7, 66)),          # 2 x 2 tiles
+    ("conv1x1", (2, 3, 20, 55, 2)),          # 2,200 pixels
+    ("conv_transpose2x2", (2, 65, 3, 5, 17)),   # 68 columns (Co*4), 65 rows (Ci)
+    ("conv_transpose2x2", (2, 2, 35, 31, 3)),   # 2,170 input pixels
+]
+CASES = ([(name, case) for name, op in GEMM_OPS.items() for case in op.TEST_CASES] + EXTRA_CASES)
+
+
+def make_backend(device: str, precision: str, split: bool) -> KernelBackend:
+    if device == "cuda":
+        available, reason = cuda_status()
+        if not available:
+            pytest.skip(f"CuPy with a GPU is not available: {reason}")
+    backend = KernelBackend(device, reduction="gemm", precision=precision)
+    if split:
+        backend.min_pixels_per_slice = 37  # many slices, the last one only partly full
+    return backend
+
+
+def backward_name(op) -> str:
+    return next(f for f in op.IMPLEMENTATIONS if f.endswith("_backward"))
+
+
+def pixels_of(name: str, case) -> int:
+    n, _, h, w, _ = case
+    return n * (h - 2) * (w - 2) if name == "conv3x3" else n * h * w
+
+
+def to_tf32(a: np.ndarray) -> np.ndarray:
+    """``wmma::__float_to_tf32`` in NumPy: round a float32 to 10 mantissa bits, to nearest, ties
+    away from zero (add half a TF32 ulp to the magnitude's bits, cut the low 13)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = np.where(finite, (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000), bits)
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def run(backend, name, case, rng, launched=None):
+    """(gx, gw, gb) from the backend, the float32 inputs, and the names of the kernels launched."""
+    op = GEMM_OPS[name]
+    args = op.example(rng, case)[backward_name(op)]
+    names = []
+    if launched is not None:
+        launch = backend.launch
+
+        def record(file, kernel, grid, block, kernel_args):
+            names.append(kernel)
+            launch(file, kernel, grid, block, kernel_args)
+
+        launched.setattr(backend, "launch", record)
+    dev = tuple(backend.xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+    got = [to_host(g) for g in getattr(backend, backward_name(op))(*dev)]
+    return got, args, names
+
+
+def reference(name, args, absolute=False):
+    """The float64 reference (gx, gw, gb); with ``absolute`` of |x|, |w|, |gy| (the sums of
+    |products| that bound rounding errors)."""
+    x, w, gy, with_bias = args
+    conv = (lambda a: np.abs(a.astype(np.float64))) if absolute else (lambda a: a.astype(np.float64))
+    return getattr(R, backward_name(GEMM_OPS[name]))(conv(x), conv(w), conv(gy), with_bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split", [False, True], ids=["", "split"])
+@pytest.mark.parametrize("name,case", CASES)
+def test_fp32_gemm_matches_reference(rng, monkeypatch, device, name, case, split):
+    backend = make_backend(device, "fp32", split)
+    (gx, gw, gb), args, names = run(backend, name, case, rng, monkeypatch)
+    assert f"{name}_grad_weight_gemm" in names, names
+    pixels = pixels_of(name, case)
+    slices = pixels > MAX_SLICE or (split and pixels > backend.min_pixels_per_slice)
+    assert ("sum_partials" in names) == slices, f"{pixels} pixels: {names}"
+    want = reference(name, args)
+    tol = ops.tolerance(GEMM_OPS[name], backward_name(GEMM_OPS[name]), case)
+    for got, ref, what in zip((gx, gw, gb), want, ("gx", "gw", "gb")):
+        assert_close(got, ref, what=f"{name} {case} {what} [gemm fp32{', split' if split else ''}]", **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split", [False, True], ids=["", "split"])
+@pytest.mark.parametrize("name,case", CASES)
+def test_tf32_gemm_within_its_rounding_bound(rng, monkeypatch, device, name, case, split):
+    backend = make_backend(device, "tf32", split)
+    (_, gw, gb), args, names = run(backend, name, case, rng, monkeypatch)
+    assert f"{name}_grad_weight_gemm_tf32" in names, names
+    pixels = pixels_of(name, case)
+    x, w, gy, _ = args
+    _, ref_gw, ref_gb = reference(name, args)
+    _, abs_gw, _ = reference(name, args, absolute=True)
+    accumulation = (pixels / 4 + 64) * 2.0**-24 * abs_gw
+    assert (np.abs(gw - ref_gw) <= 2.0**-10 * abs_gw + accumulation + 1e-6).all(), \
+        f"{name} {case}: TF32 error {np.abs(gw - ref_gw).max():.3g} beyond 2^-10 * sum|products|"
+    # against the reference of the TF32-rounded inputs only the float32 accumulation remains
+    _, tf32_gw, _ = getattr(R, backward_name(GEMM_OPS[name]))(
+        to_tf32(x).astype(np.float64), w.astype(np.float64), to_tf32(gy).astype(np.float64), True)
+    assert (np.abs(gw - tf32_gw) <= accumulation + 1e-6).all(), \
+        f"{name} {case}: {np.abs(gw - tf32_gw).max():.3g} from the TF32-rounded reference"
+    # the bias adds unrounded float32 gy values in both precisions
+    assert_close(gb, ref_gb, rtol=1e-4, atol=1e-4, what=f"{name} {case} gb [gemm tf32]")
+
+
+def test_tf32_really_rounds(rng):
+    """The TF32 kernel's error against the exact result is far above float32's (it rounds the
+    inputs), and the FP32 kernel's is not: the two precisions run different kernels."""
+    case = (2, 9, 12, 13, 10)   # 2 x 10 x 11 = 220 pixels per weight
+    results = {}
+    for precision in ("fp32", "tf32"):
+        (_, gw, _), args, _ = run(make_backend("emu", precision, False), "conv3x3", case, np.random.default_rng(5))
+        results[precision] = gw
+    _, ref_gw, _ = reference("conv3x3", args)
+    _, abs_gw, _ = reference("conv3x3", args, absolute=True)
+    fp32_bound = 220 * 2.0**-24 * abs_gw
+    assert (np.abs(results["fp32"] - ref_gw) <= fp32_bound).all()
+    assert (np.abs(results["tf32"] - ref_gw) > fp32_bound).any()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("name", list(GEMM_OPS))
+def test_gemm_is_deterministic(name, precision):
+    """Bitwise the same twice, with many slices (no atomics; the slices are added in order)."""
+    case = {"conv3x3": (2, 5, 9, 14, 7), "conv1x1": (2, 5, 9, 14, 7), "conv_transpose2x2": (2, 5, 5, 7, 3)}[name]
+    outs = [run(make_backend("emu", precision, True), name, case, np.random.default_rng(11))[0] for _ in range(2)]
+    for first, second in zip(*outs):
+        assert np.array_equal(first, second)
+
+
+def test_reduction_knob_has_every_version(monkeypatch):
+    assert REDUCTIONS == ("auto", "tree", "serial", "gemm")
+    monkeypatch.setenv("MINUNET_REDUCTION", "gemm")
+    assert KernelBackend("emu").reduction == "gemm"
+
+
+@pytest.mark.parametrize("outputs,terms", [(147_456, 16), (36_864, 400), (576, 512), (4_608, 4_624),
+                                           (9, 324_900), (2_359_296, 784)])
+def test_auto_on_cuda_is_always_gemm(outputs, terms):
+    """"auto" on cuda never runs the serial (or tree) kernel, whatever the shape: the H200
+    measured the serial one as the slowest of the training step. (The choice is a pure function
+    of device, precision and shape; an emu backend with device set to "cuda" asks it without a
+    GPU.) On emu, "auto" keeps the emulator's own choice in fp32 and takes gemm in tf32."""
+    backend = KernelBackend("emu", reduction="auto", precision="fp32")
+    emu_choice = backend.weight_gradient_version(outputs, terms)
+    assert emu_choice == ("serial" if backend.serial_reduction(outputs, terms) else "tree")
+    backend.precision = "tf32"
+    assert backend.weight_gradient_version(outputs, terms) == "gemm"
+    backend.precision = "fp32"
+    backend.device = "cuda"
+    assert backend.weight_gradient_version(outputs, terms) == "gemm"
+
+
+def test_tf32_falls_back_to_fp32_with_a_warning(rng, monkeypatch):
+    """Where a file was compiled without TF32 wmma (a GPU before sm_80, or no <mma.h>), the
+    probe kernel says so: one warning, and the FP32 gemm runs (correct to the FP32 tolerance)."""
+    backend = make_backend("emu", "tf32", False)
+    launch = backend.launch
+
+    def no_tf32(file, kernel, grid, block, args):
+        if kernel.endswith("_has_tf32"):
+            args[0][0] = 0   # what the probe writes when compiled without TF32
+            return
+        launch(file, kernel, grid, block, args)
+
+    monkeypatch.setattr(backend, "launch", no_tf32)
+    with pytest.warns(RuntimeWarning, match="conv3x3.cu has no TF32 tensor-core kernel"):
+        (_, gw, _), args, _ = run(backend, "conv3x3", (2, 3, 6, 7, 4), rng)
+    assert_close(gw, reference("conv3x3", args)[1], rtol=1e-4, atol=1e-4, what="fp32 fallback")
+    assert backend.has_tf32("conv3x3") is False
+
+
+def test_every_file_has_tf32_on_emu():
+    backend = KernelBackend("emu")
+    assert all(backend.has_tf32(file) for file in GEMM_OPS)
+
+
+@pytest.mark.parametrize("arch", ["compute_75", "compute_80", "compute_90"])
+@pytest.mark.parametrize("name", list(GEMM_OPS))
+def test_tf32_kernels_compile_to_tensor_core_code(name, arch):
+    """With the CUDA headers on the include path (as CuPy gives NVRTC on a GPU), sm_80 and sm_90
+    get wmma.mma.sync on TF32; sm_75 compiles the __trap() version (tests/test_nvrtc.py compiles
+    every file without the headers, where the TF32 kernels are __trap() on every architecture)."""
+    from minunet.backends import nvrtc_check
+    from minunet.backends.kernels import CUDA_OPTIONS
+    from minunet.backends.sources import kernel_source
+
+    from .test_emulator_warp import cuda_include_dir
+
+    try:
+        nvrtc_check.find_libnvrtc()
+    except nvrtc_check.NvrtcNotFound as exc:
+        pytest.skip(f"NVRTC not installed: {exc}")
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("the CUDA toolkit's headers (<mma.h>) are not installed")
+    ptx = nvrtc_check.nvrtc_compile(kernel_source(name), f"{name}.cu", arch, (*CUDA_OPTIONS, f"-I{include}"))
+    assert f".entry {name}_grad_weight_gemm_tf32(" in ptx
+    has_mma = "wmma.mma.sync" in ptx and ".tf32" in ptx
+    assert has_mma == (arch != "compute_75")
