@@ -36,8 +36,16 @@
 //                              order, so the result does not depend on the thread schedule.
 //   conv3x3_grad_weight_serial one thread per weight (and per bias), adding its products over
 //                              all pixels in a loop: no shared memory, no barriers. For the deep,
-//                              small layers, where weights outnumber pixels (the launcher picks it).
-//   Both weight-gradient kernels also compute the bias gradient (fused: the same pass over gy).
+//                              small layers, where weights outnumber pixels ("auto" picks it on
+//                              emu only: on an H200 it was the slowest kernel of the step).
+//   conv3x3_grad_weight_gemm   v3: the weight gradient as a matrix product (Co x P) @ (P x Ci*9)
+//                              over the pixels, x's side an implicit im2col: 64 x 64 tiles of gw
+//                              per block, 32-pixel stages of gy and x in shared memory, a 4 x 4
+//                              register tile per thread; pixel slices added by sum_partials.
+//   conv3x3_grad_weight_gemm_tf32  v4: the same GEMM on TF32 tensor cores (nvcuda::wmma
+//                              m16n16k8, float32 accumulation), for precision "tf32", sm_80+;
+//                              conv3x3_grad_weight_has_tf32 tells the launcher it was compiled.
+//   Every weight-gradient kernel also computes the bias gradient (fused: the same pass over gy).
 //
 // Index arithmetic is 32-bit: the Python launcher refuses arrays of 2^31 or more elements.
 
