@@ -183,7 +183,8 @@ conv1x1_grad_weight_gemm(const float* __restrict__ x, const float* __restrict__ 
     for (int p0 = start; p0 < stop; p0 += WG_BK) {
         const int p = p0 + lane;
         const bool live = p < stop;
-        const int n = p / P, q = p - n * P;
+        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
+        const int n = pl / P, q = pl - n * P;
         const int gy_at = n * Co * P + q, x_at = n * Ci * P + q;   // gy[n, 0, q], x[n, 0, q]
 #pragma unroll
         for (int r = 0; r < WG_BM / WG_LOAD_ROWS; ++r) {
@@ -288,7 +289,8 @@ conv1x1_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restri
     for (int p0 = start; p0 < stop; p0 += WT_BK) {
         const int p = p0 + lane;
         const bool live = p < stop;
-        const int n = p / P, q = p - n * P;
+        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
+        const int n = pl / P, q = pl - n * P;
         const int gy_at = n * Co * P + q, x_at = n * Ci * P + q;
 #pragma unroll
         for (int r = 0; r < WT_BM / 4; ++r) {

@@ -494,7 +494,8 @@ conv3x3_grad_weight_gemm(const float* __restrict__ x, const float* __restrict__ 
     for (int p0 = start; p0 < stop; p0 += WG_BK) {
         const int p = p0 + lane;
         const bool live = p < stop;
-        const int n = p / plane_out, q = p - n * plane_out, i = q / Wo, j = q - i * Wo;
+        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
+        const int n = pl / plane_out, q = pl - n * plane_out, i = q / Wo, j = q - i * Wo;
         const int gy_at = n * Co * plane_out + i * Wo + j;     // gy[n, 0, i, j]
         const int x_at = n * Ci * plane_in + i * W + j;        // x[n, 0, i, j]
 #pragma unroll
@@ -630,7 +631,8 @@ conv3x3_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restri
     for (int p0 = start; p0 < stop; p0 += WT_BK) {
         const int p = p0 + lane;
         const bool live = p < stop;
-        const int n = p / plane_out, q = p - n * plane_out, i = q / Wo, j = q - i * Wo;
+        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
+        const int n = pl / plane_out, q = pl - n * plane_out, i = q / Wo, j = q - i * Wo;
         const int gy_at = n * Co * plane_out + i * Wo + j;
         const int x_at = n * Ci * plane_in + i * W + j;
 #pragma unroll

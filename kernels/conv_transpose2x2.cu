@@ -246,7 +246,8 @@ conv_transpose2x2_grad_weight_gemm(const float* __restrict__ x, const float* __r
     for (int p0 = start; p0 < stop; p0 += WG_BK) {
         const int p = p0 + lane;
         const bool live = p < stop;
-        const int n = p / plane, q = p - n * plane, i = q / W, j = q - i * W;
+        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
+        const int n = pl / plane, q = pl - n * plane, i = q / W, j = q - i * W;
         const int x_at = n * Ci * plane + q;                        // x[n, 0, i, j]
         const int gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;   // gy[n, 0, 2i, 2j]
 #pragma unroll
@@ -358,7 +359,8 @@ conv_transpose2x2_grad_weight_gemm_tf32(const float* __restrict__ x, const float
     for (int p0 = start; p0 < stop; p0 += WT_BK) {
         const int p = p0 + lane;
         const bool live = p < stop;
-        const int n = p / plane, q = p - n * plane, i = q / W, j = q - i * W;
+        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
+        const int n = pl / plane, q = pl - n * plane, i = q / W, j = q - i * W;
         const int x_at = n * Ci * plane + q;
         const int gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;
 #pragma unroll
