@@ -426,3 +426,265 @@ conv_transpose2x2_grad_weight_gemm_tf32(const float* __restrict__ x, const float
     __trap();   // no TF32 tensor cores in this compilation (before sm_80, or no <mma.h>)
 #endif
 }
+
+// =============================================================================================
+// Forward and input gradient as GEMMs (issue 16, item 4). Both are matrix products over the
+// channels, independently at every input pixel p = (n, i, j):
+//
+//   forward      Y[c, p]  = sum_ci A[c, ci] * x[n, ci, i, j]     A[c, ci] = w[ci, c], c = co*4 + a*2 + b
+//                y[n, co, 2i+a, 2j+b] = Y[c, p] + bias[co]                 (M = Co*4 rows, K = Ci)
+//   grad input   gx[n, ci, i, j] = sum_c A[ci, c] * G[c, p]      A[ci, c] = w[ci, c],
+//                G[c, p] = gy[n, co, 2i+a, 2j+b]                           (M = Ci rows, K = Co*4)
+//
+// (w (Ci, Co, 2, 2) is a row-major (Ci x Co*4) matrix.) The naive kernels above give each thread
+// one (n, co, i, j) and loop over ci, reading every x value Co times (from L1/L2) and every weight
+// once per thread. Here a block computes a 64-row x 64-pixel tile of the product: per stage it
+// stages CG_BK channels of A (64 x CG_BK) and of the pixels' inputs (CG_BK x 64) in shared
+// memory, and each of the 256 threads keeps a 4 x 4 register tile (rows ty + 16r, pixels
+// tx + 16c): 8 shared loads per 16 FMAs, and 64 x 64 x CG_BK FMAs per (64 + 64) x CG_BK global
+// loads (32 FMAs a load, against ~1 for the naive kernels).
+// FLOPs 2 * N*H*W * Ci * Co*4 each; bytes at best x + y (or gy + gx) + w: the up-convolutions of
+// U-Net have Ci = 2 Co, so the intensity is 2*Ci*Co*4 / (4 * (Ci + 4 Co)) = 4 Co / 3 FLOP per
+// byte (85 for Co = 64): compute-bound on an H100/H200 (FP32 ~67 TFLOP/s, 3.35-4.8 TB/s
+// memory) from Co ~ 16 up, so the tile's reuse is what pays.
+//
+// Mapping: grid (ceil(N*H*W / 64), ceil(M / 64)); the pixel axis runs over all images at once, so
+// a thread's loaded pixel (t % 64 of the block's 64) and its (n, i, j) are fixed: one division at
+// the start, none in the loop. Loads along the pixels are coalesced (x rows, gx rows; gy's 2x2
+// blocks read two floats of every 8-byte pair, the sibling column the other: each sector used
+// twice, the second time from L1). The forward stores scatter each pixel's 4 values to its 2x2
+// output block (stride-2 stores, half a sector each).
+//
+// v2 FP32: conv_transpose2x2_forward_gemm / conv_transpose2x2_grad_input_gemm (256 threads).
+// v3 TF32: ..._gemm_tf32 (128 threads = 4 warps of 2 x 2 wmma m16n16k8 fragments, CGT_BK = 32
+// channels a stage, inputs rounded with wmma::__float_to_tf32, float32 accumulation, results
+// through shared memory; sm_80+, a __trap() elsewhere: the launcher checks
+// conv_transpose2x2_grad_weight_has_tf32, which covers the whole file).
+// =============================================================================================
+#define CG_BM 64                 // rows (forward: co*4 + tap; grad input: ci) per block
+#define CG_BP 64                 // pixels per block
+#define CG_BK 16                 // channels of the reduction per stage
+#define CG_THREADS 256           // 16 x 16 threads, 4 x 4 outputs each
+
+// The pixel p of the whole batch as (n, i, j): the one division of a thread.
+struct CtPixel {
+    int n, i, j, q;   // q = i * W + j
+};
+__device__ __forceinline__ CtPixel ct_pixel(int p, int H, int W) {
+    CtPixel px;
+    px.n = p / (H * W);
+    px.q = p - px.n * H * W;
+    px.i = px.q / W;
+    px.j = px.q - px.i * W;
+    return px;
+}
+
+template <bool GRAD_INPUT>
+__device__ __forceinline__ void ct_gemm(const float* __restrict__ src, const float* __restrict__ w,
+                                        const float* __restrict__ bias, float* __restrict__ dst,
+                                        int N, int Ci, int H, int W, int Co) {
+    __shared__ float s_a[CG_BK][CG_BM + 1];   // [channel][row]
+    __shared__ float s_b[CG_BK][CG_BP];       // [channel][pixel]
+    const int plane = H * W, C4 = Co * 4, pixels = N * plane;
+    const int M = GRAD_INPUT ? Ci : C4, K = GRAD_INPUT ? C4 : Ci;
+    const int t = threadIdx.x, tx = t % 16, ty = t / 16;
+    const int pix0 = blockIdx.x * CG_BP, row0 = blockIdx.y * CG_BM;
+
+    // this thread loads pixel lp of the tile, channels lk, lk + 4, lk + 8, lk + 12 of each stage
+    const int lp = t % CG_BP, lk = t / CG_BP;
+    const bool live = pix0 + lp < pixels;
+    const CtPixel px = ct_pixel(live ? pix0 + lp : 0, H, W);
+    const int b_at = GRAD_INPUT ? px.n * C4 * plane + 2 * px.i * 2 * W + 2 * px.j   // gy[n, 0, 2i, 2j]
+                                : px.n * Ci * plane + px.q;                        // x[n, 0, i, j]
+
+    float acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += CG_BK) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            // A: forward A[c, ci] = w[ci * C4 + c], lanes along c; grad input A[ci, c] = w[ci * C4 + c],
+            // lanes along c (the reduction axis). Either way consecutive lanes, consecutive addresses.
+            const int e = t + r * CG_THREADS;
+            const int ak = GRAD_INPUT ? e % CG_BK : e / CG_BM, am = GRAD_INPUT ? e / CG_BK : e % CG_BM;
+            const int k = k0 + ak, m = row0 + am;
+            s_a[ak][am] = k < K && m < M ? w[GRAD_INPUT ? m * C4 + k : k * C4 + m] : 0.0f;
+            // B: channel k of the thread's pixel
+            const int bk = lk + 4 * r, kb = k0 + bk;
+            float v = 0.0f;
+            if (live && kb < K)
+                v = GRAD_INPUT ? src[b_at + (kb / 4) * 4 * plane + ((kb / 2) % 2) * 2 * W + kb % 2]
+                               : src[b_at + kb * plane];
+            s_b[bk][lp] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < CG_BK; ++k) {
+            float a[4], b[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[r] = s_a[k][ty + 16 * r];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) b[c] = s_b[k][tx + 16 * c];
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[r][c] += a[r] * b[c];
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const int p = pix0 + tx + 16 * c;
+        if (p >= pixels) continue;
+        const CtPixel o = ct_pixel(p, H, W);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int m = row0 + ty + 16 * r;
+            if (m >= M) continue;
+            if (GRAD_INPUT) {
+                dst[(o.n * Ci + m) * plane + o.q] = acc[r][c];
+            } else {
+                const int co = m / 4, a = (m / 2) % 2, b = m % 2;
+                dst[((o.n * Co + co) * 2 * H + 2 * o.i + a) * 2 * W + 2 * o.j + b] = acc[r][c] + bias[co];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(CG_THREADS)
+conv_transpose2x2_forward_gemm(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                               float* __restrict__ y, int N, int Ci, int H, int W, int Co) {
+    ct_gemm<false>(x, w, b, y, N, Ci, H, W, Co);
+}
+
+extern "C" __global__ void __launch_bounds__(CG_THREADS)
+conv_transpose2x2_grad_input_gemm(const float* __restrict__ gy, const float* __restrict__ w, float* __restrict__ gx,
+                                  int N, int Ci, int H, int W, int Co) {
+    ct_gemm<true>(gy, w, nullptr, gx, N, Ci, H, W, Co);
+}
+
+#define CGT_BM 64                // rows per block
+#define CGT_BP 64                // pixels per block
+#define CGT_BK 32                // channels per stage: 4 wmma k-steps of 8
+#define CGT_THREADS 128          // 4 warps, each a 32 x 32 quarter of the tile
+#define CGT_LDA (CGT_BK + 4)     // A staged [row][channel] (grad input) ...
+#define CGT_LDAT (CGT_BM + 4)    // ... or [channel][row] (forward: read as a col_major matrix_a)
+#define CGT_LDB (CGT_BP + 4)     // B staged [channel][pixel]
+#define CGT_LDC (CGT_BP + 4)     // the result staged [row][pixel]
+#define CGT_SMEM (CGT_BM * CGT_LDA + CGT_BK * CGT_LDB)   // floats: A + B (the larger layout), and the result
+
+#ifdef WG_WMMA_TF32
+// The forward's A[c, ci] = w[ci * C4 + c] is read along c (coalesced) and staged [ci][c]: a
+// col_major matrix_a. The input gradient's A[ci, c] = w[ci * C4 + c] is staged [ci][c]: row_major.
+template <bool GRAD_INPUT> struct CtLayoutA { typedef nvcuda::wmma::col_major type; };
+template <> struct CtLayoutA<true> { typedef nvcuda::wmma::row_major type; };
+#endif
+
+template <bool GRAD_INPUT>
+__device__ __forceinline__ void ct_gemm_tf32(const float* __restrict__ src, const float* __restrict__ w,
+                                             const float* __restrict__ bias, float* __restrict__ dst,
+                                             int N, int Ci, int H, int W, int Co) {
+#ifdef WG_WMMA_TF32
+    using namespace nvcuda;
+    static_assert(CGT_BK * CGT_LDAT + CGT_BK * CGT_LDB <= CGT_SMEM && CGT_BM * CGT_LDC <= CGT_SMEM,
+                  "the forward's stage and the staged result fit the buffer");
+    __shared__ __align__(32) float smem[CGT_SMEM];
+    float* s_a = smem;
+    float* s_b = smem + (GRAD_INPUT ? CGT_BM * CGT_LDA : CGT_BK * CGT_LDAT);   // 32-byte aligned: 2304 or 2176 floats
+    float* s_c = smem;
+    const int lda = GRAD_INPUT ? CGT_LDA : CGT_LDAT;
+    const int plane = H * W, C4 = Co * 4, pixels = N * plane;
+    const int M = GRAD_INPUT ? Ci : C4, K = GRAD_INPUT ? C4 : Ci;
+    const int t = threadIdx.x, warp = t / 32;
+    const int wrow = (warp / 2) * 32, wcol = (warp % 2) * 32;
+    const int pix0 = blockIdx.x * CGT_BP, row0 = blockIdx.y * CGT_BM;
+
+    const int lp = t % CGT_BP, lk = t / CGT_BP;   // the thread's pixel; channels lk, lk + 2, ...
+    const bool live = pix0 + lp < pixels;
+    const CtPixel px = ct_pixel(live ? pix0 + lp : 0, H, W);
+    const int b_at = GRAD_INPUT ? px.n * C4 * plane + 2 * px.i * 2 * W + 2 * px.j : px.n * Ci * plane + px.q;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
+#pragma unroll
+    for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+        for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(acc[fi][fj], 0.0f);
+
+    for (int k0 = 0; k0 < K; k0 += CGT_BK) {
+#pragma unroll 4
+        for (int r = 0; r < CGT_BM * CGT_BK / CGT_THREADS; ++r) {   // 16 elements of A and of B a thread
+            const int e = t + r * CGT_THREADS;
+            const int ak = GRAD_INPUT ? e % CGT_BK : e / CGT_BM, am = GRAD_INPUT ? e / CGT_BK : e % CGT_BM;
+            const int k = k0 + ak, m = row0 + am;
+            const float a = k < K && m < M ? w[GRAD_INPUT ? m * C4 + k : k * C4 + m] : 0.0f;
+            s_a[GRAD_INPUT ? am * CGT_LDA + ak : ak * CGT_LDAT + am] = a;
+            const int bk = lk + 2 * r, kb = k0 + bk;
+            float v = 0.0f;
+            if (live && kb < K)
+                v = GRAD_INPUT ? src[b_at + (kb / 4) * 4 * plane + ((kb / 2) % 2) * 2 * W + kb % 2]
+                               : src[b_at + kb * plane];
+            s_b[bk * CGT_LDB + lp] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < CGT_BK; kk += 8) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, typename CtLayoutA<GRAD_INPUT>::type> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b[2];
+#pragma unroll
+            for (int f = 0; f < 2; ++f) {
+                const int m = wrow + 16 * f;
+                wmma::load_matrix_sync(a[f], s_a + (GRAD_INPUT ? m * CGT_LDA + kk : kk * CGT_LDAT + m), lda);
+                wmma::load_matrix_sync(b[f], s_b + kk * CGT_LDB + wcol + 16 * f, CGT_LDB);
+#pragma unroll
+                for (int e = 0; e < a[f].num_elements; ++e) a[f].x[e] = wmma::__float_to_tf32(a[f].x[e]);
+#pragma unroll
+                for (int e = 0; e < b[f].num_elements; ++e) b[f].x[e] = wmma::__float_to_tf32(b[f].x[e]);
+            }
+#pragma unroll
+            for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+                for (int fj = 0; fj < 2; ++fj) wmma::mma_sync(acc[fi][fj], a[fi], b[fj], acc[fi][fj]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int fi = 0; fi < 2; ++fi)
+#pragma unroll
+        for (int fj = 0; fj < 2; ++fj)
+            wmma::store_matrix_sync(s_c + (wrow + 16 * fi) * CGT_LDC + wcol + 16 * fj, acc[fi][fj], CGT_LDC,
+                                    wmma::mem_row_major);
+    __syncthreads();
+    if (live) {   // the thread's pixel lp, rows lk, lk + 2, ...: consecutive threads, consecutive pixels
+        for (int am = lk; am < CGT_BM; am += CGT_THREADS / CGT_BP) {
+            const int m = row0 + am;
+            if (m >= M) break;
+            const float v = s_c[am * CGT_LDC + lp];
+            if (GRAD_INPUT) {
+                dst[(px.n * Ci + m) * plane + px.q] = v;
+            } else {
+                const int co = m / 4, a = (m / 2) % 2, b = m % 2;
+                dst[((px.n * Co + co) * 2 * H + 2 * px.i + a) * 2 * W + 2 * px.j + b] = v + bias[co];
+            }
+        }
+    }
+#else
+    __trap();   // no TF32 tensor cores in this compilation (before sm_80, or no <mma.h>)
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(CGT_THREADS)
+conv_transpose2x2_forward_gemm_tf32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                                    float* __restrict__ y, int N, int Ci, int H, int W, int Co) {
+    ct_gemm_tf32<false>(x, w, b, y, N, Ci, H, W, Co);
+}
+
+extern "C" __global__ void __launch_bounds__(CGT_THREADS)
+conv_transpose2x2_grad_input_gemm_tf32(const float* __restrict__ gy, const float* __restrict__ w,
+                                       float* __restrict__ gx, int N, int Ci, int H, int W, int Co) {
+    ct_gemm_tf32<true>(gy, w, nullptr, gx, N, Ci, H, W, Co);
+}

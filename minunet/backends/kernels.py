@@ -63,6 +63,7 @@ from .sources import cu_defines, kernels_dir
 CUDA_OPTIONS = ("-std=c++17",)
 CONV3X3_VERSIONS = ("auto", "naive", "tiled")
 REDUCTIONS = ("auto", "tree", "serial", "gemm")
+CONV_TRANSPOSE2X2_VERSIONS = ("auto", "naive", "gemm")
 PRECISIONS = ("fp32", "tf32")
 # Block size of the one-thread-per-element kernels. Those kernels work with any block size (they
 # index with blockDim), so this is the launcher's choice: 8 warps, a common default.
@@ -147,7 +148,7 @@ class KernelBackend:
     docs/backends.md (attached by ``minunet.ops`` from each op's ``kernels_*`` functions)."""
 
     def __init__(self, device: str, conv3x3: str | None = None, reduction: str | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, conv_transpose2x2: str | None = None):
         if device not in ("cuda", "emu"):
             raise ValueError(f"KernelBackend runs on 'cuda' or 'emu', not {device!r}; "
                              "the 'cpu' backend is minunet.backends.get_backend('cpu')")
@@ -161,6 +162,8 @@ class KernelBackend:
         self._conv3x3_version = _choice(conv3x3, "MINUNET_CONV3X3", CONV3X3_VERSIONS, "conv3x3 kernel version")
         self._reduction = _choice(reduction, "MINUNET_REDUCTION", REDUCTIONS, "reduction")
         self._precision = _precision_choice(precision or _PRECISION_DEFAULT, "MINUNET_PRECISION")
+        self._conv_transpose2x2_version = _choice(conv_transpose2x2, "MINUNET_CONV_TRANSPOSE2X2",
+                                                  CONV_TRANSPOSE2X2_VERSIONS, "conv_transpose2x2 kernel version")
         _BACKENDS.append(self)
         # A weight-gradient block reduces at least this many pixels before the reduction is split
         # over more blocks (blockIdx.y slices). Tests lower it to exercise the split on small images.
@@ -187,6 +190,17 @@ class KernelBackend:
     @reduction.setter
     def reduction(self, version: str) -> None:
         self._reduction = _choice(version, None, REDUCTIONS, "reduction")
+
+    @property
+    def conv_transpose2x2_version(self) -> str:
+        """"auto", "naive" or "gemm": the up-convolution's forward and input-gradient kernels
+        (ops/conv_transpose2x2.py, ``use_gemm``). Also ``MINUNET_CONV_TRANSPOSE2X2``."""
+        return self._conv_transpose2x2_version
+
+    @conv_transpose2x2_version.setter
+    def conv_transpose2x2_version(self, version: str) -> None:
+        self._conv_transpose2x2_version = _choice(version, None, CONV_TRANSPOSE2X2_VERSIONS,
+                                                  "conv_transpose2x2 kernel version")
 
     @property
     def precision(self) -> str:
