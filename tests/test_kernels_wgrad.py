@@ -25,6 +25,11 @@ Tolerances:
 - The bias gradient is float32 in both precisions (it adds the unrounded gy values).
 Results must also be bitwise the same from run to run (no atomics: the slices are added in a
 fixed order).
+
+The up-convolution's forward and input gradient have GEMM versions too
+(``conv_transpose2x2_{forward,grad_input}_gemm[_tf32]``, MINUNET_CONV_TRANSPOSE2X2=gemm): tested
+at the end the same way (FP32 at the registry tolerance, TF32 within 2^-10 * sum|products| plus
+the accumulation, and tightly against the TF32-rounded reference).
 """
 from __future__ import annotations
 
@@ -246,3 +251,79 @@ def test_tf32_kernels_compile_to_tensor_core_code(name, arch):
     assert f".entry {name}_grad_weight_gemm_tf32(" in ptx
     has_mma = "wmma.mma.sync" in ptx and ".tf32" in ptx
     assert has_mma == (arch != "compute_75")
+
+
+# ---- the up-convolution's forward and input gradient as GEMMs -------------------------------------
+# (N, Ci, H, W, Co): the registry's cases, then 68 forward rows (Co*4) and 65 input channels (past
+# one 64-row tile; K = 65 and 68: several 16- and 32-channel stages, the last partly empty), and
+# 135 pixels (three 64-pixel tiles) with 280 forward rows.
+CT_CASES = conv_transpose2x2.TEST_CASES + [(2, 65, 3, 5, 17), (1, 3, 9, 15, 70)]
+
+
+def ct_backend(precision: str, version: str = "gemm") -> KernelBackend:
+    return KernelBackend("emu", conv_transpose2x2=version, precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("case", CT_CASES)
+def test_conv_transpose_gemm_forward_and_grad_input(rng, monkeypatch, case, precision):
+    backend = ct_backend(precision)
+    names = []
+    launch = backend.launch
+
+    def record(file, kernel, grid, block, kernel_args):
+        names.append(kernel)
+        launch(file, kernel, grid, block, kernel_args)
+
+    monkeypatch.setattr(backend, "launch", record)
+    example = conv_transpose2x2.example(rng, case)
+    x, w, b = example["conv_transpose2x2_forward"]
+    _, _, gy, _ = example["conv_transpose2x2_backward"]
+    y = backend.conv_transpose2x2_forward(x, w, b)
+    gx = backend.conv_transpose2x2_backward(x, w, gy, True)[0]
+    suffix = "_tf32" if precision == "tf32" else ""
+    names = [name for name in names if not name.endswith("_has_tf32")]   # the probe, once
+    assert names[0] == f"conv_transpose2x2_forward_gemm{suffix}"
+    assert f"conv_transpose2x2_grad_input_gemm{suffix}" in names
+
+    f64 = (lambda a: np.asarray(a, np.float64))
+    want_y = conv_transpose2x2.reference_forward(f64(x), f64(w), f64(b))
+    want_gx = conv_transpose2x2.reference_backward(f64(x), f64(w), f64(gy))[0]
+    if precision == "fp32":
+        assert_close(y, want_y, what=f"forward {case}", **conv_transpose2x2.TOLERANCE)
+        assert_close(gx, want_gx, what=f"grad input {case}", **conv_transpose2x2.TOLERANCE)
+        return
+    n, ci, h, wd, co = case
+    abs_y = conv_transpose2x2.reference_forward(np.abs(f64(x)), np.abs(f64(w)))
+    abs_gx = conv_transpose2x2.reference_backward(np.abs(f64(x)), np.abs(f64(w)), np.abs(f64(gy)))[0]
+    for got, want, absolute, terms, what in ((y, want_y, abs_y, ci, "forward"), (gx, want_gx, abs_gx, 4 * co, "grad input")):
+        accumulation = (terms / 4 + 8) * 2.0**-24 * absolute + 1e-6
+        assert (np.abs(got - want) <= 2.0**-10 * absolute + accumulation).all(), \
+            f"{what} {case}: TF32 error {np.abs(got - want).max():.3g}"
+    # against the reference of TF32-rounded inputs only the accumulation remains (the bias is float32)
+    tf32_y = conv_transpose2x2.reference_forward(f64(to_tf32(x)), f64(to_tf32(w)), f64(b))
+    tf32_gx = conv_transpose2x2.reference_backward(f64(x), f64(to_tf32(w)), f64(to_tf32(gy)))[0]
+    assert (np.abs(y - tf32_y) <= (ci / 4 + 8) * 2.0**-24 * abs_y + 1e-6).all()
+    assert (np.abs(gx - tf32_gx) <= (co + 8) * 2.0**-24 * abs_gx + 1e-6).all()
+
+
+def test_conv_transpose_version_choice(monkeypatch):
+    """"auto": naive on emu in fp32 (the emulator's speed), gemm in tf32 and on cuda (the H200
+    measured the naive kernels at 3x and 9.5x PyTorch); forced by the argument, the environment
+    variable or the attribute, a bad value refused with the allowed ones."""
+    from minunet.ops.conv_transpose2x2 import gemm_version
+
+    monkeypatch.delenv("MINUNET_CONV_TRANSPOSE2X2", raising=False)
+    backend = KernelBackend("emu", precision="fp32")
+    assert backend.conv_transpose2x2_version == "auto" and gemm_version(backend) is None
+    backend.precision = "tf32"
+    assert gemm_version(backend) == "gemm_tf32"
+    backend.precision = "fp32"
+    backend.device = "cuda"   # the choice only; nothing is launched
+    assert gemm_version(backend) == "gemm"
+    backend.conv_transpose2x2_version = "naive"
+    assert gemm_version(backend) is None
+    monkeypatch.setenv("MINUNET_CONV_TRANSPOSE2X2", "gemm")
+    assert KernelBackend("emu").conv_transpose2x2_version == "gemm"
+    with pytest.raises(ValueError, match="use one of: auto, naive, gemm"):
+        backend.conv_transpose2x2_version = "tiled"
