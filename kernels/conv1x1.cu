@@ -157,6 +157,7 @@ extern "C" __global__ void conv1x1_grad_weight_serial(const float* __restrict__ 
 #define WG_THREADS ((WG_BM / WG_TM) * (WG_BN / WG_TN))    // 256
 #define WG_LOAD_ROWS (WG_THREADS / WG_BK)                 // 8
 #define WG_MAX_SLICE 2048
+#define WG_MIN_SLICE 256                                  // fewest pixels a block is split down to
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS)
 conv1x1_grad_weight_gemm(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,

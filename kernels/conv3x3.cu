@@ -430,7 +430,9 @@ extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ 
 //
 // Pixel slices: one block sums at most `pixels_per_slice` <= WG_MAX_SLICE pixels of its tile.
 // When the tiles alone would leave the GPU's SMs idle (a shallow layer: Co*Ci*9 small, P huge)
-// the launcher (KernelBackend.grad_weight) splits P into slices (blockIdx.z); each writes its
+// the launcher (KernelBackend.grad_weight) splits P into slices (blockIdx.z) of at least
+// WG_MIN_SLICE = 256 pixels, until there are about 2048 blocks (the first layer of the paper's
+// network, 64 x 9 weights in one tile and 570 x 570 pixels: 1,270 slices); each writes its
 // partial gw and gb, and reduce.cu's sum_partials adds them in slice order: deterministic, no
 // atomics. Float32 accuracy: an accumulator adds at most WG_MAX_SLICE = 2048 products (the
 // classic bound on the error is 2048 * 2^-24 ~ 1.2e-4 of the sum of |products|, typically
@@ -447,6 +449,7 @@ extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ 
 #define WG_THREADS ((WG_BM / WG_TM) * (WG_BN / WG_TN))    // 16 x 16 = 256 threads
 #define WG_LOAD_ROWS (WG_THREADS / WG_BK)                 // 8 warps: the loads step 8 rows at a time
 #define WG_MAX_SLICE 2048                                 // most pixels one block sums (accuracy)
+#define WG_MIN_SLICE 256                                  // fewest pixels a block is split down to
 
 // ---------------------------------------------------------------------------------------------
 // v3 FP32: conv3x3_grad_weight_gemm. Grid (ceil(Ci*9 / 64), ceil(Co / 64), slices), 256 threads.

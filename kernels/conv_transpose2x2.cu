@@ -210,6 +210,7 @@ extern "C" __global__ void conv_transpose2x2_grad_weight_serial(const float* __r
 #define WG_THREADS ((WG_BM / WG_TM) * (WG_BN / WG_TN))    // 256
 #define WG_LOAD_ROWS (WG_THREADS / WG_BK)                 // 8
 #define WG_MAX_SLICE 2048
+#define WG_MIN_SLICE 256                                  // fewest pixels a block is split down to
 
 // gy's 2x2 block of input pixel (i, j) for one output channel (`at` = its top-left element):
 // the gemm's columns co*4 + (0, 1, 2, 3). Neighbouring lanes (neighbouring j) read neighbouring

@@ -48,6 +48,7 @@ from .conftest import assert_close
 DEVICES = ["emu", "cuda"]
 GEMM_OPS = {"conv3x3": conv3x3, "conv1x1": conv1x1, "conv_transpose2x2": conv_transpose2x2}
 MAX_SLICE = cu_defines("conv3x3")["WG_MAX_SLICE"]
+MIN_SLICE = cu_defines("conv3x3")["WG_MIN_SLICE"]
 # (op, (N, Ci, H, W, Co)) beyond the registry's: channels past one 64 x 64 tile and not multiples
 # of it; pixels past WG_MAX_SLICE (2 x 2 x 1100 = 2,200 for conv1x1, 46 x 46 = 2,116 for conv3x3,
 # 2 x 35 x 31 = 2,170 for the up-convolution) so that the launcher must split them.
@@ -125,7 +126,8 @@ def test_fp32_gemm_matches_reference(rng, monkeypatch, device, name, case, split
     (gx, gw, gb), args, names = run(backend, name, case, rng, monkeypatch)
     assert f"{name}_grad_weight_gemm" in names, names
     pixels = pixels_of(name, case)
-    slices = pixels > MAX_SLICE or (split and pixels > backend.min_pixels_per_slice)
+    # these grids have at most 4 tiles, far from filling a GPU: split whenever a slice can be smaller
+    slices = pixels > min(backend.min_pixels_per_slice, MIN_SLICE)
     assert ("sum_partials" in names) == slices, f"{pixels} pixels: {names}"
     want = reference(name, args)
     tol = ops.tolerance(GEMM_OPS[name], backward_name(GEMM_OPS[name]), case)
@@ -179,6 +181,29 @@ def test_gemm_is_deterministic(name, precision):
     outs = [run(make_backend("emu", precision, True), name, case, np.random.default_rng(11))[0] for _ in range(2)]
     for first, second in zip(*outs):
         assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 572, 572, 64), (1, 64, 570, 570, 64), (1, 512, 66, 66, 512),
+                                   (1, 1024, 30, 30, 1024), (2, 16, 348, 348, 16)])
+def test_gemm_slices_fill_a_gpu_and_bound_each_sum(monkeypatch, shape):
+    """The gemm launch for U-Net's conv3x3 layers (paper size, base 64, and the default base 16,
+    batch 2): every block sums at most WG_MAX_SLICE pixels, and there are enough blocks for a GPU
+    (TARGET_BLOCKS, or one per WG_MIN_SLICE pixels of every tile). Only the grid is checked: the
+    launch is recorded, not run."""
+    from minunet.backends.kernels import TARGET_BLOCKS
+
+    n, ci, h, w, co = shape
+    backend = KernelBackend("emu", reduction="gemm")
+    grids = {}
+    monkeypatch.setattr(backend, "launch", lambda file, kernel, grid, block, args: grids.setdefault(kernel, (grid, args)))
+    x, wt = np.zeros((n, ci, h, w), np.float32), np.zeros((co, ci, 3, 3), np.float32)
+    backend.conv3x3_backward(x, wt, np.zeros((n, co, h - 2, w - 2), np.float32), True)
+    (tiles_x, tiles_y, slices), args = grids["conv3x3_grad_weight_gemm"]
+    pixels, per_slice = n * (h - 2) * (w - 2), int(args[-1])
+    assert (tiles_x, tiles_y) == (-(-ci * 9 // 64), -(-co // 64))
+    assert per_slice <= MAX_SLICE and slices * per_slice >= pixels > (slices - 1) * per_slice
+    assert tiles_x * tiles_y * slices >= min(TARGET_BLOCKS, tiles_x * tiles_y * (pixels // MIN_SLICE))
+    assert ("sum_partials" in grids) == (slices > 1)
 
 
 def test_reduction_knob_has_every_version(monkeypatch):

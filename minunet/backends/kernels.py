@@ -368,8 +368,9 @@ class KernelBackend:
         blocks of ``threads``. Gemm: ``<kernel>_gemm``, or ``<kernel>_gemm_tf32`` with precision
         tf32 (the same arguments), for gw seen as a ``gemm = (rows, cols)`` matrix (gw's shape,
         flattened to 2-D); its tile sizes come from the file's WG_* / WT_* defines. Tree and gemm
-        split the pixels into slices when there are too few blocks to fill a GPU (and gemm when a
-        block would sum more than WG_MAX_SLICE pixels); each slice writes its own partial results
+        split the pixels into slices when there are too few blocks to fill a GPU (down to
+        ``min_pixels_per_slice`` pixels a block, gemm to the file's WG_MIN_SLICE if that is fewer;
+        and gemm when a block would sum more than WG_MAX_SLICE pixels); each slice writes its own partial results
         and reduce.cu's sum_partials adds them in a fixed order, so the result is deterministic
         (no atomics)."""
         xp = self.xp
@@ -383,7 +384,7 @@ class KernelBackend:
             gw, gb = self.empty(shape), self.empty((channels,))
             self.launch_elementwise(file, f"{kernel}_serial", size + channels, (*arrays, gw, gb, *int32s(*ints)))
             return gw, gb
-        max_slice = pixels
+        max_slice, min_slice = pixels, self.min_pixels_per_slice
         if version == "gemm":
             rows, cols = gemm
             require(rows * cols == size, f"{kernel}: a gemm of {rows} x {cols} is not the {shape} weights")
@@ -393,9 +394,12 @@ class KernelBackend:
             tiles = (ceil_div(cols, defines[f"{prefix}_BN"]), ceil_div(rows, defines[f"{prefix}_BM"]))
             blocks, threads = tiles[0] * tiles[1], defines[f"{prefix}_THREADS"]
             max_slice = defines["WG_MAX_SLICE"]
+            # a gemm grid has few, fat blocks (one per 64 x 64 tile of gw: a single one for a
+            # first layer's 64 x 9 weights), so it is split down to WG_MIN_SLICE pixels a block
+            min_slice = min(min_slice, defines["WG_MIN_SLICE"])
             kernel = f"{kernel}_gemm_tf32" if tf32 else f"{kernel}_gemm"
         slices = max(ceil_div(pixels, max_slice),
-                     min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, self.min_pixels_per_slice)))
+                     min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, min_slice)))
         require(slices <= MAX_GRID_YZ, f"{kernel}: {pixels} pixels need {slices} slices, more than a grid "
                                        f"has ({MAX_GRID_YZ}); use a smaller batch or tile")
         per_slice = ceil_div(pixels, slices)
