@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minunet import ops
 from minunet.backends import reference as R
@@ -204,6 +206,45 @@ def test_gemm_slices_fill_a_gpu_and_bound_each_sum(monkeypatch, shape):
     assert per_slice <= MAX_SLICE and slices * per_slice >= pixels > (slices - 1) * per_slice
     assert tiles_x * tiles_y * slices >= min(TARGET_BLOCKS, tiles_x * tiles_y * (pixels // MIN_SLICE))
     assert ("sum_partials" in grids) == (slices > 1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_gemm_does_not_depend_on_the_thread_order(precision):
+    """The same bits under three of the emulator's shuffle seeds (the order of blocks, and of a
+    block's threads between barriers): no result depends on an order a GPU does not promise."""
+    from minunet.emulator import set_shuffle_seed, shuffle_seed
+
+    before = shuffle_seed()
+    outs = []
+    try:
+        for seed in (0, 7, 12345):
+            set_shuffle_seed(seed)
+            for name in GEMM_OPS:
+                outs.append((seed, name, run(make_backend("emu", precision, True), name,
+                                             (2, 5, 9, 14, 7), np.random.default_rng(3))[0]))
+    finally:
+        set_shuffle_seed(before)
+    for seed, name, got in outs:
+        first = next(o for s_, n_, o in outs if n_ == name)
+        assert all(np.array_equal(a, b) for a, b in zip(got, first)), f"{name}: seed {seed} changed the result"
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 3), ci=st.integers(1, 20), co=st.integers(1, 70), h=st.integers(3, 17),
+       w=st.integers(3, 40), split=st.booleans(), precision=st.sampled_from(["fp32", "tf32"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_conv3x3_gemm_random_shapes(n, ci, co, h, w, split, precision, seed):
+    """Random shapes (hypothesis), both precisions, with and without the forced slice split."""
+    backend = make_backend("emu", precision, split)
+    (_, gw, gb), args, _ = run(backend, "conv3x3", (n, ci, h, w, co), np.random.default_rng(seed))
+    _, ref_gw, ref_gb = reference("conv3x3", args)
+    _, abs_gw, _ = reference("conv3x3", args, absolute=True)
+    pixels = n * (h - 2) * (w - 2)
+    # TF32: input rounding + one rounding per mma_sync of 8 pixels (x2 for a GPU); FP32: one per pixel
+    rounding, chain = (2.0**-10, pixels / 4) if precision == "tf32" else (0.0, pixels)
+    bound = rounding * abs_gw + (chain + 64) * 2.0**-24 * abs_gw + 1e-6
+    assert (np.abs(gw - ref_gw) <= bound).all(), f"{precision}: error {np.abs(gw - ref_gw).max():.3g}"
+    assert_close(gb, ref_gb, rtol=1e-4, atol=1e-4, what="gb")
 
 
 def test_reduction_knob_has_every_version(monkeypatch):
