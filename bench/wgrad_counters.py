@@ -1,4 +1,6 @@
-"""The emulator's counters for every weight-gradient version (issue 16), one table per version.
+"""The emulator's counters for every weight-gradient version (issue 16), one table per version,
+and for the up-convolution's forward and input-gradient versions (naive with tree/serial, gemm
+with gemm).
 
     PYTHONPATH=. python bench/wgrad_counters.py [--base-channels 8] [--tile 188] [--gpu sm_90]
 
@@ -21,7 +23,9 @@ from minunet.backends.kernels import KernelBackend
 from minunet.ops import conv1x1, conv3x3, conv_transpose2x2
 
 OPS = (conv3x3, conv1x1, conv_transpose2x2)
-VERSIONS = (("tree", "fp32"), ("serial", "fp32"), ("gemm", "fp32"), ("gemm", "tf32"))
+# (weight-gradient reduction, precision, up-convolution forward/input-gradient version)
+VERSIONS = (("tree", "fp32", "naive"), ("serial", "fp32", "naive"), ("gemm", "fp32", "gemm"), ("gemm", "tf32", "gemm"))
+ROWS = ("grad_weight", "sum_partials", "conv_transpose2x2_forward", "conv_transpose2x2_grad_input")
 
 
 def main() -> None:
@@ -31,18 +35,19 @@ def main() -> None:
     parser.add_argument("--gpu", default="sm_90", choices=("sm_80", "sm_90"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    for reduction, precision in VERSIONS:
-        backend = KernelBackend("emu", reduction=reduction, precision=precision)
+    for reduction, precision, up in VERSIONS:
+        backend = KernelBackend("emu", reduction=reduction, precision=precision, conv_transpose2x2=up)
         with emulator.profile(gpu=args.gpu, sample_blocks=8) as report:
             for op in OPS:
-                function = next(f for f in op.IMPLEMENTATIONS if f.endswith("_backward"))
+                functions = [f for f in op.IMPLEMENTATIONS if f.endswith("_backward") or op is conv_transpose2x2]
                 for case in op.bench_cases(args.base_channels, args.tile, 1):
-                    getattr(backend, function)(*op.example(rng, case)[function])
+                    for function in functions:
+                        getattr(backend, function)(*op.example(rng, case)[function])
         text = emulator.format_profile(report)
-        print(f"## reduction={reduction} precision={precision} (base {args.base_channels}, tile {args.tile}; "
+        print(f"## reduction={reduction} precision={precision} conv_transpose2x2={up} (base {args.base_channels}, tile {args.tile}; "
               f"times PREDICTED for {args.gpu})")
         print("\n".join(line for i, line in enumerate(text.splitlines())
-                        if i < 3 or "grad_weight" in line or "sum_partials" in line))
+                        if i < 3 or any(row in line for row in ROWS)))
         print()
 
 

@@ -74,6 +74,7 @@ REDUCE_THREADS = cu_defines("reduce")["REDUCE_THREADS"]   # the block of reduce.
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
 SERIAL_SHORT_LOOP = 64          # "auto" reductions: a serial thread per output when its loop is this short,
 SERIAL_MIN_THREADS = 4096       # ... or when there are this many outputs (16 blocks of 256 threads)
+SLICE_SUM_LOOP = 32             # more slices than this are added in two passes (sqrt(S) terms a thread each)
 
 # set_precision's choice for every kernel backend (None: each reads MINUNET_PRECISION, else "fp32")
 _PRECISION_DEFAULT: str | None = None
@@ -82,6 +83,12 @@ _BACKENDS: list["KernelBackend"] = []
 
 # (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
 _MODULES: dict[tuple, tuple[int, int, object]] = {}
+
+
+def slice_group(slices: int) -> int:
+    """The group of the two-pass slice sum (``KernelBackend._sum_slices``): about sqrt(slices),
+    so that both passes add about as many terms."""
+    return math.isqrt(slices - 1) + 1
 
 
 class KernelError(RuntimeError):
@@ -400,10 +407,12 @@ class KernelBackend:
             kernel = f"{kernel}_gemm_tf32" if tf32 else f"{kernel}_gemm"
         slices = max(ceil_div(pixels, max_slice),
                      min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, min_slice)))
-        require(slices <= MAX_GRID_YZ, f"{kernel}: {pixels} pixels need {slices} slices, more than a grid "
-                                       f"has ({MAX_GRID_YZ}); use a smaller batch or tile")
         per_slice = ceil_div(pixels, slices)
         slices = ceil_div(pixels, per_slice)
+        group = slice_group(slices) if slices > SLICE_SUM_LOOP else 1
+        slices = ceil_div(slices, group) * group   # a multiple of the two-pass sum's group (the last slices empty)
+        require(slices <= MAX_GRID_YZ, f"{kernel}: {pixels} pixels need {slices} slices, more than a grid "
+                                       f"has ({MAX_GRID_YZ}); use a smaller batch or tile")
         if slices == 1:
             gw, gb = self.empty(shape), self.empty((channels,))
         else:
@@ -412,10 +421,21 @@ class KernelBackend:
         self.launch(file, kernel, grid, (threads,), (*arrays, gw, gb, *int32s(*ints), np.int32(per_slice)))
         if slices == 1:
             return gw, gb
-        return self._sum_slices(gw, shape), self._sum_slices(gb, (channels,))
+        return self._sum_slices(gw, shape, group), self._sum_slices(gb, (channels,), group)
 
-    def _sum_slices(self, partial, shape):
-        """sum over the first axis of ``partial`` (slices, M), in slice order (reduce.cu's sum_partials)."""
+    def _sum_slices(self, partial, shape, group: int = 1):
+        """sum over the first axis of ``partial`` (slices, M), in a fixed order (reduce.cu's
+        sum_partials: one thread per output, a loop over the slices). More than SLICE_SUM_LOOP
+        slices (the gemm kernels split a first layer's single tile into ~1,000) would make that
+        loop a long chain of dependent adds and memory latencies in few threads, so they are
+        added in two passes: slice s = a * group + b, first over a for every (b, m) (group * M
+        threads), then over b (``grad_weight`` chooses ``group`` and makes S a multiple of it)."""
+        slices, size = partial.shape
+        if group > 1:
+            partial = self._sum_slices_once(partial.reshape(slices // group, group * size), (group, size))
+        return self._sum_slices_once(partial, shape)
+
+    def _sum_slices_once(self, partial, shape):
         slices, size = partial.shape
         total = self.empty(shape)
         self.launch("reduce", "sum_partials", (ceil_div(size, THREADS),), (THREADS,),
