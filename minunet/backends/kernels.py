@@ -37,7 +37,14 @@ Two choices of kernel, each made per launch from the shapes unless a version is 
   the loops are short or the threads many (the deep, small layers: 147,456 weights, 16 pixels;
   see ``serial_reduction``), tree otherwise, and gemm when the precision is tf32 (only gemm has
   a TF32 version). ``KernelBackend(device, reduction="tree")``, ``MINUNET_REDUCTION``, or
-  ``get_backend(device).reduction = "tree"``.
+  ``get_backend(device).reduction = "tree"``. Split sums (pixel slices) are added by reduce.cu's
+  sum_partials in a fixed order, in two passes of ~sqrt(S) terms when there are more than
+  SLICE_SUM_LOOP slices.
+- The up-convolution's forward and input gradient: ``"naive"``, ``"gemm"`` (tiles of the
+  per-pixel channel product; tensor cores in tf32) or ``"auto"``: gemm on ``cuda`` (the H200
+  measured the naive kernels at 3x and 9.5x PyTorch's time; gemm not measured yet) and in tf32,
+  naive on ``emu`` in fp32. ``KernelBackend(device, conv_transpose2x2="gemm")``,
+  ``MINUNET_CONV_TRANSPOSE2X2``, or ``get_backend(device).conv_transpose2x2_version``.
 
 One choice of arithmetic, like PyTorch's ``allow_tf32``: ``precision`` is ``"fp32"`` (the default:
 strict float32 arithmetic everywhere) or ``"tf32"`` (the convolution GEMMs may run on tensor cores,
@@ -201,7 +208,7 @@ class KernelBackend:
     @property
     def conv_transpose2x2_version(self) -> str:
         """"auto", "naive" or "gemm": the up-convolution's forward and input-gradient kernels
-        (ops/conv_transpose2x2.py, ``use_gemm``). Also ``MINUNET_CONV_TRANSPOSE2X2``."""
+        (ops/conv_transpose2x2.py, ``gemm_version``). Also ``MINUNET_CONV_TRANSPOSE2X2``."""
         return self._conv_transpose2x2_version
 
     @conv_transpose2x2_version.setter
