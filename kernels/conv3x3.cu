@@ -38,11 +38,11 @@
 //                              all pixels in a loop: no shared memory, no barriers. For the deep,
 //                              small layers, where weights outnumber pixels ("auto" picks it on
 //                              emu only: on an H200 it was the slowest kernel of the step).
-//   conv3x3_grad_weight_gemm   v3: the weight gradient as a matrix product (Co x P) @ (P x Ci*9)
+//   conv3x3_grad_weight_gemm   wgrad v3: the weight gradient as a matrix product (Co x P) @ (P x Ci*9)
 //                              over the pixels, x's side an implicit im2col: 64 x 64 tiles of gw
 //                              per block, 32-pixel stages of gy and x in shared memory, a 4 x 4
 //                              register tile per thread; pixel slices added by sum_partials.
-//   conv3x3_grad_weight_gemm_tf32  v4: the same GEMM on TF32 tensor cores (nvcuda::wmma
+//   conv3x3_grad_weight_gemm_tf32  wgrad v4: the same GEMM on TF32 tensor cores (nvcuda::wmma
 //                              m16n16k8, float32 accumulation), for precision "tf32", sm_80+;
 //                              conv3x3_grad_weight_has_tf32 tells the launcher it was compiled.
 //   Every weight-gradient kernel also computes the bias gradient (fused: the same pass over gy).
@@ -402,7 +402,9 @@ extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ 
 }
 
 // =============================================================================================
-// Weight gradient as a GEMM (issue 16). Written out as a matrix product over pixels,
+// Weight gradient as a GEMM (issue 16). The weight-gradient road of this file: v1 serial (one
+// thread per weight), v2 tree (a block per weight group, a shared-memory tree), v3 gemm (below,
+// FP32), v4 gemm_tf32 (below, tensor cores). Written out as a matrix product over pixels,
 //
 //     gw[co, c] = sum_p gy[co, p] * X[p, c]      c = ci*9 + ky*3 + kx,  p = (n, i, j)
 //     X[p, c]   = x[n, ci, i+ky, j+kx]            (an "implicit im2col": never stored)
