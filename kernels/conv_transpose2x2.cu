@@ -27,6 +27,9 @@
 //   conv_transpose2x2_grad_weight_serial  one thread per weight, a loop over the pixels: for the
 //                                  small deep layers, where weights outnumber pixels (see
 //                                  conv3x3_grad_weight_serial for when each one pays).
+//   conv_transpose2x2_forward_gemm / conv_transpose2x2_grad_input_gemm (FP32) and their _tf32
+//                                  twins (tensor cores): the per-pixel channel products as tiled
+//                                  GEMMs over all pixels (section at the end of the file).
 //   conv_transpose2x2_grad_weight_gemm (v3, FP32) / ..._gemm_tf32 (v4, TF32 tensor cores):
 //                                  gw = x @ G as a tiled GEMM over the input pixels (G: each
 //                                  pixel's 2x2 block of gy), the bias fused; see the section below.
