@@ -368,11 +368,10 @@ def _seg_slice(pred_ids: np.ndarray, true_ids: np.ndarray) -> tuple[float, int]:
     return float(jaccard.sum()), n_true
 
 
-def seg(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
-    """Cell tracking challenge SEG: for each true object R, the predicted object S with
-    |R and S| > 0.5 |R| (if any) scores |R and S| / |R or S|, otherwise 0; the mean over all true
-    objects (of all slices of a stack). Label images, or binary masks whose 4-connected
-    components are numbered first. No true object at all: NaN (the measure is undefined)."""
+def seg_counts(pred_labels: np.ndarray, true_labels: np.ndarray) -> tuple[float, int]:
+    """(sum over true objects of their matched Jaccard index, number of true objects): the two
+    sums of :func:`seg`, to pool SEG over several images (the challenge's mean is over all
+    cells, not over images)."""
     pred, truth = _check_pair(pred_labels, true_labels)
     pred_ids, true_ids = _as_labels(pred, "prediction"), _as_labels(truth, "truth")
     if pred.ndim == 2:
@@ -381,6 +380,15 @@ def seg(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
     for p, t in zip(pred_ids, true_ids):
         s, n = _seg_slice(p, t)
         total, count = total + s, count + n
+    return total, count
+
+
+def seg(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
+    """Cell tracking challenge SEG: for each true object R, the predicted object S with
+    |R and S| > 0.5 |R| (if any) scores |R and S| / |R or S|, otherwise 0; the mean over all true
+    objects (of all slices of a stack). Label images, or binary masks whose 4-connected
+    components are numbered first. No true object at all: NaN (the measure is undefined)."""
+    total, count = seg_counts(pred_labels, true_labels)
     return float("nan") if count == 0 else total / count
 
 
