@@ -511,3 +511,34 @@ def evaluate_all(prob_or_mask: np.ndarray, truth: np.ndarray,
                 "warping_error": warping_error(mask, truth), "iou": iou(mask, truth)}
     best = best_scores(pred, truth, thresholds)
     return {**{name: value for name, (value, _) in best.items()}, "iou": iou(pred > 0.5, truth)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle: the pure Python / NumPy implementation the compiled kernels replaced
+# ---------------------------------------------------------------------------------------------
+def rand_error_reference(pred: np.ndarray, truth: np.ndarray) -> float:
+    """:func:`rand_error` with NumPy's contingency table (the compiled one's oracle)."""
+    pred, truth = _check_pair(pred, truth)
+    return _per_slice_mean(_rand_error_slice_reference, _as_labels(pred, "prediction"),
+                           _as_labels(truth, "truth"))
+
+
+def warping_error_reference(pred_mask: np.ndarray, true_mask: np.ndarray,
+                            threshold: float = 0.5) -> float:
+    """:func:`warping_error` with the Python heap (the compiled one's oracle; ~100x slower)."""
+    pred, truth = _check_pair(pred_mask, true_mask)
+    _check_prediction_values(pred)
+    return _per_slice_mean(_warping_error_slice_reference, pred, _as_mask(truth, "truth"),
+                           threshold=threshold)
+
+
+def evaluate_all_reference(prob: np.ndarray, truth: np.ndarray,
+                           thresholds: Sequence[float] = ISBI_THRESHOLDS) -> dict:
+    """:func:`evaluate_all` of a probability map as it was computed before the kernels: one
+    metric call per threshold, the Python heap and NumPy's Rand error. The tests require the
+    same numbers from :func:`evaluate_all`; ``python -m minunet.bench_metrics`` times both."""
+    return {"pixel_error": best_over_thresholds(prob, truth, pixel_error, thresholds)[0],
+            "rand_error": best_over_thresholds(prob, truth, rand_error_reference, thresholds)[0],
+            "warping_error": best_over_thresholds(prob, truth, warping_error_reference,
+                                                  thresholds)[0],
+            "iou": iou(prob > 0.5, truth)}

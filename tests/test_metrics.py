@@ -168,25 +168,9 @@ def test_errors_on_bad_input():
 
 
 # ---- the compiled kernels against the Python oracle (exact equality, not a tolerance) --------
-def _reference_rand_error(pred, truth):
-    pred, truth = M._check_pair(pred, truth)
-    return M._per_slice_mean(M._rand_error_slice_reference, M._as_labels(pred, "prediction"),
-                             M._as_labels(truth, "truth"))
-
-
-def _reference_warping_error(pred, truth, threshold=0.5):
-    pred, truth = M._check_pair(pred, truth)
-    return M._per_slice_mean(M._warping_error_slice_reference, pred, M._as_mask(truth, "truth"),
-                             threshold=threshold)
-
-
-def _reference_evaluate_all(prob, truth):
-    """evaluate_all of a probability map as it was before the kernels: one metric call per
-    threshold, the Python heap and NumPy's Rand error."""
-    return {"pixel_error": M.best_over_thresholds(prob, truth, M.pixel_error)[0],
-            "rand_error": M.best_over_thresholds(prob, truth, _reference_rand_error)[0],
-            "warping_error": M.best_over_thresholds(prob, truth, _reference_warping_error)[0],
-            "iou": M.iou(prob > 0.5, truth)}
+_reference_rand_error = M.rand_error_reference
+_reference_warping_error = M.warping_error_reference
+_reference_evaluate_all = M.evaluate_all_reference
 
 
 def _random_truth(rng, shape, kind):
