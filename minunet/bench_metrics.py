@@ -5,8 +5,7 @@
 
 For two kinds of probability maps over synthetic EM truths (:func:`minunet.data.synthetic.em_images`)
 it times :func:`minunet.metrics.evaluate_all` (pixel, Rand and warping error, each the best over
-the ISBI thresholds 0.0 .. 0.9, and IoU) with the compiled kernels, once per Numba thread count,
-and :func:`minunet.metrics.evaluate_all_reference` (the Python heap and NumPy Rand error the
+the ISBI thresholds 0.0 .. 0.9, and IoU) with the compiled kernels (one thread) and :func:`minunet.metrics.evaluate_all_reference` (the Python heap and NumPy Rand error the
 kernels replaced) on the first ``--reference-slices`` slices, and checks the numbers are the same.
 
 - "trained-like": the truth blurred (sigma 2 px) plus noise (sd 0.15): few mismatched pixels.
@@ -85,26 +84,21 @@ def timed(fn, *args):
 def bench_slices(size: int, slices: int, reference_slices: int) -> list[dict]:
     from . import metrics
     from .data.synthetic import em_images
-    from .ops import numba_config
 
     truths = em_images(slices, size=size, seed=0)[1] > 0
     metrics.evaluate_all(np.linspace(0, 1, 64).reshape(8, 8), np.eye(8, dtype=bool))  # compiled
-    threads = sorted({1, numba_config.max_threads()})
     rows = []
     for kind in ("trained-like", "untrained"):
         probs = maps(kind, truths)
         reference = [timed(metrics.evaluate_all_reference, p, t)
                      for p, t in zip(probs[:reference_slices], truths)]
-        for n in threads:
-            numba_config.set_num_threads(n)
-            results = [timed(metrics.evaluate_all, p, t) for p, t in zip(probs, truths)]
-            rows.append({
-                "kind": kind, "threads": n, "slices": slices,
-                "wall": sum(r[1] for r in results), "cpu": sum(r[2] for r in results),
-                "reference_per_slice": np.mean([r[1] for r in reference]) if reference else None,
-                "same": all(ref[0] == res[0] for ref, res in zip(reference, results)),
-            })
-        numba_config.set_num_threads(numba_config.max_threads())
+        results = [timed(metrics.evaluate_all, p, t) for p, t in zip(probs, truths)]
+        rows.append({
+            "kind": kind, "slices": slices,
+            "wall": sum(r[1] for r in results), "cpu": sum(r[2] for r in results),
+            "reference_per_slice": np.mean([r[1] for r in reference]) if reference else None,
+            "same": all(ref[0] == res[0] for ref, res in zip(reference, results)),
+        })
     return rows
 
 
@@ -138,20 +132,17 @@ def bench_train() -> float:
 
 
 def main(argv=None) -> int:
-    from .ops import numba_config
-
     args = build_parser().parse_args(argv)
     if args.size < 8 or args.slices < 1 or not 0 <= args.reference_slices <= args.slices:
         raise ValueError("need --size >= 8, --slices >= 1 and 0 <= --reference-slices <= --slices")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min) at the "
-          f"start; Numba: up to {numba_config.max_threads()} threads, layer "
-          f"{numba_config.threading_layer()}", flush=True)
+          "start; the metric kernels run on one thread", flush=True)
     if args.compile:
         (cold_import, cold_call), (warm_import, warm_call) = bench_compile()
         print(f"first call in a fresh process: {cold_call:.1f} s with an empty Numba cache "
               f"(compiling), {warm_call:.1f} s loading the cache (import {warm_import:.1f} s)")
     rows = bench_slices(args.size, args.slices, args.reference_slices)
-    header = (f"{'map':<13} {'threads':>7} {'slices':>6} {'compiled s':>10} {'per slice':>9} "
+    header = (f"{'map':<13} {'slices':>6} {'compiled s':>10} {'per slice':>9} "
               f"{'CPU s':>6} {'reference s/slice':>17} {'speed-up':>8} {'same numbers':>12}")
     print(f"evaluate_all on {args.size} x {args.size} slices (10 thresholds each)")
     print(header)
@@ -159,7 +150,7 @@ def main(argv=None) -> int:
     for r in rows:
         per = r["wall"] / r["slices"]
         ref = r["reference_per_slice"]
-        print(f"{r['kind']:<13} {r['threads']:>7} {r['slices']:>6} {r['wall']:>10.2f} {per:>9.3f} "
+        print(f"{r['kind']:<13} {r['slices']:>6} {r['wall']:>10.2f} {per:>9.3f} "
               f"{r['cpu']:>6.2f} " + (f"{ref:>17.2f} {ref / per:>7.0f}x" if ref else f"{'-':>17} {'-':>8}")
               + f" {('yes' if r['same'] else 'NO') if ref else '-':>12}")
     if args.train:

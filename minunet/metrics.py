@@ -443,10 +443,8 @@ def sweep_thresholds(prob: np.ndarray, truth: np.ndarray,
     ``pixel_error(prob > t, truth)``, ``rand_error(prob > t, truth)`` and
     ``warping_error(prob, truth, threshold=t)``. Shared across thresholds: the truth's mask and
     segments, and the float64 copy of each slice with its sort (which gives every threshold's
-    warping order in O(n)); the warps of all thresholds of a slice run in parallel.
+    warping order in O(n)).
     """
-    from .metrics_kernels import warp_sweep
-
     prob, truth = _check_pair(prob, truth)
     if len(thresholds) == 0:
         raise ValueError("thresholds is empty; pass at least one threshold, e.g. (0.5,)")
@@ -455,21 +453,14 @@ def sweep_thresholds(prob: np.ndarray, truth: np.ndarray,
     true_ids = _as_labels(truth, "truth")
     probs, masks, ids = (a if a.ndim == 3 else a[None] for a in (prob, true_mask, true_ids))
     four = ndimage.generate_binary_structure(2, 1)
-    table = np.frombuffer(simple_point_table(), np.uint8)
-    levels = np.asarray(thresholds, dtype=np.float64)
-    warp_counts = []                        # [slice][threshold]: pixels left after warping
-    for p, m in zip(probs, masks):
-        values, _ = _warping_input(p, 0.5)
-        levels_here = np.full(len(levels), 0.5) if _is_mask_dtype(p) else levels
-        warp_counts.append(warp_sweep(np.ascontiguousarray(m), values, _sorted_pixels(values),
-                                      levels_here, table))
+    orders = [_sorted_pixels(_warping_input(p, 0.5)[0]) for p in probs]
     sweep = {name: [] for name in SWEPT_METRICS}
-    for k, t in enumerate(thresholds):
+    for t in thresholds:
         above = prob > t
         above_slices = above if above.ndim == 3 else above[None]
         rand = [_rand_error_slice(ndimage.label(a, structure=four)[0], i)
                 for a, i in zip(above_slices, ids)]
-        warp = [int(counts[k]) / p.size for counts, p in zip(warp_counts, probs)]
+        warp = [_warp_slice(m, p, t, s)[1] / p.size for p, m, s in zip(probs, masks, orders)]
         sweep["pixel_error"].append(pixel_error(above, true_mask))
         for name, values in (("rand_error", rand), ("warping_error", warp)):
             # as _per_slice_mean: a slice's value itself, a stack's mean over slices

@@ -15,14 +15,13 @@ Why the results are *exactly* the reference's:
   ``n^2 < 2**53`` in float64, which is exact in any order; the kernel adds the same integers in
   int64, and :mod:`minunet.metrics` then does the reference's few float operations in its order.
 
-A sweep over thresholds warps one slice at every threshold in parallel (:func:`warp_sweep`,
-one task per threshold); everything else runs serially. Compiled once (``cache=True``, see
-:mod:`minunet.ops.numba_config`), then loaded from the cache.
+Every kernel runs on one thread: a slice at one threshold takes milliseconds, and on cores
+shared with other work a second thread made a sweep slower, not faster (bench/results/metrics.md).
+Compiled once (``cache=True``, see :mod:`minunet.ops.numba_config`), then loaded from the cache.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from .ops.numba_config import jit
 
@@ -216,21 +215,6 @@ def warp_slice(truth, target, order, table):
         for x in range(w):
             warped[y, x] = state[(y + 1) * stride + x + 1] & VALUE
     return warped, mismatched
-
-
-@jit(parallel=True)
-def warp_sweep(truth, values, sorted_pixels, thresholds, table):
-    """Pixels left mismatched when the 2-D bool `truth` is warped toward ``values > t``
-    (priority ``|values - t|``) for each t of `thresholds` (float64): one :func:`warp_slice`
-    per threshold, the thresholds run in parallel (each task is one whole warp, so the result
-    does not depend on the number of threads). `sorted_pixels`: the stable argsort of
-    `values`, shared by all thresholds."""
-    left = np.empty(thresholds.size, np.int64)
-    flat = values.ravel()
-    for k in prange(thresholds.size):
-        order = priority_order(sorted_pixels, flat, thresholds[k])
-        left[k] = warp_slice(truth, values > thresholds[k], order, table)[1]
-    return left
 
 
 # ---------------------------------------------------------------------------------------------

@@ -275,3 +275,14 @@ def test_nan_in_a_prediction_is_refused():
     for call in (lambda: M.warping_error(prob, prob > 2), lambda: M.evaluate_all(prob, prob > 2)):
         with pytest.raises(ValueError, match="NaN"):
             call()
+
+
+def test_the_metrics_benchmark_runs_and_compares_with_the_oracle(capsys):
+    """python -m minunet.bench_metrics on two small slices: it prints its table and finds the
+    compiled numbers equal to the oracle's (it reports times; nothing here checks one)."""
+    from minunet import bench_metrics
+
+    assert bench_metrics.main(["--size", "24", "--slices", "2", "--reference-slices", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("trained-like", "untrained"))]
+    assert len(rows) == 2 and all(row[-1] == "yes" for row in rows)
