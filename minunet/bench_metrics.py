@@ -133,8 +133,8 @@ def bench_train() -> float:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.size < 8 or args.slices < 1 or not 0 <= args.reference_slices <= args.slices:
-        raise ValueError("need --size >= 8, --slices >= 1 and 0 <= --reference-slices <= --slices")
+    if args.size < 35 or args.slices < 1 or not 0 <= args.reference_slices <= args.slices:
+        raise ValueError("need --size >= 35 (the synthetic EM images), --slices >= 1 and 0 <= --reference-slices <= --slices")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min) at the "
           "start; the metric kernels run on one thread", flush=True)
     if args.compile:

@@ -282,7 +282,7 @@ def test_the_metrics_benchmark_runs_and_compares_with_the_oracle(capsys):
     compiled numbers equal to the oracle's (it reports times; nothing here checks one)."""
     from minunet import bench_metrics
 
-    assert bench_metrics.main(["--size", "24", "--slices", "2", "--reference-slices", "2"]) == 0
+    assert bench_metrics.main(["--size", "64", "--slices", "2", "--reference-slices", "2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith(("trained-like", "untrained"))]
     assert len(rows) == 2 and all(row[-1] == "yes" for row in rows)
