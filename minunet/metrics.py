@@ -10,6 +10,11 @@ Conventions: NumPy arrays in, Python floats out; prediction and truth have the s
 (H, W) or a stack (N, H, W). "Foreground" is the cell interior (label 1 / white in ISBI). Masks may
 be bool, integers (non-zero = foreground), or floats holding only 0 and 1; probability maps go
 through :func:`best_over_thresholds` or :func:`evaluate_all`.
+
+The warping and Rand errors run compiled (Numba, :mod:`minunet.metrics_kernels`); the pure
+Python / NumPy implementation they replaced is kept as their oracle (``*_reference`` below), and
+the tests require the same numbers from both, bit for bit. :func:`sweep_thresholds` evaluates
+all thresholds of a probability map sharing the work that does not depend on the threshold.
 """
 from __future__ import annotations
 
@@ -210,7 +215,7 @@ def simple_point_table() -> bytes:
 def _warp_slice_reference(truth: np.ndarray, target: np.ndarray, priority: np.ndarray) -> np.ndarray:
     """Warp the bool mask `truth` toward `target` by flipping simple points only, most urgent
     (largest `priority`) first, until no mismatched pixel is simple. Returns the warped mask.
-    Pure Python: the oracle of the compiled :func:`_warp_slice` (which is ~100x faster).
+    Pure Python: the oracle of the compiled :func:`_warp_slice`.
 
     A heap holds the mismatched pixels. A popped pixel that is not simple (now) is dropped; it
     is pushed again whenever a neighbour flips, the only event that can make it simple. So the
@@ -516,7 +521,8 @@ def rand_error_reference(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def warping_error_reference(pred_mask: np.ndarray, true_mask: np.ndarray,
                             threshold: float = 0.5) -> float:
-    """:func:`warping_error` with the Python heap (the compiled one's oracle; ~100x slower)."""
+    """:func:`warping_error` with the Python heap (the compiled one's oracle; slow: seconds
+    per 512 x 512 slice, bench/results/metrics.md)."""
     pred, truth = _check_pair(pred_mask, true_mask)
     _check_prediction_values(pred)
     return _per_slice_mean(_warping_error_slice_reference, pred, _as_mask(truth, "truth"),

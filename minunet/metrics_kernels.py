@@ -4,15 +4,15 @@ the Rand error's contingency table. :mod:`minunet.metrics` calls them; its pure-
 
 Why the results are *exactly* the reference's:
 
-- Warping: the reference pops ``(-priority, index)`` tuples from a ``heapq``; the kernel pops
-  pixel indices from its own binary heap ordered by the same key (larger priority first, then
-  the smaller row-major index). A heap pops a minimal element of what it holds, and two entries
-  with equal keys are the same pixel, so the sequence of pops (and hence of flips) depends only
-  on the key order, not on how either heap arranges its array. ``priority`` is
-  ``|p - threshold|`` computed in float64 as in the reference; ``-a < -b`` and ``a > b`` agree
-  exactly for floats (negation is exact), NaN being refused before.
+- Warping: the reference pops ``(-priority, index)`` tuples from a ``heapq``. A heap pops a
+  smallest element of what it holds, and entries with equal keys are the same pixel, so the
+  sequence of pops (and hence of flips) depends only on the key order: any structure that
+  always hands out the smallest waiting key pops the same pixels. :func:`priority_order` ranks
+  the pixels in that order (``priority = |p - threshold|`` in float64 as the reference computes
+  it; ``a > b`` and ``-a < -b`` agree exactly, negation being exact; NaN is refused before),
+  and :func:`warp_slice` hands out the smallest waiting rank.
 - Rand: every sum of the reference (``sum n_ij^2`` and the others) adds integers no larger than
-  ``n^2 < 2**53`` in float64, which is exact in any order; the kernel adds the same integers in
+  ``n^2`` in float64, exact in any order while ``n^2 < 2**53`` (slices under 94 million pixels); the kernel adds the same integers in
   int64, and :mod:`minunet.metrics` then does the reference's few float operations in its order.
 
 Every kernel runs on one thread: a slice at one threshold takes milliseconds, and on cores
