@@ -3,10 +3,12 @@
     python -m minunet.bench_metrics                      # 10 slices of 512 x 512, 1 reference slice
     python -m minunet.bench_metrics --compile --train    # + Numba's first compile, + a tiny training run
 
-For two kinds of probability maps over synthetic EM truths (:func:`minunet.data.synthetic.em_images`)
-it times :func:`minunet.metrics.evaluate_all` (pixel, Rand and warping error, each the best over
-the ISBI thresholds 0.0 .. 0.9, and IoU) with the compiled kernels (one thread) and :func:`minunet.metrics.evaluate_all_reference` (the Python heap and NumPy Rand error the
-kernels replaced) on the first ``--reference-slices`` slices, and checks the numbers are the same.
+For two kinds of probability maps over synthetic EM truths
+(:func:`minunet.data.synthetic.em_images`) it times :func:`minunet.metrics.evaluate_all` (pixel,
+Rand and warping error, each the best over the ISBI thresholds 0.0 .. 0.9, and IoU) with the
+compiled kernels (one thread), and :func:`minunet.metrics.evaluate_all_reference` (the Python
+heap and NumPy Rand error the kernels replaced) on the first ``--reference-slices`` slices, and
+checks that the numbers are the same.
 
 - "trained-like": the truth blurred (sigma 2 px) plus noise (sd 0.15): few mismatched pixels.
 - "untrained": 0.5 plus smooth noise, as after a few training steps: at most thresholds nearly
@@ -48,8 +50,9 @@ print(f"{imported - start:.2f} {time.perf_counter() - imported:.2f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minunet.bench_metrics", formatter_class=HelpFormatter,
-                                description="Time the validation metrics: compiled vs the Python oracle.")
+    p = argparse.ArgumentParser(prog="python -m minunet.bench_metrics",
+                                formatter_class=HelpFormatter, description="Time the validation "
+                                "metrics: compiled kernels vs the Python oracle.")
     p.add_argument("--size", type=int, default=512, help="slice side in pixels")
     p.add_argument("--slices", type=int, default=10, help="slices timed with the compiled kernels")
     p.add_argument("--reference-slices", type=int, default=1, help="of those, slices also timed "
@@ -134,7 +137,8 @@ def bench_train() -> float:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.size < 35 or args.slices < 1 or not 0 <= args.reference_slices <= args.slices:
-        raise ValueError("need --size >= 35 (the synthetic EM images), --slices >= 1 and 0 <= --reference-slices <= --slices")
+        raise ValueError("need --size >= 35 (the synthetic EM images), --slices >= 1 and "
+                         "0 <= --reference-slices <= --slices")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min) at the "
           "start; the metric kernels run on one thread", flush=True)
     if args.compile:
@@ -151,7 +155,8 @@ def main(argv=None) -> int:
         per = r["wall"] / r["slices"]
         ref = r["reference_per_slice"]
         print(f"{r['kind']:<13} {r['slices']:>6} {r['wall']:>10.2f} {per:>9.3f} "
-              f"{r['cpu']:>6.2f} " + (f"{ref:>17.2f} {ref / per:>7.0f}x" if ref else f"{'-':>17} {'-':>8}")
+              f"{r['cpu']:>6.2f} "
+              + (f"{ref:>17.2f} {ref / per:>7.0f}x" if ref else f"{'-':>17} {'-':>8}")
               + f" {('yes' if r['same'] else 'NO') if ref else '-':>12}")
     if args.train:
         print(f"train --tile 188 --iterations 2 + validation of one 512 x 512 image: "

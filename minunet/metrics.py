@@ -277,8 +277,24 @@ def _warp_slice(truth: np.ndarray, pred: np.ndarray, threshold: float,
 
 
 def _sorted_pixels(values: np.ndarray) -> np.ndarray:
-    """Flat pixel indices sorting the float64 map `values`, equal values in index order."""
-    return np.argsort(values.ravel(), kind="stable")
+    """Flat pixel indices sorting the float64 map `values` (no NaN), equal values in index
+    order: ``np.argsort(values, kind="stable")``.
+
+    A map that float32 holds exactly (predict's maps, masks) is sorted faster as one uint64 key
+    per pixel: its float32 bits made monotone (the sign bit set for positive values, all bits
+    flipped for negative ones, the usual trick for sorting floats as integers) above the pixel
+    index. The keys are distinct, so any sort gives the stable order, and NumPy sorts plain
+    integers with its vectorised sort, several times quicker than a stable argsort of floats.
+    """
+    flat = values.ravel()
+    single = flat.astype(np.float32)
+    if flat.size >= 2**32 or not np.array_equal(single, flat):
+        return np.argsort(flat, kind="stable")
+    bits = (single + np.float32(0)).view(np.uint32)      # + 0: -0.0 becomes 0.0, as it compares
+    negative = bits >= np.uint32(1 << 31)
+    monotone = np.where(negative, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
+    keys = (monotone << np.uint64(32)) | np.arange(flat.size, dtype=np.uint64)
+    return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 def _is_mask_dtype(pred: np.ndarray) -> bool:

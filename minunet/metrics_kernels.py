@@ -12,8 +12,9 @@ Why the results are *exactly* the reference's:
   it; ``a > b`` and ``-a < -b`` agree exactly, negation being exact; NaN is refused before),
   and :func:`warp_slice` hands out the smallest waiting rank.
 - Rand: every sum of the reference (``sum n_ij^2`` and the others) adds integers no larger than
-  ``n^2`` in float64, exact in any order while ``n^2 < 2**53`` (slices under 94 million pixels); the kernel adds the same integers in
-  int64, and :mod:`minunet.metrics` then does the reference's few float operations in its order.
+  ``n^2`` in float64, exact in any order while ``n^2 < 2**53`` (slices under 94 million
+  pixels); the kernel adds the same integers in int64, and :mod:`minunet.metrics` then does
+  the reference's few float operations in its order.
 
 Every kernel runs on one thread: a slice at one threshold takes milliseconds, and on cores
 shared with other work a second thread made a sweep slower, not faster (bench/results/metrics.md).

@@ -286,3 +286,14 @@ def test_the_metrics_benchmark_runs_and_compares_with_the_oracle(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith(("trained-like", "untrained"))]
     assert len(rows) == 2 and all(row[-1] == "yes" for row in rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sorted_pixels_is_the_stable_argsort(dtype, rng):
+    """The integer-key sort of float32-exact maps (and the fallback for float64 maps) gives
+    np.argsort(kind="stable"): ties in index order, -0.0 equal to 0.0, negatives and infinities
+    in place."""
+    values = np.round(rng.normal(0, 2, (31, 17)), 1).astype(dtype)
+    values.flat[rng.integers(0, values.size, 40)] = rng.choice([-0.0, 0.0, np.inf, -np.inf], 40)
+    values = values.astype(np.float64)
+    assert np.array_equal(M._sorted_pixels(values), np.argsort(values.ravel(), kind="stable"))
