@@ -99,13 +99,14 @@ def pair_files(pred_dir: Path, truth_dir: Path) -> list[tuple[Path, Path]]:
     return list(zip(preds, truths))
 
 
-def _read_stack(path: Path, like: np.ndarray, what: str, as_label: bool = True) -> np.ndarray:
+def _read_companion(path: Path, pred_path: Path, like: np.ndarray, what: str) -> np.ndarray:
+    """The slices of a file predict wrote beside `pred_path`, of the same shape."""
     from .data.io import read_slices
 
-    stack = np.stack(read_slices(path, as_label=as_label))
+    stack = np.stack(read_slices(path, as_label=True))
     if stack.shape != like.shape:
-        raise ValueError(f"{what} {path.name} has shape {stack.shape} but its probability map "
-                         f"has {like.shape}; predict writes them together, pair matching files")
+        raise ValueError(f"{what} {path.name} has shape {stack.shape} but {pred_path.name} has "
+                         f"{like.shape}; predict writes them together, keep matching files")
     return stack
 
 
@@ -140,12 +141,12 @@ def evaluate_pair(pred_path: Path, truth_path: Path, threshold: float = 0.5,
     if not is_prob:
         mask = pred > 0
     elif mask_path is not None:
-        mask = _read_stack(mask_path, pred, "mask") > 0
+        mask = _read_companion(mask_path, pred_path, pred, "mask") > 0
     else:
         mask = pred >= threshold
     classes_path, cells_path = companion(pred_path, "classes"), companion(pred_path, "instances")
-    classes = _read_stack(classes_path, pred, "class map") if classes_path else None
-    cells = _read_stack(cells_path, pred, "instance labels") if cells_path else None
+    classes = _read_companion(classes_path, pred_path, pred, "class map") if classes_path else None
+    cells = _read_companion(cells_path, pred_path, pred, "instance labels") if cells_path else None
     rows = []
     for i in range(len(pred)):
         true_mask = truth[i] > 0
