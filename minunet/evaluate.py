@@ -164,13 +164,15 @@ def evaluate_pair(pred_path: Path, truth_path: Path, threshold: float = 0.5,
         if classes is not None:
             true_classes = labels_to_classes(truth[i], source=f"truth {truth_path.name}")
             count = int(max(classes[i].max(), true_classes.max())) + 1
-            row["class_iou"] = _class_iou(classes[i], true_classes, count)
+            row.update(class_iou=_class_iou(classes[i], true_classes, count),
+                       classes_of=classes_path.name)
         if cells is not None or instances:
             true_cells = labels_to_classes(truth[i], source=f"truth {truth_path.name}")
             total, count = seg_counts(cells[i] if cells is not None else mask[i], true_cells)
             row.update(seg=total / count if count else None, seg_sum=total, cells=count,
-                       seg_of=cells_path.name if cells is not None else
-                       f"the components of {(mask_path or pred_path).name}")
+                       seg_of=(cells_path or mask_path or pred_path).name,
+                       seg_cells="instance labels" if cells is not None else
+                       "4-connected components of the mask")
         rows.append(row)
     return rows
 
@@ -225,18 +227,20 @@ def _report(rows: list[dict]) -> dict:
         _table("IoU per class (NAME_classes: the most probable class; n/a: class in neither)",
                with_classes, [f"class {k}" for k in range(count)],
                lambda r, c: _class_cell(r["class_iou"], int(c.split()[1])),
-               (f"classes: mean of {len(with_classes)}", per_class))
+               (f"classes: mean of {len(with_classes)}", per_class),
+               name=lambda r: r["classes_of"])
         document["class_iou"] = {"mean": per_class}
     with_cells = [r for r in rows if "cells" in r]
     if with_cells:
         total, cells = sum(r["seg_sum"] for r in with_cells), sum(r["cells"] for r in with_cells)
         seg = total / cells if cells else None
         print()
-        _table(f"SEG (cell tracking challenge) of {with_cells[0]['seg_of']}, ... against the "
-               "truth's cells", with_cells, ["SEG", "true cells"],
+        _table(f"SEG (cell tracking challenge) of the predicted cells ({with_cells[0]['seg_cells']}"
+               f": {with_cells[0]['seg_of']}, ...) against the truth's cells", with_cells,
+               ["SEG", "true cells"],
                lambda r, c: ("n/a" if r["seg"] is None else f"{r['seg']:.5f}").rjust(15)
                if c == "SEG" else f"{r['cells']:>15d}",
-               (f"SEG over {cells} cell(s)", [seg]))
+               (f"SEG over {cells} cell(s)", [seg]), name=lambda r: r["seg_of"])
         document["seg"] = {"value": seg, "cells": cells}
     return document
 

@@ -133,7 +133,8 @@ def test_seg_of_instance_files_is_pooled_over_all_cells(tmp_path, rng, capsys):
     assert [r["seg"] for r in doc["images"]] == pytest.approx([1 / 2, 1.0])
     assert doc["images"][0]["seg"] == M.seg(pred_a, truth_a)
     out = capsys.readouterr().out
-    assert "SEG (cell tracking challenge) of a_instances.png" in out and "SEG over 3 cell(s)" in out
+    assert "SEG (cell tracking challenge) of the predicted cells (instance labels: " \
+           "a_instances.png, ...)" in out and "SEG over 3 cell(s)" in out
 
 
 def test_instances_flag_without_instance_files_scores_the_mask_components(tmp_path, rng):
@@ -145,7 +146,8 @@ def test_instances_flag_without_instance_files_scores_the_mask_components(tmp_pa
     assert evaluate_cli(tmp_path, "--instances") == 0
     doc = scores(tmp_path)
     assert doc["seg"] == {"value": 1.0, "cells": 2}
-    assert doc["images"][0]["seg_of"] == "the components of a_mask.png"
+    assert doc["images"][0]["seg_of"] == "a_mask.png"
+    assert doc["images"][0]["seg_cells"] == "4-connected components of the mask"
     assert "thresholds" not in doc["images"][0] and doc["mean"]["iou"] == 1.0
 
 
