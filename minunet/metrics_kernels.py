@@ -56,9 +56,38 @@ def _write_side(pixels, values, start, stop, step, threshold, out_pixels, out_ke
                 ascending = ascending and out_pixels[m - 1] < out_pixels[m]
                 descending = descending and out_pixels[m - 1] > out_pixels[m]
             if descending:
-                out_pixels[run:k] = out_pixels[run:k][::-1].copy()
+                for m in range((k - run) // 2):
+                    a, b = run + m, k - 1 - m
+                    out_pixels[a], out_pixels[b] = out_pixels[b], out_pixels[a]
             elif not ascending:
-                out_pixels[run:k] = np.sort(out_pixels[run:k])
+                _heap_sort(out_pixels, run, k)
+
+
+@jit(parallel=False)
+def _heap_sort(a, lo, hi):
+    """Sort a[lo:hi] in place (heapsort: O(m log m), no recursion; hand-written because
+    compiling Numba's np.sort and np.searchsorted took seconds longer than these loops)."""
+    m = hi - lo
+    for root in range(m // 2 - 1, -1, -1):
+        _sift(a, lo, root, m)
+    for end in range(m - 1, 0, -1):
+        a[lo], a[lo + end] = a[lo + end], a[lo]
+        _sift(a, lo, 0, end)
+
+
+@jit(parallel=False)
+def _sift(a, lo, root, size):
+    """Sift a[lo + root] down the max-heap a[lo:lo + size]."""
+    while True:
+        child = 2 * root + 1
+        if child >= size:
+            return
+        if child + 1 < size and a[lo + child + 1] > a[lo + child]:
+            child += 1
+        if a[lo + root] >= a[lo + child]:
+            return
+        a[lo + root], a[lo + child] = a[lo + child], a[lo + root]
+        root = child
 
 
 @jit(parallel=False)
@@ -71,7 +100,14 @@ def priority_order(pixels, values, threshold):
     each in decreasing urgency (:func:`_write_side`), then merged."""
     n = pixels.size
     sorted_values = values[pixels]
-    split = np.searchsorted(sorted_values, threshold, side="right")  # first value > threshold
+    split = 0                               # the first position of a value > threshold
+    top = n
+    while split < top:
+        middle = (split + top) // 2
+        if sorted_values[middle] > threshold:
+            top = middle
+        else:
+            split = middle + 1
     low_pixels, low_keys = np.empty(split, np.int64), np.empty(split, np.float64)
     high_pixels, high_keys = np.empty(n - split, np.int64), np.empty(n - split, np.float64)
     _write_side(pixels, sorted_values, 0, split, 1, threshold, low_pixels, low_keys)
