@@ -10,6 +10,11 @@ Conventions: NumPy arrays in, Python floats out; prediction and truth have the s
 (H, W) or a stack (N, H, W). "Foreground" is the cell interior (label 1 / white in ISBI). Masks may
 be bool, integers (non-zero = foreground), or floats holding only 0 and 1; probability maps go
 through :func:`best_over_thresholds` or :func:`evaluate_all`.
+
+The warping and Rand errors run compiled (Numba, :mod:`minunet.metrics_kernels`); the pure
+Python / NumPy implementation they replaced is kept as their oracle (``*_reference`` below), and
+the tests require the same numbers from both, bit for bit. :func:`sweep_thresholds` evaluates
+all thresholds of a probability map sharing the work that does not depend on the threshold.
 """
 from __future__ import annotations
 
@@ -102,7 +107,8 @@ iou.higher_is_better = True
 # ---------------------------------------------------------------------------------------------
 # Rand error (ISBI 2012, foreground-restricted, Fiji's RandError with N^2 normalisation)
 # ---------------------------------------------------------------------------------------------
-def _rand_error_slice(pred_ids: np.ndarray, true_ids: np.ndarray) -> float:
+def _rand_error_slice_reference(pred_ids: np.ndarray, true_ids: np.ndarray) -> float:
+    """The Rand error of one slice in NumPy: the oracle of :func:`_rand_error_slice`."""
     foreground = true_ids > 0
     n = np.count_nonzero(foreground)
     if n == 0:
@@ -122,6 +128,37 @@ def _rand_error_slice(pred_ids: np.ndarray, true_ids: np.ndarray) -> float:
     sum_ab = np.sum(n_ij ** 2) + singletons
     sum_a = np.sum(a_i ** 2)
     sum_b = np.sum(b_j ** 2) + singletons
+    precision, recall = sum_ab / sum_b, sum_ab / sum_a
+    return 1.0 - 2.0 * precision * recall / (precision + recall)
+
+
+def _compact_ids(ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """(flat int64 ids with 0 kept as 0, the largest id): ids as they are when the largest is at
+    most the pixel count (labelled components are 1..K), else renumbered 1..K (a few huge ids
+    would otherwise size the kernel's count arrays)."""
+    flat = np.ascontiguousarray(ids, dtype=np.int64).ravel()
+    largest = int(flat.max(initial=0))
+    if largest <= flat.size:
+        return flat, largest
+    values, inverse = np.unique(flat, return_inverse=True)
+    inverse = inverse.astype(np.int64).ravel()
+    if values[0] != 0:
+        inverse += 1
+    return inverse, int(inverse.max(initial=0))
+
+
+def _rand_error_slice(pred_ids: np.ndarray, true_ids: np.ndarray) -> float:
+    """The Rand error of one slice of label images: the integer sums come from the compiled
+    :func:`minunet.metrics_kernels.rand_sums`, the float steps are the reference's, in its
+    order, so the result is bit-identical to :func:`_rand_error_slice_reference`."""
+    from .metrics_kernels import rand_sums
+
+    truth, n_truth = _compact_ids(true_ids)
+    pred, n_pred = _compact_ids(pred_ids)
+    n, singletons, joint, truth_sq, pred_sq = rand_sums(truth, pred, n_truth, n_pred)
+    if n == 0:
+        return 0.0  # no truth foreground: no pair of pixels to disagree about
+    sum_ab, sum_a, sum_b = float(joint + singletons), float(truth_sq), float(pred_sq + singletons)
     precision, recall = sum_ab / sum_b, sum_ab / sum_a
     return 1.0 - 2.0 * precision * recall / (precision + recall)
 
@@ -175,9 +212,10 @@ def simple_point_table() -> bytes:
     return bytes(table)
 
 
-def _warp_slice(truth: np.ndarray, target: np.ndarray, priority: np.ndarray) -> np.ndarray:
+def _warp_slice_reference(truth: np.ndarray, target: np.ndarray, priority: np.ndarray) -> np.ndarray:
     """Warp the bool mask `truth` toward `target` by flipping simple points only, most urgent
     (largest `priority`) first, until no mismatched pixel is simple. Returns the warped mask.
+    Pure Python: the oracle of the compiled :func:`_warp_slice`.
 
     A heap holds the mismatched pixels. A popped pixel that is not simple (now) is dropped; it
     is pushed again whenever a neighbour flips, the only event that can make it simple. So the
@@ -219,14 +257,75 @@ def _warp_slice(truth: np.ndarray, target: np.ndarray, priority: np.ndarray) -> 
     return warped.astype(bool)
 
 
+def _warp_slice(truth: np.ndarray, pred: np.ndarray, threshold: float,
+                sorted_pixels: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """(warped truth, pixels left mismatched): the truth (2-D bool) warped toward the
+    binarised prediction by the compiled kernels of :mod:`minunet.metrics_kernels`, flip for
+    flip the same as :func:`_warp_slice_reference` on ``_binarize_with_priority(pred,
+    threshold)``. `sorted_pixels`: :func:`_sorted_pixels` of `pred`, when the caller shares it
+    between thresholds."""
+    from .metrics_kernels import priority_order, warp_slice
+
+    values, threshold = _warping_input(pred, threshold)
+    if sorted_pixels is None:
+        sorted_pixels = _sorted_pixels(values)
+    order = priority_order(sorted_pixels, values.ravel(), threshold)
+    table = np.frombuffer(simple_point_table(), np.uint8)
+    warped, left = warp_slice(np.ascontiguousarray(truth, dtype=bool), values > threshold,
+                              order, table)
+    return warped, int(left)
+
+
+def _sorted_pixels(values: np.ndarray) -> np.ndarray:
+    """Flat pixel indices sorting the float64 map `values` (no NaN), equal values in index
+    order: ``np.argsort(values, kind="stable")``.
+
+    A map that float32 holds exactly (predict's maps, masks) is sorted faster as one uint64 key
+    per pixel: its float32 bits made monotone (the sign bit set for positive values, all bits
+    flipped for negative ones, the usual trick for sorting floats as integers) above the pixel
+    index. The keys are distinct, so any sort gives the stable order, and NumPy sorts plain
+    integers with its vectorised sort, several times quicker than a stable argsort of floats.
+    """
+    flat = values.ravel()
+    single = flat.astype(np.float32)
+    if flat.size >= 2**32 or not np.array_equal(single, flat):
+        return np.argsort(flat, kind="stable")
+    bits = (single + np.float32(0)).view(np.uint32)      # + 0: -0.0 becomes 0.0, as it compares
+    negative = bits >= np.uint32(1 << 31)
+    monotone = np.where(negative, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
+    keys = (monotone << np.uint64(32)) | np.arange(flat.size, dtype=np.uint64)
+    return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
+def _is_mask_dtype(pred: np.ndarray) -> bool:
+    return pred.dtype == bool or np.issubdtype(pred.dtype, np.integer)
+
+
+def _warping_input(pred: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:
+    """(float64 map, threshold) such that ``map > threshold`` and ``|map - threshold|`` are
+    the target and priority of :func:`_binarize_with_priority`: a mask becomes 0/1 at 0.5 (a
+    uniform priority, like the reference's zeros: ties go in row-major order either way)."""
+    if _is_mask_dtype(pred):
+        return np.ascontiguousarray(pred > 0, dtype=np.float64), 0.5
+    return np.ascontiguousarray(pred, dtype=np.float64), float(threshold)
+
+
 def warp_truth(pred: np.ndarray, true_mask: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """The truth warped toward the thresholded prediction (2-D), for inspection: its remaining
     differences from ``pred > threshold`` are the topological errors (splits, merges, ...)."""
     pred, truth = _check_pair(pred, true_mask)
     if pred.ndim != 2:
         raise ValueError(f"warp_truth works on one 2-D slice, got shape {pred.shape}")
-    target, priority = _binarize_with_priority(pred, threshold)
-    return _warp_slice(_as_mask(truth, "truth"), target, priority)
+    _check_prediction_values(pred)
+    return _warp_slice(_as_mask(truth, "truth"), pred, threshold)[0]
+
+
+def _check_prediction_values(pred: np.ndarray) -> None:
+    if pred.dtype != bool and not np.issubdtype(pred.dtype, np.number):
+        raise TypeError(f"prediction must be numeric or bool, got {pred.dtype}")
+    if pred.dtype.kind in "fc" and not np.isfinite(pred).all():
+        raise ValueError("prediction holds NaN or infinite values; give probabilities in [0, 1] "
+                         "or a binary mask")
 
 
 def _binarize_with_priority(pred: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -238,10 +337,14 @@ def _binarize_with_priority(pred: np.ndarray, threshold: float) -> tuple[np.ndar
     return pred > threshold, np.abs(pred - threshold)
 
 
-def _warping_error_slice(pred: np.ndarray, truth: np.ndarray, threshold: float) -> float:
+def _warping_error_slice_reference(pred: np.ndarray, truth: np.ndarray, threshold: float) -> float:
     target, priority = _binarize_with_priority(pred, threshold)
-    warped = _warp_slice(truth, target, priority)
+    warped = _warp_slice_reference(truth, target, priority)
     return np.count_nonzero(warped != target) / target.size
+
+
+def _warping_error_slice(pred: np.ndarray, truth: np.ndarray, threshold: float) -> float:
+    return _warp_slice(truth, pred, threshold)[1] / pred.size
 
 
 def warping_error(pred_mask: np.ndarray, true_mask: np.ndarray, threshold: float = 0.5) -> float:
@@ -259,8 +362,7 @@ def warping_error(pred_mask: np.ndarray, true_mask: np.ndarray, threshold: float
     A stack gives the mean over slices.
     """
     pred, truth = _check_pair(pred_mask, true_mask)
-    if pred.dtype != bool and not np.issubdtype(pred.dtype, np.number):
-        raise TypeError(f"prediction must be numeric or bool, got {pred.dtype}")
+    _check_prediction_values(pred)
     return _per_slice_mean(_warping_error_slice, pred, _as_mask(truth, "truth"),
                            threshold=threshold)
 
@@ -287,11 +389,10 @@ def _seg_slice(pred_ids: np.ndarray, true_ids: np.ndarray) -> tuple[float, int]:
     return float(jaccard.sum()), n_true
 
 
-def seg(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
-    """Cell tracking challenge SEG: for each true object R, the predicted object S with
-    |R and S| > 0.5 |R| (if any) scores |R and S| / |R or S|, otherwise 0; the mean over all true
-    objects (of all slices of a stack). Label images, or binary masks whose 4-connected
-    components are numbered first. No true object at all: NaN (the measure is undefined)."""
+def seg_counts(pred_labels: np.ndarray, true_labels: np.ndarray) -> tuple[float, int]:
+    """(sum over true objects of their matched Jaccard index, number of true objects): the two
+    sums of :func:`seg`, to pool SEG over several images (the challenge's mean is over all
+    cells, not over images)."""
     pred, truth = _check_pair(pred_labels, true_labels)
     pred_ids, true_ids = _as_labels(pred, "prediction"), _as_labels(truth, "truth")
     if pred.ndim == 2:
@@ -300,6 +401,15 @@ def seg(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
     for p, t in zip(pred_ids, true_ids):
         s, n = _seg_slice(p, t)
         total, count = total + s, count + n
+    return total, count
+
+
+def seg(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
+    """Cell tracking challenge SEG: for each true object R, the predicted object S with
+    |R and S| > 0.5 |R| (if any) scores |R and S| / |R or S|, otherwise 0; the mean over all true
+    objects (of all slices of a stack). Label images, or binary masks whose 4-connected
+    components are numbered first. No true object at all: NaN (the measure is undefined)."""
+    total, count = seg_counts(pred_labels, true_labels)
     return float("nan") if count == 0 else total / count
 
 
@@ -309,6 +419,17 @@ seg.higher_is_better = True
 # ---------------------------------------------------------------------------------------------
 # thresholds and the full report
 # ---------------------------------------------------------------------------------------------
+def _best(values: Sequence[float], thresholds: Sequence[float],
+          maximize: bool) -> tuple[float, float]:
+    """(best value, its threshold) of values[k] at thresholds[k]; ties go to the first."""
+    best_value, best_threshold = None, None
+    for t, value in zip(thresholds, values):
+        better = best_value is None or (value > best_value if maximize else value < best_value)
+        if better:
+            best_value, best_threshold = float(value), float(t)
+    return best_value, best_threshold
+
+
 def best_over_thresholds(prob: np.ndarray, truth: np.ndarray, metric: Callable,
                          thresholds: Sequence[float] = ISBI_THRESHOLDS,
                          maximize: bool | None = None) -> tuple[float, float]:
@@ -318,6 +439,7 @@ def best_over_thresholds(prob: np.ndarray, truth: np.ndarray, metric: Callable,
     it can order its pixel flips by confidence. `maximize` defaults to the metric's
     ``higher_is_better`` attribute (True for iou and seg), else False (errors).
     Returns (best value, its threshold); ties go to the first threshold.
+    (:func:`sweep_thresholds` does the three ISBI errors together, sharing the work.)
     """
     prob, truth = _check_pair(prob, truth)
     if len(thresholds) == 0:
@@ -325,13 +447,54 @@ def best_over_thresholds(prob: np.ndarray, truth: np.ndarray, metric: Callable,
     if maximize is None:
         maximize = bool(getattr(metric, "higher_is_better", False))
     takes_threshold = "threshold" in inspect.signature(metric).parameters
-    best_value, best_threshold = None, None
+    values = (metric(prob, truth, threshold=t) if takes_threshold else metric(prob > t, truth)
+              for t in thresholds)
+    return _best(values, thresholds, maximize)
+
+
+#: The metrics that evaluate_all reports as the best over thresholds of a probability map.
+SWEPT_METRICS = ("pixel_error", "rand_error", "warping_error")
+
+
+def sweep_thresholds(prob: np.ndarray, truth: np.ndarray,
+                     thresholds: Sequence[float] = ISBI_THRESHOLDS) -> dict[str, list[float]]:
+    """The three ISBI errors of a probability map at every threshold.
+
+    ``sweep[name][k]`` is exactly what the metric gives at ``thresholds[k]``:
+    ``pixel_error(prob > t, truth)``, ``rand_error(prob > t, truth)`` and
+    ``warping_error(prob, truth, threshold=t)``. Shared across thresholds: the truth's mask and
+    segments, and the float64 copy of each slice with its sort (which gives every threshold's
+    warping order in O(n)).
+    """
+    prob, truth = _check_pair(prob, truth)
+    if len(thresholds) == 0:
+        raise ValueError("thresholds is empty; pass at least one threshold, e.g. (0.5,)")
+    _check_prediction_values(prob)
+    true_mask = _as_mask(truth, "truth")
+    true_ids = _as_labels(truth, "truth")
+    probs, masks, ids = (a if a.ndim == 3 else a[None] for a in (prob, true_mask, true_ids))
+    four = ndimage.generate_binary_structure(2, 1)
+    orders = [_sorted_pixels(_warping_input(p, 0.5)[0]) for p in probs]
+    sweep = {name: [] for name in SWEPT_METRICS}
     for t in thresholds:
-        value = metric(prob, truth, threshold=t) if takes_threshold else metric(prob > t, truth)
-        better = best_value is None or (value > best_value if maximize else value < best_value)
-        if better:
-            best_value, best_threshold = float(value), float(t)
-    return best_value, best_threshold
+        above = prob > t
+        above_slices = above if above.ndim == 3 else above[None]
+        rand = [_rand_error_slice(ndimage.label(a, structure=four)[0], i)
+                for a, i in zip(above_slices, ids)]
+        warp = [_warp_slice(m, p, t, s)[1] / p.size for p, m, s in zip(probs, masks, orders)]
+        sweep["pixel_error"].append(pixel_error(above, true_mask))
+        for name, values in (("rand_error", rand), ("warping_error", warp)):
+            # as _per_slice_mean: a slice's value itself, a stack's mean over slices
+            sweep[name].append(float(values[0]) if prob.ndim == 2 else float(np.mean(values)))
+    return sweep
+
+
+def best_scores(prob: np.ndarray, truth: np.ndarray,
+                thresholds: Sequence[float] = ISBI_THRESHOLDS) -> dict[str, tuple[float, float]]:
+    """``{name: (best value, its threshold)}`` of the three ISBI errors over `thresholds` (as
+    :func:`best_over_thresholds`, ties to the first threshold), from one :func:`sweep_thresholds`."""
+    sweep = sweep_thresholds(prob, truth, thresholds)
+    return {name: _best(sweep[name], thresholds, maximize=False) for name in SWEPT_METRICS}
 
 
 def evaluate_all(prob_or_mask: np.ndarray, truth: np.ndarray,
@@ -344,10 +507,11 @@ def evaluate_all(prob_or_mask: np.ndarray, truth: np.ndarray,
         truth: binary mask or label image of the same shape (non-zero = foreground; a label image
             gives the Rand error its segments directly).
     The three ISBI errors are the best over `thresholds` (the challenge's 0.0 .. 0.9) for a
-    probability map; the IoU is taken at 0.5 (the network's own decision, argmax for 2 classes).
-    A mask is evaluated as is.
+    probability map (:func:`best_scores` also says which threshold gave each); the IoU is taken
+    at 0.5 (the network's own decision, argmax for 2 classes). A mask is evaluated as is.
     """
     pred, truth = _check_pair(prob_or_mask, truth)
+    _check_prediction_values(pred)
     is_mask = pred.dtype == bool or np.issubdtype(pred.dtype, np.integer) \
         or np.all((pred == 0) | (pred == 1))
     if not is_mask and (pred.min() < 0 or pred.max() > 1):
@@ -357,7 +521,37 @@ def evaluate_all(prob_or_mask: np.ndarray, truth: np.ndarray,
         mask = pred > 0
         return {"pixel_error": pixel_error(mask, truth), "rand_error": rand_error(mask, truth),
                 "warping_error": warping_error(mask, truth), "iou": iou(mask, truth)}
-    return {"pixel_error": best_over_thresholds(pred, truth, pixel_error, thresholds)[0],
-            "rand_error": best_over_thresholds(pred, truth, rand_error, thresholds)[0],
-            "warping_error": best_over_thresholds(pred, truth, warping_error, thresholds)[0],
-            "iou": iou(pred > 0.5, truth)}
+    best = best_scores(pred, truth, thresholds)
+    return {**{name: value for name, (value, _) in best.items()}, "iou": iou(pred > 0.5, truth)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle: the pure Python / NumPy implementation the compiled kernels replaced
+# ---------------------------------------------------------------------------------------------
+def rand_error_reference(pred: np.ndarray, truth: np.ndarray) -> float:
+    """:func:`rand_error` with NumPy's contingency table (the compiled one's oracle)."""
+    pred, truth = _check_pair(pred, truth)
+    return _per_slice_mean(_rand_error_slice_reference, _as_labels(pred, "prediction"),
+                           _as_labels(truth, "truth"))
+
+
+def warping_error_reference(pred_mask: np.ndarray, true_mask: np.ndarray,
+                            threshold: float = 0.5) -> float:
+    """:func:`warping_error` with the Python heap (the compiled one's oracle; slow: seconds
+    per 512 x 512 slice, bench/results/metrics.md)."""
+    pred, truth = _check_pair(pred_mask, true_mask)
+    _check_prediction_values(pred)
+    return _per_slice_mean(_warping_error_slice_reference, pred, _as_mask(truth, "truth"),
+                           threshold=threshold)
+
+
+def evaluate_all_reference(prob: np.ndarray, truth: np.ndarray,
+                           thresholds: Sequence[float] = ISBI_THRESHOLDS) -> dict:
+    """:func:`evaluate_all` of a probability map as it was computed before the kernels: one
+    metric call per threshold, the Python heap and NumPy's Rand error. The tests require the
+    same numbers from :func:`evaluate_all`; ``python -m minunet.bench_metrics`` times both."""
+    return {"pixel_error": best_over_thresholds(prob, truth, pixel_error, thresholds)[0],
+            "rand_error": best_over_thresholds(prob, truth, rand_error_reference, thresholds)[0],
+            "warping_error": best_over_thresholds(prob, truth, warping_error_reference,
+                                                  thresholds)[0],
+            "iou": iou(prob > 0.5, truth)}

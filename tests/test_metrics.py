@@ -165,3 +165,135 @@ def test_errors_on_bad_input():
         M.evaluate_all(np.full((3, 3), 2.5), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="empty"):
         M.best_over_thresholds(np.zeros((3, 3)), np.zeros((3, 3)), M.iou, thresholds=())
+
+
+# ---- the compiled kernels against the Python oracle (exact equality, not a tolerance) --------
+_reference_rand_error = M.rand_error_reference
+_reference_warping_error = M.warping_error_reference
+_reference_evaluate_all = M.evaluate_all_reference
+
+
+def _random_truth(rng, shape, kind):
+    if kind == "empty":
+        return np.zeros(shape, bool)
+    if kind == "full":
+        return np.ones(shape, bool)
+    noise = rng.random(shape) < rng.uniform(0.2, 0.8)
+    return noise if kind == "noise" else ndimage.binary_opening(noise)
+
+
+def _random_map(rng, shape, kind):
+    """Probability maps with the orders that matter: distinct values, many equal values
+    (rounded), float32 (as predict writes them), and values so small that distinct ones have
+    the same |p - t| in float64 (1e-20 - 0.3 == 2e-20 - 0.3), so ties mix several values."""
+    p = rng.random(shape)
+    if kind == "rounded":
+        return np.round(p, 1)
+    if kind == "float32":
+        return p.astype(np.float32)
+    if kind == "tiny":
+        return np.where(p < 0.5, rng.integers(0, 4, shape) * 1e-20, p)
+    return p
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_warp_kernel_flips_exactly_as_the_python_heap(seed):
+    """Same warped mask, pixel for pixel, on random odd shapes, every kind of truth and map,
+    at thresholds that include 0 and values equal to some pixels of the map."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in rng.integers(1, 42, 2))
+    truth = _random_truth(rng, shape, ("opened", "noise", "empty", "full")[seed % 4])
+    prob = _random_map(rng, shape, ("uniform", "rounded", "float32", "tiny")[seed // 3 % 4])
+    for t in (0.0, 0.3, 0.5, float(np.float64(prob.flat[0])), 0.9, 1.0):
+        target, priority = M._binarize_with_priority(prob, t)
+        want = M._warp_slice_reference(truth, target, priority)
+        got, left = M._warp_slice(truth, prob, t)
+        assert np.array_equal(got, want), (seed, t)
+        assert left == np.count_nonzero(want != target)
+    mask = prob > 0.5   # a mask: row-major order, its own values
+    target, priority = M._binarize_with_priority(mask, 0.5)
+    assert np.array_equal(M._warp_slice(truth, mask, 0.5)[0],
+                          M._warp_slice_reference(truth, target, priority))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "rounded", "float32", "tiny"])
+def test_priority_order_is_the_reference_heap_order(kind, rng):
+    """The O(n) order built from one sort equals sorting by (-|p - t|, index) per threshold."""
+    from minunet.metrics_kernels import priority_order
+
+    values = np.asarray(_random_map(rng, (23, 29), kind), np.float64).ravel()
+    pixels = M._sorted_pixels(values)
+    for t in (0.0, 0.3, 0.5, values[7], 1.0):
+        want = np.lexsort((np.arange(values.size), -np.abs(values - t)))
+        assert np.array_equal(priority_order(pixels, values, t), want), t
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rand_kernel_equals_the_numpy_reference(seed):
+    """Bit-identical Rand errors: masks (components numbered first), label images with gaps
+    and huge ids, empty truth, empty and full predictions, stacks."""
+    rng = np.random.default_rng(100 + seed)
+    shape = tuple(int(s) for s in rng.integers(1, 40, 2))
+    truth = _random_truth(rng, shape, ("opened", "noise", "empty", "full")[seed % 4])
+    cases = [(rng.random(shape) > 0.4, truth), (np.zeros(shape, bool), truth),
+             (np.ones(shape, bool), truth),
+             (rng.integers(0, 6, shape) * 7, rng.integers(0, 4, shape) * 10**12),
+             (rng.integers(0, 3, (3,) + shape), rng.random((3,) + shape) > 0.5)]
+    for pred, true in cases:
+        assert M.rand_error(pred, true) == _reference_rand_error(pred, true)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sweep_and_evaluate_all_equal_the_one_call_per_threshold_protocol(seed):
+    """Every threshold's value of the shared sweep is the metric's own value there, and the
+    report is exactly the one of the Python implementation; slices and stacks."""
+    rng = np.random.default_rng(200 + seed)
+    shape = ((2,) if seed % 2 else ()) + tuple(int(s) for s in rng.integers(5, 37, 2))
+    truth = _random_truth(rng, shape, ("opened", "noise", "opened", "empty", "full", "opened")[seed])
+    prob = np.clip(truth + rng.normal(0, 0.4, shape), 0, 1)
+    prob = prob.astype(np.float32) if seed % 3 == 0 else np.round(prob, 2 + seed % 2)
+    sweep = M.sweep_thresholds(prob, truth)
+    for k, t in enumerate(M.ISBI_THRESHOLDS):
+        assert sweep["pixel_error"][k] == M.pixel_error(prob > t, truth)
+        assert sweep["rand_error"][k] == _reference_rand_error(prob > t, truth)
+        assert sweep["warping_error"][k] == _reference_warping_error(prob, truth, threshold=t)
+    assert M.evaluate_all(prob, truth) == _reference_evaluate_all(prob, truth)
+    best = M.best_scores(prob, truth)
+    assert best["warping_error"] == M.best_over_thresholds(prob, truth, _reference_warping_error)
+
+
+def test_evaluate_all_of_a_label_image_truth_uses_its_segments():
+    rng = np.random.default_rng(7)
+    labels = ndimage.label(ndimage.binary_opening(rng.random((30, 30)) > 0.4))[0]
+    prob = np.clip((labels > 0) + rng.normal(0, 0.3, labels.shape), 0, 1)
+    assert M.evaluate_all(prob, labels) == _reference_evaluate_all(prob, labels)
+
+
+def test_nan_in_a_prediction_is_refused():
+    prob = np.full((4, 4), 0.5)
+    prob[1, 2] = np.nan
+    for call in (lambda: M.warping_error(prob, prob > 2), lambda: M.evaluate_all(prob, prob > 2)):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+
+
+def test_the_metrics_benchmark_runs_and_compares_with_the_oracle(capsys):
+    """python -m minunet.bench_metrics on two small slices: it prints its table and finds the
+    compiled numbers equal to the oracle's (it reports times; nothing here checks one)."""
+    from minunet import bench_metrics
+
+    assert bench_metrics.main(["--size", "64", "--slices", "2", "--reference-slices", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("trained-like", "untrained"))]
+    assert len(rows) == 2 and all(row[-1] == "yes" for row in rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sorted_pixels_is_the_stable_argsort(dtype, rng):
+    """The integer-key sort of float32-exact maps (and the fallback for float64 maps) gives
+    np.argsort(kind="stable"): ties in index order, -0.0 equal to 0.0, negatives and infinities
+    in place."""
+    values = np.round(rng.normal(0, 2, (31, 17)), 1).astype(dtype)
+    values.flat[rng.integers(0, values.size, 40)] = rng.choice([-0.0, 0.0, np.inf, -np.inf], 40)
+    values = values.astype(np.float64)
+    assert np.array_equal(M._sorted_pixels(values), np.argsort(values.ravel(), kind="stable"))
