@@ -69,3 +69,10 @@ def test_bad_arguments_raise_clear_errors(generator):
         generator(0)
     with pytest.raises(ValueError, match="size must be"):
         generator(1, size=8)
+
+
+@pytest.mark.parametrize("size", [16, 23, 34])
+def test_small_images_are_allowed(size):
+    """Every size the argument check allows (>= 16) generates, small ones included."""
+    images, labels = em_images(2, size=size, seed=1)
+    assert images.shape == labels.shape == (2, size, size)

@@ -98,7 +98,9 @@ def _em_slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
     # Organelles (mitochondria, vesicles): dark blobs inside cells (label 1), about as dark as
     # the membranes, so that a global threshold cannot tell the two apart.
     impulses = np.zeros((size, size), np.float32)
-    n_blobs = int(rng.integers(size * size // 2500, size * size // 1200))
+    # At least one possible count: below 35 px the upper bound alone would be 0 (an empty range).
+    low = size * size // 2500
+    n_blobs = int(rng.integers(low, max(size * size // 1200, low + 1)))
     by, bx = rng.integers(0, size, size=(2, n_blobs))
     impulses[by, bx] = rng.uniform(0.5, 1.0, size=n_blobs)
     blobs = ndimage.gaussian_filter(impulses, sigma=(rng.uniform(1.5, 3.0), rng.uniform(1.5, 3.0)))
