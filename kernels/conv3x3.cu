@@ -28,6 +28,20 @@
 //                              (Co <-> Ci) and both spatial axes flipped (ky -> 2-ky). Each thread
 //                              gathers its own sums, so no two threads write the same element and
 //                              no atomics are needed.
+//   conv3x3_igemm_wide,        v3 "igemm": the convolution as an implicit GEMM (M = output channels,
+//   conv3x3_igemm_deep         N = pixels, K = 9 x input channels), register-blocked: each thread
+//                              keeps 8 channels x 4 pixels = 32 sums, weights pre-transposed to
+//                              [tap][ci][co] for float4 loads, load offsets computed once per
+//                              block, double-buffered shared tiles (one barrier per chunk); a
+//                              wide (32 ch x 8x32 px) and a deep (64 ch x 8x8 px) tile picked per
+//                              layer, and a deterministic split over input channels
+//                              (conv3x3_sum_splits adds the parts) when the grid is too small.
+//                              One code for the forward pass and the input gradient (pad 0 / 2).
+//   conv3x3_wmma               v4 "wmma": the same implicit GEMM on TF32 tensor cores (m16n16k8,
+//                              FP32 sums; sm_80+, an FP32 fallback elsewhere).
+//   Fused epilogues (v3, v4): bias and ReLU in the store (y = max(conv + b, 0)); in the backward
+//   of conv + ReLU, the mask gy * (y > 0) applied as gy is loaded, and that masked gy written
+//   once for the weight gradient. conv3x3_gemm_weights lays out the weights for them.
 //   conv3x3_grad_weight        one block per (co, group of 4 input channels) and slice of the
 //                              pixels; each thread accumulates 4*9 partial sums (and the bias's)
 //                              over a strided subset of pixels, then the block adds them up with a tree

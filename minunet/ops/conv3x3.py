@@ -5,9 +5,15 @@
 
 This module holds, in order: the differentiable op ``conv3x3`` (argument checks and its autograd
 Function), the NumPy reference forward and backward (the oracle), the fast CPU kernels (Numba:
-device ``cpu``), the launcher of the CUDA kernels in ``kernels/conv3x3.cu`` (naive and tiled
-versions, chosen per shape; the weight and bias gradients serial or tree; on ``cuda`` and
-``emu``), and the registry entry (implementations, test and benchmark cases, napkin math).
+device ``cpu``), the launcher of the CUDA kernels in ``kernels/conv3x3.cu`` (v1 naive, v2 tiled,
+v3 igemm, v4 wmma, chosen per shape and precision in ``conv3x3_version``; the weight and bias
+gradients serial or tree; on ``cuda`` and ``emu``), and the registry entry (implementations,
+test and benchmark cases, napkin math).
+
+``conv3x3(x, w, b, relu=True)`` is the fused "conv, then ReLU" of every 3x3 layer of the paper:
+the GEMM kernels add the bias and apply the ReLU in their store, and in the backward pass apply
+the ReLU's mask (gy * (y > 0), y the saved output) while loading gy. When x needs no gradient (the
+network's input) the backward launches no input-gradient kernel.
 
 The reference's trick ("full-width im2col")
 --------------------------------------------
@@ -590,10 +596,11 @@ def conv3x3_version(k, c_src: int, h_out: int, w_out: int) -> str:
 
     - on ``cuda``: "wmma" when the precision is "tf32", the layer has at least WM_CI (8) source
       channels (the first layer, 1 channel, would fill 1/8 of each tensor-core step) and the
-      device has tensor cores; else "igemm". Neither has been measured on a GPU yet: the choice
-      follows their napkin math (kernels/conv3x3.cu), and the H200 files of 2026-12-04 show the
-      v2 tiled kernel 2-7x slower than naive on deep, small planes for lack of blocks, which
-      igemm's deep tile and channel split address.
+      device has tensor cores; else "igemm", on every plane size. Neither is measured on a GPU
+      yet: the choice follows their napkin math (kernels/conv3x3.cu). v1 naive is not kept for
+      the small planes: in the H200 files of 2026-12-04 (bench/results/h200-2026-12-04/ncu16.csv)
+      its advantage there came from v2 launching grids far smaller than one wave of blocks, which
+      igemm's deep tile and channel split (``gemm_plan``: at least TARGET_BLOCKS blocks) remove.
     - on ``emu``: the emulator's own choice, for its speed (it is not a GPU): "wmma" under
       "tf32" as on cuda, else the v1/v2 rule (tiled when the plane fills one 16 x 32 tile, naive
       below), which runs fastest there.
