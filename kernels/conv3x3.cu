@@ -317,12 +317,23 @@ extern "C" __global__ void conv3x3_gemm_weights(const float* __restrict__ w, flo
 // The input tile of one channel chunk: CI channels x IH x IW source pixels (the output tile and
 // its 2-pixel halo), staged global -> registers -> shared memory. Each thread owns LOADS fixed
 // elements e = tid, tid + THREADS, ...; their offsets in the source (c * plane + si * W + sj, or
-// -1 outside the plane: a zero) depend on the tile, not on the chunk, so they are computed once
-// (init) and each chunk only adds its base: no division in the loop. load() issues the global
+// -1 outside the plane: a zero) and their slots in shared memory depend on the tile, not on the
+// chunk, so they are computed once (init) and each chunk only adds its base: no division in
+// the loop. load() issues the global
 // reads into registers; store() writes them to shared memory later, so the reads of chunk k+1
 // are in flight while the block computes chunk k (double buffering).
-// Shared layout: [c][r][q] (v3), or INTERLEAVED [r][q][c] (v4: the CI channels of a pixel are 32
-// contiguous bytes, the layout wmma's B fragments load).
+// Shared layouts:
+//  - v3: [c][r][q] with rows padded to IWS = IW rounded up to 1 mod 4 floats (34 -> 37,
+//    10 -> 13). A warp's compute loads are 8 pixel groups 4 columns apart in each of 4 rows (wide
+//    tile) or 2 groups in 8 rows (deep): with a row stride of 1 mod 4 the rows fall on different
+//    banks mod 4, so the 32 lanes hit 32 different banks; with 34 rows 0 and 2 collided (2-way
+//    bank conflicts on half the loads of the inner loop). Elements e run (c, r, q), q fastest:
+//    neighbouring lanes read neighbouring pixels (coalesced).
+//  - v4, INTERLEAVED: [r][q][c], the CI = 8 channels of a pixel in 32 contiguous bytes, the
+//    layout wmma's B fragments load (see conv3x3_wmma). Elements e run (r, q, c), c fastest, so
+//    lanes store to consecutive shared addresses (q fastest would put 32 lanes 8 floats apart:
+//    8-way bank conflicts); a warp's global reads are then 4 pixels x 8 planes, 8 sectors of 32
+//    bytes per request instead of 4, the other halves of which the next requests read from L1.
 // With a ReLU mask (backward of conv + ReLU), the value is gy * (y > 0), and the block that owns
 // the element (the first channel block; rows and columns past the 2-pixel pad: each gy pixel is
 // owned once) also writes it to masked_out, the masked gradient the weight gradient needs.
@@ -330,19 +341,29 @@ template <int CI, int IH, int IW, int THREADS, bool INTERLEAVED>
 struct Conv3x3TileLoader {
     static constexpr int ELEMS = CI * IH * IW;
     static constexpr int LOADS = (ELEMS + THREADS - 1) / THREADS;
+    static constexpr int IWS = INTERLEAVED ? IW : IW + (5 - IW % 4) % 4;   // shared row stride
+    static constexpr int FLOATS = INTERLEAVED ? ELEMS : CI * IH * IWS;     // shared floats per copy
     int offset[LOADS];
+    int slot[LOADS];     // shared index of element l (its place in the padded layout)
     unsigned owner;      // bit l: element l is this block's to write to masked_out
     float value[LOADS];
 
+    // element e as (channel, tile row, tile column)
+    static __device__ __forceinline__ void coords(int e, int& c, int& r, int& q) {
+        if (INTERLEAVED) { c = e % CI; r = e / (CI * IW); q = (e / CI) % IW; }
+        else             { c = e / (IH * IW); r = (e / IW) % IH; q = e % IW; }   // constant divisors
+    }
     __device__ void init(int tid, int i0, int j0, int pad, int H, int W) {
         owner = 0;
 #pragma unroll
         for (int l = 0; l < LOADS; ++l) {
             const int e = tid + l * THREADS;
-            const int c = e / (IH * IW), r = (e / IW) % IH, q = e % IW;   // constant divisors
+            int c, r, q;
+            coords(e, c, r, q);
             const int si = i0 + r - pad, sj = j0 + q - pad;
             const bool inside = e < ELEMS && si >= 0 && si < H && sj >= 0 && sj < W;
             offset[l] = inside ? (c * H + si) * W + sj : -1;
+            slot[l] = e < ELEMS ? (INTERLEAVED ? e : (c * IH + r) * IWS + q) : -1;
             if (inside && r >= pad && q >= pad) owner |= 1u << l;
         }
     }
@@ -363,24 +384,17 @@ struct Conv3x3TileLoader {
             value[l] = v;
         }
     }
-    __device__ void store(float* s, int tid) const {
+    __device__ void store(float* s) const {
 #pragma unroll
         for (int l = 0; l < LOADS; ++l) {
-            const int e = tid + l * THREADS;
-            if (ELEMS % THREADS == 0 || e < ELEMS) {
-                if (INTERLEAVED) {
-                    const int c = e / (IH * IW), pq = e % (IH * IW);
-                    s[pq * CI + c] = value[l];
-                } else {
-                    s[e] = value[l];
-                }
-            }
+            if (ELEMS % THREADS == 0 || slot[l] >= 0) s[slot[l]] = value[l];
         }
     }
 };
 
-// The weights of one chunk, wt[t][s0 .. s0+CI)[d0 .. d0+BM) -> shared [t][c][BM], as float4.
-template <int CI, int BM, int THREADS>
+// The weights of one chunk, wt[t][s0 .. s0+CI)[d0 .. d0+BM) -> shared [t][c][BMS], as float4;
+// BMS >= BM is the shared row stride (v4 pads it, see conv3x3_wmma).
+template <int CI, int BM, int THREADS, int BMS = BM>
 struct Conv3x3WeightLoader {
     static constexpr int VECS = 9 * CI * BM / 4;
     static constexpr int LOADS = (VECS + THREADS - 1) / THREADS;
@@ -404,7 +418,8 @@ struct Conv3x3WeightLoader {
 #pragma unroll
         for (int l = 0; l < LOADS; ++l) {
             const int e = tid + l * THREADS;
-            if (VECS % THREADS == 0 || e < VECS) reinterpret_cast<float4*>(s)[e] = value[l];
+            if (VECS % THREADS == 0 || e < VECS)
+                reinterpret_cast<float4*>(s)[(e / (BM / 4)) * (BMS / 4) + e % (BM / 4)] = value[l];
         }
     }
 };
@@ -492,7 +507,9 @@ __device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, con
                                               int use_mask) {
     constexpr int PXG = TH * TW / TN, THREADS = (BM / TM) * PXG;
     constexpr int IH = TH + 2, IW = TW + 2;
-    __shared__ float s_in[2][CI * IH * IW];
+    using Tile = Conv3x3TileLoader<CI, IH, IW, THREADS, false>;
+    constexpr int IWS = Tile::IWS;               // padded row stride (see the loader)
+    __shared__ float s_in[2][Tile::FLOATS];
     __shared__ __align__(16) float s_w[2][9 * CI * BM];
 
     const int tid = threadIdx.x;
@@ -503,7 +520,7 @@ __device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, con
     if (!use_mask) mask = nullptr;
     if (!use_mask || blockIdx.y != 0) masked_out = nullptr;   // one channel block writes it
 
-    Conv3x3TileLoader<CI, IH, IW, THREADS, false> tile;
+    Tile tile;
     Conv3x3WeightLoader<CI, BM, THREADS> wload;
     tile.init(tid, blk.i0, blk.j0, pad, H_src, W_src);
     wload.init(tid, blk.d0, S_pad, D_pad);
@@ -522,7 +539,7 @@ __device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, con
     };
     if (blk.s_begin < blk.s_end) {
         fetch(blk.s_begin);
-        tile.store(s_in[0], tid);
+        tile.store(s_in[0]);
         wload.store(s_w[0], tid);
     }
     __syncthreads();
@@ -540,7 +557,7 @@ __device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, con
 #pragma unroll
             for (int ky = 0; ky < 3; ++ky)
 #pragma unroll
-                for (int v = 0; v < TN + 2; ++v) in[ky][v] = sin[(c * IH + row + ky) * IW + q0 + v];
+                for (int v = 0; v < TN + 2; ++v) in[ky][v] = sin[(c * IH + row + ky) * IWS + q0 + v];
 #pragma unroll
             for (int t = 0; t < 9; ++t) {
                 float wv[TM];
@@ -556,7 +573,7 @@ __device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, con
             }
         }
         if (more) {                                 // the other copy: nobody reads it now
-            tile.store(s_in[buf ^ 1], tid);
+            tile.store(s_in[buf ^ 1]);
             wload.store(s_w[buf ^ 1], tid);
         }
         __syncthreads();
@@ -591,7 +608,9 @@ conv3x3_igemm_wide(const float* __restrict__ src, const float* __restrict__ mask
         per_split, relu, use_mask);
 }
 
-extern "C" __global__ void __launch_bounds__(IGD_THREADS)
+// No __launch_bounds__ here: given __launch_bounds__(128), ptxas (CUDA 13, sm_90) held this kernel
+// to 96 registers and spilled to local memory; without it, it takes the 128 it needs.
+extern "C" __global__ void
 conv3x3_igemm_deep(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
                    const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
                    int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
@@ -620,7 +639,12 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 // Warp w owns output rows 2w and 2w + 1 for all 32 channels: 2 x 2 accumulator fragments of
 // 16 channels x 16 pixels (one row). K is walked per chunk of WM_CI = 8 source channels and per
 // tap t: the k-step of m16n16k8 is "8 source channels at tap t", so
-//   A fragment (16 channels x 8 k) = s_w[t][c][d0 .. d0+16), col_major with ldm = 32;
+//   A fragment (16 channels x 8 k) = s_w[t][c][d0 .. d0+16), col_major with ldm = WM_BMS = 40:
+//     rows padded from 32 to 40 floats. In the TF32 fragment layout PTX documents for mma.sync
+//     (lane = 4 g + t holds rows g, g + 8 and k-columns t, t + 4), lane 4 g + t reads address
+//     t * ldm + g: with ldm = 32 the four lanes t = 0..3 of a g hit one bank (4-way conflicts),
+//     with ldm = 40 the 32 lanes hit banks 8 t + g, all different. (The emulator does not count
+//     wmma's shared accesses; not yet measured.)
 //   B fragment (8 k x 16 pixels)   = the tile's row (r + ky), columns kx .. kx + 15, channels c:
 //     with the tile stored INTERLEAVED ([row][col][c], 8 channels = 32 bytes per pixel), that is
 //     col_major with ldm = 8 starting at pixel (r + ky, kx): every start is 32-byte aligned, as
@@ -644,7 +668,8 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 #define WM_IH (WM_TH + 2)
 #define WM_IW (WM_TW + 2)
 #define WM_IN_FLOATS (WM_IH * WM_IW * WM_CI)   // 1440
-#define WM_W_FLOATS (9 * WM_CI * WM_BM)          // 2304
+#define WM_BMS 40                                // shared row stride of the weights (32 + 8 pad)
+#define WM_W_FLOATS (9 * WM_CI * WM_BMS)         // 2880
 
 #if CONV3X3_WMMA
 using namespace nvcuda;
@@ -665,7 +690,7 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
     if (!use_mask || blockIdx.y != 0) masked_out = nullptr;
 
     Conv3x3TileLoader<WM_CI, WM_IH, WM_IW, WM_THREADS, true> tile;
-    Conv3x3WeightLoader<WM_CI, WM_BM, WM_THREADS> wload;
+    Conv3x3WeightLoader<WM_CI, WM_BM, WM_THREADS, WM_BMS> wload;
     tile.init(tid, blk.i0, blk.j0, pad, H_src, W_src);
     wload.init(tid, blk.d0, S_pad, D_pad);
     float* const s_in = smem;                      // copy b at s_in + b * WM_IN_FLOATS
@@ -691,7 +716,7 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
     };
     if (blk.s_begin < blk.s_end) {
         fetch(blk.s_begin);
-        tile.store(s_in, tid);
+        tile.store(s_in);
         wload.store(s_w, tid);
     }
     __syncthreads();
@@ -708,7 +733,7 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
             wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[2];
 #pragma unroll
             for (int f = 0; f < 2; ++f) {
-                wmma::load_matrix_sync(a[f], sw + t * WM_CI * WM_BM + 16 * f, WM_BM);
+                wmma::load_matrix_sync(a[f], sw + t * WM_CI * WM_BMS + 16 * f, WM_BMS);
 #pragma unroll
                 for (int x = 0; x < a[f].num_elements; ++x) a[f].x[x] = wmma::__float_to_tf32(a[f].x[x]);
             }
@@ -730,14 +755,14 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
             for (int c = 0; c < WM_CI; ++c) {
                 const float in0 = sin[((2 * warp + t / 3) * WM_IW + col + t % 3) * WM_CI + c];
                 const float in1 = sin[((2 * warp + 1 + t / 3) * WM_IW + col + t % 3) * WM_CI + c];
-                const float* wrow = sw + (t * WM_CI + c) * WM_BM + half;
+                const float* wrow = sw + (t * WM_CI + c) * WM_BMS + half;
 #pragma unroll
                 for (int k = 0; k < 32; ++k)
                     acc[k] += wrow[16 * (k / 16) + 2 * (k % 8)] * ((k / 8) % 2 ? in1 : in0);
             }
 #endif
         if (more) {
-            tile.store(s_in + (buf ^ 1) * WM_IN_FLOATS, tid);
+            tile.store(s_in + (buf ^ 1) * WM_IN_FLOATS);
             wload.store(s_w + (buf ^ 1) * WM_W_FLOATS, tid);
         }
         __syncthreads();
