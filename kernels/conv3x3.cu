@@ -477,8 +477,9 @@ __device__ __forceinline__ float conv3x3_epilogue(float acc, const float* __rest
 //                 whose wide tiles would mostly hang past the plane; with a split over the source
 //                 channels when even that grid is too small to fill the GPU.
 // Napkin math, per block and chunk (wide, CI = 4): FLOPs 2 * 32 * 256 * 36 = 590k; global
-// (L2) reads 4 * 10 * 34 + 36 * 32 = 2512 floats = 10 KB: 59 FLOP per byte (v2: 2 * 16 * 32 * 8 * 72
-// / (5472 * 4) = 54; the gain is in the shared-memory traffic above). A layer's minimum DRAM
+// (L2) reads 4 * 10 * 34 + 36 * 32 = 2512 floats = 10 KB: 59 FLOP per byte loaded (v2:
+// 2 * 16 * 32 * 8 * 72 = 590k FLOPs for 5472 floats = 21.9 KB, 27 FLOP/B: the 2x comes from
+// staging 32 output channels' weights per block instead of 8). A layer's minimum DRAM
 // traffic is unchanged (x, w, y once each); e.g. 64 -> 64 channels on a 570 x 570 input:
 // 2 * 64 * 64 * 9 * 568^2 = 23.8 GFLOP over 4 * (64 * 570^2 + 64 * 568^2) = 166 MB = 143 FLOP/B,
 // compute bound on any GPU (an H200's FP32 ridge is about 67 TFLOP/s / 4.8 TB/s = 14 FLOP/B).
@@ -650,13 +651,15 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 //     col_major with ldm = 8 starting at pixel (r + ky, kx): every start is 32-byte aligned, as
 //     load_matrix_sync requires, for any tap shift - the reason for the interleaved layout.
 // Per chunk a warp does 9 x (2 A + 2 B loads, 4 mma_sync) = 36 tensor-core products of
-// 16 x 16 x 8 (73,728 FLOPs) for 36 fragment loads. Both operands are rounded to TF32
-// (__float_to_tf32: 10 mantissa bits, relative error <= 2^-11 each); products and sums are FP32.
+// 16 x 16 x 8 (2 * 16 * 16 * 8 * 36 = 147,456 FLOPs) for 36 fragment loads. Both operands are
+// rounded to TF32 (__float_to_tf32: 10 mantissa bits, relative error <= 2^-11 each); products and
+// sums are FP32.
 // The accumulators go through shared memory (store_matrix_sync) so that bias, ReLU and the
 // bounds checks of the edge tiles are applied per element. Double-buffered like v3.
 // Napkin math: an H200's TF32 tensor cores peak near 495 TFLOP/s dense, FP32 FMAs at 67: the
 // layers above (143 FLOP/B) stay compute bound only in a kernel that keeps operands in shared
-// memory and registers, as this one does (per chunk 1440 + 2304 floats = 15 KB for 590k FLOPs).
+// memory and registers, as this one does (per block and chunk 1440 + 2304 floats = 15 KB read
+// for 2 * 32 * 128 * 72 = 590k FLOPs, 39 FLOP/B).
 // Without tensor cores (sm_75, or no <mma.h>) each lane computes 32 of its warp's outputs with FP32
 // FMAs from the same shared tiles (CONV3X3_WMMA = 0): correct everywhere, fast only on sm_80+.
 // ---------------------------------------------------------------------------------------------
@@ -775,7 +778,8 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
 #pragma unroll
     for (int f = 0; f < 2; ++f)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) wmma::store_matrix_sync(stage + (2 * f + r) * 256, acc[f][r], 16, wmma::mem_row_major);
+        for (int r = 0; r < 2; ++r)
+            wmma::store_matrix_sync(stage + (2 * f + r) * 256, acc[f][r], 16, wmma::mem_row_major);
     __syncwarp();
 #else
 #pragma unroll

@@ -315,7 +315,6 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
     steps to 5e-2. Elementwise gradients cannot be held to a TF32 bound: an activation within TF32
     rounding of 0 lands on the other side of its ReLU, and that flips one gradient entry entirely
     (on emu: logits 1.3e-3, parameters 1.7e-2 off in norm; "wmma-fp32" shows the rest is exact)."""
-    from minunet.emulator import EmuModule
     from .test_kernels import run_training_steps
 
     k = backends.get_backend("emu")
@@ -355,7 +354,8 @@ def cuda_include() -> Path | None:
     return None
 
 
-@pytest.mark.parametrize("arch,tensor_cores", [("compute_75", False), ("compute_80", True), ("compute_90", True)])
+@pytest.mark.parametrize("arch,tensor_cores",
+                         [("compute_75", False), ("compute_80", True), ("compute_90", True)])
 def test_nvrtc_with_the_cuda_headers_uses_tensor_cores_from_sm80(arch, tensor_cores):
     """With <mma.h> on the include path (CuPy's NVRTC on a GPU machine) conv3x3_wmma is TF32 wmma on
     sm_80/90 and the FP32 fallback on sm_75. (tests/test_nvrtc.py compiles without it.)"""

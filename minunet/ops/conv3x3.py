@@ -646,8 +646,8 @@ def gemm_conv(k, version: str, src, w, bias, out_shape, grad_input: bool, relu: 
                     wt.shape[1], wt.shape[2], plan.per_split, int(relu), int(mask is not None)))
     k.launch(KERNEL_FILE, plan.shape.kernel, plan.grid, (plan.shape.threads,), args)
     if plan.splits > 1:
-        k.launch_elementwise(KERNEL_FILE, "conv3x3_sum_splits", out.size,
-                             (dst, bias, out, *int32s(plan.splits, out.size, c_dst, h_dst * w_dst, int(relu))))
+        sizes = int32s(plan.splits, out.size, c_dst, h_dst * w_dst, int(relu))
+        k.launch_elementwise(KERNEL_FILE, "conv3x3_sum_splits", out.size, (dst, bias, out, *sizes))
     return out, masked
 
 
