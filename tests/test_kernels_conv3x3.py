@@ -119,6 +119,13 @@ def test_gemm_versions_match_reference(version, case, relu):
     run_case(backend(version), np.random.default_rng(sum(case) + relu), case, bias=True, relu=relu)
 
 
+@pytest.mark.parametrize("case", C.TEST_CASES, ids=str)
+@pytest.mark.parametrize("version", GEMM)
+def test_gemm_versions_on_the_registry_cases(version, case):
+    """The op's own TEST_CASES (the smallest input 3x3, a 3 x 131 output, ...), fused ReLU."""
+    run_case(backend(version), np.random.default_rng(len(case) + sum(case)), case, bias=True, relu=True)
+
+
 @pytest.mark.parametrize("version", ["naive", "tiled", *GEMM])
 def test_every_version_without_bias_and_with_fused_relu(version):
     """The fused op on every version (v1/v2 apply the ReLU and its mask as separate passes)."""
