@@ -29,12 +29,12 @@
 //                              gathers its own sums, so no two threads write the same element and
 //                              no atomics are needed.
 //   conv3x3_igemm_wide,        v3 "igemm": the convolution as an implicit GEMM (M = output channels,
-//   conv3x3_igemm_deep         N = pixels, K = 9 x input channels), register-blocked: each thread
-//                              keeps 8 channels x 4 pixels = 32 sums, weights pre-transposed to
+//   conv3x3_igemm_narrow,      N = pixels, K = 9 x input channels), register-blocked: each thread
+//   conv3x3_igemm_deep         keeps 8 (4) channels x 4 pixels = 32 (16) sums, weights pre-transposed to
 //                              [tap][ci][co] for float4 loads, load offsets computed once per
 //                              block, double-buffered shared tiles (one barrier per chunk); a
-//                              wide (32 ch x 8x32 px) and a deep (64 ch x 8x8 px) tile picked per
-//                              layer, and a deterministic split over input channels
+//                              wide (32 ch x 8x32 px), narrow (16 ch x 8x32) or deep (64 ch x 8x8)
+//                              tile picked per layer, and a deterministic split over input channels
 //                              (conv3x3_sum_splits adds the parts) when the grid is too small.
 //                              One code for the forward pass and the input gradient (pad 0 / 2).
 //   conv3x3_wmma               v4 "wmma": the same implicit GEMM on TF32 tensor cores (m16n16k8,
@@ -471,11 +471,15 @@ __device__ __forceinline__ float conv3x3_epilogue(float acc, const float* __rest
 // The last chunk may have fewer than CI real channels (U-Net's first layer has 1): the compute
 // loop stops at the real ones, so a 1-channel layer costs 1/CI of a chunk's FMAs.
 //
-// Two shapes (the launcher picks one per layer, conv3x3_plan in ops/conv3x3.py):
-//   wide (IGW_*): 32 channels x 8 x 32 pixels, 256 threads, for large planes;
-//   deep (IGD_*): 64 channels x 8 x 8 pixels, 128 threads, for small planes with many channels,
-//                 whose wide tiles would mostly hang past the plane; with a split over the source
-//                 channels when even that grid is too small to fill the GPU.
+// Three shapes (the launcher picks one per layer, gemm_plan in ops/conv3x3.py):
+//   wide   (IGW_*): 32 channels x 8 x 32 pixels, 256 threads, 8 x 4 outputs per thread: large
+//                   planes with many channels (the paper's 64 and more);
+//   narrow (IGN_*): 16 channels x 8 x 32 pixels, 256 threads, 4 x 4 outputs per thread: large
+//                   planes with few channels (base 8 or 16 networks), where half of a wide
+//                   tile's channels would be padding;
+//   deep   (IGD_*): 64 channels x 8 x 8 pixels, 128 threads, 8 x 4 outputs per thread: small
+//                   planes with many channels, whose wide tiles would mostly hang past the plane.
+// Any of them is split over the source channels when its grid is too small to fill the GPU.
 // Napkin math, per block and chunk (wide, CI = 4): FLOPs 2 * 32 * 256 * 36 = 590k; global
 // (L2) reads 4 * 10 * 34 + 36 * 32 = 2512 floats = 10 KB: 59 FLOP per byte loaded (v2:
 // 2 * 16 * 32 * 8 * 72 = 590k FLOPs for 5472 floats = 21.9 KB, 27 FLOP/B: the 2x comes from
@@ -491,6 +495,13 @@ __device__ __forceinline__ float conv3x3_epilogue(float acc, const float* __rest
 #define IGW_TN 4
 #define IGW_CI 4
 #define IGW_THREADS ((IGW_BM / IGW_TM) * (IGW_TH * IGW_TW / IGW_TN))    // 4 x 64 = 256
+#define IGN_BM 16
+#define IGN_TM 4
+#define IGN_TH 8
+#define IGN_TW 32
+#define IGN_TN 4
+#define IGN_CI 4
+#define IGN_THREADS ((IGN_BM / IGN_TM) * (IGN_TH * IGN_TW / IGN_TN))    // 4 x 64 = 256
 #define IGD_BM 64
 #define IGD_TM 8
 #define IGD_TH 8
@@ -605,6 +616,16 @@ conv3x3_igemm_wide(const float* __restrict__ src, const float* __restrict__ mask
                    int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
                    int D_pad, int per_split, int relu, int use_mask) {
     conv3x3_igemm<IGW_BM, IGW_TM, IGW_TH, IGW_TW, IGW_TN, IGW_CI>(
+        src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst, W_dst, pad, S_pad, D_pad,
+        per_split, relu, use_mask);
+}
+
+extern "C" __global__ void __launch_bounds__(IGN_THREADS)
+conv3x3_igemm_narrow(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+                     const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+                     int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+                     int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_igemm<IGN_BM, IGN_TM, IGN_TH, IGN_TW, IGN_TN, IGN_CI>(
         src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst, W_dst, pad, S_pad, D_pad,
         per_split, relu, use_mask);
 }

@@ -43,12 +43,13 @@ TF32_REL = 2.0 ** -10
 GEMM = ("igemm", "wmma")
 
 # (N, Ci, H, W, Co). Output planes: 7x9 (smaller than every tile), 10x38 (one input channel, two
-# wide tiles across, none full), 5x6 with 20 -> 33 channels (deep tile, 2 channel splits),
+# narrow tiles across, none full), 5x6 with 20 -> 33 channels (deep tile, 2 channel splits),
 # 4x4 with 37 -> 70 channels (U-Net's deepest plane; 70 > 64: two channel blocks, the second
 # nearly empty; the input gradient splits 70 channels), 18x33 (more than one tile each way),
-# 16x16 with 48 -> 40 channels (a deep plane of the default network: 2 x 2 deep tiles, 3 splits).
+# 16x16 with 48 -> 40 channels (a deep plane of the default network: 2 x 2 deep tiles, 3 splits),
+# 9x31 with 6 -> 30 channels (the wide tile). test_cases_reach_every_shape checks the coverage.
 CASES = [(2, 3, 9, 11, 5), (1, 1, 12, 40, 7), (2, 20, 7, 8, 33), (1, 37, 6, 6, 70), (2, 9, 20, 35, 10),
-         (1, 48, 18, 18, 40)]
+         (1, 48, 18, 18, 40), (2, 6, 11, 33, 30)]
 
 
 def f32(rng, *shape):
@@ -179,6 +180,15 @@ def test_same_bits_under_every_thread_and_block_order(version):
         assert all(np.array_equal(a, c) for a, c in zip(results[0], other))
 
 
+def test_cases_reach_every_shape():
+    """CASES run every igemm tile shape and the channel split, forward and input gradient."""
+    plans = [C.gemm_plan("igemm", n, ci, co, h - 2, w - 2) for n, ci, h, w, co in CASES]
+    plans += [C.gemm_plan("igemm", n, co, ci, h, w) for n, ci, h, w, co in CASES]
+    assert {p.shape for p in plans} == {C.IGEMM_WIDE, C.IGEMM_NARROW, C.IGEMM_DEEP}
+    assert any(p.splits > 1 for p in plans) and any(C.gemm_plan("wmma", n, ci, co, h - 2, w - 2).splits > 1
+                                                    for n, ci, h, w, co in CASES)
+
+
 @pytest.mark.parametrize("args,shape,splits", [
     # 568 x 568 output, 64 -> 64 channels: the wide tile, thousands of blocks
     ((1, 64, 64, 568, 568), C.IGEMM_WIDE, 1),
@@ -187,6 +197,12 @@ def test_same_bits_under_every_thread_and_block_order(version):
     ((1, 128, 128, 20, 20), C.IGEMM_DEEP, 8),
     # the first layer: 1 source channel, never split
     ((1, 1, 64, 4, 4), C.IGEMM_DEEP, 1),
+    # a base-16 network's full-resolution layer: 16 channels -> narrow (wide would pad 16 more)
+    ((1, 16, 16, 344, 344), C.IGEMM_NARROW, 1),
+    # 256 channels on 136 x 136: wide pads 136 columns to 160 (1.18x, within the slack)
+    ((1, 256, 256, 136, 136), C.IGEMM_WIDE, 1),
+    # 1024 channels on 28 x 28: wide (as padded as deep), 128 blocks < 264: split in 3
+    ((1, 1024, 1024, 28, 28), C.IGEMM_WIDE, 3),
 ])
 def test_gemm_plan_picks_tile_and_split_from_the_shape(args, shape, splits):
     n, c_src, c_dst, h, w = args

@@ -528,6 +528,8 @@ class GemmShape:
 
 IGEMM_WIDE = GemmShape("conv3x3_igemm_wide", _CU["IGW_THREADS"], _CU["IGW_BM"], _CU["IGW_TH"], _CU["IGW_TW"],
                        _CU["IGW_CI"])
+IGEMM_NARROW = GemmShape("conv3x3_igemm_narrow", _CU["IGN_THREADS"], _CU["IGN_BM"], _CU["IGN_TH"], _CU["IGN_TW"],
+                         _CU["IGN_CI"])
 IGEMM_DEEP = GemmShape("conv3x3_igemm_deep", _CU["IGD_THREADS"], _CU["IGD_BM"], _CU["IGD_TH"], _CU["IGD_TW"],
                        _CU["IGD_CI"])
 WMMA = GemmShape("conv3x3_wmma", _CU["WM_THREADS"], _CU["WM_BM"], _CU["WM_TH"], _CU["WM_TW"], _CU["WM_CI"])
@@ -537,6 +539,10 @@ GEMM_VERSIONS = ("igemm", "wmma")
 # at least MIN_SPLIT_CHANNELS source channels (below that the partial sums cost more than they gain).
 TARGET_BLOCKS = 2 * 132
 MIN_SPLIT_CHANNELS = 16
+# igemm takes the first of (wide, deep, narrow) whose padded work (tiles x tile pixels x channel
+# blocks x block channels) is within this factor of the least padded: the wide tile reuses each
+# loaded value most (napkin math in the .cu), so it may waste a little on the plane's edge.
+PADDING_SLACK = 1.25
 
 
 @dataclass(frozen=True)
@@ -552,21 +558,26 @@ class GemmPlan:
 def gemm_plan(version: str, n: int, c_src: int, c_dst: int, h_dst: int, w_dst: int) -> GemmPlan:
     """The block shape and grid of an implicit-GEMM launch (v3 "igemm" or v4 "wmma").
 
-    igemm: the wide tile (32 channels x 8 x 32 pixels) when the output is at least one tile wide
-    and gives TARGET_BLOCKS blocks; else the deep tile (64 channels x 8 x 8): U-Net's deep layers,
-    small planes with many channels, where wide tiles would hang mostly past the plane's edge.
-    Then, if the grid still has fewer than TARGET_BLOCKS blocks, the source channels are split
-    into parts of at least MIN_SPLIT_CHANNELS (a multiple of the chunk) so that the GPU is filled:
+    igemm: the tile that wastes least on padding (output pixels past the plane's edge, channels
+    past C_dst), preferring wide (32 channels x 8 x 32 pixels), then deep (64 x 8 x 8), then narrow
+    (16 x 8 x 32) within PADDING_SLACK: wide for large planes with many channels, deep for U-Net's
+    deep layers (small planes, many channels), narrow for large planes with few channels.
+    Then, if the grid has fewer than TARGET_BLOCKS blocks, the source channels are split into
+    parts of at least MIN_SPLIT_CHANNELS (a multiple of the chunk) so that the GPU is filled:
     e.g. 256 -> 256 channels on a 16 x 16 output: 16 blocks, 16 parts of 16 channels, 256 blocks."""
     def blocks_of(shape):
         return ceil_div(h_dst, shape.th) * ceil_div(w_dst, shape.tw), ceil_div(c_dst, shape.bm)
 
+    def padded_work(shape):
+        tiles, groups = blocks_of(shape)
+        return tiles * shape.th * shape.tw * groups * shape.bm
+
     if version == "wmma":
         shape = WMMA
     else:
-        tiles, groups = blocks_of(IGEMM_WIDE)
-        wide_ok = w_dst >= IGEMM_WIDE.tw and tiles * groups * n >= TARGET_BLOCKS
-        shape = IGEMM_WIDE if wide_ok else IGEMM_DEEP
+        candidates = (IGEMM_WIDE, IGEMM_DEEP, IGEMM_NARROW)
+        least = min(padded_work(c) for c in candidates)
+        shape = next(c for c in candidates if padded_work(c) <= PADDING_SLACK * least)
     tiles, groups = blocks_of(shape)
     blocks = tiles * groups * n
     splits = 1
