@@ -37,8 +37,8 @@
 //                              tile picked per layer, and a deterministic split over input channels
 //                              (conv3x3_sum_splits adds the parts) when the grid is too small.
 //                              One code for the forward pass and the input gradient (pad 0 / 2).
-//   conv3x3_wmma               v4 "wmma": the same implicit GEMM on TF32 tensor cores (m16n16k8,
-//                              FP32 sums; sm_80+, an FP32 fallback elsewhere).
+//   conv3x3_wmma,              v4 "wmma": the same implicit GEMM on TF32 tensor cores (m16n16k8,
+//   conv3x3_wmma_narrow        FP32 sums; sm_80+, an FP32 fallback elsewhere); 32 or 16 channels.
 //   Fused epilogues (v3, v4): bias and ReLU in the store (y = max(conv + b, 0)); in the backward
 //   of conv + ReLU, the mask gy * (y > 0) applied as gy is loaded, and that masked gy written
 //   once for the weight gradient. conv3x3_gemm_weights lays out the weights for them.
@@ -659,13 +659,14 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 //
 // Block: 4 warps (128 threads), tile WM_BM = 32 output channels x (8 rows x 16 columns) pixels.
 // Warp w owns output rows 2w and 2w + 1 for all 32 channels: 2 x 2 accumulator fragments of
-// 16 channels x 16 pixels (one row). K is walked per chunk of WM_CI = 8 source channels and per
+// 16 channels x 16 pixels (one row). conv3x3_wmma_narrow: 16 channels, 1 x 2 fragments per warp,
+// for layers with at most 16 output channels (half of a 32-channel tile would be padding). K is walked per chunk of WM_CI = 8 source channels and per
 // tap t: the k-step of m16n16k8 is "8 source channels at tap t", so
-//   A fragment (16 channels x 8 k) = s_w[t][c][d0 .. d0+16), col_major with ldm = WM_BMS = 40:
-//     rows padded from 32 to 40 floats. In the TF32 fragment layout PTX documents for mma.sync
+//   A fragment (16 channels x 8 k) = s_w[t][c][d0 .. d0+16), col_major with ldm = 40: rows
+//     padded from 32 to 40 floats (16 to 24 in conv3x3_wmma_narrow). In the TF32 fragment layout PTX documents for mma.sync
 //     (lane = 4 g + t holds rows g, g + 8 and k-columns t, t + 4), lane 4 g + t reads address
 //     t * ldm + g: with ldm = 32 the four lanes t = 0..3 of a g hit one bank (4-way conflicts),
-//     with ldm = 40 the 32 lanes hit banks 8 t + g, all different. (The emulator does not count
+//     with ldm = 40 the 32 lanes hit banks 8 t + g (24: 24 t + g mod 32), all different. (The emulator does not count
 //     wmma's shared accesses; not yet measured.)
 //   B fragment (8 k x 16 pixels)   = the tile's row (r + ky), columns kx .. kx + 15, channels c:
 //     with the tile stored INTERLEAVED ([row][col][c], 8 channels = 32 bytes per pixel), that is
@@ -684,7 +685,8 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 // Without tensor cores (sm_75, or no <mma.h>) each lane computes 32 of its warp's outputs with FP32
 // FMAs from the same shared tiles (CONV3X3_WMMA = 0): correct everywhere, fast only on sm_80+.
 // ---------------------------------------------------------------------------------------------
-#define WM_BM 32
+#define WM_BM 32                                 // conv3x3_wmma: 32 channels per block
+#define WM_BM_NARROW 16                          // conv3x3_wmma_narrow: 16 (few-channel layers)
 #define WM_TH 8
 #define WM_TW 16
 #define WM_CI 8
@@ -692,44 +694,47 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 #define WM_IH (WM_TH + 2)
 #define WM_IW (WM_TW + 2)
 #define WM_IN_FLOATS (WM_IH * WM_IW * WM_CI)   // 1440
-#define WM_BMS 40                                // shared row stride of the weights (32 + 8 pad)
-#define WM_W_FLOATS (9 * WM_CI * WM_BMS)         // 2880
 
 #if CONV3X3_WMMA
 using namespace nvcuda;
 #endif
 
-extern "C" __global__ void __launch_bounds__(WM_THREADS)
-conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
-             const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
-             int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
-             int D_pad, int per_split, int relu, int use_mask) {
-    // two input tiles, two weight tiles; after the last chunk the first 4096 floats hold the
-    // warps' accumulators (4 warps x 4 fragments x 256)
-    __shared__ __align__(32) float smem[2 * WM_IN_FLOATS + 2 * WM_W_FLOATS];
+// MF = BM / 16 channel fragments per warp (2: conv3x3_wmma, 1: conv3x3_wmma_narrow).
+template <int BM>
+__device__ __forceinline__ void conv3x3_wmma_tile(
+        const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+        const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+        int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+        int D_pad, int per_split, int relu, int use_mask) {
+    constexpr int MF = BM / 16;
+    constexpr int BMS = BM + 8;                  // padded weight rows: 40 or 24 floats (see above)
+    constexpr int W_FLOATS = 9 * WM_CI * BMS;
+    // two input tiles, two weight tiles; after the last chunk the first floats hold the warps'
+    // accumulators (4 warps x 2 MF fragments x 256)
+    __shared__ __align__(32) float smem[2 * WM_IN_FLOATS + 2 * W_FLOATS];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const Conv3x3Block blk(N, C_src, W_dst, per_split, WM_TH, WM_TW, WM_BM);
+    const Conv3x3Block blk(N, C_src, W_dst, per_split, WM_TH, WM_TW, BM);
     const int plane = H_src * W_src;
     if (!use_mask) mask = nullptr;
     if (!use_mask || blockIdx.y != 0) masked_out = nullptr;
 
     Conv3x3TileLoader<WM_CI, WM_IH, WM_IW, WM_THREADS, true> tile;
-    Conv3x3WeightLoader<WM_CI, WM_BM, WM_THREADS, WM_BMS> wload;
+    Conv3x3WeightLoader<WM_CI, BM, WM_THREADS, BMS> wload;
     tile.init(tid, blk.i0, blk.j0, pad, H_src, W_src);
     wload.init(tid, blk.d0, S_pad, D_pad);
     float* const s_in = smem;                      // copy b at s_in + b * WM_IN_FLOATS
-    float* const s_w = smem + 2 * WM_IN_FLOATS;    // copy b at s_w + b * WM_W_FLOATS
+    float* const s_w = smem + 2 * WM_IN_FLOATS;    // copy b at s_w + b * W_FLOATS
 
 #if CONV3X3_WMMA
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];   // [channel half][row]
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[MF][2];   // [channel fragment][row]
 #pragma unroll
-    for (int f = 0; f < 2; ++f)
+    for (int f = 0; f < MF; ++f)
 #pragma unroll
         for (int r = 0; r < 2; ++r) wmma::fill_fragment(acc[f][r], 0.0f);
 #else
-    float acc[32];   // lane's outputs e = lane + 32 k of the warp's 4 x 256 (the staging order below)
+    float acc[16 * MF];   // lane's outputs e = lane + 32 k of the warp's 2 MF x 256 (staging order below)
 #pragma unroll
-    for (int k = 0; k < 32; ++k) acc[k] = 0.0f;
+    for (int k = 0; k < 16 * MF; ++k) acc[k] = 0.0f;
 #endif
 
     auto fetch = [&](int s0) {
@@ -749,15 +754,15 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
         const bool more = s0 + WM_CI < blk.s_end;
         if (more) fetch(s0 + WM_CI);
         const float* sin = s_in + buf * WM_IN_FLOATS;
-        const float* sw = s_w + buf * WM_W_FLOATS;
+        const float* sw = s_w + buf * W_FLOATS;
 #if CONV3X3_WMMA
 #pragma unroll
         for (int t = 0; t < 9; ++t) {
             const int ky = t / 3, kx = t % 3;
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[2];
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[MF];
 #pragma unroll
-            for (int f = 0; f < 2; ++f) {
-                wmma::load_matrix_sync(a[f], sw + t * WM_CI * WM_BMS + 16 * f, WM_BMS);
+            for (int f = 0; f < MF; ++f) {
+                wmma::load_matrix_sync(a[f], sw + t * WM_CI * BMS + 16 * f, BMS);
 #pragma unroll
                 for (int x = 0; x < a[f].num_elements; ++x) a[f].x[x] = wmma::__float_to_tf32(a[f].x[x]);
             }
@@ -768,7 +773,7 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
 #pragma unroll
                 for (int x = 0; x < b.num_elements; ++x) b.x[x] = wmma::__float_to_tf32(b.x[x]);
 #pragma unroll
-                for (int f = 0; f < 2; ++f) wmma::mma_sync(acc[f][r], a[f], b, acc[f][r]);
+                for (int f = 0; f < MF; ++f) wmma::mma_sync(acc[f][r], a[f], b, acc[f][r]);
             }
         }
 #else
@@ -779,41 +784,60 @@ conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, cons
             for (int c = 0; c < WM_CI; ++c) {
                 const float in0 = sin[((2 * warp + t / 3) * WM_IW + col + t % 3) * WM_CI + c];
                 const float in1 = sin[((2 * warp + 1 + t / 3) * WM_IW + col + t % 3) * WM_CI + c];
-                const float* wrow = sw + (t * WM_CI + c) * WM_BMS + half;
+                const float* wrow = sw + (t * WM_CI + c) * BMS + half;
 #pragma unroll
-                for (int k = 0; k < 32; ++k)
+                for (int k = 0; k < 16 * MF; ++k)
                     acc[k] += wrow[16 * (k / 16) + 2 * (k % 8)] * ((k / 8) % 2 ? in1 : in0);
             }
 #endif
         if (more) {
             tile.store(s_in + (buf ^ 1) * WM_IN_FLOATS);
-            wload.store(s_w + (buf ^ 1) * WM_W_FLOATS, tid);
+            wload.store(s_w + (buf ^ 1) * W_FLOATS, tid);
         }
         __syncthreads();
         buf ^= 1;
     }
 
-    // Stage the warp's 4 fragments: stage[frag][m][col], frag = 2 * channel half + row.
-    float* stage = smem + warp * 4 * 256;
+    // Stage the warp's 2 MF fragments: stage[frag][m][col], frag = 2 * channel fragment + row.
+    float* stage = smem + warp * 2 * MF * 256;
 #if CONV3X3_WMMA
 #pragma unroll
-    for (int f = 0; f < 2; ++f)
+    for (int f = 0; f < MF; ++f)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
             wmma::store_matrix_sync(stage + (2 * f + r) * 256, acc[f][r], 16, wmma::mem_row_major);
     __syncwarp();
 #else
 #pragma unroll
-    for (int k = 0; k < 32; ++k) stage[lane + 32 * k] = acc[k];
+    for (int k = 0; k < 16 * MF; ++k) stage[lane + 32 * k] = acc[k];
     __syncwarp();
 #endif
-    for (int e = lane; e < 4 * 256; e += 32) {   // lanes 0-15 and 16-31: 16 columns of two channels
+    for (int e = lane; e < 2 * MF * 256; e += 32) {   // lanes 0-15 and 16-31: 16 columns of two channels
         const int frag = e / 256, m = (e / 16) % 16, col = e % 16;
         const int d = blk.d0 + (frag / 2) * 16 + m, i = blk.i0 + 2 * warp + frag % 2, j = blk.j0 + col;
         if (d < C_dst && i < H_dst && j < W_dst)
             dst[((blockIdx.z * C_dst + d) * H_dst + i) * W_dst + j] =
                 conv3x3_epilogue(stage[e], bias, d, blk.final_pass, relu);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WM_THREADS)
+conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+             const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+             int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+             int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_wmma_tile<WM_BM>(src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst, W_dst,
+                             pad, S_pad, D_pad, per_split, relu, use_mask);
+}
+
+// No __launch_bounds__ (as conv3x3_igemm_deep): under it ptxas (CUDA 13, sm_90) spilled this one.
+extern "C" __global__ void
+conv3x3_wmma_narrow(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+                    const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+                    int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+                    int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_wmma_tile<WM_BM_NARROW>(src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst,
+                                    W_dst, pad, S_pad, D_pad, per_split, relu, use_mask);
 }
 
 // 1 when this build of conv3x3_wmma uses tensor cores, 0 when it falls back to FP32 FMAs.

@@ -181,12 +181,14 @@ def test_same_bits_under_every_thread_and_block_order(version):
 
 
 def test_cases_reach_every_shape():
-    """CASES run every igemm tile shape and the channel split, forward and input gradient."""
+    """CASES run every igemm and wmma tile shape and the channel split (forward and input gradient)."""
     plans = [C.gemm_plan("igemm", n, ci, co, h - 2, w - 2) for n, ci, h, w, co in CASES]
     plans += [C.gemm_plan("igemm", n, co, ci, h, w) for n, ci, h, w, co in CASES]
     assert {p.shape for p in plans} == {C.IGEMM_WIDE, C.IGEMM_NARROW, C.IGEMM_DEEP}
-    assert any(p.splits > 1 for p in plans) and any(C.gemm_plan("wmma", n, ci, co, h - 2, w - 2).splits > 1
-                                                    for n, ci, h, w, co in CASES)
+    wmma = [C.gemm_plan("wmma", n, ci, co, h - 2, w - 2) for n, ci, h, w, co in CASES]
+    wmma += [C.gemm_plan("wmma", n, co, ci, h, w) for n, ci, h, w, co in CASES]
+    assert {p.shape for p in wmma} == {C.WMMA, C.WMMA_NARROW}
+    assert any(p.splits > 1 for p in plans) and any(p.splits > 1 for p in wmma)
 
 
 @pytest.mark.parametrize("args,shape,splits", [
@@ -234,8 +236,9 @@ def test_auto_choice_per_device_and_precision():
 def test_wmma_under_tf32_precision_via_auto():
     k = KernelBackend("emu", precision="tf32")
     names = _launched(k)
-    run_case(k, np.random.default_rng(9), (2, 10, 9, 21, 12), relu=True)
-    assert names.count("conv3x3_wmma") == 2 and not any("tiled" in n or "naive" in n for n in names)
+    run_case(k, np.random.default_rng(9), (2, 10, 9, 21, 20), relu=True)
+    assert names.count("conv3x3_wmma") == 1 and names.count("conv3x3_wmma_narrow") == 1   # 20 and 10 channels
+    assert not any("tiled" in n or "naive" in n for n in names)
 
 
 # ---- the FP32 fallback of conv3x3_wmma (sm_75, or no <mma.h>) -----------------------------------
@@ -253,9 +256,10 @@ def test_wmma_kernel_without_tensor_cores_computes_the_same_in_fp32(monkeypatch)
     original = k.module
     monkeypatch.setattr(k, "module", lambda file: fallback if file == "conv3x3" else original(file))
     rng = np.random.default_rng(4)
-    x, w, b = f32(rng, 2, 11, 10, 19), f32(rng, 13, 11, 3, 3), f32(rng, 13)
-    assert_close(k.conv3x3_forward(x, w, b, relu=True), C.reference_forward(f64(x), f64(w), f64(b), True),
-                 what="wmma FP32 fallback", **SUM_TOL)
+    for co in (13, 20):   # conv3x3_wmma_narrow, conv3x3_wmma
+        x, w, b = f32(rng, 2, 11, 10, 19), f32(rng, co, 11, 3, 3), f32(rng, co)
+        assert_close(k.conv3x3_forward(x, w, b, relu=True), C.reference_forward(f64(x), f64(w), f64(b), True),
+                     what=f"wmma FP32 fallback, {co} channels", **SUM_TOL)
 
 
 # ---- item 4: the network's input gets no gradient -----------------------------------------------

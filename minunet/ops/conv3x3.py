@@ -533,6 +533,8 @@ IGEMM_NARROW = GemmShape("conv3x3_igemm_narrow", _CU["IGN_THREADS"], _CU["IGN_BM
 IGEMM_DEEP = GemmShape("conv3x3_igemm_deep", _CU["IGD_THREADS"], _CU["IGD_BM"], _CU["IGD_TH"], _CU["IGD_TW"],
                        _CU["IGD_CI"])
 WMMA = GemmShape("conv3x3_wmma", _CU["WM_THREADS"], _CU["WM_BM"], _CU["WM_TH"], _CU["WM_TW"], _CU["WM_CI"])
+WMMA_NARROW = GemmShape("conv3x3_wmma_narrow", _CU["WM_THREADS"], _CU["WM_BM_NARROW"], _CU["WM_TH"], _CU["WM_TW"],
+                        _CU["WM_CI"])
 GEMM_VERSIONS = ("igemm", "wmma")
 # A GEMM launch with fewer blocks than this splits its source channels (deterministically, see
 # conv3x3_sum_splits): 2 blocks per SM of the 132-SM H200 the project measures on. A split keeps
@@ -572,8 +574,8 @@ def gemm_plan(version: str, n: int, c_src: int, c_dst: int, h_dst: int, w_dst: i
         tiles, groups = blocks_of(shape)
         return tiles * shape.th * shape.tw * groups * shape.bm
 
-    if version == "wmma":
-        shape = WMMA
+    if version == "wmma":   # the 16-channel tile where 32 would be half padding
+        shape = WMMA_NARROW if c_dst <= WMMA_NARROW.bm else WMMA
     else:
         candidates = (IGEMM_WIDE, IGEMM_DEEP, IGEMM_NARROW)
         least = min(padded_work(c) for c in candidates)
