@@ -462,9 +462,14 @@ __device__ __forceinline__ float conv3x3_epilogue(float acc, const float* __rest
 // window of the input tile from shared memory into registers (18 loads for TN = 4), and for each
 // of the 9 taps its TM weights (TM / 4 float4 loads, the same address for all threads of a
 // channel group: a broadcast), then does TM * TN multiply-adds: 8 * 4 * 9 = 288 FMAs for
-// 18 + 18 shared loads, 8 FMAs per load (v2: 144 FMAs for 12 + 72 loads, 1.7 per load). That is
-// why register blocking helps: a value in a register is reused TM (input) or TN (weight) times,
-// and the shared-memory bandwidth, not the FMA units, limited v2.
+// 18 + 18 shared loads, 8 FMAs per load (narrow, TM = 4: 144 FMAs for 18 + 9 loads; v2: 144 FMAs
+// for 12 + 72 loads, 1.7 per load). That is why register blocking helps: a value in a register is
+// reused TM (input) or TN (weight) times. Per warp, an SM issues 4 FMA instructions per cycle (128
+// lanes) but serves one shared-memory wavefront per cycle (32 words, or one broadcast): v2 needs
+// 84 wavefronts (84 cycles) for 144 FMA instructions (36 cycles), so shared memory bounds it at
+// ~43% of the FMA peak; v3 needs 36 wavefronts for 288 FMAs (72 cycles), narrow 27 for 144 (36):
+// the FMA units become the limit - provided the loads are free of bank conflicts (see the
+// loader's padded rows).
 // Double buffering: two copies of each shared tile; the global loads of chunk k+1 go to registers
 // before chunk k is computed and into the other copy after it: one barrier per chunk, and the
 // global latency hides behind the FMAs.
