@@ -27,9 +27,9 @@ Two choices of kernel, each made per launch from the shapes unless a version is 
   ``conv3x3_version``): on ``cuda`` wmma under precision "tf32" (layers with >= 8 source
   channels, on sm_80+), else igemm - chosen from their design, NOT yet measured on a GPU; on
   ``emu`` the emulator's own choice for its speed: wmma under "tf32", else tiled when the plane
-  fills one 16 x 32 tile and naive below. Choose with ``KernelBackend(device, conv3x3="igemm")``,
-  the environment variable ``MINUNET_CONV3X3`` (read when the backend is created), or later with
-  ``get_backend(device).conv3x3_version = "igemm"``.
+  fills one 16 x 32 tile and naive below. Choose with ``KernelBackend(device, conv3x3="igemm")``, the
+  environment variable ``MINUNET_CONV3X3`` (read when the backend is created), or later with
+  ``get_backend(device).conv3x3_version = "naive"``.
 - The reductions of weight and bias gradients: ``"tree"`` (a block of threads per output group,
   adding the threads' partial sums with a shared-memory tree), ``"serial"`` (one thread per
   output, a loop over its terms), or ``"auto"`` (the default): serial when there are at least as
