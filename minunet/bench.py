@@ -1,7 +1,8 @@
 """Benchmarks: every op and a whole training step, with napkin math and PyTorch side by side.
 
     python -m minunet.bench --device cpu                    # ops + training steps (tiles 252 and 348), base 16
-    python -m minunet.bench --device cuda --base-channels 64 --tile 572
+    python -m minunet.bench --device cuda --base-channels 64 --tile 572 --step-tiles 572 --precision both
+    python -m minunet.bench --device cuda --tune            # time every kernel version per layer: cuda_choices.json
     python -m minunet.bench --kernels --gpu sm_90           # ptxas resources + emulator counters, predicted times
 
 The op rows come from the registry (``minunet/ops``): every backend function of every op, on the
@@ -11,21 +12,33 @@ the classifier, the loss, ReLU, dropout, SGD). Each row shows the work (FLOPs: 2
 bytes: the minimum traffic, every input read once and every output written once), the measured
 time (median of ``--repeat`` runs after a warm-up), the achieved GFLOP/s and GB/s, and - when
 PyTorch is importable and has a twin of the op - PyTorch's time for the same op on the same device
-and the ratio minunet/PyTorch (> 1 means minunet is slower). A benchmark prints; it never asserts
-a time. A time measured on a GPU is a measurement; the emulator's kernel reports are predictions.
+and the ratio minunet/PyTorch (> 1 means minunet is slower). On ``cuda`` and ``emu`` an op whose
+kernels come in versions (``minunet.backends.choices.KNOBS``: the 3x3 convolution's
+``CONV3X3_VERSIONS``, the weight gradients' ``REDUCTIONS``) gets one more row per version, forced,
+after the row of the "auto" choice. On ``cuda`` PyTorch runs in the precision of minunet's table:
+cuDNN strict FP32 (``allow_tf32`` off) next to minunet's fp32, TF32 next to its tf32, and the
+training step is compared with both. A benchmark prints; it never asserts a time. A time
+measured on a GPU is a measurement; the emulator's kernel reports are predictions.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import io
 import json
+import math
+import re
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import functional as F
+from .backends import choices
 from .backends.kernels import PRECISIONS, set_precision
 from .devices import resolve_device, to_host
 from .nn import UNet
@@ -37,6 +50,8 @@ from .tensor import Tensor
 # or PyTorch's OpenMP) steal the cores from the one timed now (measured: PyTorch's 1.5 ms
 # convolution took 22 ms right after a NumPy GEMM). Every timing first waits this long.
 SETTLE_S = 0.3
+# A forced kernel version (and --tune) slower than this per call is timed once, not --repeat times.
+SLOW_MS = 200.0
 
 
 @dataclass
@@ -89,7 +104,12 @@ def device_sync(device: str):
 
 class TorchTwin:
     """PyTorch on the matching device, for comparison only; ``None``-like when not importable,
-    not wanted (``--no-torch``) or without the device."""
+    not wanted (``--no-torch``) or without the device. On cuda it runs in two precisions,
+    ``mode("fp32")`` (cuDNN and cuBLAS strict FP32: ``allow_tf32`` off) and ``mode("tf32")``
+    (tensor cores: ``allow_tf32`` on, PyTorch's default for convolutions), with cuDNN's
+    autotuner on (``cudnn.benchmark``: the warm-up runs pick each layer's fastest algorithm)."""
+
+    LABELS = {"fp32": "cuDNN strict FP32 (allow_tf32 off)", "tf32": "cuDNN TF32 (allow_tf32 on)"}
 
     def __init__(self, device: str, enabled: bool = True):
         self.torch = self.device = None
@@ -102,9 +122,38 @@ class TorchTwin:
         if device == "cuda" and not torch.cuda.is_available():
             return
         self.torch, self.device = torch, ("cuda" if device == "cuda" else "cpu")
+        if self.device == "cuda":
+            torch.backends.cudnn.benchmark = True
 
     def __bool__(self) -> bool:
         return self.torch is not None
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The precisions PyTorch is timed in: both on cuda, float32 alone on the CPU."""
+        return ("fp32", "tf32") if self.device == "cuda" else ("fp32",)
+
+    def label(self, mode: str | None) -> str:
+        """What PyTorch computed in, for the tables."""
+        if self.device != "cuda":
+            return "PyTorch CPU float32"
+        return "PyTorch " + self.LABELS[mode or "fp32"]
+
+    @contextlib.contextmanager
+    def mode(self, precision: str | None):
+        """PyTorch in ``precision`` ("fp32" strict or "tf32") inside the block, on cuda; nothing
+        changes on the CPU (no TF32 there)."""
+        if self.device != "cuda":
+            yield
+            return
+        backends = self.torch.backends
+        saved = backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32
+        allow = (precision or "fp32") == "tf32"
+        backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = allow
+        try:
+            yield
+        finally:
+            backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = saved
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -133,29 +182,85 @@ def _describe(case) -> str:
     return str(case).replace(" ", "")
 
 
-def bench_ops(device: str, base: int, tile: int, batch: int, repeat: int, twin: TorchTwin) -> list[Row]:
+@contextlib.contextmanager
+def backend_settings(device: str, **settings):
+    """``get_backend(device)``'s attributes (``conv3x3_version``, ``reduction``, ``precision``)
+    set to ``settings`` inside the block (a value of None leaves one alone), restored after. The
+    cpu backend has none of them: nothing changes there."""
+    from .backends import get_backend
+
+    backend = get_backend(device)
+    settings = {k: v for k, v in settings.items() if v is not None and hasattr(backend, k)}
+    saved = {k: getattr(backend, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(backend, k, v)
+        yield backend
+    finally:
+        for k, v in saved.items():
+            setattr(backend, k, v)
+
+
+def versioned(device: str, op) -> list[tuple[str, choices.Knob]]:
+    """The knobs that pick between kernel versions of ``op``'s launches on ``device`` (none on cpu)."""
+    if device == "cpu":
+        return []
+    return [(name, knob) for name, knob in choices.KNOBS.items() if choices.op_name(op) in knob.ops]
+
+
+def bench_ops(device: str, base: int, tile: int, batch: int, repeat: int, twin: TorchTwin,
+              precision: str | None = None) -> list[Row]:
+    """A row per backend function and bench case (the "auto" choice), then one per forced
+    version of each knob that changes it (``versioned``): ``conv3x3_backward [reduction=tree]``.
+    A version that refuses a shape gets a row whose ``extra["error"]`` says why. PyTorch runs in
+    ``precision`` (``TorchTwin.mode``)."""
     from . import ops
     from .backends import get_backend
 
     backend, sync = get_backend(device), device_sync(device)
     rng = np.random.default_rng(0)
     rows = []
-    for op in ops.OPS:
-        for case in op.bench_cases(base, tile, batch):
-            examples = op.example(rng, case)
-            costs = op.cost(case)
-            for function, args in examples.items():
-                dev_args = tuple(backend.xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
-                flops, nbytes = costs[function]
-                ms = time_it(lambda: getattr(backend, function)(*dev_args), sync, repeat)
-                row = Row(function, _describe(case), flops, nbytes, ms)
-                forward_name = function.replace("_backward", "_forward")
-                torch_fn = getattr(op, "TORCH_TWINS", {}).get(forward_name)
-                if twin and torch_fn is not None:
+    with backend_settings(device, precision=precision):
+        for op in ops.OPS:
+            _bench_op(device, op, base, tile, batch, repeat, twin, precision, backend, sync, rng, rows)
+    return rows
+
+
+def _bench_op(device, op, base, tile, batch, repeat, twin, precision, backend, sync, rng, rows) -> None:
+    """``bench_ops``'s rows of one op (every bench case, function and version), appended to ``rows``."""
+    for case in op.bench_cases(base, tile, batch):
+        examples = op.example(rng, case)
+        costs = op.cost(case)
+        for function, args in examples.items():
+            dev_args = tuple(backend.xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+            flops, nbytes = costs[function]
+            ms = time_it(lambda: getattr(backend, function)(*dev_args), sync, repeat)
+            row = Row(function, _describe(case), flops, nbytes, ms)
+            forward_name = function.replace("_backward", "_forward")
+            torch_fn = getattr(op, "TORCH_TWINS", {}).get(forward_name)
+            if twin and torch_fn is not None:
+                with twin.mode(precision):
                     row.torch_ms = _torch_op_time(twin, torch_fn, function == forward_name,
                                                   examples[forward_name], repeat)
-                rows.append(row)
-    return rows
+            rows.append(row)
+            for knob_name, knob in versioned(device, op):
+                if function not in knob.functions(op):
+                    continue
+                for version in knob.versions():
+                    rows.append(_version_row(device, row, f"{knob_name}={version}",
+                                             {knob.attribute: version},
+                                             lambda: getattr(backend, function)(*dev_args), sync, repeat))
+
+
+def _version_row(device: str, auto: Row, label: str, settings: dict, fn, sync, repeat: int) -> Row:
+    """``auto``'s row again with one version forced (``settings`` on the backend)."""
+    row = Row(f"{auto.name} [{label}]", auto.shape, auto.flops, auto.bytes, math.nan, auto.torch_ms)
+    try:
+        with backend_settings(device, **settings):
+            row.ms = time_capped(fn, sync, repeat, SLOW_MS)
+    except Exception as exc:   # a version may refuse a shape (grid limits, no fp32 path, ...)
+        row.extra["error"] = f"{type(exc).__name__}: {exc}"
+    return row
 
 
 def _torch_op_time(twin: TorchTwin, torch_fn, forward: bool, forward_args, repeat: int) -> float:
@@ -173,26 +278,35 @@ def _torch_op_time(twin: TorchTwin, torch_fn, forward: bool, forward_args, repea
 
 
 # ---- a whole training step -------------------------------------------------------------------------
-def unet_flops(model: UNet, tile: int, batch: int) -> float:
-    """Forward FLOPs of the convolutions (2 per multiply-add), traced layer by layer."""
-    depth, base = model.depth, model.config["base_channels"]
-    fl, s, cin = 0.0, tile, model.config["in_channels"]
-    for i in range(depth + 1):
-        co = base * 2 ** i
-        fl += 2 * (s - 2) ** 2 * co * cin * 9 + 2 * (s - 4) ** 2 * co * co * 9
-        s -= 4
-        cin = co
+def unet_layers(config: dict, tile: int, batch: int) -> list[tuple[str, tuple]]:
+    """Every convolution of a U-Net with ``config`` (``UNet.config``) on a ``tile`` input, in
+    forward order, as ``(op, case)`` with the ops' case ``(N, Ci, H, W, Co)`` (input shape,
+    output channels): the contracting path's two 3x3 convs per level, the bottom's two, per
+    expansive level the up-conv and two 3x3 convs (the first on the concatenation), the 1x1
+    classifier."""
+    depth, base = config["depth"], config["base_channels"]
+    widths = [base * 2 ** i for i in range(depth + 1)]
+    layers, s, cin = [], tile, config["in_channels"]
+    for i in range(depth + 1):                       # the contracting path, then the bottom block
+        layers += [("conv3x3", (batch, cin, s, s, widths[i])), ("conv3x3", (batch, widths[i], s - 2, s - 2, widths[i]))]
+        s, cin = s - 4, widths[i]
         if i < depth:
             s //= 2
-    for i in reversed(range(depth)):
-        co = base * 2 ** i
-        fl += 2 * s * s * cin * co * 4          # up-conv: each input pixel x 4 outputs
+    for i in reversed(range(depth)):                 # the expansive path
+        layers.append(("conv_transpose2x2", (batch, cin, s, s, widths[i])))
         s *= 2
-        fl += 2 * (s - 2) ** 2 * co * 2 * co * 9 + 2 * (s - 4) ** 2 * co * co * 9
-        s -= 4
-        cin = co
-    fl += 2 * s * s * cin * model.config["num_classes"]
-    return fl * batch
+        layers += [("conv3x3", (batch, 2 * widths[i], s, s, widths[i])), ("conv3x3", (batch, widths[i], s - 2, s - 2, widths[i]))]
+        s, cin = s - 4, widths[i]
+    layers.append(("conv1x1", (batch, cin, s, s, config["num_classes"])))
+    return layers
+
+
+def unet_flops(model: UNet, tile: int, batch: int) -> float:
+    """Forward FLOPs of the convolutions (2 per multiply-add): each layer's op ``cost``."""
+    from . import ops
+
+    modules = {choices.op_name(op): op for op in ops.OPS}
+    return sum(modules[op].cost(case)[f"{op}_forward"][0] for op, case in unet_layers(model.config, tile, batch))
 
 
 def torch_unet(model: UNet):
@@ -270,9 +384,12 @@ def time_phases(phases: dict, sync, repeat: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin: TorchTwin) -> list[Row]:
+def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin: TorchTwin,
+               precision: str | None = None) -> list[Row]:
     """One SGD step of the U-Net (forward, weighted loss, backward, update), phase by phase,
-    and the same step of the same network in PyTorch."""
+    and the same step of the same network in PyTorch in each of its ``twin.modes``: the phases'
+    PyTorch column is the mode of minunet's ``precision``; the last row ("training step") holds
+    every mode's step time in ``extra["torch_step_ms"]``."""
     model = UNet(base_channels=base, seed=0, device=device).train()
     out = UNet.output_size(tile, model.depth)
     rng = np.random.default_rng(0)
@@ -288,7 +405,8 @@ def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin:
         "backward": lambda: state["loss"].backward(),
         "sgd": lambda: (opt.step(), opt.zero_grad()),
     }
-    ms = time_phases(phases, device_sync(device), repeat)
+    with backend_settings(device, precision=precision):
+        ms = time_phases(phases, device_sync(device), repeat)
     fwd_flops = unet_flops(model, tile, batch)
     nparam = sum(p.size for p in model.parameters())
     input_bytes = 4.0 * batch * tile * tile  # a lower bound: the input alone
@@ -299,10 +417,12 @@ def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin:
         Row("step: sgd", f"{nparam} params", 3.0 * nparam, 4.0 * nparam * 4, ms["sgd"]),
         Row("training step", f"base {base}, tile {tile}", 3 * fwd_flops, 0.0, sum(ms.values())),
     ]
+    for row in rows:
+        row.extra["precision"] = precision or "fp32"
     if twin:
         torch = twin.torch
         net = torch_unet(model).to(twin.device)
-        with torch.no_grad():   # the whole network cross-checked on the same weights, dropout off
+        with torch.no_grad(), twin.mode("fp32"):   # the whole network cross-checked on the same weights, dropout off
             from .autograd import no_grad
 
             with no_grad():
@@ -321,11 +441,29 @@ def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin:
             "backward": lambda: tstate["loss"].backward(),
             "sgd": lambda: (topt.step(), topt.zero_grad()),
         }
-        tms = time_phases(tphases, twin.sync, repeat)
+        per_mode = {}
+        for mode in twin.modes:
+            with twin.mode(mode):
+                per_mode[mode] = time_phases(tphases, twin.sync, repeat)
+        tms = per_mode.get(precision or "fp32", per_mode["fp32"])
         for row, k in zip(rows, tphases):
             row.torch_ms = tms[k]
         rows[-1].torch_ms = sum(tms.values())
+        rows[-1].extra["torch_step_ms"] = {twin.label(m): sum(t.values()) for m, t in per_mode.items()}
     return rows
+
+
+def format_step_summary(steps: dict) -> str:
+    """One line per minunet precision: its step time and the ratio to each PyTorch step.
+    ``steps``: precision -> the rows of ``bench_step``."""
+    lines = []
+    for precision, rows in steps.items():
+        step = rows[-1]
+        parts = [f"minunet {precision or 'fp32'}: {step.ms:9.2f} ms"]
+        for label, ms in step.extra.get("torch_step_ms", {}).items():
+            parts.append(f"{label}: {ms:8.2f} ms (minunet / PyTorch {step.ms / ms:5.2f})")
+        lines.append(" | ".join(parts))
+    return "\n".join(lines)
 
 
 # ---- what makes each kernel fast: the emulator's counters and a predicted time ----------------------
@@ -393,15 +531,100 @@ def format_kernel_profile(rows: list[dict], gpu: str) -> str:
     return "\n".join(lines)
 
 
+# ---- the measured choice of kernel versions (--tune) ---------------------------------------------
+def time_capped(fn, sync, repeat: int, slow_ms: float) -> float:
+    """Like ``time_it``, but a call slower than ``slow_ms`` is timed once: a version that slow
+    (the serial weight gradient of a 570 x 570 layer) loses anyway, and the GPU time is scarce."""
+    time.sleep(SETTLE_S)
+    fn()                      # warm-up: compiles the kernel file on its first launch
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = (time.perf_counter() - start) * 1e3
+    if first > slow_ms or repeat <= 1:
+        return first
+    return time_it(fn, sync, repeat - 1, warmup=0)
+
+
+def tune(device: str, base: int, tile: int, batch: int, repeat: int, precisions, slow_ms: float = SLOW_MS,
+         table: dict | None = None, log=print, after_layer=None) -> dict:
+    """Time every version of every knob (``choices.KNOBS``) on every layer shape of a U-Net with
+    ``base`` channels on a ``tile`` input, in each of ``precisions``, and record the times and
+    the fastest version per ``(knob, layer_key)`` in ``table`` (``choices.record``). A knob's
+    time for a layer is the sum of the backend functions it changes (forward and backward for
+    the 3x3 convolution's version: one choice serves both; the backward for the reduction);
+    a version that fails is recorded with no time and its error. ``after_layer(table)`` runs after
+    each layer (``tune_report`` saves there, so a run stopped by a time limit keeps what it measured)."""
+    from . import ops
+    from .backends import get_backend
+
+    modules = {choices.op_name(op): op for op in ops.OPS}
+    backend, sync = get_backend(device), device_sync(device)
+    rng = np.random.default_rng(0)
+    table = table if table is not None else choices.new_table(device, "", "")
+    config = dict(in_channels=1, num_classes=2, base_channels=base, depth=4)   # UNet's defaults, as bench_step
+    layers = list(dict.fromkeys(unet_layers(config, tile, batch)))
+    for op_name, case in layers:
+        op = modules[op_name]
+        examples = {f: tuple(backend.xp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+                    for f, args in op.example(rng, case).items()}
+        for precision in precisions:
+            for knob_name, knob in versioned(device, op):
+                ms, errors = {}, {}
+                for version in knob.versions():
+                    try:
+                        with backend_settings(device, precision=precision, **{knob.attribute: version}):
+                            ms[version] = sum(time_capped(lambda f=f: getattr(backend, f)(*examples[f]),
+                                                          sync, repeat, slow_ms) for f in knob.functions(op))
+                    except Exception as exc:   # a version may refuse a shape
+                        ms[version], errors[version] = None, f"{type(exc).__name__}: {exc}"[:300]
+                key = choices.layer_key(op_name, case, precision)
+                entry = choices.record(table, knob_name, key, ms, errors)
+                times = "  ".join(f"{v} {'failed' if t is None else f'{t:.3f}'}" for v, t in entry["ms"].items())
+                log(f"{knob_name:<9} {key:<44} {times}  -> {entry['chosen'] or '- (fewer than two ran)'}")
+        if after_layer is not None:
+            after_layer(table)
+    return table
+
+
+def tune_report(args, device: str, gpu: str) -> int:
+    """``--tune``: measure, print, and write (merge into) the choice table."""
+    if device == "cpu":
+        print("error: --tune times the kernel versions of cuda (or, for a dry run, emu); "
+              "the cpu device has none: use --device cuda", file=sys.stderr)
+        return 2
+    output = args.tune_output or (choices.TABLE_PATH if device == "cuda" else None)
+    if output is None:
+        print("error: --tune on emu measures the emulator, never a choice for cuda: give --tune-output FILE",
+              file=sys.stderr)
+        return 2
+    precisions = PRECISIONS if args.precision in (None, "both") else (args.precision,)
+    source = (f"python -m minunet.bench --device {device} --tune --base-channels {args.base_channels} "
+              f"--tile {args.tile} --batch {args.batch} --repeat {args.repeat} (wall time, median)")
+    print(f"# kernel versions on {device} ({gpu or 'no GPU'}): U-Net base {args.base_channels}, tile "
+          f"{args.tile}, batch {args.batch}, precisions {', '.join(precisions)}; ms per layer, fastest chosen")
+    def save(table):
+        choices.save_table(output, choices.merge_into(output, table))
+
+    tune(device, args.base_channels, args.tile, args.batch, args.repeat, precisions, args.tune_slow_ms,
+         choices.new_table(device, gpu, source), after_layer=save)
+    print(f"wrote {output}")
+    return 0
+
+
 # ---- output ------------------------------------------------------------------------------------------
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'op':<31} {'shape':<34} {'MFLOP':>9} {'MB':>7} {'ms':>8} {'GFLOP/s':>8} "
+    head = (f"{'op':<46} {'shape':<34} {'MFLOP':>9} {'MB':>7} {'ms':>8} {'GFLOP/s':>8} "
             f"{'GB/s':>6} {'torch ms':>9} {'ratio':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "error" in r.extra:
+            lines.append(f"{r.name:<46} {r.shape:<34} not run: {r.extra['error'][:120]}")
+            continue
         tm = f"{r.torch_ms:9.2f}" if r.torch_ms else f"{'-':>9}"
         ra = f"{r.ratio:6.2f}" if r.ratio else f"{'-':>6}"
-        lines.append(f"{r.name:<31} {r.shape:<34} {r.flops / 1e6:9.1f} {r.bytes / 1e6:7.1f} "
+        lines.append(f"{r.name:<46} {r.shape:<34} {r.flops / 1e6:9.1f} {r.bytes / 1e6:7.1f} "
                      f"{r.ms:8.2f} {r.gflops:8.1f} {r.gbps:6.1f} {tm} {ra}")
     return "\n".join(lines)
 
@@ -430,28 +653,58 @@ def environment(device: str, twin: TorchTwin) -> dict:
     return info
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, unless it is a flag's False or an unset None."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minunet.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="auto", help="cpu, cuda, emu or auto")
-    p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--tile", type=int, default=252, help="input tile side of the op rows (a valid U-Net size)")
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--device", default="auto", help="where minunet runs: cpu, cuda, emu, or auto (cuda when "
+                   "CuPy sees a GPU, else cpu)")
+    p.add_argument("--base-channels", type=int, default=16, help="channels of the U-Net's first level "
+                   "(64 in the paper)")
+    p.add_argument("--tile", type=int, default=252, help="input tile side of the op rows and of --tune "
+                   "(a valid U-Net size; 572 in the paper)")
     p.add_argument("--step-tiles", type=int, nargs="+", default=[252, 348],
                    help="input tiles of the training-step tables (348 is python -m minunet.train's default)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1, help="images per op call and per training step")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs of each row (the median is shown), "
+                   "after a warm-up run")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     p.add_argument("--no-step", action="store_true", help="skip the training-step tables")
-    p.add_argument("--no-torch", action="store_true", help="do not compare with PyTorch")
+    p.add_argument("--no-torch", action="store_true", help="do not compare with PyTorch (it is skipped "
+                   "anyway when not importable)")
     p.add_argument("--kernels", action="store_true",
                    help="instead of timing: each kernel's registers, shared memory and spills (nvcc "
                    "-Xptxas -v), then the emulator's counters for every op (coalescing, bank "
                    "conflicts, DRAM bytes, occupancy) with a PREDICTED time on --gpu; use a small "
                    "--base-channels and --tile (the emulator is slow)")
     p.add_argument("--gpu", default="sm_90", choices=("sm_80", "sm_90"), help="GPU model of --kernels")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="minunet's kernels on "
-                   "cuda/emu: 'tf32' (tensor cores where a kernel has them) or 'fp32' (strict) "
-                   "(default: $MINUNET_PRECISION or fp32)")
+    p.add_argument("--precision", choices=(*PRECISIONS, "both"), default=None, help="minunet's kernels on "
+                   "cuda/emu: 'tf32' (tensor cores where a kernel has them), 'fp32' (strict), or 'both' "
+                   "(every table once per precision); default: $MINUNET_PRECISION or fp32, and both for "
+                   "--tune. PyTorch on cuda runs in the same precision and, for the training step, in both")
+    p.add_argument("--save", default="auto", metavar="FILE", help="also write everything printed to FILE; "
+                   "'auto': bench/results/cuda_<gpu>.txt (under the current folder) on --device cuda, "
+                   "nothing elsewhere; 'none': never")
+    p.add_argument("--tune", action="store_true", help="instead of the tables: time every kernel version "
+                   "(conv3x3 versions, weight-gradient reductions) on every layer shape of the U-Net of "
+                   "--base-channels and --tile, in both precisions, and write the fastest per layer into "
+                   "the choice table that device cuda follows (minunet/backends/cuda_choices.json)")
+    p.add_argument("--tune-output", metavar="FILE", default=None, help="where --tune writes its table "
+                   "(merged into the file when it holds a table of the same GPU); default: "
+                   "minunet/backends/cuda_choices.json on cuda; required on emu (a dry run)")
+    p.add_argument("--tune-slow-ms", type=float, default=SLOW_MS, help="--tune times a version slower than "
+                   "this once instead of --repeat times")
+    p.add_argument("--settle", type=float, default=None, metavar="SECONDS", help="quiet time before each "
+                   f"timing, for the CPU's spinning worker threads to sleep (default: {SETTLE_S} on cpu/emu, "
+                   "0 on cuda)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -475,9 +728,107 @@ def kernels_report(args) -> int:
     return status
 
 
+def gpu_file_name(gpu: str) -> str:
+    """"NVIDIA H200" -> "cuda_nvidia_h200.txt": the --save file of a cuda run."""
+    return "cuda_" + (re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") or "gpu") + ".txt"
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the real stdout and keeps a copy (for --save)."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _settle(seconds: float | None, device: str):
+    """``SETTLE_S`` set to ``seconds`` (default: unchanged, 0 on cuda) inside the block."""
+    global SETTLE_S
+    saved = SETTLE_S
+    SETTLE_S = seconds if seconds is not None else (0.0 if device == "cuda" else saved)
+    try:
+        yield
+    finally:
+        SETTLE_S = saved
+
+
+def summarize_ncu(path, top: int = 12) -> str:
+    """Where one profiled training step's kernel time goes: per kernel name, the launches, the
+    total time and its share, from an ``ncu --csv --metrics gpu__time_duration.sum`` file."""
+    launches = choices.ncu_launches(path)
+    total = sum(us for _, us in launches) or 1.0
+    per: dict[str, list] = {}
+    for name, us in launches:
+        entry = per.setdefault(name.split("(")[0].split("<")[0][:60], [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    lines = [f"{len(launches)} launches, {total / 1e3:.2f} ms of kernel time ({path})",
+             f"{'kernel':<60} {'launches':>8} {'ms':>9} {'share':>6}"]
+    for name, (count, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{name:<60} {count:8d} {us / 1e3:9.3f} {100 * us / total:5.1f}%")
+    return "\n".join(lines)
+
+
+# ---- a training iteration: batch preparation + step (issue 17) ----------------------------------
+def bench_training_iteration(device: str, base: int, tile: int, batch: int, repeat: int) -> list[Row]:
+    """Where a training iteration's time goes, as ``python -m minunet.train`` runs it on the
+    built-in EM data (256 x 256 slices): the batch preparation alone (augmentation on the
+    device, minunet.train.training_batch), one iteration with the batch prepared in the loop
+    (``--prefetch 0``: preparation + step) and one with the batch prepared ahead by the
+    background thread (``--prefetch 1``, the default). Median (mean for the overlapped loop)
+    of ``repeat`` iterations after one untimed."""
+    from .data.dataset import TileSampler, synthetic_samples
+    from .train import Batches, training_batch
+
+    model = UNet(base_channels=base, seed=0, device=device).train()
+    out = UNet.output_size(tile, model.depth)
+    sampler = TileSampler(synthetic_samples("em", 4, 256, seed=0), tile, out,
+                          np.random.default_rng(0), device=device)
+    opt = SGD(model.parameters(), lr=1e-6, momentum=0.99)
+    sync = device_sync(device)
+
+    def step(xs, targets, weights):
+        x, target, weight = (Tensor(a, device=device) for a in (xs, targets, weights))
+        F.weighted_cross_entropy(model(x), target, weight).backward()
+        opt.step()
+        opt.zero_grad()
+        sync()
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    time.sleep(SETTLE_S)
+    step(*training_batch(sampler, batch))    # warm-up: compiles, caches the slices' coefficients
+    prep = statistics.median(timed(lambda: training_batch(sampler, batch)) for _ in range(repeat))
+    serial = statistics.median(timed(lambda: step(*training_batch(sampler, batch)))
+                               for _ in range(repeat))
+    batches = Batches(sampler, batch, ahead=1, device=device)
+    try:
+        batches.next()
+        overlapped = timed(lambda: [step(*batches.next()[0]) for _ in range(repeat)]) / repeat
+    finally:
+        batches.close()
+    what = f"base {base}, tile {tile}"
+    return [Row("batch preparation", f"{batch}x1x{tile}^2", 0.0, 0.0, prep),
+            Row("training iteration", f"{what}, prefetch 0", 0.0, 0.0, serial),
+            Row("training iteration", f"{what}, prefetch 1", 0.0, 0.0, overlapped)]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.precision is not None:
+    args.command = "python -m minunet.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.precision in PRECISIONS:
         set_precision(args.precision)
     if args.kernels:
         return kernels_report(args)
@@ -490,33 +841,86 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.tune:
+        with _settle(args.settle, device):
+            return tune_report(args, device, environment(device, TorchTwin(device, enabled=False)).get("gpu", ""))
     twin = TorchTwin(device, enabled=not args.no_torch)
     env = environment(device, twin)
-    print("# minunet benchmark:", ", ".join(f"{k}={v}" for k, v in env.items()))
-    results = {"env": env, "ops": [], "steps": {}}
-    if not args.no_ops:
-        rows = bench_ops(device, args.base_channels, args.tile, args.batch, args.repeat, twin)
-        print(f"\n## ops (shapes from a U-Net with base {args.base_channels} on a {args.tile} tile, "
-              f"batch {args.batch}; median of {args.repeat})")
-        print(format_table(rows))
-        results["ops"] = rows
-    for tile in ([] if args.no_step else args.step_tiles):
-        rows = bench_step(device, args.base_channels, tile, args.batch, args.repeat, twin)
-        print(f"\n## training step (U-Net base {args.base_channels}, tile {tile}, batch {args.batch}; "
-              f"median of {args.repeat})")
-        print(format_table(rows))
-        diff = rows[0].extra.get("max_abs_diff_logits_vs_torch")
-        if diff is not None:
-            print(f"logits vs PyTorch with the same weights (eval mode): max |diff| = {diff:.3g}")
-        results["steps"][str(tile)] = rows
+    save = None if args.save == "none" else args.save
+    if save == "auto":
+        save = Path("bench", "results", gpu_file_name(env["gpu"])) if device == "cuda" else None
+    tee = _Tee(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(tee), _settle(args.settle, device):
+            results = run_tables(args, device, twin, env)
+    finally:   # what was measured before a failure is saved too
+        if save is not None:
+            Path(save).parent.mkdir(parents=True, exist_ok=True)
+            Path(save).write_text(tee.copy.getvalue())
+            print(f"wrote {save}")
     if args.json:
         def as_dicts(rows):
-            return [dict(asdict(r), gflops=r.gflops, gbps=r.gbps, ratio=r.ratio) for r in rows]
+            return [dict(asdict(r), ms=None if math.isnan(r.ms) else r.ms, gflops=r.gflops, gbps=r.gbps,
+                         ratio=None if r.ratio is None or math.isnan(r.ratio) else r.ratio) for r in rows]
 
         with open(args.json, "w") as f:
             json.dump({"env": env, "ops": as_dicts(results["ops"]),
-                       "steps": {k: as_dicts(v) for k, v in results["steps"].items()}}, f, indent=2)
+                       "steps": {k: as_dicts(v) for k, v in results["steps"].items()},
+                       "iterations": {k: as_dicts(v) for k, v in results.get("iterations", {}).items()}},
+                      f, indent=2)
     return 0
+
+
+def precisions_of(args, device: str) -> list:
+    """minunet's precisions to run: [None] on cpu (float32, no knob), both for --precision both,
+    else the one given or the backend's default."""
+    if device == "cpu":
+        return [None]
+    if args.precision == "both":
+        return list(PRECISIONS)
+    from .backends import get_backend
+
+    return [args.precision or get_backend(device).precision]
+
+
+def run_tables(args, device: str, twin: TorchTwin, env: dict) -> dict:
+    """The op table and the training-step tables, printed; returns their rows."""
+    print(f"$ {args.command}".rstrip())
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print("# minunet benchmark:", ", ".join(f"{k}={v}" for k, v in env.items()))
+    precisions = precisions_of(args, device)
+    results = {"env": env, "ops": [], "steps": {}}
+    for precision in ([] if args.no_ops else precisions):
+        rows = bench_ops(device, args.base_channels, args.tile, args.batch, args.repeat, twin, precision)
+        for row in rows:
+            row.extra["precision"] = precision or "fp32"
+        print(f"\n## ops (shapes from a U-Net with base {args.base_channels} on a {args.tile} tile, "
+              f"batch {args.batch}; median of {args.repeat}; minunet {precision or 'float32'}"
+              f"{'; torch: ' + twin.label(precision) if twin else ''})")
+        print(format_table(rows))
+        results["ops"] += rows
+    for tile in ([] if args.no_step else args.step_tiles):
+        steps = {}
+        for precision in precisions:
+            rows = bench_step(device, args.base_channels, tile, args.batch, args.repeat, twin, precision)
+            print(f"\n## training step (U-Net base {args.base_channels}, tile {tile}, batch {args.batch}; "
+                  f"median of {args.repeat}; minunet {precision or 'float32'}"
+                  f"{'; torch: ' + twin.label(precision) if twin else ''})")
+            print(format_table(rows))
+            diff = rows[0].extra.get("max_abs_diff_logits_vs_torch")
+            if diff is not None:
+                print(f"logits vs PyTorch ({twin.label('fp32')}) with the same weights (eval mode): "
+                      f"max |diff| = {diff:.3g}")
+            steps[precision] = rows
+            results["steps"][str(tile) if len(precisions) == 1 else f"{tile} {precision}"] = rows
+        if twin:
+            print(f"\n## training step vs PyTorch (base {args.base_channels}, tile {tile}, batch {args.batch})")
+            print(format_step_summary(steps))
+        iteration = bench_training_iteration(device, args.base_channels, tile, args.batch, args.repeat)
+        print("\n## training iteration (batch preparation + step, as minunet.train runs it)")
+        print(format_table(iteration))
+        results.setdefault("iterations", {})[str(tile)] = iteration
+    return results
 
 
 if __name__ == "__main__":

@@ -81,13 +81,16 @@ def _is_valid(size: int, depth: int) -> bool:
 
 
 def device_arg(value: str) -> str:
-    """Validate a --device value early (argparse calls this), keeping 'auto' as is."""
+    """Validate a --device value early (argparse calls this), keeping 'auto' as is. A device
+    that cannot be used (``cuda`` without CuPy, a misspelt name) stops the command with the one
+    line ``error: ...`` and exit status 2, not argparse's usage block before it."""
     from .devices import resolve_device
 
     try:
         resolve_device(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        print(f"error: --device {value}: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     return value
 
 
@@ -122,18 +125,19 @@ class Progress:
         by_time = elapsed / self.budget_s if math.isfinite(self.budget_s) else 0.0
         return min(1.0, max(iteration / self.iterations, by_time))
 
-    def describe(self, iteration: int, elapsed: float, loss: float) -> str:
+    def describe(self, iteration: int, elapsed: float, loss: float, note: str = "") -> str:
         text = f"iteration {iteration}/{self.iterations}"
         if math.isfinite(self.budget_s):
             text += f", {elapsed / 60:.1f} of {self.budget_s / 60:g} min"
-        return text + f", loss {loss:.4f}"
+        return text + f", loss {loss:.4f}" + (f", {note}" if note else "")
 
-    def update(self, iteration: int, elapsed: float, loss: float) -> None:
+    def update(self, iteration: int, elapsed: float, loss: float, note: str = "") -> None:
+        """`note`: more to show after the loss (the training loop's data and step times)."""
         if not self.enabled:
             return
         fraction = self.fraction(iteration, elapsed)
         if self.bar is not None:
-            self.bar.set_description_str(self.describe(iteration, elapsed, loss), refresh=False)
+            self.bar.set_description_str(self.describe(iteration, elapsed, loss, note), refresh=False)
             self.bar.update(round(1000 * fraction) - self.bar.n)
             return
         now = time.perf_counter()
@@ -141,13 +145,65 @@ class Progress:
             return
         self.next_tenth = math.floor(fraction * 10) + 1
         self.last_line = now
-        line = f"training {100 * fraction:3.0f}%: {self.describe(iteration, elapsed, loss)}"
+        line = f"training {100 * fraction:3.0f}%: {self.describe(iteration, elapsed, loss, note)}"
         done = fraction - self.start_fraction
         if 0 < done and fraction < 1:
             left = (now - self.start_time) * (1 - fraction) / done
             line += f", about {left / 60:.1f} min left"
         print(line, file=self.stream, flush=True)
 
+    def write(self, line: str) -> None:
+        """Print a line of its own (above the bar on a terminal, which stays intact)."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class CountBar:
+    """Progress over `total` items (tiles, chunks): a tqdm bar on a terminal; written to a file
+    or a pipe (a log), a plain line at every tenth of the way and at least every `every_s`
+    seconds, never carriage returns; nothing when `enabled` is False or there is one item
+    only. A context manager."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, stream=None,
+                 every_s: float = 60.0):
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled, self.n, self.next_tenth = enabled and total > 1, 0, 1
+        self.last_line = time.perf_counter()
+        self.bar = None
+        if self.enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream,
+                            dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if self.n * 10 < self.next_tenth * self.total and now - self.last_line < self.every_s:
+            return
+        self.next_tenth = self.n * 10 // self.total + 1
+        self.last_line = now
+        print(f"{self.desc}: {100 * self.n // self.total}% ({self.n} of {self.total} "
+              f"{self.unit}s)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -15,13 +15,17 @@ the same data with the same settings, and refuses an argument that contradicts t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import os
+import queue
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +46,14 @@ from .optim import SGD
 from .tensor import Tensor
 
 EXIT_INTERRUPTED = 130
+# What the user is told about speed (README, "How long training takes"), both measured on an idle
+# 2-core AVX-512 VM with the default run (base 16, depth 4, tile 348): the first compile of every
+# CPU kernel (Numba), and the training rate in FLOP/s per core, data preparation included.
+COMPILE_S_MEASURED = 12
+STEP_FLOPS_PER_CORE = 85e9
+PACE_AFTER_STEPS = 3     # steps timed (after the first) before the estimate is printed
+SLOW_FACTOR = 3.0        # a step this many times the expected one: say why it may be slow
+MIN_JUDGED_STEP_S = 0.05 # below this the step is overheads, not FLOPs: not judged
 
 # ---- arguments ---------------------------------------------------------------------------------
 DEFAULT_TILE_AT_LEAST = 340
@@ -55,7 +67,8 @@ RUN_FILES = ("checkpoint.npz", "log.csv", "metrics.json", "loss.png", "predictio
 # what to do with it, how much to print, and how this machine runs it (threads, emulator mode). Of the restored arguments, these may be changed on
 # resuming (train longer, lower a step size that made the loss NaN, move to another device); any
 # other that is given must equal the run's own.
-NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode", "precision")
+NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode", "precision",
+                "prefetch")
 CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every")
 
 
@@ -97,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
     model.add_argument("--iterations", type=int, default=1500, help="training steps")
     model.add_argument("--max-minutes", type=float, default=4.5, help="wall-clock budget: stop, "
-                       "validate and save when it is spent (0 = no limit)")
+                       "validate and save when it is spent (0 = no limit); the one-time compile "
+                       "of the CPU kernels on a fresh install is not counted")
     model.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, "
                        "augmentation and dropout")
     model.add_argument("--threads", type=int, default=None, help="CPU threads of the fast cpu "
@@ -110,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "or emu: 'tf32' lets the convolutions use tensor cores (TF32 inputs, float32 "
                        "sums, like PyTorch's allow_tf32), 'fp32' is strict float32 (default: "
                        "$MINUNET_PRECISION or fp32); the cpu device always computes in float32")
+    model.add_argument("--prefetch", type=int, default=None, choices=(0, 1, 2), help="batches a "
+                       "background thread prepares ahead while the device runs the step (0: each "
+                       "batch is prepared in the loop; default: 1 on cuda, where the CPU is free "
+                       "while the GPU computes, 0 on cpu and emu, whose step already uses every "
+                       "core); the data and results do not depend on it")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
     run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
@@ -284,9 +303,79 @@ def training_batch(sampler, batch_size: int) -> tuple[np.ndarray, np.ndarray, np
     the gray-value variation (a gamma curve) works on intensities in [0, 1], as the loaders give
     them, and would clip a standardised image's negative half to 0. Standardising last also makes
     the network see what prediction gives it (a standardised image); linear gray-value changes then
-    cancel out, and the gamma curve is what remains of that augmentation."""
+    cancel out, and the gamma curve is what remains of that augmentation. On cuda the sampler's
+    arrays are already on the GPU (augmentation ran there) and are standardised there."""
     xs, targets, weights = sampler.batch(batch_size)
-    return np.stack([standardize(x) for x in xs]), targets, weights
+    if isinstance(xs, np.ndarray):
+        return np.stack([standardize(x) for x in xs]), targets, weights
+    mean = xs.mean(axis=(1, 2, 3), keepdims=True)     # a CuPy array: the same formula on the GPU
+    return (xs - mean) / (xs.std(axis=(1, 2, 3), keepdims=True) + 1e-6), targets, weights
+
+
+class Batches:
+    """The training batches in order, each with the random generator's state right after it was
+    drawn (what a checkpoint must store so that a resumed run draws the next batch next) and the
+    seconds it took to prepare.
+
+    With ``ahead`` > 0 a background thread prepares up to ``ahead`` batches while the device runs
+    the current step (the generator is then used by that thread only, in the same order, so the
+    batches are the very same); with 0 each batch is prepared when asked for. On cuda the thread
+    works on its own CUDA stream and waits for it before handing a batch over."""
+
+    def __init__(self, sampler, batch_size: int, ahead: int = 1, device: str = "cpu"):
+        self.sampler, self.batch_size, self.ahead, self.device = sampler, batch_size, ahead, device
+        self._queue: queue.Queue = queue.Queue(maxsize=max(ahead, 1))
+        self._stop = threading.Event()
+        self._thread = None
+        if ahead > 0:
+            self._thread = threading.Thread(target=self._work, name="minunet-batches", daemon=True)
+            self._thread.start()
+
+    def _prepare(self):
+        start = time.perf_counter()
+        batch = training_batch(self.sampler, self.batch_size)   # looked up here: tests replace it
+        return batch, self.sampler.rng.bit_generator.state, time.perf_counter() - start
+
+    def _work(self) -> None:
+        stream = None
+        if self.device == "cuda":
+            import cupy
+
+            stream = cupy.cuda.Stream(non_blocking=True)
+        try:
+            while not self._stop.is_set():
+                if stream is None:
+                    item = self._prepare()
+                else:
+                    with stream:
+                        item = self._prepare()
+                    stream.synchronize()
+                self._put(("batch", item))
+        except BaseException as exc:     # handed to the training loop, raised there
+            self._put(("error", exc))
+
+    def _put(self, message) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self):
+        """(batch, generator state after it, seconds its preparation took)."""
+        if self._thread is None:
+            return self._prepare()
+        kind, value = self._queue.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the thread (a batch it is preparing is finished and dropped)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -303,6 +392,9 @@ class Run:
     iteration: int = 0
     elapsed_before: float = 0.0     # seconds of training so far, over all sessions
     log_rows: list = field(default_factory=list)
+    # the generator's state after the last batch trained on (batches prepared ahead have moved
+    # the generator itself further); None: the generator's own state
+    rng_state: dict | None = None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -312,21 +404,29 @@ class Run:
         """The log first, then the checkpoint (both atomic): a resumed run reads the log only up
         to the checkpoint's iteration, so a kill between the two writes loses nothing."""
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=["iteration", "loss", "seconds"], lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.log_rows)
         atomic_write(self.out_dir / "log.csv", lambda f: f.write(text.getvalue().encode()))
         save_checkpoint(self.checkpoint_path, self.model, self.optimizer, meta={
             "iteration": self.iteration, "elapsed": elapsed,
-            "rng_state": self.rng.bit_generator.state, "tile": self.args.tile,
+            "rng_state": self.rng_state or self.rng.bit_generator.state, "tile": self.args.tile,
             "args": {k: v for k, v in vars(self.args).items() if k not in ("resume", "overwrite")}})
+
+
+# log.csv: per iteration, the loss, the seconds of training so far, and where the iteration's time
+# went: data_ms, the time the loop waited for its batch (all of its preparation without
+# --prefetch, what the background thread had not finished with it), and step_ms, the forward,
+# loss, backward and update on the device
+LOG_FIELDS = ["iteration", "loss", "seconds", "data_ms", "step_ms"]
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [dict(iteration=int(r["iteration"]), loss=float(r["loss"]), seconds=float(r["seconds"]))
+        return [dict(iteration=int(r["iteration"]), loss=float(r["loss"]), seconds=float(r["seconds"]),
+                     data_ms=r.get("data_ms") or "", step_ms=r.get("step_ms") or "")
                 for r in csv.DictReader(f) if int(r["iteration"]) <= upto]
 
 
@@ -359,7 +459,7 @@ def build_run(args, resumed: dict | None, train_samples, val_samples, out_dir: P
         run_.iteration, run_.elapsed_before = int(meta["iteration"]), float(meta.get("elapsed", 0.0))
         run_.log_rows = _read_log(out_dir / "log.csv", run_.iteration)
     run_.sampler = TileSampler(train_samples, args.tile, model.output_size(args.tile), rng,
-                               augment=not args.no_augment)
+                               augment=not args.no_augment, device=device)
     return run_
 
 
@@ -399,42 +499,73 @@ def train_steps(run_: Run) -> tuple[int, str]:
     args, budget = run_.args, _budget_s(run_.args)
     progress = Progress(args.iterations, budget, run_.iteration, run_.elapsed_before,
                         enabled=not args.quiet)
+    pace = Pace(run_, budget, expected_step_s(run_), enabled=not args.quiet, write=progress.write)
     t0 = time.perf_counter()
     status, message = EXIT_OK, ""
+    if run_.rng_state is None:      # before a thread moves the generator ahead
+        run_.rng_state = run_.rng.bit_generator.state
+    ahead = getattr(args, "prefetch", None)
+    if ahead is None:
+        ahead = 1 if run_.device == "cuda" else 0
+    batches = Batches(run_.sampler, args.batch_size, ahead, run_.device)
+    recent = []     # (data ms, step ms) of the last iterations, for the progress line
+    # On cuda a batch was allocated on the loader thread's CUDA stream, whose memory pool may hand
+    # its memory out again as soon as it is freed, while this thread's stream may still be reading
+    # it. So a batch stays referenced until the next step's loss.item() has waited for this stream,
+    # i.e. until every kernel of the step that read it has finished.
+    held = []
     with _InterruptFlag() as interrupt:
-        while run_.iteration < args.iterations:
-            xs, targets, weights = training_batch(run_.sampler, args.batch_size)
-            x, target, weight = (Tensor(a, device=run_.device) for a in (xs, targets, weights))
-            loss = F.weighted_cross_entropy(run_.model(x), target, weight)
-            value = loss.item()
-            if not math.isfinite(value):
-                status, message = EXIT_FAILED, _nan_message(run_, value)
-                break
-            loss.backward()
-            run_.optimizer.step()
-            run_.optimizer.zero_grad()
-            run_.iteration += 1
-            elapsed = run_.elapsed_before + time.perf_counter() - t0
-            run_.log_rows.append({"iteration": run_.iteration, "loss": value,
-                                  "seconds": round(elapsed, 3)})
-            progress.update(run_.iteration, elapsed, value)
-            stop = interrupt.raised     # read once: a Ctrl-C between two reads must still save
-            if run_.iteration % args.checkpoint_every == 0 or stop:
-                run_.save(elapsed)
-            if stop:
-                status = EXIT_INTERRUPTED
-                message = (f"interrupted at iteration {run_.iteration}; checkpoint saved to "
-                           f"{run_.checkpoint_path}; continue with: {_resume_command(run_)}")
-                break
-            if elapsed >= budget:
-                message = (f"time budget of {args.max_minutes:g} min spent at iteration "
-                           f"{run_.iteration} of {args.iterations}")
-                break
+        try:
+            while run_.iteration < args.iterations:
+                started = time.perf_counter()
+                (xs, targets, weights), rng_state, _ = batches.next()
+                x, target, weight = (Tensor(a, device=run_.device) for a in (xs, targets, weights))
+                data_ms = 1e3 * (time.perf_counter() - started)
+                loss = F.weighted_cross_entropy(run_.model(x), target, weight)
+                value = loss.item()
+                held[:] = (xs, targets, weights)     # frees the previous batch (see above)
+                if not math.isfinite(value):
+                    status, message = EXIT_FAILED, _nan_message(run_, value)
+                    break
+                loss.backward()
+                run_.optimizer.step()
+                run_.optimizer.zero_grad()
+                run_.iteration += 1
+                run_.rng_state = rng_state
+                now = time.perf_counter()
+                step_ms = 1e3 * (now - started) - data_ms
+                elapsed = run_.elapsed_before + now - t0
+                run_.log_rows.append({"iteration": run_.iteration, "loss": value,
+                                      "seconds": round(elapsed, 3), "data_ms": round(data_ms, 2),
+                                      "step_ms": round(step_ms, 2)})
+                recent = (recent + [(data_ms, step_ms)])[-20:]
+                progress.update(run_.iteration, elapsed, value, _time_split(recent))
+                pace.update(run_.iteration, elapsed)
+                stop = interrupt.raised     # read once: a Ctrl-C between two reads must still save
+                if run_.iteration % args.checkpoint_every == 0 or stop:
+                    run_.save(elapsed)
+                if stop:
+                    status = EXIT_INTERRUPTED
+                    message = (f"interrupted at iteration {run_.iteration}; checkpoint saved to "
+                               f"{run_.checkpoint_path}; continue with: {_resume_command(run_)}")
+                    break
+                if elapsed >= budget:
+                    message = (f"time budget of {args.max_minutes:g} min spent at iteration "
+                               f"{run_.iteration} of {args.iterations}")
+                    break
+        finally:
+            batches.close()
     progress.close()
     run_.elapsed_before += time.perf_counter() - t0
     if status == EXIT_OK:
         run_.save(run_.elapsed_before)
     return status, message
+
+
+def _time_split(recent: list) -> str:
+    """'data 3 ms + step 58 ms' per iteration, averaged over `recent` (data ms, step ms) pairs."""
+    data, step = (sum(v) / len(recent) for v in zip(*recent))
+    return f"data {data:.0f} ms + step {step:.0f} ms"
 
 
 def _nan_message(run_: Run, value: float) -> str:
@@ -491,7 +622,8 @@ def train(args, given: set | None = None) -> int:
               "checkpoint again", flush=True)
         status, message = EXIT_OK, ""
     else:
-        status, message = train_steps(run_)
+        with compile_time_excluded(run_, announce=not args.quiet):
+            status, message = train_steps(run_)
     if status == EXIT_FAILED:
         print(message, file=sys.stderr)
         return status
@@ -500,6 +632,127 @@ def train(args, given: set | None = None) -> int:
     if status == EXIT_INTERRUPTED:
         return status
     return finish(run_, val_samples)
+
+
+# ---- speed a user can predict ------------------------------------------------------------------
+def _compile_timer(on_compiled):
+    """A Numba event listener that calls `on_compiled(seconds)` at the end of each outermost
+    compile (a kernel's compile may nest others)."""
+    import numba.core.event as numba_event
+
+    class CompileTimer(numba_event.Listener):
+        depth, start = 0, 0.0
+
+        def on_start(self, event):
+            if self.depth == 0:
+                self.start = time.perf_counter()
+            self.depth += 1
+
+        def on_end(self, event):
+            self.depth -= 1
+            if self.depth == 0:
+                on_compiled(time.perf_counter() - self.start)
+
+    return CompileTimer()
+
+
+@contextlib.contextmanager
+def compile_time_excluded(run_: Run, announce: bool = True):
+    """Training steps inside this block do not count the time Numba spends compiling the fast
+    CPU kernels (once per install: they are cached on disk) against --max-minutes: every
+    compile's seconds are taken off ``run_.elapsed_before`` as it ends, and added up in
+    ``run_.compile_s``. On the cpu device, when some kernel is not in Numba's cache yet (a fresh
+    install, or kernels that changed), it first says so."""
+    import numba.core.event as numba_event
+
+    from .ops import numba_config
+
+    run_.compile_s = 0.0
+    missing = numba_config.uncached_kernels() if run_.device == "cpu" else []
+    if missing and announce:
+        print(f"compiling the CPU kernels, once, in the first step ({len(missing)} of "
+              f"{len(numba_config.KERNELS)} not in Numba's cache; about {COMPILE_S_MEASURED} s on "
+              "an idle 2-core VM, up to a minute on a busy one; not counted in --max-minutes)",
+              flush=True)
+
+    def exclude(seconds: float) -> None:
+        run_.elapsed_before -= seconds
+        run_.compile_s += seconds
+
+    with numba_event.install_listener("numba:compile", _compile_timer(exclude)):
+        yield
+
+
+def expected_step_s(run_: Run) -> float | None:
+    """The seconds one training step should take on this machine's cores if they were idle
+    (STEP_FLOPS_PER_CORE, measured), or None off the cpu device."""
+    from .inference import forward_cost
+    from .ops import numba_config
+
+    if run_.device != "cpu":
+        return None
+    flops = 3 * forward_cost(run_.args.tile, run_.model.config)[0] * run_.args.batch_size
+    return flops / (STEP_FLOPS_PER_CORE * numba_config.num_threads())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Pace:
+    """After the first step of a session and PACE_AFTER_STEPS more, one line: the seconds spent
+    compiling the CPU kernels (``run_.compile_s``, see :func:`compile_time_excluded`), the time
+    per step, how many of --iterations fit in the --max-minutes budget, and, when a step takes
+    far longer than this machine's cores should need (`expected_s`), why that may be and what
+    helps."""
+
+    def __init__(self, run_: Run, budget_s: float, expected_s: float | None, enabled: bool = True,
+                 write=print):
+        self.run, self.args, self.budget_s, self.expected_s = run_, run_.args, budget_s, expected_s
+        self.first = run_.iteration + 1          # its time holds first-call overheads: skipped
+        self.enabled, self.write = enabled, write
+        self.start_elapsed = None
+
+    def update(self, iteration: int, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        if iteration == self.first:
+            self.start_elapsed = elapsed
+        elif self.start_elapsed is not None and iteration == self.first + PACE_AFTER_STEPS:
+            self.enabled = False
+            self.write(self.message(iteration, elapsed,
+                                    (elapsed - self.start_elapsed) / PACE_AFTER_STEPS,
+                                    getattr(self.run, "compile_s", 0.0)))
+
+    def message(self, iteration: int, elapsed: float, step_s: float,
+                compile_s: float = 0.0) -> str:
+        args, left = self.args, self.args.iterations - iteration
+        text = f"about {step_s:.2f} s per step: "
+        if compile_s >= 0.5:
+            text = f"compiled in {compile_s:.0f} s (not counted); " + text
+        fit = math.inf if not math.isfinite(self.budget_s) else \
+            max(0, int((self.budget_s - elapsed) / step_s))
+        if fit >= left:
+            text += f"the remaining {left} iterations take about {_duration(left * step_s)}"
+        else:
+            need = (elapsed + left * step_s) / 60
+            text += (f"the {args.max_minutes:g}-min budget fits about {iteration + fit} of the "
+                     f"{args.iterations} iterations (--max-minutes {math.ceil(need)} for all)")
+        if self.expected_s and self.expected_s >= MIN_JUDGED_STEP_S and \
+                step_s > SLOW_FACTOR * self.expected_s:
+            from .ops import numba_config
+
+            threads = numba_config.num_threads()
+            text += (f"; that is {step_s / self.expected_s:.0f}x the {self.expected_s:.2f} s "
+                     f"expected on {threads} idle core(s): other programs may be using the cores"
+                     + (f" (load average {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg")
+                        else ""))
+            if threads > 1:
+                text += "; on shared cores --threads 1 often runs faster"
+                if numba_config.threading_layer() == "omp":
+                    text += (" (the kernels run on OpenMP threads, which spin on busy cores; "
+                             "with the tbb package installed Numba uses TBB, which copes)")
+        return text
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -520,6 +773,17 @@ def validate(model: UNet, samples, device: str) -> tuple[dict, list]:
     return {k: float(np.mean([r[k] for r in results])) for k in keys}, probs
 
 
+def predicted_classes(run_: Run, sample) -> dict:
+    """For more than two classes, the predicted class map of `sample` for prediction.png."""
+    classes = run_.model.config["num_classes"]
+    if classes <= 2:
+        return {}
+    run_.model.eval()
+    probs = predict_probabilities(run_.model, sample.image, None, run_.device)
+    run_.model.train()
+    return dict(classes=probs.argmax(axis=0), num_classes=classes)
+
+
 def finish(run_: Run, val_samples) -> int:
     """Validate, write metrics.json and the plots, print a summary."""
     from .plots import plot_loss_curve, plot_prediction
@@ -538,7 +802,8 @@ def finish(run_: Run, val_samples) -> int:
                         out_dir / "loss.png")
     first = val_samples[0]
     plot_prediction(first.image, first.target, probs[0], first.weight, out_dir / "prediction.png",
-                    title=f"validation image 0: IoU {metrics['iou']:.3f}")
+                    title=f"validation image 0: IoU {metrics['iou']:.3f}",
+                    **predicted_classes(run_, first))
     print(f"validation: IoU {metrics['iou']:.4f}, pixel error {metrics['pixel_error']:.4f}, "
           f"Rand error {metrics['rand_error']:.4f}, warping error {metrics['warping_error']:.5f}; "
           f"{run_.iteration} iterations in {run_.elapsed_before / 60:.1f} min; wrote {out_dir}/",

@@ -13,7 +13,10 @@
 # shows the two rules that surprise people (gradients *accumulate*; `no_grad` records
 # nothing) and how the library checks every gradient against finite differences.
 #
-# Everything runs on the `"cpu"` device, whose operations are plain NumPy.
+# Everything runs on the `"cpu"` device. Its operations are NumPy arrays in and out; inside,
+# the convolutions, pooling and ReLU of float32 tensors run fast Numba kernels, and every other
+# case (float64 tensors, operations without a kernel) runs the NumPy reference,
+# `minunet.backends.reference`: the oracle the kernels are tested against.
 
 # %%
 from nbsetup import F, mu, np, plt  # the shared setup: imports, figures, printing, seeds
@@ -270,5 +273,8 @@ print("float64 finite differences: max error", np.abs(W.grad.numpy() - numeric).
 # * Every operation of the U-Net (`tests/test_gradcheck.py`) is checked this way in float64
 #   on the NumPy reference, and the CUDA kernels are then checked against that reference.
 #
-# Next: [04_the_unet.ipynb](04_the_unet.ipynb) assembles these operations into the network
-# of Fig. 1.
+# Next: [02_conv3x3.ipynb](02_conv3x3.ipynb) follows the network's main operation, the
+# valid 3x3 convolution, from its definition to a CUDA kernel (the CUDA track: 02, 03, 05's
+# kernel, 09). Reading for the paper only? Skip to
+# [04_the_unet.ipynb](04_the_unet.ipynb), which assembles these operations into the
+# network of Fig. 1 (the paper track: 04 to 08).

@@ -18,8 +18,10 @@
 #
 # Every kernel is **run**, here on a machine without a GPU, on the device `"emu"`: minunet's
 # CUDA emulator compiles the very same `.cu` text for the CPU. Every result is compared with
-# the NumPy reference (device `"cpu"`), which is itself checked by finite differences at the
-# end. No CUDA knowledge is assumed; NumPy is.
+# the NumPy reference, `minunet.backends.reference` (the *oracle*), which is itself checked by
+# finite differences at the end. (Device `"cpu"` is not the oracle: for float32 it runs fast
+# Numba kernels, a second implementation checked against the same reference.) No CUDA
+# knowledge is assumed; NumPy is.
 
 # %%
 from nbsetup import F, mu, np, plt  # the shared setup: imports, figures, printing, seeds
@@ -126,9 +128,13 @@ print("same  conv, 2 tiles vs whole image: max |difference| =", diff.max().round
 # blocks cannot wait for each other.
 #
 # **Global memory** (the GPU's DRAM, where `x`, `w` and `y` live) is large but slow: a load
-# costs hundreds of clock cycles, and bandwidth, not arithmetic, usually limits a
-# convolution. When the 32 threads of a warp load 32 neighbouring floats, the hardware
-# combines them into a few wide transactions (**coalescing**).
+# costs hundreds of clock cycles. When the 32 threads of a warp load 32 neighbouring floats,
+# the hardware combines them into a few wide transactions (**coalescing**). Whether DRAM
+# bandwidth or arithmetic limits a kernel is a matter of arithmetic (the next section):
+# U-Net's convolutions do so much work per byte they *must* move that a GPU could run them at
+# its arithmetic peak. What makes a convolution kernel slow is the traffic it adds on top of
+# that minimum, reading the same inputs and weights again and again, which is what the tiled
+# kernel below avoids.
 #
 # **Shared memory** is a small (48 KiB per block here), fast on-chip memory that all threads
 # of one block see; the kernel declares it with `__shared__`. Threads use it to share data
@@ -142,6 +148,45 @@ print("same  conv, 2 tiles vs whole image: max |difference| =", diff.max().round
 # launcher (`kernels_forward` and `kernels_backward` in `minunet/ops/conv3x3.py`) checks shapes
 # and chooses grid and block sizes, and the shared machinery of `minunet/backends/kernels.py`
 # compiles, allocates the outputs and launches; the kernels do all the arithmetic.
+
+# %% [markdown]
+# ### Bandwidth or arithmetic? The napkin math for one U-Net layer
+#
+# The paper's second layer maps 64 channels of $570 \times 570$ to 64 channels of
+# $568 \times 568$. Its **FLOPs**: 2 (a multiply and an add) per weight tap per output value.
+# Its **minimum bytes**: every input, output and weight value read or written once. Their
+# ratio, the *arithmetic intensity*, is compared with the GPU's peak FLOP/s divided by its DRAM
+# bandwidth (the *ridge point*), from the published figures of the H100 SXM (which the
+# emulator's model uses) and of the H200 (the GPU this project was measured on: the H100's
+# arithmetic with more bandwidth).
+
+# %%
+def conv_napkin(ci, co, h_in):
+    """FLOPs and the minimum bytes (float32 x, y, w, b each moved once) of one valid 3x3 layer."""
+    flops = 2 * 9 * ci * co * (h_in - 2) ** 2
+    return flops, 4 * (ci * h_in ** 2 + co * (h_in - 2) ** 2 + co * ci * 9 + co)
+
+for ci_, co_, h_ in ((64, 64, 570), (256, 256, 138), (1, 64, 572)):
+    flops, min_bytes = conv_napkin(ci_, co_, h_)
+    print(f"{ci_:3d} -> {co_:3d} channels at {h_ - 2}^2: {flops / 1e9:5.2f} GFLOP, at least "
+          f"{min_bytes / 1e6:5.1f} MB moved: {flops / min_bytes:3.0f} FLOP per byte")
+flops, min_bytes = conv_napkin(64, 64, 570)
+for gpu, peak, bandwidth in (("H100 SXM", 67e12, 3.35e12), ("H200", 67e12, 4.8e12)):
+    print(f"{gpu:8s}: {peak / 1e12:.0f} TFLOP/s FP32 / {bandwidth / 1e12:.2f} TB/s = ridge at "
+          f"{peak / bandwidth:2.0f} FLOP per byte; the 64 -> 64 layer: DRAM {min_bytes / bandwidth * 1e3:.3f} ms, "
+          f"arithmetic {flops / peak * 1e3:.2f} ms")
+print(f"a kernel that loads x and w for every multiply-add asks for 8 bytes per 2 FLOP: "
+      f"{2 / 8:.2f} FLOP per byte requested")
+
+# %% [markdown]
+# At ~140 FLOP per byte the layer is **compute-bound** by a factor of ten or more: at full
+# arithmetic speed the FLOPs take ten times longer than the minimum traffic. (The H200
+# measured this layer's forward pass, with the tiled kernel below, at 1.35 ms, 17.6 TFLOP/s,
+# a quarter of the FP32 peak: `bench/results/h200-2026-12-04/bench_ops.txt`.) The deep layers
+# have even more work per byte (more channels, each pixel used by more filters). Only the
+# first layer (1 input channel: ~4 FLOP per byte) and the element-wise kernels (ReLU,
+# pooling: a FLOP or less per 8 bytes) are bandwidth-bound. But a kernel that *asks* for 8 bytes per multiply-add, as
+# the naive one below does, lives or dies by the caches catching those requests.
 
 # %% [markdown]
 # ## v1: the naive kernel — one thread per output element
@@ -209,7 +254,7 @@ for (nn, cc), ax in np.ndenumerate(np.array(axes, dtype=object)):
     for blk in np.unique(block_of[nn, cc]):
         where = np.argwhere(block_of[nn, cc] == blk)
         if len(where) > 40:                                       # label the big pieces only
-            ax.text(*where.mean(axis=0)[::-1], f"block {blk}", ha="center", va="center", fontsize=7, color="w")
+            ax.text(*where.mean(axis=0)[::-1], f"block {blk}", ha="center", va="center", fontsize=8, color="w")
     ax.set_title(f"y[{nn}, {cc}]", fontsize=8, pad=4); ax.axis("off")
 fig.suptitle("naive kernel: colour = blockIdx.x, dark to light = threadIdx.x 0..255, dot = threadIdx.x 0", fontsize=8)
 plt.tight_layout(h_pad=1.0); plt.show()
@@ -231,7 +276,7 @@ plt.tight_layout(h_pad=1.0); plt.show()
 # the backend as a method) computes the launch configuration just shown, and the emulator runs
 # every thread of every block on the CPU — checking each load and store against the bounds of
 # its array. The NumPy reference (`minunet.backends.reference.conv3x3_forward`, i.e.
-# `reference_forward` in the same module; what device `"cpu"` runs) is the oracle. We report
+# `reference_forward` in `minunet/ops/conv3x3.py`) is the oracle. We report
 # the **max abs error** $\max|y_{emu} - y_{cpu}|$ and the **relative error**
 # $\max|y_{emu} - y_{cpu}| / \max|y_{cpu}|$; float32 sums of $9 C_i$ products in a different
 # order agree to about $10^{-7}$ relative.
@@ -257,7 +302,7 @@ naive = KernelBackend("emu", conv3x3="naive", reduction="tree")
 y_ref = reference.conv3x3_forward(xs, ws, bs)
 y_naive = naive.conv3x3_forward(xs, ws, bs)
 print(naive, "->", y_naive.shape, type(y_naive).__name__, y_naive.dtype)
-compare("forward, naive (emu) vs reference (cpu)", y_naive, y_ref)
+compare("forward, naive (emu) vs reference", y_naive, y_ref)
 
 # %% [markdown]
 # ## v2: the tiled kernel — shared memory and register blocking
@@ -314,11 +359,15 @@ print(function_source("conv3x3", "conv3x3_forward_tiled", comment=False))
 # %% [markdown]
 # Things to notice in the source:
 #
-# * **Loading cooperatively.** The input tile has $8 \cdot 18 \cdot 34 = 4896$ values but the
-#   block only 256 threads, so thread `tid` loads elements `tid, tid + 256, tid + 512, ...`
-#   (a *block-strided loop*). Consecutive threads load consecutive pixels of a row:
-#   coalesced. Pixels outside the image, and channels beyond $C_i$ or $C_o$, are stored as 0
-#   (with weight 0), so the compute loop needs no bounds checks.
+# * **Loading cooperatively, by rows.** The input tile of a chunk has up to
+#   $8 \cdot 18 = 144$ rows of 34 pixels but the block only 8 warps, so warp $t_y$ loads rows
+#   $t_y, t_y + 8, t_y + 16, \ldots$ (a *block-strided loop* over rows): lane $t_x$ loads
+#   column $t_x$ of the row, and lanes 0 and 1 also load the two halo columns 32 and 33.
+#   Neighbouring lanes read neighbouring pixels (coalesced), and no thread divides an element
+#   index by the row length. Only the chunk's **real** channels are loaded: U-Net's first layer
+#   has 1 input channel, not 8, so it loads 18 rows, not 144, and the compute loop stops at
+#   the chunk's channel count. Pixels outside the image are stored as 0, and so are the weights
+#   of channels beyond $C_i$ or $C_o$, so the compute loop needs no bounds checks.
 # * **The barriers.** The first `__syncthreads()` guarantees the tile is complete before
 #   anyone reads it; the second that nobody starts loading the next chunk into the same
 #   shared arrays while a slower thread still computes with the current one.
@@ -346,8 +395,8 @@ fig, (c, a, b) = plt.subplots(1, 3, figsize=(7, 2.3), gridspec_kw=dict(width_rat
 c.imshow((np.arange(Co_big) // CO_PER_BLOCK)[:, None], cmap="Set2", vmin=-0.5, vmax=7.5, aspect="auto")
 for g in range(ceil_div(Co_big, CO_PER_BLOCK)):
     c.text(0, min(g * CO_PER_BLOCK + CO_PER_BLOCK / 2, (g * CO_PER_BLOCK + Co_big) / 2) - 0.5, f"y={g}",
-           ha="center", va="center", fontsize=7)
-c.set_yticks([0, Co_big - 1]); c.set_xticks([]); c.tick_params(labelsize=7)
+           ha="center", va="center", fontsize=8)
+c.set_yticks([0, Co_big - 1]); c.set_xticks([]); c.tick_params(labelsize=8)
 c.set_title(f"{Co_big} channels:\nblockIdx.y", fontsize=8)
 # one channel plane: blockIdx.x picks a TILE_H x TILE_W output tile
 a.imshow(block_x, cmap="tab10", vmin=-0.5, vmax=9.5)
@@ -368,8 +417,8 @@ b.add_patch(plt.Rectangle((tx - 0.5, ROWS_PER_THREAD * ty - 0.5), 1, ROWS_PER_TH
 b.add_patch(plt.Rectangle((tx - 0.5, ROWS_PER_THREAD * ty - 0.5), 3, ROWS_PER_THREAD + 2, fill=False, ec="red", lw=1.5))
 b.add_patch(plt.Rectangle((-0.5, -0.5), IN_TILE_W, IN_TILE_H, fill=False, ec="k", ls="--", lw=1, clip_on=False))
 b.set_xlim(-1, IN_TILE_W); b.set_ylim(IN_TILE_H, -1)
-b.set_yticks(np.arange(BLOCK_ROWS) * ROWS_PER_THREAD + 0.5, [f"ty={r}" for r in range(BLOCK_ROWS)], fontsize=6)
-b.set_xticks([0, TILE_W - 1], ["tx=0", f"tx={TILE_W - 1}"], fontsize=6); b.tick_params(length=0)
+b.set_yticks(np.arange(BLOCK_ROWS) * ROWS_PER_THREAD + 0.5, [f"ty={r}" for r in range(BLOCK_ROWS)], fontsize=8)
+b.set_xticks([0, TILE_W - 1], ["tx=0", f"tx={TILE_W - 1}"], fontsize=8); b.tick_params(length=0)
 b.set_title(f"one block: {TILE_H}x{TILE_W} tile, colour = threadIdx.y", fontsize=8)
 plt.tight_layout(); plt.show()
 
@@ -417,7 +466,9 @@ for what, (h_out, w_out, co) in {"this notebook's test shape": (Ho, Wo, Co),
 # the U-Net, whose 572 x 572 input tiles the paper chose because "we favor large input tiles
 # over a large batch size" (Section 3). On the tiny test images of this notebook most of
 # each tile lies outside the image. (How fast either kernel really is can only be measured on
-# a GPU: `MINUNET_CONV3X3=naive python -m minunet.bench --device cuda` against `MINUNET_CONV3X3=tiled`.)
+# a GPU: `MINUNET_CONV3X3=naive python -m minunet.bench --device cuda` against
+# `MINUNET_CONV3X3=tiled`. Notebook 9 shows what an H200 measured, next to what the emulator
+# counts and predicts.)
 #
 # ### Running the tiled kernel on `"emu"`
 #
@@ -428,7 +479,7 @@ for what, (h_out, w_out, co) in {"this notebook's test shape": (Ho, Wo, Co),
 
 # %%
 tiled = KernelBackend("emu", conv3x3="tiled", reduction="tree")
-compare("forward, tiled (emu) vs reference (cpu)", tiled.conv3x3_forward(xs, ws, bs), y_ref)
+compare("forward, tiled (emu) vs reference", tiled.conv3x3_forward(xs, ws, bs), y_ref)
 compare("forward, tiled vs naive (both emu)", tiled.conv3x3_forward(xs, ws, bs), y_naive)
 
 xb = rng.standard_normal((1, 11, 21, 37)).astype(np.float32)
@@ -535,7 +586,9 @@ print("gb == gy summed over n, i, j:", np.allclose(gb_ref, gy.sum(axis=(0, 2, 3)
 #   after each step — 7 steps instead of 127 serial additions. (For large images the pixels
 #   are also split over several blocks, whose partial results `reduce.cu` adds in a fixed
 #   order, so the result is deterministic.) In the deep layers, where weights outnumber pixels
-#   (128 x 128 x 9 weights, 4 x 4 pixels), the default `reduction="auto"` runs
+#   (the bottom of the base-8, depth-4 network on a 188 tile that
+#   `python -m minunet.bench --kernels` profiles: 128 x 128 x 9 weights, 4 x 4 output pixels;
+#   the paper's network has 1024 x 1024 x 9 weights on 28 x 28 pixels there), the default `reduction="auto"` runs
 #   `conv3x3_grad_weight_serial` instead: one thread per weight, a loop over the pixels.
 # * **Bias gradient**: $g_b[c_o]$ is the sum of the same $g_y$ values the weight gradient
 #   reads, so both weight-gradient kernels compute it on the way (a *fused* kernel): each
@@ -574,20 +627,25 @@ for name, got, ref in zip(("gx", "gw", "gb"), tiled_split.conv3x3_backward(xb, w
 #
 # Ordinary code never calls a backend: it makes tensors on a device and calls `F.conv3x3`;
 # `.backward()` then runs the backward kernels of that device (on `"emu"` those the
-# `"auto"` defaults pick for each shape). Here a loss $L = \sum y \cdot p$ with a fixed random $p$ (so $g_y = p$) is
-# differentiated once on `"emu"` and once on `"cpu"`:
+# `"auto"` defaults pick for each shape). Here a loss $L = \sum y \cdot p$ with a fixed random
+# $p$ (so $g_y = p$) is differentiated three times: on `"emu"` in float32 (the CUDA kernels),
+# on `"cpu"` in float32 (the Numba kernels: a second fast implementation, not the oracle) and
+# on `"cpu"` in float64, which runs the NumPy reference (the Numba kernels take float32 only;
+# other dtypes go to the reference). The last one is the oracle:
 
 # %%
 p = rng.standard_normal((N, Co, Ho, Wo))
 grads = {}
-for device in ("emu", "cpu"):
-    X, Wt, B = (mu.Tensor(a, device=device, requires_grad=True) for a in (xs, ws, bs))
+for device, dtype in (("emu", "float32"), ("cpu", "float32"), ("cpu", "float64")):
+    X, Wt, B = (mu.Tensor(a, device=device, dtype=dtype, requires_grad=True) for a in (xs, ws, bs))
     out = F.conv3x3(X, Wt, B)
-    (out * mu.Tensor(p, device=device)).sum().backward()
-    grads[device] = [out.numpy()] + [t.grad.numpy() for t in (X, Wt, B)]
-    print(f"{device}: y {out.shape} on {out.device!r}, grads of x {X.grad.shape}, w {Wt.grad.shape}, b {B.grad.shape}")
-for name, e, c in zip(("y", "gx", "gw", "gb"), grads["emu"], grads["cpu"]):
-    compare(f"autograd {name}: Tensor on emu vs on cpu", e, c)
+    (out * mu.Tensor(p, device=device, dtype=dtype)).sum().backward()
+    grads[device, dtype] = [out.numpy()] + [t.grad.numpy() for t in (X, Wt, B)]
+    print(f"{device} {dtype}: y {out.shape}, grads of x {X.grad.shape}, w {Wt.grad.shape}, b {B.grad.shape}")
+for name, e, c, o in zip(("y", "gx", "gw", "gb"), grads["emu", "float32"], grads["cpu", "float32"],
+                         grads["cpu", "float64"]):
+    compare(f"autograd {name}: emu (CUDA kernels) vs reference", e, o)
+    compare(f"autograd {name}: cpu (Numba kernels) vs reference", c, o)
 
 # %% [markdown]
 # ## On a real GPU
@@ -661,6 +719,44 @@ print(f"{len(results)} comparisons, worst relative error {worst:.1e}: "
 #   kernel computes it with the same code as the forward pass.
 # * Every kernel runs on the CPU under the emulator and agrees with the NumPy reference to
 #   float32 rounding; the reference agrees with finite differences in float64.
+
+# %% [markdown]
+# ## Exercises that run on a laptop
 #
-# Next: [04_the_unet.ipynb](04_the_unet.ipynb) stacks 18 of these convolutions into the
-# network of Fig. 1.
+# The exercises live in [`notebooks/exercises/`](exercises/): each is a short `.cu` file (the
+# starter; open it in any editor, the comment at its top says what to do) with a check that
+# compiles it with minunet's CUDA emulator in checked mode, runs it on shapes that cross tile
+# and warp boundaries, compares it with NumPy and, where the exercise is about speed, counts
+# what a GPU profiler would. No GPU is needed. `check(name)` prints what is still wrong;
+# `solution(name)` is the path of a worked solution, for after you have tried.
+# `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
+# starter (which must fail), so the checks keep working.
+#
+# **Exercise 02.1: restore the barriers.** [`exercises/barrier.cu`](exercises/barrier.cu) is a
+# small tiled convolution (one output channel, a 16 x 16 tile, a loop over input channels)
+# from which both `__syncthreads()` were deleted. The check below runs the starter as it is:
+# the emulator reports the race, naming the two threads and the two source lines. Put the
+# barriers back and run the cell again.
+
+# %%
+from exercises.check import check, solution
+
+check("barrier");
+
+# %% [markdown]
+# **Exercise 02.2: write a tiled 1x1 convolution.** U-Net's last layer (Fig. 1, teal) is a 1x1
+# convolution: per pixel, the feature vector times a $C_o \times C_i$ matrix.
+# [`exercises/tiled_conv1x1.cu`](exercises/tiled_conv1x1.cu) starts from the naive kernel,
+# which loads an input and a weight from global memory for every multiply-add. Apply the two
+# ideas of the tiled 3x3 kernel: 8 output channels per thread in registers, and the block's
+# weights staged in shared memory (with barriers, and without an early `return` before them).
+# The check counts global load requests per warp of outputs: $2 C_i + 1$ for the starter, at
+# most $C_i / 2$ wanted.
+
+# %%
+check("tiled_conv1x1");
+
+# %% [markdown]
+# Next: [03_pooling_and_upconv.ipynb](03_pooling_and_upconv.ipynb) — the other two
+# operations of Fig. 1 (red and green arrows), their kernels and their gradients. Then
+# [04_the_unet.ipynb](04_the_unet.ipynb) stacks 18 of these convolutions into the network.

@@ -17,7 +17,9 @@
 # backward, then reads the CUDA kernels that compute them (`kernels/maxpool2x2.cu`,
 # `kernels/conv_transpose2x2.cu`), explains in NumPy terms which thread computes which
 # number, runs those kernels on the CPU through minunet's CUDA emulator (device `"emu"`)
-# and compares every result with the NumPy reference (device `"cpu"`). A short section at
+# and compares every result with the NumPy reference, `minunet.backends.reference` (the
+# oracle; device `"cpu"` runs fast Numba kernels for float32, a second implementation checked
+# against the same reference). A short section at
 # the end covers the third resolution-related piece, the centre crop of the skip connections.
 
 # %%
@@ -25,7 +27,7 @@ from nbsetup import F, mu, np, plt  # the shared setup: imports, figures, printi
 
 # %%
 import re
-from minunet.backends import get_backend
+from minunet.backends import get_backend, reference
 from minunet.backends.kernels import KernelBackend
 from minunet.backends.sources import kernel_source, kernels_dir
 from minunet.devices import to_host
@@ -38,7 +40,7 @@ def show_ints(ax, a, title, cmap="Blues", block=2, fmt=None, lim=None):
     ax.imshow(a, cmap=cmap, vmin=lo, vmax=hi + 0.7 * (hi - lo))  # light colours: text stays legible
     fmt = fmt or (lambda v: f"{v:g}")
     for (r, c), v in np.ndenumerate(a):
-        ax.text(c, r, fmt(v), ha="center", va="center", fontsize=7)
+        ax.text(c, r, fmt(v), ha="center", va="center", fontsize=8)
     h, w = a.shape
     ax.hlines(np.arange(h + 1) - 0.5, -0.5, w - 0.5, color="0.75", lw=0.5)
     ax.vlines(np.arange(w + 1) - 0.5, -0.5, h - 0.5, color="0.75", lw=0.5)
@@ -139,9 +141,9 @@ patterns = {"all equal": [[5, 5], [5, 5]], "(0,1) = (1,0)": [[3, 8], [8, 1]],
             "(1,0) = (1,1)": [[1, 2], [7, 7]], "(0,0) = (1,1)": [[9, 0], [0, 9]],
             "no tie": [[1, 2], [3, 4]]}
 windows = np.array(list(patterns.values()), np.float32)[:, None]     # (5, 1, 2, 2)
-for device in ("cpu", "emu"):
-    _, am = get_backend(device).max_pool2x2_forward(windows)
-    print(f"{device}: argmax", dict(zip(patterns, am.ravel().tolist())))
+for name, backend in (("reference", reference), ("cpu (Numba)", get_backend("cpu")), ("emu", get_backend("emu"))):
+    _, am = backend.max_pool2x2_forward(windows)
+    print(f"{name:11s}: argmax", dict(zip(patterns, to_host(am).ravel().tolist())))
 
 # %% [markdown]
 # ### Odd sizes: the floor drops the last row or column
@@ -264,9 +266,10 @@ print(function_source("maxpool2x2", "maxpool2x2_backward", comment=False))
 # ### Pooling on `emu` vs the NumPy reference
 #
 # The same `F.max_pool2x2` and `.backward()` on device `"emu"` run the two kernels above
-# (launched by `kernels_forward` and `kernels_backward` of `minunet/ops/maxpool2x2.py`); on
-# `"cpu"` they run the NumPy reference (`reference_forward` and `reference_backward` of the
-# same module, which compare four strided views of all windows at once). Odd sizes, 2 images, 3 channels; once with small integers, where many windows
+# (launched by `kernels_forward` and `kernels_backward` of `minunet/ops/maxpool2x2.py`). The
+# oracle is the NumPy reference, `reference.max_pool2x2_forward` and `_backward`
+# (`reference_forward` and `reference_backward` of the same module, which compare four
+# strided views of all windows at once). Odd sizes, 2 images, 3 channels; once with small integers, where many windows
 # contain ties, and once with random floats. Pooling only *selects* numbers, so the
 # two devices must agree exactly: error 0, and the same argmax everywhere.
 
@@ -278,16 +281,20 @@ def pool_on(device, x, gy):
     _, am = get_backend(device).max_pool2x2_forward(X.data)
     return {"y": Y.numpy(), "argmax": to_host(am), "dL/dx": X.grad.numpy()}
 
+def pool_reference(x, gy):
+    y, am = reference.max_pool2x2_forward(x)
+    return {"y": y, "argmax": am, "dL/dx": reference.max_pool2x2_backward(gy, am, x.shape)}
+
 def compare_pool(device):
     rng = np.random.default_rng(1)
     shape = (2, 3, 7, 9)                                    # odd H and W, N > 1, C > 1
     gy = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
     for name, x in [("integers 0..3", rng.integers(0, 4, shape).astype(np.float32)),
                     ("standard normal", rng.standard_normal(shape).astype(np.float32))]:
-        got, ref = pool_on(device, x, gy), pool_on("cpu", x, gy)
+        got, ref = pool_on(device, x, gy), pool_reference(x, gy)
         win = x[:, :, :6, :8].reshape(2, 3, 3, 2, 4, 2)        # the 72 windows, floor applied
         ties = int(((win == win.max(axis=(3, 5), keepdims=True)).sum(axis=(3, 5)) > 1).sum())
-        print(f"{device} vs cpu, x {shape} {name:15s} ({ties:2d} windows with ties): "
+        print(f"{device} vs reference, x {shape} {name:15s} ({ties:2d} windows with ties): "
               f"max|y err| = {max_err(got['y'], ref['y']):.1e}, "
               f"argmax differs at {int((got['argmax'] != ref['argmax']).sum())} of {ref['argmax'].size}, "
               f"max|dL/dx err| = {max_err(got['dL/dx'], ref['dL/dx']):.1e}")
@@ -501,9 +508,11 @@ print(f"{steps} steps; tree sum {s[0]:.12f} vs np.sum {partial.sum():.12f}")
 # `kernels/reduce.cu`, adds the slices in a fixed order. Fixed order means the result is
 # deterministic, unlike `atomicAdd`. The bias gradient comes from the same kernel: each thread
 # also adds the 4 $g_y$ values it loads for a channel to that channel's bias sum (`bias[d]`),
-# and the blocks of $c_i = 0$ write it, so $g_y$ is read once for both gradients. (In U-Net's
-# deepest layers, 128 x 64 x 4 weights but 4 x 4 pixels, a block of 128 threads would find
-# almost no pixels to add: there the default `reduction="auto"` runs
+# and the blocks of $c_i = 0$ write it, so $g_y$ is read once for both gradients. (Small deep
+# layers are different. The deepest up-convolution of the base-8, depth-4 network on a 188
+# tile, which `python -m minunet.bench --kernels` profiles, has 128 x 64 x 4 weights but only
+# 4 x 4 input pixels (the paper's network: 1024 x 512 x 4 weights on 28 x 28 pixels). A block
+# of 128 threads would find almost no pixels to add: there the default `reduction="auto"` runs
 # `conv_transpose2x2_grad_weight_serial`, one thread per weight and per bias. `reduction="tree"`
 # below keeps the tree kernel.)
 #
@@ -532,9 +541,13 @@ X64, W64, B64 = (mu.Tensor(a, dtype="float64", requires_grad=True) for a in args
 Y64 = F.conv_transpose2x2(X64, W64, B64); Y64.backward(args32[3].astype(np.float64))
 exact = {"y": Y64.numpy(), "dL/dx": X64.grad.numpy(), "dL/dw": W64.grad.numpy(), "dL/db": B64.grad.numpy()}
 
+def upconv_reference(x, w, b, gy):
+    gx, gw, gb = reference.conv_transpose2x2_backward(x, w, gy, True)
+    return {"y": reference.conv_transpose2x2_forward(x, w, b), "dL/dx": gx, "dL/dw": gw, "dL/db": gb}
+
 def compare_upconv(device):
-    got, ref = upconv_on(device, *args32), upconv_on("cpu", *args32)
-    print(f"{'':6s} {'shape':>14s}  {device + ' vs cpu':>12s}  {'cpu vs f64':>10s}  {device + ' vs f64':>11s}")
+    got, ref = upconv_on(device, *args32), upconv_reference(*args32)
+    print(f"{'':6s} {'shape':>14s}  {device + ' vs ref':>12s}  {'ref vs f64':>10s}  {device + ' vs f64':>11s}")
     for k in got:
         print(f"{k:6s} {str(got[k].shape):>14s}  {max_err(got[k], ref[k]):12.1e}  "
               f"{max_err(ref[k], exact[k]):10.1e}  {max_err(got[k], exact[k]):11.1e}")
@@ -550,7 +563,7 @@ sliced = LoggedBackend("emu", reduction="tree")
 sliced.min_pixels_per_slice = 8
 print(f"backward with {N * H * W} pixels in slices of at least {sliced.min_pixels_per_slice}:")
 _, gw_sliced, _ = sliced.conv_transpose2x2_backward(*args32[:2], args32[3])
-print(f"dL/dw from 9 slices (emu): max err vs cpu {max_err(gw_sliced, upconv_on('cpu', *args32)['dL/dw']):.1e}")
+print(f"dL/dw from 9 slices (emu): max err vs reference {max_err(gw_sliced, upconv_reference(*args32)['dL/dw']):.1e}")
 
 # %% [markdown]
 # ## The same kernels on a GPU
@@ -597,7 +610,8 @@ for device in ("cpu", "emu"):
     Yc = F.crop_concat(S, U); Yc.backward(mu.Tensor(gyc, device=device))
     out[device] = (Yc.numpy(), S.grad.numpy(), U.grad.numpy())
 print("skip", skip.shape, "+ up", upm.shape, "->", out["cpu"][0].shape, f"| crop offset ({oy}, {ox})")
-print("emu vs cpu: max errors y %.1e, dL/dskip %.1e, dL/dup %.1e" % tuple(max_err(a, b) for a, b in zip(out["emu"], out["cpu"])))
+print("emu vs cpu (which runs the NumPy reference for this op: it has no Numba kernel): "
+      "max errors y %.1e, dL/dskip %.1e, dL/dup %.1e" % tuple(max_err(a, b) for a, b in zip(out["emu"], out["cpu"])))
 print(f"y[:, :2] is skip[:, :, {oy}:{oy + 4}, {ox}:{ox + 4}]:", np.array_equal(out["cpu"][0][:, :2], skip[:, :, oy:oy + 4, ox:ox + 4]),
       f"| dL/dskip is 0 outside it: {not out['cpu'][1][..., outside].any()}")
 
@@ -623,5 +637,44 @@ print(f"y[:, :2] is skip[:, :, {oy}:{oy + 4}, {ox}:{ox + 4}]:", np.array_equal(o
 #   a tree in shared memory, slices combined in a fixed order.
 # * On `emu` the kernels give exactly the reference's pooling results and agree with the
 #   reference up-convolution to float32 rounding (about $10^{-6}$).
+
+# %% [markdown]
+# ## Exercises that run on a laptop
 #
+# The exercises live in [`notebooks/exercises/`](exercises/): each is a short `.cu` file (the
+# starter; open it in any editor, the comment at its top says what to do) with a check that
+# compiles it with minunet's CUDA emulator in checked mode, runs it on shapes that cross tile
+# and warp boundaries, compares it with NumPy and, where the exercise is about speed, counts
+# what a GPU profiler would. No GPU is needed. `check(name)` prints what is still wrong;
+# `solution(name)` is the path of a worked solution, for after you have tried.
+# `tests/test_notebooks.py` runs every check against its solution (which must pass) and its
+# starter (which must fail), so the checks keep working.
+#
+# **Exercise 03.1: make max-pooling's loads coalesced.**
+# [`exercises/coalesced_pool.cu`](exercises/coalesced_pool.cu) is the pooling forward pass
+# above without the argmax: one thread per output pixel, so the lanes of a warp read every
+# other float and each load instruction touches 8 sectors of 32 bytes. Rewrite it with one
+# thread per input column and a warp shuffle (`__shfl_xor_sync`) to pair neighbouring lanes,
+# and watch the profiler's *sectors per request* fall from 8 to 4. (The H200 measured 8.00
+# sectors per request for minunet's pooling kernel, exactly what the emulator counts:
+# `bench/results/h200-2026-12-04/README.md`.)
+
+# %%
+from exercises.check import check, solution
+
+check("coalesced_pool");
+
+# %% [markdown]
+# **Exercise 03.2: the backward pass as a gather.**
+# [`exercises/scatter_gather.cu`](exercises/scatter_gather.cu) computes max-pooling's input
+# gradient the "obvious" way: one thread per window *scatters* its gradient to the argmax
+# pixel. It writes only a quarter of $g_x$; the rest keeps whatever the memory held (the
+# check fills it with NaN first). Rewrite it as the gather that minunet's kernel uses: one
+# thread per input pixel, writing $g_y$ or 0, so every element is written once, by one
+# thread, with no atomics and no separate zero-fill.
+
+# %%
+check("scatter_gather");
+
+# %% [markdown]
 # Next: [04_the_unet.ipynb](04_the_unet.ipynb) puts these pieces together into the network of Fig. 1.

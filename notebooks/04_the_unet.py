@@ -103,7 +103,7 @@ print(f"parameters: formula {n_formula:,}  table {sum(r['parameters'] for r in l
 # The table is arithmetic; now we run a network and look at the shapes it really produces.
 # Sizes do not depend on the channel counts, so a network of the same depth with
 # `base_channels=2` (2, 4, ..., 32 channels: 32 times fewer than the paper) gives the same
-# sizes in a fraction of a second. The layers of `mu.UNet` call the ops of
+# sizes with about 1,000 times less arithmetic. The layers of `mu.UNet` call the ops of
 # `minunet.functional` (`F.conv3x3`, `F.max_pool2x2`, ...) when they run, so wrapping those
 # functions for the duration of one call of `model(x)` records every op the real forward pass
 # performs, with its arguments and result — a trace of `forward`, not a copy of it. The input
@@ -246,7 +246,7 @@ def draw_u(layers):
     maps = [dict(op="input", level=0, size=layers[0]["in_size"], channels=layers[0]["in_channels"])]
     maps += [dict(op=r["op"], level=r["level"], size=r["out_size"], channels=r["out_channels"])
              for r in layers if r["op"] != "dropout"]           # dropout changes no size: not drawn
-    fig, ax = plt.subplots(figsize=(11, 5.2))
+    fig, ax = plt.subplots(figsize=(12, 5.2))
     height = lambda s: 2.6 * np.sqrt(s / maps[0]["size"])
     width = lambda c: 0.12 + 0.09 * np.log2(c)
     y_of = lambda level: -2.3 * level
@@ -265,15 +265,15 @@ def draw_u(layers):
             continue
         if previous is not None:
             px, py, pw = previous
-            x = px + pw + (0.45 if r["level"] == previous_level else 0.15)
+            x = px + pw + (0.62 if r["level"] == previous_level else 0.15)   # room for 3-digit labels
             if r["op"] == "up-conv 2x2":
                 x += width(channels)            # room for the white copy box
             ax.annotate("", xy=(x, y), xytext=(px + pw, py),
                         arrowprops=dict(arrowstyle="->", color=colours[r["op"]], lw=1.2))
         ax.add_patch(plt.Rectangle((x, y - h / 2), w, h, fc="#9cf" if r["op"] != "input" else "#ddd",
                                    ec="k", lw=0.6))
-        ax.text(x + w / 2, y + h / 2 + 0.08, str(r["channels"]), ha="center", va="bottom", fontsize=7)
-        ax.text(x + w / 2, y - h / 2 - 0.08, str(r["size"]), ha="center", va="top", fontsize=6)
+        ax.text(x + w / 2, y + h / 2 + 0.08, str(r["channels"]), ha="center", va="bottom", fontsize=8)
+        ax.text(x + w / 2, y - h / 2 - 0.08, str(r["size"]), ha="center", va="top", fontsize=8)
         previous, previous_level = (x, y, w), r["level"]
         if r["op"] != "up-conv 2x2":
             last_on_level[r["level"]] = (x + w, y)
@@ -296,6 +296,8 @@ draw_u(layers)
 # * 23 convolutional layers, 31,030,658 parameters for the paper's configuration;
 #   `model.layer_table(size)` lists every layer's sizes, channels and parameters.
 #
-# Next: [06_elastic_deformation.ipynb](06_elastic_deformation.ipynb) — how so few training
-# images are made into many; [07_overlap_tile.ipynb](07_overlap_tile.ipynb) — how the
-# shrinking output tiles cover an image of any size.
+# Next: [05_weighted_loss.ipynb](05_weighted_loss.ipynb) — what the network is trained to
+# minimise: the weighted cross-entropy of eq. 1 and the border weights of eq. 2. After it,
+# [06_elastic_deformation.ipynb](06_elastic_deformation.ipynb) (how so few training images
+# are made into many) and [07_overlap_tile.ipynb](07_overlap_tile.ipynb) (how the shrinking
+# output tiles cover an image of any size).

@@ -185,3 +185,6 @@ plt.tight_layout(); plt.show()
 #
 # In training (`minunet.data.TileSampler`, notebook 8) every tile is freshly deformed, so
 # the network never sees the same example twice.
+#
+# Next: [07_overlap_tile.ipynb](07_overlap_tile.ipynb) — how a network whose output is
+# smaller than its input segments an image of any size (Fig. 2).

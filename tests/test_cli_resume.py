@@ -73,7 +73,8 @@ def test_printed_resume_command_continues_the_same_run_on_the_users_images(user_
     assert train_on_folder("--iterations", "6", "--quiet", out="runs/straight") == 0
     capsys.readouterr()
     interrupt_at_step(monkeypatch, 3)
-    assert train_on_folder("--iterations", "6", "--quiet") == train.EXIT_INTERRUPTED
+    # without batches prepared ahead, the Ctrl-C while step 3's batch is prepared stops at 3
+    assert train_on_folder("--iterations", "6", "--quiet", "--prefetch", "0") == train.EXIT_INTERRUPTED
     monkeypatch.undo()
     out = capsys.readouterr().out
     assert load_checkpoint(user_folder / "runs/mine/checkpoint.npz")["meta"]["iteration"] == 3
@@ -90,6 +91,34 @@ def test_printed_resume_command_continues_the_same_run_on_the_users_images(user_
                            user_folder / "runs/mine/checkpoint.npz")
     log = (user_folder / "runs/mine/log.csv").read_text().strip().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_a_run_with_batches_prepared_ahead_resumes_bit_identically(user_folder, monkeypatch,
+                                                                   capsys, ahead):
+    """--prefetch: a background thread prepares the next batches while the step runs, moving the
+    random generator ahead of the training; the checkpoint stores the generator as it was after
+    the last batch trained on, so the run, interrupted and resumed (with --prefetch again), ends
+    with the parameters of an uninterrupted run without prefetching, and the same data order."""
+    assert train_on_folder("--iterations", "6", "--quiet", "--prefetch", "0", out="runs/straight") == 0
+    interrupt_at_step(monkeypatch, 4)     # which step it stops at depends on the thread's lead
+    assert train_on_folder("--iterations", "6", "--quiet", "--prefetch", str(ahead)) == \
+        train.EXIT_INTERRUPTED
+    monkeypatch.undo()
+    stopped = load_checkpoint(user_folder / "runs/mine/checkpoint.npz")["meta"]["iteration"]
+    assert 1 <= stopped < 6
+    capsys.readouterr()
+    monkeypatch.chdir(user_folder)    # undo() also undid the fixture's chdir
+    assert run(train.main, ["--out", "runs/mine", "--resume", "--quiet", "--prefetch", str(ahead)]) == 0
+    assert_same_parameters(user_folder / "runs/straight/checkpoint.npz",
+                           user_folder / "runs/mine/checkpoint.npz")
+    straight = load_checkpoint(user_folder / "runs/straight/checkpoint.npz")["meta"]["rng_state"]
+    resumed = load_checkpoint(user_folder / "runs/mine/checkpoint.npz")["meta"]["rng_state"]
+    assert straight == resumed
+    header, *rows = (user_folder / "runs/mine/log.csv").read_text().strip().splitlines()
+    assert header == "iteration,loss,seconds,data_ms,step_ms"
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(float(r.split(",")[3]) >= 0 and float(r.split(",")[4]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -213,3 +242,41 @@ def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_batches_prepared_ahead_are_the_batches_in_order(ahead):
+    """train.Batches hands out the same batches, in the same order, with the generator state
+    after each, whether a thread prepares them ahead or not; an error in the thread is raised
+    in the training loop."""
+    from minunet.data import TileSampler, synthetic_samples
+
+    samples = synthetic_samples("em", n=2, size=64, seed=1)
+
+    def batches_of(ahead_):
+        sampler = TileSampler(samples, 60, 20, np.random.default_rng(3), device="cpu")
+        batches = train.Batches(sampler, 2, ahead=ahead_)
+        try:
+            return [batches.next() for _ in range(3)]
+        finally:
+            batches.close()
+
+    want, got = batches_of(0), batches_of(ahead)
+    for (want_batch, want_state, _), (got_batch, got_state, seconds) in zip(want, got):
+        assert got_state == want_state and seconds > 0
+        for a, b in zip(got_batch, want_batch):
+            assert np.array_equal(a, b)
+    assert want[0][1] != want[1][1]
+
+    class Broken:
+        rng = np.random.default_rng(0)
+
+        def batch(self, size):
+            raise ValueError("the image holds 3 NaN values")
+
+    batches = train.Batches(Broken(), 1, ahead=ahead)
+    try:
+        with pytest.raises(ValueError, match="NaN"):
+            batches.next()
+    finally:
+        batches.close()

@@ -452,8 +452,10 @@ def test_sgd_step_refuses_aliased_arrays():
         backend.sgd_step(param, param, np.zeros(8, np.float32), 0.1, 0.9)
 
 
-def test_an_edited_kernel_file_is_compiled_again(tmp_path, monkeypatch):
-    """The module cache follows the file: editing a .cu file takes effect without a restart."""
+def test_an_edited_kernel_file_is_compiled_again_after_reload(tmp_path, monkeypatch):
+    """The module cache follows the file when asked: an edited .cu file takes effect after
+    ``backend.reload()`` without a restart; without it, launches use the module already built
+    (no file-system call per launch)."""
     import minunet.backends.kernels as kernels_module
     import minunet.backends.sources as sources_module
 
@@ -464,14 +466,23 @@ def test_an_edited_kernel_file_is_compiled_again(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels_module, "kernels_dir", lambda: tmp_path)
     monkeypatch.setattr(sources_module, "kernels_dir", lambda: tmp_path)
     backend = KernelBackend("emu")
-    results = []
-    for value in ("1.0f", "2.0f"):
+
+    def edit_and_launch(value: str, stamp: int) -> float:
         path.write_text(source.replace("VALUE", value))
-        os.utime(path, ns=(0, len(results) * 10**9))  # a distinct modification time, even if fast
+        os.utime(path, ns=(0, stamp * 10**9))  # a distinct modification time, even if fast
         y = np.zeros(4, np.float32)
         backend.launch("probe", "fill", (1,), (32,), (y, np.int32(4)))
-        results.append(float(y[0]))
-    assert results == [1.0, 2.0]
+        return float(y[0])
+
+    assert edit_and_launch("1.0f", 1) == 1.0
+    assert edit_and_launch("2.0f", 2) == 1.0          # not looked at again before reload()
+    assert backend.reload() == [str(path)]
+    assert edit_and_launch("2.0f", 2) == 2.0
+    assert backend.reload() == []                     # unchanged: kept
+    path.unlink()
+    assert backend.reload() == [str(path)]
+    with pytest.raises(KernelError, match="no kernel file"):
+        backend.launch("probe", "fill", (1,), (32,), (np.zeros(4, np.float32), np.int32(4)))
 
 
 def test_launch_constants_are_read_from_the_cu_files_defines(tmp_path, monkeypatch):

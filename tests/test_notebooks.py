@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,11 +32,12 @@ MAX_SIZE_KB = 1024
 
 
 EXPECTED = ["01_tensors_and_autograd", "02_conv3x3", "03_pooling_and_upconv", "04_the_unet",
-            "05_weighted_loss", "06_elastic_deformation", "07_overlap_tile", "08_train_and_evaluate"]
+            "05_weighted_loss", "06_elastic_deformation", "07_overlap_tile", "08_train_and_evaluate",
+            "09_making_the_convolution_fast"]
 
 
 def test_notebooks_exist():
-    """The eight notebooks, each a .py source and its .ipynb, each linked from the README."""
+    """The nine notebooks, each a .py source and its .ipynb, each linked from the README."""
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
     assert sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")) == EXPECTED
     readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
@@ -69,6 +73,48 @@ def test_notebook_runs(path: Path):
 
 def cells(nb) -> list[tuple[str, str]]:
     return [(cell.cell_type, cell.source) for cell in nb.cells]
+
+
+NEXT_LINK = re.compile(r"\[(\d\d_\w+)\.ipynb\]\(\1\.ipynb\)")
+
+
+@pytest.mark.parametrize("name, following", list(zip(EXPECTED, EXPECTED[1:])))
+def test_reading_path_links_each_notebook_to_the_next(name: str, following: str):
+    """The reading path 01 -> 02 -> ...: a notebook's last cell says "Next:" and links the
+    notebook that follows it (first), so a reader who finishes one never has to guess."""
+    last = jupytext.read(NOTEBOOK_DIR / f"{name}.py", fmt="py:percent").cells[-1]
+    assert last.cell_type == "markdown" and "Next:" in last.source, \
+        f"{name}.py should end with a markdown cell 'Next: [...](...)'"
+    after_next = last.source.split("Next:", 1)[1]
+    links = NEXT_LINK.findall(after_next)
+    assert links and links[0] == following, \
+        f"{name}.py's last cell should link {following}.ipynb first after 'Next:', found {links}"
+
+
+def test_readme_marks_the_paper_and_cuda_tracks():
+    """The README names both reading tracks and every notebook on each exists."""
+    readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+    for track in ("Paper track", "CUDA track"):
+        line = next((ln for ln in readme.splitlines() if ln.startswith(f"**{track}")), None)
+        assert line is not None, f"README's Notebooks section should have a line starting **{track}"
+        numbers = re.findall(r"\b(\d\d)\b", line)
+        assert numbers and all(any(n.startswith(k) for n in EXPECTED) for k in numbers), (track, numbers)
+
+
+def test_nbsetup_ignores_a_folder_named_minunet_that_is_not_the_package(tmp_path):
+    """A copied notebooks/ folder next to a directory called minunet (no __init__.py) must not
+    put that directory first on sys.path: `import minunet` would find an empty namespace
+    package. nbsetup adds the parent folder only when it holds minunet/__init__.py."""
+    (tmp_path / "minunet").mkdir()                          # e.g. a clone's data folder
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "nbsetup.py").write_bytes((NOTEBOOK_DIR / "nbsetup.py").read_bytes())
+    env = dict(os.environ, PYTHONPATH=str(NOTEBOOK_DIR.parent), MPLBACKEND="Agg")
+    code = ("import sys, nbsetup; print(nbsetup.mu.UNet.__name__, "
+            f"{str(tmp_path)!r} in sys.path, nbsetup.use_checkout())")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "notebooks", env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["UNet", "False", "False"]
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -139,3 +185,46 @@ def test_sync_refuses_to_overwrite_a_newer_edited_ipynb(pair, capsys):
     assert (folder / f"{name}.ipynb").read_bytes() == before
     assert sync.main(["no_such_notebook"], folder=folder) == 2
     assert "unknown notebook(s) no_such_notebook" in capsys.readouterr().err
+
+
+def load_exercise_checks():
+    spec = importlib.util.spec_from_file_location("exercise_check", NOTEBOOK_DIR / "exercises" / "check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+EXERCISES = ["barrier", "tiled_conv1x1", "coalesced_pool", "scatter_gather", "bank_conflicts",
+             "divergent_barrier"]
+
+
+@pytest.mark.parametrize("exercise", EXERCISES)
+def test_exercise_check_passes_the_solution_and_fails_the_starter(exercise: str):
+    """Each CUDA exercise's check (run on the emulator) accepts its worked solution and rejects
+    the starter the student begins from, saying why: so the check can fail, and it checks what
+    the exercise is about (a race, redundant loads, uncoalesced loads, unwritten outputs, bank
+    conflicts, a barrier some threads skip)."""
+    checks = load_exercise_checks()
+    solved = checks.check(exercise, checks.solution(exercise), quiet=True)
+    assert solved.passed, str(solved)
+    starter = checks.check(exercise, quiet=True)
+    assert not starter.passed, f"the starter of {exercise} passes its own check:\n{starter}"
+    why = {"barrier": "race", "tiled_conv1x1": "too many global loads",
+           "coalesced_pool": "sectors per request", "scatter_gather": "never written",
+           "bank_conflicts": "bank conflicts", "divergent_barrier": "waits at __syncthreads()"}
+    assert why[exercise] in str(starter), str(starter)
+
+
+def test_exercise_check_refuses_unknown_names():
+    checks = load_exercise_checks()
+    with pytest.raises(ValueError, match="unknown exercise 'nope'; the exercises are barrier"):
+        checks.check("nope")
+
+
+def test_every_exercise_has_a_starter_a_solution_and_a_check():
+    checks = load_exercise_checks()
+    assert sorted(checks.CHECKS) == sorted(EXERCISES)
+    for name in EXERCISES:
+        assert (NOTEBOOK_DIR / "exercises" / f"{name}.cu").is_file()
+        assert checks.solution(name).is_file()

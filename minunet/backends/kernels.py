@@ -8,7 +8,8 @@ types are called the same way, ``fn(grid, block, args, shared_mem=0)``, so each 
 ``conv3x3_forward``) is written once for both devices.
 
 What this file does, and no op repeats:
-- compiles each ``kernels/<file>.cu`` once per device, and again when the file changes on disk;
+- compiles each ``kernels/<file>.cu`` once per device, and again after ``reload()`` when the file
+  changed on disk (no file-system call per launch);
 - launches, naming the kernel and its file when a launch fails, and refuses a grid whose flat
   thread index would overflow the kernels' 32-bit ``int``;
 - converts arguments (C-contiguous float32 arrays of this device) and allocates outputs; on
@@ -17,7 +18,7 @@ What this file does, and no op repeats:
 - the weight and bias gradients of the convolutions (their kernels, serial or tree, and the
   split tree reductions' partial sums, added by ``kernels/reduce.cu``), and means.
 
-Two choices of kernel, each made per launch from the shapes unless a version is forced:
+Choices of kernel, each made per launch from the shapes unless a version is forced:
 
 - The 3x3 convolution's forward and input gradient (kernels/conv3x3.cu): v1 ``"naive"`` (one
   thread per output), v2 ``"tiled"`` (shared-memory tiles, 16 outputs per thread), v3 ``"igemm"``
@@ -27,27 +28,44 @@ Two choices of kernel, each made per launch from the shapes unless a version is 
   ``conv3x3_version``): on ``cuda`` wmma under precision "tf32" (layers with >= 8 source
   channels, on sm_80+), else igemm - chosen from their design, NOT yet measured on a GPU; on
   ``emu`` the emulator's own choice for its speed: wmma under "tf32", else tiled when the plane
-  fills one 16 x 32 tile and naive below. Choose with ``KernelBackend(device, conv3x3="igemm")``, the
+  fills one 16 x 32 tile and naive below. Choose with ``KernelBackend(device, conv3x3=...)``, the
   environment variable ``MINUNET_CONV3X3`` (read when the backend is created), or later with
   ``get_backend(device).conv3x3_version = "naive"``.
-- The reductions of weight and bias gradients: ``"tree"`` (a block of threads per output group,
-  adding the threads' partial sums with a shared-memory tree), ``"serial"`` (one thread per
-  output, a loop over its terms), or ``"auto"`` (the default): serial when there are at least as
-  many outputs as terms per output and the loops are short or the threads many (the deep, small
-  layers: 147,456 weights, 16 pixels; see ``serial_reduction``), tree otherwise. ``KernelBackend(device, reduction="tree")``, ``MINUNET_REDUCTION``, or
-  ``get_backend(device).reduction = "tree"``.
+- The reductions of weight and bias gradients (``weight_gradient_version``): ``"tree"`` (a block
+  of threads per output group, adding the threads' partial sums with a shared-memory tree),
+  ``"serial"`` (one thread per output, a loop over its terms), ``"gemm"`` (the weight gradient
+  as a matrix product over pixels: shared-memory tiles, a register tile per thread, and with
+  ``precision="tf32"`` the tensor cores), or ``"auto"`` (the default). ``"auto"`` on ``cuda`` is
+  always gemm: on an H200 (bench/results/h200-2026-12-04) the serial kernel was the slowest of
+  the paper's training step (56% of its kernel time) and the tree one next; the gemm kernels
+  themselves are not measured on a GPU yet. ``"auto"`` on ``emu`` chooses for the emulator's
+  speed, not a GPU's: serial when there are at least as many outputs as terms per output and
+  the loops are short or the threads many (the deep, small layers: 147,456 weights, 16 pixels;
+  see ``serial_reduction``), tree otherwise, and gemm when the precision is tf32 (only gemm has
+  a TF32 version). ``KernelBackend(device, reduction="tree")``, ``MINUNET_REDUCTION``, or
+  ``get_backend(device).reduction = "tree"``. Split sums (pixel slices) are added by reduce.cu's
+  sum_partials in a fixed order, in two passes of ~sqrt(S) terms when there are more than
+  SLICE_SUM_LOOP slices.
+- The up-convolution's forward and input gradient: ``"naive"``, ``"gemm"`` (tiles of the
+  per-pixel channel product; tensor cores in tf32) or ``"auto"``: gemm on ``cuda`` (the H200
+  measured the naive kernels at 3x and 9.5x PyTorch's time; gemm not measured yet) and in tf32,
+  naive on ``emu`` in fp32. ``KernelBackend(device, conv_transpose2x2="gemm")``,
+  ``MINUNET_CONV_TRANSPOSE2X2``, or ``get_backend(device).conv_transpose2x2_version``.
 
 One choice of arithmetic, like PyTorch's ``allow_tf32``: ``precision`` is ``"fp32"`` (the default:
 strict float32 arithmetic everywhere) or ``"tf32"`` (the convolution GEMMs may run on tensor cores,
 which round their inputs to TF32: 10 mantissa bits, errors of ~1e-3 relative; sums stay float32).
 ``KernelBackend(device, precision="tf32")``, ``MINUNET_PRECISION``, ``minunet.set_precision("tf32")``
 (every kernel backend, now and later) or ``get_backend(device).precision = "tf32"``; the command
-lines take ``--precision``. Kernels without a TF32 version ignore it.
+lines take ``--precision``. Kernels without a TF32 version ignore it. A GPU older than sm_80 (or
+an NVRTC that cannot find ``<mma.h>``) has no TF32 weight-gradient kernel: the launcher then
+computes in fp32 and warns once (``KernelBackend.has_tf32``).
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -57,7 +75,8 @@ from .sources import cu_defines, kernels_dir
 # an architecture), so what passes there is what CuPy compiles.
 CUDA_OPTIONS = ("-std=c++17",)
 CONV3X3_VERSIONS = ("auto", "naive", "tiled", "igemm", "wmma")   # v1..v4, see the module docstring
-REDUCTIONS = ("auto", "tree", "serial")
+REDUCTIONS = ("auto", "tree", "serial", "gemm")
+CONV_TRANSPOSE2X2_VERSIONS = ("auto", "naive", "gemm")
 PRECISIONS = ("fp32", "tf32")
 # Block size of the one-thread-per-element kernels. Those kernels work with any block size (they
 # index with blockDim), so this is the launcher's choice: 8 warps, a common default.
@@ -68,6 +87,7 @@ REDUCE_THREADS = cu_defines("reduce")["REDUCE_THREADS"]   # the block of reduce.
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
 SERIAL_SHORT_LOOP = 64          # "auto" reductions: a serial thread per output when its loop is this short,
 SERIAL_MIN_THREADS = 4096       # ... or when there are this many outputs (16 blocks of 256 threads)
+SLICE_SUM_LOOP = 32             # more slices than this are added in two passes (sqrt(S) terms a thread each)
 
 # set_precision's choice for every kernel backend (None: each reads MINUNET_PRECISION, else "fp32")
 _PRECISION_DEFAULT: str | None = None
@@ -76,6 +96,12 @@ _BACKENDS: list["KernelBackend"] = []
 
 # (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
 _MODULES: dict[tuple, tuple[int, int, object]] = {}
+
+
+def slice_group(slices: int) -> int:
+    """The group of the two-pass slice sum (``KernelBackend._sum_slices``): about sqrt(slices),
+    so that both passes add about as many terms."""
+    return math.isqrt(slices - 1) + 1
 
 
 class KernelError(RuntimeError):
@@ -142,7 +168,7 @@ class KernelBackend:
     docs/backends.md (attached by ``minunet.ops`` from each op's ``kernels_*`` functions)."""
 
     def __init__(self, device: str, conv3x3: str | None = None, reduction: str | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, conv_transpose2x2: str | None = None):
         if device not in ("cuda", "emu"):
             raise ValueError(f"KernelBackend runs on 'cuda' or 'emu', not {device!r}; "
                              "the 'cpu' backend is minunet.backends.get_backend('cpu')")
@@ -156,10 +182,14 @@ class KernelBackend:
         self._conv3x3_version = _choice(conv3x3, "MINUNET_CONV3X3", CONV3X3_VERSIONS, "conv3x3 kernel version")
         self._reduction = _choice(reduction, "MINUNET_REDUCTION", REDUCTIONS, "reduction")
         self._precision = _precision_choice(precision or _PRECISION_DEFAULT, "MINUNET_PRECISION")
+        self._conv_transpose2x2_version = _choice(conv_transpose2x2, "MINUNET_CONV_TRANSPOSE2X2",
+                                                  CONV_TRANSPOSE2X2_VERSIONS, "conv_transpose2x2 kernel version")
         _BACKENDS.append(self)
         # A weight-gradient block reduces at least this many pixels before the reduction is split
         # over more blocks (blockIdx.y slices). Tests lower it to exercise the split on small images.
         self.min_pixels_per_slice = 4096
+        self._functions: dict[tuple, object] = {}   # (file, kernel, emu mode) -> kernel function
+        self._tf32_files: dict[str, bool] = {}   # kernel file -> whether it was compiled with TF32 wmma
 
     @property
     def conv3x3_version(self) -> str:
@@ -174,12 +204,24 @@ class KernelBackend:
 
     @property
     def reduction(self) -> str:
-        """"auto", "tree" or "serial": how weight and bias gradients are summed (module docstring)."""
+        """"auto", "tree", "serial" or "gemm": how weight and bias gradients are summed (module
+        docstring)."""
         return self._reduction
 
     @reduction.setter
     def reduction(self, version: str) -> None:
         self._reduction = _choice(version, None, REDUCTIONS, "reduction")
+
+    @property
+    def conv_transpose2x2_version(self) -> str:
+        """"auto", "naive" or "gemm": the up-convolution's forward and input-gradient kernels
+        (ops/conv_transpose2x2.py, ``gemm_version``). Also ``MINUNET_CONV_TRANSPOSE2X2``."""
+        return self._conv_transpose2x2_version
+
+    @conv_transpose2x2_version.setter
+    def conv_transpose2x2_version(self, version: str) -> None:
+        self._conv_transpose2x2_version = _choice(version, None, CONV_TRANSPOSE2X2_VERSIONS,
+                                                  "conv_transpose2x2 kernel version")
 
     @property
     def precision(self) -> str:
@@ -202,28 +244,57 @@ class KernelBackend:
             return self._reduction == "serial"
         return outputs >= terms and (terms <= SERIAL_SHORT_LOOP or outputs >= SERIAL_MIN_THREADS)
 
+    def weight_gradient_version(self, outputs: int, terms: int) -> str:
+        """The weight-gradient kernel for ``outputs`` weights of ``terms`` pixels each: "gemm",
+        "tree" or "serial". Forced by ``reduction``; else ("auto") gemm on ``cuda`` (the H200
+        measured the serial one-thread-per-weight loop as the slowest kernel of the training step;
+        the gemm kernels are not measured on a GPU yet) and with precision tf32 (only gemm has a
+        TF32 version); on ``emu`` in fp32, the emulator's fastest: ``serial_reduction``'s choice."""
+        if self._reduction != "auto":
+            return self._reduction
+        if self.device == "cuda" or self._precision == "tf32":
+            return "gemm"
+        return "serial" if self.serial_reduction(outputs, terms) else "tree"
+
+    def has_tf32(self, file: str) -> bool:
+        """Whether ``kernels/<file>.cu`` was compiled with its TF32 tensor-core kernels: on ``emu``
+        always; on ``cuda`` when the GPU is sm_80 or later and NVRTC found ``<mma.h>`` (the file's
+        ``<file>_grad_weight_has_tf32`` kernel says, asked once per file)."""
+        if file not in self._tf32_files:
+            flag = self.xp.zeros(1, dtype=self.xp.int32)
+            self.launch(file, f"{file}_grad_weight_has_tf32", (1,), (1,), (flag,))
+            self._tf32_files[file] = bool(int(flag[0]))
+            if not self._tf32_files[file]:
+                warnings.warn(f"precision 'tf32': kernels/{file}.cu has no TF32 tensor-core kernel on this "
+                              "device (a GPU before sm_80, or NVRTC without <mma.h>); its weight gradient "
+                              "is computed in fp32", RuntimeWarning, stacklevel=3)
+        return self._tf32_files[file]
+
     def __repr__(self) -> str:
         return (f"KernelBackend({self.device!r}, conv3x3={self.conv3x3_version!r}, "
                 f"reduction={self.reduction!r}, precision={self.precision!r})")
 
     # ---- compiling and launching ------------------------------------------------------------
     def module(self, file: str):
-        """``kernels/<file>.cu`` compiled for this device; compiled again if the file changed, and
-        on emu once per emulator mode (``minunet.emulator.set_emu_mode``: "checked" or "fast")."""
-        path = kernels_dir() / f"{file}.cu"
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise KernelError(f"no kernel file {path}") from None
+        """``kernels/<file>.cu`` compiled for this device, once per device (and on emu once per
+        emulator mode, ``minunet.emulator.set_emu_mode``). The file is read and its modification
+        time noted when the module is built; later calls do not touch the file system (the H200
+        profile of 2026-12-04 found a ``stat`` per launch costing 1.2 s in 44,379 launches):
+        after editing a ``.cu`` file, call :meth:`reload`."""
         mode = None
         if self.device == "emu":
             from ..emulator import emu_mode
 
             mode = emu_mode()
+        path = kernels_dir() / f"{file}.cu"
         key = (self.device, str(path), mode)
         cached = _MODULES.get(key)
-        if cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
+        if cached is not None:
             return cached[2]
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise KernelError(f"no kernel file {path}") from None
         source = path.read_text()
         try:
             if self.device == "cuda":
@@ -240,6 +311,42 @@ class KernelBackend:
         _MODULES[key] = (stat.st_mtime_ns, stat.st_size, module)
         return module
 
+    def reload(self) -> list[str]:
+        """Forget the compiled modules of this device whose ``.cu`` file changed (modification
+        time or size) or vanished since it was compiled, so the next launch compiles the file
+        again. Returns the paths dropped. The only file-system calls of the launch path are here
+        and in the first :meth:`module` call of a file."""
+        dropped = []
+        for key, (mtime_ns, size, _) in list(_MODULES.items()):
+            if key[0] != self.device:
+                continue
+            try:
+                stat = os.stat(key[1])
+                changed = (stat.st_mtime_ns, stat.st_size) != (mtime_ns, size)
+            except FileNotFoundError:
+                changed = True
+            if changed:
+                del _MODULES[key]
+                dropped.append(key[1])
+        for backend in _BACKENDS:     # the modules are shared, so are their functions' staleness
+            backend._functions.clear()
+        return dropped
+
+    def function(self, file: str, kernel: str):
+        """The callable kernel ``kernel`` of ``kernels/<file>.cu``, looked up once per backend
+        (and emulator mode) and kept: a launch is then a dict lookup and the call."""
+        mode = None
+        if self.device == "emu":
+            from ..emulator import emu_mode
+
+            mode = emu_mode()
+        key = (file, kernel, mode)
+        function = self._functions.get(key)
+        if function is None:
+            function = self.module(file).get_function(kernel)  # CuPy compiles here, lazily
+            self._functions[key] = function
+        return function
+
     def launch(self, file: str, kernel: str, grid, block, args) -> None:
         """Launch ``kernel`` of ``kernels/<file>.cu``; an empty grid (no work) launches nothing."""
         grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
@@ -251,8 +358,7 @@ class KernelBackend:
                 f"kernel {kernel}: {grid[0]} blocks of {block[0]} threads overflow the kernels' "
                 f"32-bit thread index (at most {INT_MAX}); use a smaller batch or tile")
         try:
-            function = self.module(file).get_function(kernel)  # CuPy compiles here, lazily
-            function(grid, block, args)
+            self.function(file, kernel)(grid, block, args)
         except KernelError:
             raise
         except Exception as exc:
@@ -310,39 +416,78 @@ class KernelBackend:
         return out.reshape(())
 
     def grad_weight(self, file: str, kernel: str, threads: int, blocks: int, pixels: int, shape,
-                    channels: int, arrays, ints):
+                    channels: int, arrays, ints, gemm: tuple[int, int] | None = None):
         """The weight and bias gradients of a convolution, ``(gw, gb)``: for each weight of
         ``shape`` and for each of the ``channels`` output channels, a sum over ``pixels`` terms.
         The weight-gradient kernels compute the bias gradient too (the sum of the same gy values:
-        one pass over gy, one launch).
+        one pass over gy, one launch). The version is ``weight_gradient_version``'s:
 
-        Serial (see ``serial_reduction``): ``<kernel>_serial`` (arguments: arrays, gw, gb, ints),
-        one thread per weight and per bias. Tree: ``kernel`` (arguments: arrays, gw, gb, ints,
-        pixels_per_slice), with the pixels split into slices when there are too few blocks to fill
-        a GPU; each slice writes its own partial results and reduce.cu's sum_partials adds them in
-        a fixed order, so the result is deterministic (no atomics)."""
+        Serial: ``<kernel>_serial`` (arguments: arrays, gw, gb, ints), one thread per weight and
+        per bias. Tree: ``kernel`` (arguments: arrays, gw, gb, ints, pixels_per_slice), ``blocks``
+        blocks of ``threads``. Gemm: ``<kernel>_gemm``, or ``<kernel>_gemm_tf32`` with precision
+        tf32 (the same arguments), for gw seen as a ``gemm = (rows, cols)`` matrix (gw's shape,
+        flattened to 2-D); its tile sizes come from the file's WG_* / WT_* defines. Tree and gemm
+        split the pixels into slices when there are too few blocks to fill a GPU (down to
+        ``min_pixels_per_slice`` pixels a block, gemm to the file's WG_MIN_SLICE if that is fewer;
+        and gemm when a block would sum more than WG_MAX_SLICE pixels); each slice writes its own partial results
+        and reduce.cu's sum_partials adds them in a fixed order, so the result is deterministic
+        (no atomics)."""
         xp = self.xp
         if pixels == 0:
             return xp.zeros(shape, dtype=xp.float32), xp.zeros(channels, dtype=xp.float32)
         size = int(np.prod(shape))
-        if self.serial_reduction(size, pixels):
+        version = self.weight_gradient_version(size, pixels)
+        if version == "gemm" and gemm is None:
+            version = "tree"   # an op without a gemm kernel
+        if version == "serial":
             gw, gb = self.empty(shape), self.empty((channels,))
             self.launch_elementwise(file, f"{kernel}_serial", size + channels, (*arrays, gw, gb, *int32s(*ints)))
             return gw, gb
-        slices = max(1, min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, self.min_pixels_per_slice)))
+        max_slice, min_slice = pixels, self.min_pixels_per_slice
+        if version == "gemm":
+            rows, cols = gemm
+            require(rows * cols == size, f"{kernel}: a gemm of {rows} x {cols} is not the {shape} weights")
+            defines = cu_defines(file)
+            tf32 = self._precision == "tf32" and self.has_tf32(file)
+            prefix = "WT" if tf32 else "WG"
+            tiles = (ceil_div(cols, defines[f"{prefix}_BN"]), ceil_div(rows, defines[f"{prefix}_BM"]))
+            blocks, threads = tiles[0] * tiles[1], defines[f"{prefix}_THREADS"]
+            max_slice = defines["WG_MAX_SLICE"]
+            # a gemm grid has few, fat blocks (one per 64 x 64 tile of gw: a single one for a
+            # first layer's 64 x 9 weights), so it is split down to WG_MIN_SLICE pixels a block
+            min_slice = min(min_slice, defines["WG_MIN_SLICE"])
+            kernel = f"{kernel}_gemm_tf32" if tf32 else f"{kernel}_gemm"
+        slices = max(ceil_div(pixels, max_slice),
+                     min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, min_slice)))
         per_slice = ceil_div(pixels, slices)
         slices = ceil_div(pixels, per_slice)
+        group = slice_group(slices) if slices > SLICE_SUM_LOOP else 1
+        slices = ceil_div(slices, group) * group   # a multiple of the two-pass sum's group (the last slices empty)
+        require(slices <= MAX_GRID_YZ, f"{kernel}: {pixels} pixels need {slices} slices, more than a grid "
+                                       f"has ({MAX_GRID_YZ}); use a smaller batch or tile")
         if slices == 1:
             gw, gb = self.empty(shape), self.empty((channels,))
         else:
             gw, gb = self.empty((slices, size)), self.empty((slices, channels))
-        self.launch(file, kernel, (blocks, slices), (threads,), (*arrays, gw, gb, *int32s(*ints), np.int32(per_slice)))
+        grid = (*tiles, slices) if version == "gemm" else (blocks, slices)
+        self.launch(file, kernel, grid, (threads,), (*arrays, gw, gb, *int32s(*ints), np.int32(per_slice)))
         if slices == 1:
             return gw, gb
-        return self._sum_slices(gw, shape), self._sum_slices(gb, (channels,))
+        return self._sum_slices(gw, shape, group), self._sum_slices(gb, (channels,), group)
 
-    def _sum_slices(self, partial, shape):
-        """sum over the first axis of ``partial`` (slices, M), in slice order (reduce.cu's sum_partials)."""
+    def _sum_slices(self, partial, shape, group: int = 1):
+        """sum over the first axis of ``partial`` (slices, M), in a fixed order (reduce.cu's
+        sum_partials: one thread per output, a loop over the slices). More than SLICE_SUM_LOOP
+        slices (the gemm kernels split a first layer's single tile into ~1,000) would make that
+        loop a long chain of dependent adds and memory latencies in few threads, so they are
+        added in two passes: slice s = a * group + b, first over a for every (b, m) (group * M
+        threads), then over b (``grad_weight`` chooses ``group`` and makes S a multiple of it)."""
+        slices, size = partial.shape
+        if group > 1:
+            partial = self._sum_slices_once(partial.reshape(slices // group, group * size), (group, size))
+        return self._sum_slices_once(partial, shape)
+
+    def _sum_slices_once(self, partial, shape):
         slices, size = partial.shape
         total = self.empty(shape)
         self.launch("reduce", "sum_partials", (ceil_div(size, THREADS),), (THREADS,),

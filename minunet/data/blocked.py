@@ -156,11 +156,15 @@ class Geometry:
         """A block side must be at least one output tile and the halo (Dask takes a block's
         halo from its neighbours), and a multiple of the pooling grid."""
         smallest = self.smallest_chunk()
-        if chunk < self.output or chunk < self.margin + self.grid:
+        if chunk < self.output:
             raise ValueError(f"{what} {chunk} is smaller than the network's output tile "
-                             f"({self.output} pixels for tile {self.tile}) or its halo "
-                             f"({self.margin} + {self.grid}); use a {what} of at least {smallest} "
-                             "or a smaller tile")
+                             f"({self.output} pixels for tile {self.tile}); use a {what} of at "
+                             f"least {smallest} or a smaller tile")
+        if chunk < self.margin + self.grid:
+            raise ValueError(f"{what} {chunk} is smaller than the halo a block takes from its "
+                             f"neighbours ({self.margin} + {self.grid} = "
+                             f"{self.margin + self.grid} pixels for tile {self.tile}); use a "
+                             f"{what} of at least {smallest}")
         if chunk % self.grid:
             lo, hi = chunk // self.grid * self.grid, -(-chunk // self.grid) * self.grid
             near = f"{lo} or {hi}" if lo >= smallest else f"{hi}"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from minunet.data.elastic import random_augment
+from minunet.data.elastic import gray_value_variation, random_augment, random_coordinates
 from minunet.data.io import IMAGE_SUFFIXES, image_files, labels_to_classes, read_image, read_slices
 from minunet.data.synthetic import cell_images, em_images
-from minunet.data.tiling import mirror_crop
+from minunet.data.tiling import mirror_crop, reflect_indices
 from minunet.data.weights import class_balance_weights, instance_targets
 
 
@@ -141,10 +141,11 @@ def load_folder(directory: str | Path, instances: bool = False, num_classes: int
             sample = make_sample(image, label, name, instances=instances, num_classes=num_classes,
                                  w0=w0, sigma=sigma, label_name=label_name)
             if num_classes is None and count_classes([sample]) > MAX_INFERRED_CLASSES:
-                raise ValueError(f"{label_name} has class values up to {sample.target.max()}; "
-                                 "labels are 0/255 masks or class indices 0, 1, 2, ... - fix the "
-                                 "labels, or give the number of classes (--num-classes) if there "
-                                 "really are that many")
+                raise ValueError(f"{label_name} has class values up to "
+                                 f"{sample.target.max()}: instance masks (0 = background, one "
+                                 "value per cell) need --instances; class labels are 0/255 masks "
+                                 "or class indices 0, 1, 2, ... (give --num-classes if there "
+                                 "really are that many)")
             samples.append(sample)
     return samples
 
@@ -199,11 +200,20 @@ class TileSampler:
         rng: numpy.random.Generator; the sequence of examples is reproducible from it.
         augment: apply Section 3.1's augmentation.
         elastic_std, grid, max_shift, gray: passed to random_augment.
+        device: where the augmentation resamples. None (the default): scipy on the host
+            (:func:`random_augment` on a mirrored region around the tile, the oracle). "cpu",
+            "cuda" or "emu": the device's ``resample`` (minunet/ops/resample.py: the Numba
+            kernel, or kernels/resample.cu), reading the slice directly through the same
+            coordinates, from spline coefficients computed once per slice; the examples are
+            then that device's arrays. The random numbers are drawn on the host in the same
+            order either way, so the sequence of examples is the same; the pixels agree with
+            the scipy path within tests/test_data_elastic.py's tolerance.
     """
 
     def __init__(self, samples: list, input_size: int, output_size: int,
                  rng: np.random.Generator, augment: bool = True, *, elastic_std: float = 10.0,
-                 grid: int = 3, max_shift: float = 0.0, gray: bool = True):
+                 grid: int = 3, max_shift: float = 0.0, gray: bool = True,
+                 device: str | None = None):
         if not samples:
             raise ValueError("TileSampler needs at least one sample; check the data folder")
         if not isinstance(rng, np.random.Generator):
@@ -225,11 +235,17 @@ class TileSampler:
                                  + max_shift + 4.0 * elastic_std)) + 2
         areas = np.array([s.image.size for s in samples], np.float64)
         self.probabilities = areas / areas.sum()
+        if device not in (None, "cpu", "cuda", "emu"):
+            raise ValueError(f"TileSampler device must be None (scipy), 'cpu', 'cuda' or 'emu', "
+                             f"got {device!r}")
+        self.device = device
+        self._on_device = {}   # sample index -> (spline coefficients, target, weight) on device
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One example: (x float32 (1, input, input), target int32 (output, output),
         weight float32 (output, output))."""
-        s = self.samples[self.rng.choice(len(self.samples), p=self.probabilities)]
+        index = self.rng.choice(len(self.samples), p=self.probabilities)
+        s = self.samples[index]
         h, w = s.image.shape
         top = int(self.rng.integers(0, max(h - self.output_size, 0) + 1))
         left = int(self.rng.integers(0, max(w - self.output_size, 0) + 1))
@@ -240,6 +256,8 @@ class TileSampler:
             weight = mirror_crop(s.weight, top, left, out, out)
             return x[None].astype(np.float32), target.astype(np.int32), weight.astype(np.float32)
         side = self.input_size + 2 * self.extra
+        if self.device is not None:
+            return self._device_sample(index, top - m - self.extra, left - m - self.extra, side)
         region = [mirror_crop(a, top - m - self.extra, left - m - self.extra, side, side)
                   for a in (s.image, s.target, s.weight)]
         x, target, weight = random_augment(*region, rng=self.rng,
@@ -248,8 +266,53 @@ class TileSampler:
         centre = (slice(m, m + out), slice(m, m + out))
         return x[None], target[centre].astype(np.int32), weight[centre].astype(np.float32)
 
+    def _device_sample(self, index: int, top: int, left: int, side: int):
+        """The augmented example of :meth:`sample` through the device's ``resample``: the
+        region of `side` x `side` pixels at (top, left) of the slice's mirror extension is never
+        copied; the kernel reads the slice at origin (top, left) + the region's coordinates."""
+        from minunet.backends import get_backend
+        from minunet.devices import to_device_array
+
+        s = self.samples[index]
+        options = self.augment_options
+        coords = random_coordinates(self.rng, (self.input_size, self.input_size), (side, side),
+                                    max_shift=options["max_shift"], elastic_std=options["elastic_std"],
+                                    grid=options["grid"])
+        if index not in self._on_device:
+            self._on_device[index] = tuple(to_device_array(a, self.device) for a in (
+                spline_coefficients(s.image), s.target.astype(np.int32), s.weight.astype(np.float32)))
+        coefficients, target, weight = self._on_device[index]
+        x, target, weight = get_backend(self.device).resample(
+            coefficients, target, weight, coords, (top, left), _window_range(s.image, top, left, side))
+        if options["gray"]:
+            x = gray_value_variation(x[0], self.rng)[None]
+        m, out = self.margin, self.output_size
+        centre = (slice(m, m + out), slice(m, m + out))
+        return x, target[centre], weight[centre]
+
     def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`batch_size` examples stacked: x (B, 1, input, input), target (B, output, output),
-        weight (B, output, output)."""
+        weight (B, output, output) (arrays of ``device``, NumPy for None)."""
         examples = [self.sample() for _ in range(batch_size)]
-        return tuple(np.stack(parts) for parts in zip(*examples))
+        xp = np
+        if self.device == "cuda" and self.augment:
+            import cupy as xp
+        return tuple(xp.stack(parts) for parts in zip(*examples))
+
+
+def spline_coefficients(image: np.ndarray) -> np.ndarray:
+    """(1, H, W) float32 cubic spline coefficients of a slice (minunet.ops.resample)."""
+    from minunet.ops.resample import spline_coefficients as coefficients
+
+    return coefficients(image)
+
+
+def _window_range(image: np.ndarray, top: int, left: int, side: int) -> tuple[float, float]:
+    """(min, max) of the side x side window at (top, left) of the image's mirror extension,
+    without building it: the mirrored rows of a window form one contiguous range of the image's
+    rows (neighbouring rows map to neighbouring rows), the same for the columns. What the scipy
+    path clips the cubic interpolation to (the range of the region it resamples)."""
+    rows = reflect_indices(top, side, image.shape[0])
+    cols = reflect_indices(left, side, image.shape[1])
+    window = image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return float(window.min()), float(window.max())

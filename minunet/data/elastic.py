@@ -11,8 +11,17 @@ the image with cubic interpolation, the label with nearest-neighbour (class ids 
 blended), the weight map with linear interpolation (no overshoot: weights stay positive).
 Beyond the array, values are mirrored without repeating the edge pixel (ndimage mode 'mirror',
 NumPy's 'reflect'), like the overlap-tile strategy (Fig. 2).
+
+The resampling here is scipy's (``ndimage.map_coordinates``), the oracle. Training resamples on
+its own device instead: :func:`random_coordinates` draws the same random numbers and builds the
+same coordinate map on the host, and ``TileSampler(device=...)`` (minunet.data.dataset) reads the
+slice through it with the device's ``resample`` (minunet/ops/resample.py: a parallel Numba
+kernel on cpu, kernels/resample.cu on cuda and emu), matching scipy within the tolerances of
+tests/test_resample.py (labels exactly).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from scipy import ndimage
@@ -47,12 +56,25 @@ def displacement_field(shape: tuple[int, int], rng: np.random.Generator, grid: i
         raise ValueError(f"std must be >= 0, got {std}")
     h, w = int(shape[0]), int(shape[1])
     nodes = rng.normal(0.0, std, size=(2, grid, grid))
-    # Pixel (i, j) sits at lattice coordinate (i * (grid-1)/(H-1), j * (grid-1)/(W-1)).
-    ys = np.linspace(0.0, grid - 1.0, h) if h > 1 else np.zeros(1)
-    xs = np.linspace(0.0, grid - 1.0, w) if w > 1 else np.zeros(1)
-    lattice = np.stack(np.meshgrid(ys, xs, indexing="ij"))
-    return np.stack([ndimage.map_coordinates(nodes[c], lattice, order=3, mode="nearest")
-                     for c in range(2)]).astype(np.float32)
+    # The bicubic interpolation is separable: displacement[c] = Wy @ nodes[c] @ Wx^T, where column
+    # j of Wy holds the cubic spline through the unit vector e_j sampled at the pixels' lattice
+    # coordinates. The same numbers as map_coordinates(nodes[c], lattice, order=3, mode="nearest")
+    # (up to float64 rounding), at a fraction of the cost: 2 small matrix products instead of 16
+    # spline taps per pixel (13 ms per 348 x 348 tile on a 2-core VM).
+    rows, cols = _spline_matrix(h, grid), _spline_matrix(w, grid)
+    return np.stack([rows @ nodes[c] @ cols.T for c in range(2)]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _spline_matrix(n: int, grid: int) -> np.ndarray:
+    """(n, grid): row i holds the weights of the grid nodes in the cubic spline (scipy's order 3,
+    mode "nearest", with its prefilter) at pixel i, whose lattice coordinate is
+    i * (grid - 1) / (n - 1). Read-only: it is cached."""
+    positions = np.linspace(0.0, grid - 1.0, n) if n > 1 else np.zeros(1)
+    matrix = np.stack([ndimage.map_coordinates(np.eye(grid)[j], positions[None], order=3,
+                                               mode="nearest") for j in range(grid)], axis=1)
+    matrix.setflags(write=False)
+    return matrix
 
 
 def _resample(array: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
@@ -168,8 +190,36 @@ def gray_value_variation(image: np.ndarray, rng: np.random.Generator,
     g = np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1])))
     c = rng.uniform(*contrast)
     b = rng.uniform(*brightness)
-    out = np.clip(np.asarray(image, np.float32), 0.0, 1.0) ** g
-    return ((out - out.mean()) * c + out.mean() + b).astype(np.float32)
+    xp = np if isinstance(image, np.ndarray) else _array_module(image)  # NumPy, or CuPy on cuda
+    out = xp.clip(xp.asarray(image, xp.float32), 0.0, 1.0) ** g
+    return ((out - out.mean()) * c + out.mean() + b).astype(xp.float32)
+
+
+def _array_module(array):
+    """NumPy for host data (lists too), CuPy for a CuPy array."""
+    if type(array).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def random_coordinates(rng: np.random.Generator, out_shape: tuple[int, int],
+                       in_shape: tuple[int, int], *, max_shift: float = 10.0, rotate: bool = True,
+                       flip: bool = True, elastic_std: float = 10.0, grid: int = 3) -> np.ndarray:
+    """The random part of :func:`random_augment`: draws flips, angle, shift and the elastic
+    nodes from `rng` (in this order, always the same numbers for the same generator state) and
+    composes them into the source coordinates (float32 (2, out_H, out_W)) of an output region
+    centred on an input of `in_shape`. Any resampler can then read through them: scipy
+    (:func:`warp_with_coordinates`) or the device's ``resample`` (minunet/ops/resample.py)."""
+    _check_rng(rng)
+    flip_y, flip_x = (rng.random(2) < 0.5) if flip else (False, False)
+    angle = rng.uniform(0.0, 2.0 * np.pi) if rotate else 0.0
+    shift = rng.uniform(-max_shift, max_shift, size=2) if max_shift > 0 else (0.0, 0.0)
+    displacement = displacement_field(out_shape, rng, grid=grid, std=elastic_std) \
+        if elastic_std > 0 else None
+    return transform_coordinates(out_shape, in_shape, angle, bool(flip_y), bool(flip_x), shift,
+                                 displacement)
 
 
 def random_augment(image: np.ndarray, label: np.ndarray | None = None,
@@ -199,13 +249,8 @@ def random_augment(image: np.ndarray, label: np.ndarray | None = None,
     _check_rng(rng)
     hw = _check_arrays(image, label, weight)
     out_shape = hw if out_shape is None else (int(out_shape[0]), int(out_shape[1]))
-    flip_y, flip_x = (rng.random(2) < 0.5) if flip else (False, False)
-    angle = rng.uniform(0.0, 2.0 * np.pi) if rotate else 0.0
-    shift = rng.uniform(-max_shift, max_shift, size=2) if max_shift > 0 else (0.0, 0.0)
-    displacement = displacement_field(out_shape, rng, grid=grid, std=elastic_std) \
-        if elastic_std > 0 else None
-    coords = transform_coordinates(out_shape, hw, angle, bool(flip_y), bool(flip_x), shift,
-                                   displacement)
+    coords = random_coordinates(rng, out_shape, hw, max_shift=max_shift, rotate=rotate, flip=flip,
+                                elastic_std=elastic_std, grid=grid)
     image, label, weight = warp_with_coordinates(image, label, weight, coords)
     if gray:
         image = gray_value_variation(image, rng)

@@ -171,17 +171,22 @@ def labels_to_classes(label: np.ndarray, num_classes: int | None = None,
                          "indices are 0, 1, 2, ... (or 0/255 for a binary mask)")
     if num_classes is not None and values.size and values.max() >= num_classes:
         raise ValueError(f"{source} has values {values[:8].astype(np.int64).tolist()} outside "
-                         f"0..{num_classes - 1}; use {{0, 255}} for a binary mask or class indices "
-                         f"0..{num_classes - 1}, or raise the number of classes (--num-classes)")
+                         f"0..{num_classes - 1}; instance masks (one value per cell) need "
+                         f"--instances; otherwise use {{0, 255}} for a binary mask or class "
+                         f"indices 0..{num_classes - 1}, or raise the number of classes "
+                         "(--num-classes)")
     return label.astype(np.int32)
 
 
-def write_image(path: str | Path, array: np.ndarray) -> None:
+def write_image(path: str | Path, array: np.ndarray, palette=None) -> None:
     """Write one 2-D array (or a (S, H, W) stack as a multi-page TIFF).
 
     * .tif / .tiff: any numeric dtype as is (float32 probability maps, 16-bit masks, stacks).
-    * .png: bool (written as 0/255, so it reads back as {0, 1}), uint8 or uint16 2-D arrays;
-      other integer arrays are written as uint8/uint16 when their values fit.
+    * .png: bool (written as 0/255, so it reads back as {0, 1}), uint8 or uint16 2-D arrays as
+      they are; other integer arrays are written as uint8/uint16 when their values fit.
+      `palette`: (n, 3) uint8 RGB colours (:func:`class_palette`) make an indexed PNG of a uint8
+      array: viewers show the colours, readers (and :func:`read_slices` with ``as_label``) get
+      the values back unchanged.
     Parent folders are created. Raises ValueError for a PNG of floats or out-of-range values.
     """
     path = Path(path)
@@ -201,6 +206,8 @@ def write_image(path: str | Path, array: np.ndarray) -> None:
                          "slice, use .tif for stacks")
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
+    elif array.dtype in (np.uint8, np.uint16):
+        pass                       # as they are: a uint16 label image stays 16-bit
     elif array.dtype.kind in "iu":
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise ValueError(f"values of {path} do not fit a 16-bit PNG; write a .tif instead")
@@ -208,4 +215,21 @@ def write_image(path: str | Path, array: np.ndarray) -> None:
     else:
         raise ValueError(f"cannot write {array.dtype} values to PNG {path}; write float "
                          "probability maps to a .tif, or convert masks to uint8")
-    Image.fromarray(array).save(path)
+    image = Image.fromarray(array)
+    if palette is not None:
+        if array.dtype != np.uint8:
+            raise ValueError(f"a palette PNG holds at most 256 values; write {path} without one")
+        image = image.convert("L") if image.mode != "L" else image
+        image.putpalette(np.asarray(palette, np.uint8).reshape(-1).tolist())   # mode "P" now
+    image.save(path)
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 RGB colours for a class map: class 0 (background) black, the others
+    bright hues spread around the colour wheel by the golden angle, so neighbouring class
+    indices get clearly different colours for any number of classes."""
+    import colorsys
+
+    colours = [(0, 0, 0)] + [colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.75, 1.0)
+                             for k in range(num_classes - 1)]
+    return (np.array(colours) * 255).round().astype(np.uint8)

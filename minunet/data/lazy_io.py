@@ -152,11 +152,12 @@ def store_chunks(array, outputs, client=None, progress: bool = True, desc: str =
             stored (e.g. a threshold for a mask), computed in the same task.
         client: a ``distributed.Client`` to run on, or None for Dask's local threaded scheduler
             with `threads` worker threads (blocks in flight).
-        progress: show a tqdm bar over chunks.
+        progress: show progress over chunks (a bar on a terminal, plain lines in a log:
+            :class:`minunet.cli.CountBar`).
     Returns the number of chunks written. Errors raised in a task (e.g. ValueError for bad
     input found while reading) are raised here.
     """
-    from tqdm import tqdm
+    from ..cli import CountBar
 
     for target, _ in outputs:
         if tuple(target.chunks) != tuple(c[0] for c in array.chunks) or \
@@ -167,7 +168,7 @@ def store_chunks(array, outputs, client=None, progress: bool = True, desc: str =
     markers = array.map_blocks(_write_block, *flat, dtype=bool,
                                chunks=tuple((1,) * len(c) for c in array.chunks))
     total = int(np.prod(markers.numblocks))
-    with tqdm(total=total, desc=desc, unit="chunk", disable=not progress) as bar:
+    with CountBar(total, desc, "chunk", enabled=progress) as bar:
         if client is None:
             from dask.callbacks import Callback
 

@@ -7,6 +7,7 @@
     conv1x1            kernels/conv1x1.cu             the classifier
     elementwise        kernels/elementwise.cu         ReLU, dropout, SGD with momentum
     cross_entropy      kernels/cross_entropy.cu       the weighted loss of eq. 1
+    resample           kernels/resample.cu            the augmentation's gather (Section 3.1)
 
 A module holds everything Python about its op: the differentiable function (argument checks and
 autograd Function), the NumPy reference (the oracle), a fast CPU kernel where one exists, and the
@@ -24,9 +25,10 @@ modules, and ``register_backends`` puts each implementation on the backend class
 """
 from __future__ import annotations
 
-from . import conv1x1, conv3x3, conv_transpose2x2, crop_concat, cross_entropy, elementwise, maxpool2x2
+from . import (conv1x1, conv3x3, conv_transpose2x2, crop_concat, cross_entropy, elementwise, maxpool2x2,
+               resample)
 
-OPS = (conv3x3, maxpool2x2, conv_transpose2x2, crop_concat, conv1x1, elementwise, cross_entropy)
+OPS = (conv3x3, maxpool2x2, conv_transpose2x2, crop_concat, conv1x1, elementwise, cross_entropy, resample)
 KINDS = ("reference", "cpu", "kernels")
 
 

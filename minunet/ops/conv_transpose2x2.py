@@ -159,13 +159,36 @@ def _kernel_args(k, x, w):
     return x, w, (n, ci, h, wd, co)
 
 
+def gemm_version(k) -> str | None:
+    """The forward and input-gradient kernels: None (the naive ones), "gemm" (FP32 register
+    tiles) or "gemm_tf32" (tensor cores). Forced by ``k.conv_transpose2x2_version``; "auto" is
+    gemm on cuda (the H200 measured the naive forward at 3x and the backward at 9.5x PyTorch's
+    time, bench/results/h200-2026-12-04/bench_ops.txt; the gemm kernels are not measured on a GPU
+    yet) and with precision tf32 (only gemm has a TF32 version), naive on emu (the emulator's
+    speed, not a GPU's). TF32 where the file was compiled with it (``k.has_tf32``), else FP32."""
+    version = k.conv_transpose2x2_version
+    if version == "naive" or (version == "auto" and k.device != "cuda" and k.precision != "tf32"):
+        return None
+    return "gemm_tf32" if k.precision == "tf32" and k.has_tf32(KERNEL_FILE) else "gemm"
+
+
+def gemm_grid(version: str, rows: int, pixels: int) -> tuple[int, int]:
+    """(pixel tiles, row tiles) of the forward/input-gradient GEMM kernels."""
+    prefix = "CGT" if version == "gemm_tf32" else "CG"
+    return ceil_div(pixels, _CU[f"{prefix}_BP"]), ceil_div(rows, _CU[f"{prefix}_BM"])
+
+
 def kernels_forward(k, x, w, b=None):
     x, w, (n, ci, h, wd, co) = _kernel_args(k, x, w)
     b = k.bias(b, co)
     y = k.empty((n, co, 2 * h, 2 * wd))
-    # one thread per input position (n, co, i, j), each writing its 2x2 output block
-    k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_forward", n * co * h * wd,
-                         (x, w, b, y, *int32s(n, ci, h, wd, co)))
+    args = (x, w, b, y, *int32s(n, ci, h, wd, co))
+    version = gemm_version(k)
+    if version:   # a 64-row x 64-pixel tile of the (Co*4 x Ci) @ (Ci x N*H*W) product per block
+        k.launch(KERNEL_FILE, f"conv_transpose2x2_forward_{version}", gemm_grid(version, co * 4, n * h * wd),
+                 (_CU["CGT_THREADS" if version == "gemm_tf32" else "CG_THREADS"],), args)
+    else:         # one thread per input position (n, co, i, j), each writing its 2x2 output block
+        k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_forward", n * co * h * wd, args)
     return y
 
 
@@ -176,9 +199,15 @@ def kernels_backward(k, x, w, gy, with_bias=True):
             f"{tuple(gy.shape)}; expected the output's {(n, co, 2 * h, 2 * wd)}")
     dims = (n, ci, h, wd, co)
     gx = k.empty(x.shape)
-    k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_grad_input", gx.size, (gy, w, gx, *int32s(*dims)))
+    version = gemm_version(k)
+    if version:   # the (Ci x Co*4) @ (Co*4 x N*H*W) product
+        k.launch(KERNEL_FILE, f"conv_transpose2x2_grad_input_{version}", gemm_grid(version, ci, n * h * wd),
+                 (_CU["CGT_THREADS" if version == "gemm_tf32" else "CG_THREADS"],), (gy, w, gx, *int32s(*dims)))
+    else:
+        k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_grad_input", gx.size, (gy, w, gx, *int32s(*dims)))
     gw, gb = k.grad_weight(KERNEL_FILE, "conv_transpose2x2_grad_weight", GW_THREADS,
-                           ci * ceil_div(co, GW_CO), n * h * wd, w.shape, co, (x, gy), dims)
+                           ci * ceil_div(co, GW_CO), n * h * wd, w.shape, co, (x, gy), dims,
+                           gemm=(ci, co * 4))   # gw as a (Ci x Co*4) matrix: the gemm kernels' view
     return gx, gw, gb if with_bias else None
 
 

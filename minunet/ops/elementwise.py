@@ -120,11 +120,16 @@ def sgd_reference_step(param, grad, velocity, lr, momentum):
 # stays with its reference (it acts on the few small planes at the bottom of the U-Net).
 # Each task loops over its own slice from index 0: a loop ``range(lo, hi)`` over the whole array
 # would make Numba test every index for negative (wrap-around) values and LLVM give up on
-# vectorising it (bench/results/cpu_numba.md).
+# vectorising it (bench/results/cpu_numba.md). An array of at most one block is one task: it runs
+# serially on the calling thread (``serial_up_to``, see numba_config). The SGD step runs serially
+# up to SGD_SERIAL_UP_TO elements: every parameter of the default U-Net (base 16) is below it, and
+# the whole update takes under a millisecond on one core, less than one launch that waits for a
+# preempted worker thread (bench/results/threads_under_load.md).
 BLOCK = 1 << 16          # elements per task
+SGD_SERIAL_UP_TO = 1 << 20
 
 
-@jit()
+@jit(serial_up_to=BLOCK)
 def _relu(x, y):
     """y = max(x, 0), a NaN stays NaN (``not x < 0`` is true for NaN)."""
     size = x.size
@@ -137,7 +142,7 @@ def _relu(x, y):
             ys[i] = v if not v < 0 else np.float32(0.0)
 
 
-@jit()
+@jit(serial_up_to=BLOCK)
 def _relu_backward(y, gy, gx):
     """gx = gy where y > 0, else 0."""
     size = y.size
@@ -149,7 +154,7 @@ def _relu_backward(y, gy, gx):
             gxs[i] = gys[i] if ys[i] > 0 else np.float32(0.0)
 
 
-@jit()
+@jit(serial_up_to=SGD_SERIAL_UP_TO)
 def _sgd_step(param, grad, velocity, lr, momentum):
     """velocity = momentum * velocity + grad; param -= lr * velocity, in place, with the same
     roundings as the reference (no fastmath: no fused multiply-add), so the result is identical."""

@@ -21,6 +21,15 @@ which are compiled by Numba.
   it is not set here. The measurements are in bench/results/cpu_numba.md. The workqueue is not
   thread-safe (two Python threads launching kernels at once abort the process, and Dask runs
   prediction blocks in threads), so every launch takes ``LAUNCH_LOCK``.
+- Small work runs serially. Waking the worker threads costs little on idle cores, but on cores
+  shared with other busy processes a launch waits until the operating system schedules every
+  worker: a kernel of a few microseconds (the SGD step on a bias) then costs milliseconds, and
+  a training step launches about a hundred such kernels. ``jit(serial_up_to=n)`` gives a kernel
+  a second, serial compilation (``parallel=False``: ``prange`` is a plain ``range``, the same
+  tasks in the same order, so the result is bit-identical) that runs on the calling thread when
+  the largest array argument holds at most ``n`` elements, for example the elementwise kernels'
+  one-task launches. ``SERIAL_SMALL_WORK = False`` turns this off (tests use it to exercise the
+  threaded path on small arrays). Measured in bench/results/threads_under_load.md.
 - Only float32 arrays take the fast path (one compiled signature per kernel keeps the first
   compile short); every other dtype (float64 for gradient checks) goes to the NumPy reference.
 """
@@ -28,36 +37,79 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 
 import numba
 import numpy as np
 
 LANES = 16  # float32 lanes of a 512-bit vector register: kernels round loop counts up to this
 LAUNCH_LOCK = threading.Lock()   # one kernel launch at a time (see the module docstring)
+SERIAL_SMALL_WORK = True         # run launches within a kernel's serial_up_to on one thread
+KERNELS: list = []               # (dispatcher, its serial twin or None) per kernel jit() made
 
 
-def jit(parallel: bool = True, fastmath=False):
+def _renamed(fn, suffix: str):
+    """A copy of the Python function `fn` under another qualified name. Numba's on-disk cache
+    names its files after the function and does not key them on ``parallel``: the serial
+    compilation of a kernel needs its own name, or it would load the parallel machine code."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
+                              fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__module__ = fn.__qualname__ + suffix, fn.__module__
+    return copy
+
+
+def _largest_array(args) -> int:
+    return max((a.size for a in args if isinstance(a, np.ndarray)), default=0)
+
+
+def jit(parallel: bool = True, fastmath=False, serial_up_to: int = 0):
     """``numba.njit`` with the options shared by every fast CPU kernel (see the module docstring);
     a parallel kernel is returned wrapped so that each launch holds ``LAUNCH_LOCK`` (the compiled
     dispatcher stays reachable as ``.compiled``). ``fastmath``: ``{"contract"}`` lets LLVM fuse
     a*b+c into one FMA instruction (one rounding instead of two); ``{"contract", "reassoc"}``
     also lets it split a long sum into one partial sum per vector lane (needed to vectorise a
-    reduction; it changes the summation order)."""
+    reduction; it changes the summation order). ``serial_up_to``: launches whose largest array
+    argument has at most this many elements run a serial compilation on the calling thread
+    (``.serial``, compiled on first use; see "Small work runs serially" above)."""
     def decorate(fn):
-        compiled = numba.njit(parallel=parallel, fastmath=fastmath, boundscheck=False,
-                              cache=True)(fn)
+        options = dict(fastmath=fastmath, boundscheck=False, cache=True)
+        compiled = numba.njit(parallel=parallel, **options)(fn)
         if not parallel:
+            KERNELS.append((compiled, None))
             return compiled
+        serial = numba.njit(parallel=False, **options)(_renamed(fn, "_serial")) \
+            if serial_up_to > 0 else None
+        KERNELS.append((compiled, serial))
 
         @functools.wraps(fn)
         def launch(*args):
+            if serial is not None and SERIAL_SMALL_WORK and _largest_array(args) <= serial_up_to:
+                return serial(*args)      # no worker threads: no lock needed
             with LAUNCH_LOCK:
                 return compiled(*args)
 
-        launch.compiled = compiled
+        launch.compiled, launch.serial = compiled, serial
         return launch
 
     return decorate
+
+
+def _cached(dispatcher) -> bool:
+    import os
+
+    try:
+        return os.path.isfile(dispatcher._cache._cache_file._index_path)  # Numba's FunctionCache
+    except AttributeError:
+        return True
+
+
+def uncached_kernels() -> list[str]:
+    """The names of the fast CPU kernels of which no compilation (the parallel one or its serial
+    twin) is in Numba's on-disk cache yet (no index file where it would be): they compile on
+    first use. A twin that work of another size needs, or an index written for another CPU or
+    Numba version, also compiles when used, so this is a lower bound."""
+    return [parallel.py_func.__qualname__ for parallel, serial in KERNELS
+            if not any(_cached(d) for d in (parallel, serial) if d is not None)]
 
 
 def all_float32(*arrays) -> bool:

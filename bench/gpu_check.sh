@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The whole GPU check of minunet in under 5 minutes, for a lent GPU whose minutes are scarce:
+#   1. setup      the Python stack (CuPy, PyTorch, pytest) is there, else a guarded quick install
+#   2. tests      the kernel tests on device cuda (pytest -k cuda tests/test_kernels.py)
+#   3. bench      python -m minunet.bench, paper network (base 64, tile 572) and default (16, 348):
+#                 the training step, minunet in fp32 and tf32 against PyTorch cuDNN strict FP32
+#                 and TF32; every op and kernel version
+#   4. tune       python -m minunet.bench --tune for both networks: the measured choice table
+#   5. ncu        Nsight Compute's kernel-time breakdown of one paper training step, fp32 and tf32
+# Each stage has its own time limit, and none runs past 290 s from the start; a stage that fails
+# or runs out is reported and the next one runs. Everything lands in $OUT (8 files at most):
+#   summary.txt tests.txt bench_paper.txt bench_default.txt tune.txt cuda_choices.json
+#   ncu_fp32.csv ncu_tf32.csv
+#
+# Usage, from the repository root:
+#   OUT=/some/folder bash bench/gpu_check.sh
+#   GPU_CHECK_DRY=1 OUT=/tmp/gpu_check bash bench/gpu_check.sh   # dry run: the same commands on
+#       the emulator (device emu) at tiny sizes, ncu skipped, limits x6 (the emulator on a busy CPU): catches a typo for free
+#   GPU_CHECK_ECHO=1 ...   only lists each stage's command
+# Afterwards: copy cuda_choices.json to minunet/backends/ (after reading it) and the tables to
+# bench/results/ with the date and the GPU.
+set -u
+OUT=${OUT:-bench/results/gpu_check}
+PY=${PYTHON:-python3}
+DRY=${GPU_CHECK_DRY:-0}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # minunet from this checkout, installed or not
+START=$(date +%s)
+
+if [ "$DRY" = 1 ]; then
+    DEV=emu; SCALE=6
+    PAPER="--base-channels 1 --tile 188 --step-tiles 188"      # tiny stand-ins for the two networks
+    DEFAULT="--base-channels 2 --tile 188 --step-tiles 188"
+    REPEAT=1
+else
+    DEV=cuda; SCALE=1
+    PAPER="--base-channels 64 --tile 572 --step-tiles 572"
+    DEFAULT="--base-channels 16 --tile 348 --step-tiles 348"
+    REPEAT=3
+fi
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME SECONDS LOG COMMAND...: run COMMAND with a time limit (x SCALE, and never past the
+# whole check's deadline), its output to LOG (appended), and one line of verdict in the summary.
+DEADLINE=$(( START + 290 * SCALE ))
+stage() {
+    local name=$1 limit=$(( $2 * SCALE )) log=$3; shift 3
+    local t0=$(date +%s)
+    local left=$(( DEADLINE - t0 ))
+    [ $left -lt $limit ] && limit=$left
+    if [ "${GPU_CHECK_ECHO:-0}" = 1 ]; then     # list the commands only (tests/test_bench.py)
+        echo "stage $name: $*"
+        return 0
+    fi
+    if [ $limit -lt 5 ]; then
+        say "$(printf '%-14s %-22s' "$name" "SKIPPED: out of time")"
+        return 1
+    fi
+    echo "\$ $*" >> "$log"
+    timeout -k 5 "$limit" "$@" >> "$log" 2>&1
+    local rc=$?
+    local verdict=ok
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict="TIMED OUT after ${limit}s"
+    [ $rc -ne 0 ] && [ "$verdict" = ok ] && verdict="FAILED (exit $rc)"
+    say "$(printf '%-14s %-22s %4ss  (log: %s)' "$name" "$verdict" $(( $(date +%s) - t0 )) "$(basename "$log")")"
+    return $rc
+}
+
+say "# minunet GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), device $DEV, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.memory --format=csv,noheader >> "$SUMMARY" 2>&1
+
+# 1. setup: what the check needs; installs only what is missing (the lent machines have no
+# network: an install there fails within seconds and the check goes on without it).
+setup() {
+    local want="numpy scipy numba pytest"
+    [ "$DEV" = cuda ] && want="$want cupy"
+    for module in $want; do
+        if ! "$PY" -c "import $module" 2>/dev/null; then
+            echo "missing $module: pip install -e .[dev,cuda]"
+            "$PY" -m pip install --retries 0 --timeout 5 -q -e ".[dev,cuda]" || echo "install failed"
+            break
+        fi
+    done
+    if [ "$DEV" = cuda ] && ! "$PY" -c "import torch" 2>/dev/null; then
+        echo "no PyTorch: trying pip install torch (the tables run without it)"
+        "$PY" -m pip install --retries 0 --timeout 5 -q torch || echo "no PyTorch: bench runs without its twin"
+    fi
+    "$PY" -c "import numpy, minunet; print('minunet', minunet.__file__, 'numpy', numpy.__version__)"
+    "$PY" -c "import cupy; print('cupy', cupy.__version__, cupy.cuda.runtime.getDeviceCount(), 'GPU(s)')" 2>/dev/null || echo "no cupy"
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>/dev/null || echo "no torch"
+}
+export PY DEV
+export -f setup
+stage setup 20 "$SUMMARY" bash -c setup
+
+# 2. the kernel tests on cuda (on emu in a dry run, -k cuda deselects them all: a parse check)
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+stage tests 50 "$OUT/tests.txt" "$PY" -m pytest -q -x -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py
+
+# 3. the tables: the training step against PyTorch in strict FP32 and TF32 (the headline: the
+# paper's step first, its op table after the default network's tables), every op and version
+stage paper_step 40 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-ops
+stage default 25 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --precision both --repeat $REPEAT --save none
+stage paper_ops 40 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-step
+
+# 4. the measured choice table, one network after the other (merged into one file)
+rm -f "$OUT/cuda_choices.json"
+stage tune_paper 45 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $PAPER --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
+stage tune_default 15 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $DEFAULT --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
+
+# 5. ncu: one paper training step (the last of two), per kernel; --clock-control none keeps the
+# GPU's own clocks (the 2026-12-04 files used ncu's base clocks: up to 1.3x longer)
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+[ "${GPU_CHECK_ECHO:-0}" = 1 ] && NCU=${NCU:-ncu}
+if [ "$DRY" = 1 ]; then
+    say "ncu            skipped in a dry run; the summary of the H200's ncu16.csv instead:"
+    "$PY" -c "from minunet.bench import summarize_ncu; print(summarize_ncu('bench/results/h200-2026-12-04/ncu16.csv', top=5))" >> "$SUMMARY" 2>&1
+elif [ -z "$NCU" ]; then
+    say "ncu            not found: no kernel breakdown"
+else
+    for precision in fp32 tf32; do
+        stage "ncu_$precision" 30 "$OUT/ncu_$precision.csv" env MINUNET_PRECISION=$precision "$NCU" \
+            --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+            "$PY" bench/results/h200-2026-12-04/ncu_steps.py 64 572 2
+        "$PY" -c "from minunet.bench import summarize_ncu; print(summarize_ncu('$OUT/ncu_$precision.csv'))" >> "$SUMMARY" 2>&1
+    done
+fi
+
+# the headline: the training-step lines of both tables
+say ""
+say "## training steps"
+grep -h "^## training step\|^training step \|^minunet \(fp32\|tf32\):" "$OUT/bench_paper.txt" \
+    "$OUT/bench_default.txt" 2>/dev/null | tee -a "$SUMMARY"
+say "total $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

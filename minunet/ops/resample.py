@@ -1,0 +1,221 @@
+"""Resampling through a coordinate map, the augmentation's gather (paper Section 3.1): everything
+Python about it. The image is interpolated with a cubic B-spline, the label with nearest neighbour
+(class ids are never blended), the weight map linearly (clamped at 0), all at the same source
+coordinates, beyond the arrays mirrored without repeating the edge pixel (scipy's mode "mirror").
+
+The oracle is ``scipy.ndimage.map_coordinates`` with exactly the modes ``minunet.data.elastic``
+uses: order 3 (after scipy's spline prefilter), 0 and 1, mode "mirror". scipy's cubic
+interpolation evaluates a B-spline through *coefficients* that its prefilter computes from the
+image; :func:`spline_coefficients` computes them once per slice on the host (scipy's own
+``spline_filter``), and every implementation evaluates the spline from them.
+
+    resample(coefficients, label, weight, coords, origin, bounds) -> (image, label, weight)
+
+- coefficients: float (C, H, W), ``spline_coefficients(image)``
+- label: int32 (H, W); weight: float (H, W)
+- coords: float (2, h, w), source (y, x) of every output pixel, relative to ``origin``
+- origin: (oy, ox) ints; the source of output p is ``origin + coords[:, p]`` in the arrays'
+  endless mirror extension, so a tile can be cut from a slice without first copying (and
+  prefiltering) a mirrored region around it
+- bounds: (lo, hi), the image result is clipped to it (cubic splines overshoot at sharp edges)
+
+Returns image float32 (C, h, w), label int32 (h, w), weight float32 (h, w).
+
+Implementations: the NumPy/scipy reference, a parallel Numba kernel for ``cpu`` (one task per
+output row) and ``kernels/resample.cu`` for ``cuda`` and ``emu`` (one thread per output pixel).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+from scipy import ndimage
+
+from ..backends.kernels import check_size, require
+from .numba_config import jit
+
+KERNEL_FILE = "resample"
+MODE = "mirror"   # d c b | a b c d | c b a: the edge pixel is not repeated (minunet.data.elastic)
+
+
+def spline_coefficients(image) -> np.ndarray:
+    """The cubic B-spline coefficients of ``image`` ((H, W) or (C, H, W)) for mode "mirror",
+    computed in float64 by scipy (``ndimage.spline_filter``, what ``map_coordinates`` does before
+    every order-3 interpolation) per channel; float32 (C, H, W) out."""
+    image = np.asarray(image)
+    planes = image[None] if image.ndim == 2 else image
+    return np.stack([ndimage.spline_filter(plane, order=3, mode=MODE, output=np.float64)
+                     for plane in planes]).astype(np.float32)
+
+
+def _check(coefficients, label, weight, coords, origin, bounds):
+    require(np.ndim(coefficients) == 3, f"resample: coefficients must be (C, H, W), got shape "
+                                        f"{tuple(np.shape(coefficients))}")
+    hw = tuple(np.shape(coefficients)[1:])
+    require(min(hw) >= 1 and np.shape(coefficients)[0] >= 1,
+            f"resample: empty coefficients {tuple(np.shape(coefficients))}")
+    require(tuple(np.shape(label)) == hw and tuple(np.shape(weight)) == hw,
+            f"resample: label {tuple(np.shape(label))} and weight {tuple(np.shape(weight))} must "
+            f"have the image's (H, W) = {hw}")
+    require(np.ndim(coords) == 3 and np.shape(coords)[0] == 2,
+            f"resample: coords must be (2, h, w) source (y, x), got shape {tuple(np.shape(coords))}")
+    require(label.dtype.kind in "iu", f"resample: label must hold integer class ids, got {label.dtype}")
+    require(len(origin) == 2 and len(bounds) == 2,
+            f"resample: origin (oy, ox) and bounds (lo, hi) are pairs, got {origin!r}, {bounds!r}")
+    require(not float(bounds[0]) > float(bounds[1]), f"resample: bounds {bounds!r} need lo <= hi")
+
+
+# ---- the NumPy reference (the oracle): scipy -------------------------------------------------------
+def reference(coefficients, label, weight, coords, origin, bounds):
+    """scipy.ndimage.map_coordinates at origin + coords: order 3 on the spline coefficients
+    (prefilter=False: they are already filtered), order 0 on the label, order 1 on the weight,
+    mode "mirror". The image keeps the coefficients' float dtype, the label its dtype."""
+    _check(coefficients, label, weight, coords, origin, bounds)
+    where = np.asarray(coords, np.float64) + np.array(origin, np.float64)[:, None, None]
+    dtype = coefficients.dtype
+    image = np.stack([ndimage.map_coordinates(np.asarray(plane, np.float64), where, order=3,
+                                              mode=MODE, prefilter=False) for plane in coefficients])
+    image = np.clip(image, bounds[0], bounds[1]).astype(dtype)
+    out_label = ndimage.map_coordinates(np.asarray(label), where, order=0, mode=MODE)
+    out_weight = np.maximum(ndimage.map_coordinates(np.asarray(weight, np.float64), where, order=1,
+                                                    mode=MODE), 0).astype(weight.dtype)
+    return image, out_label.astype(label.dtype), out_weight
+
+
+# ---- the fast CPU kernel (Numba) -------------------------------------------------------------------
+# The twin of kernels/resample.cu (same folding, same rounding, same spline weights), one task per
+# output row (prange), arithmetic in float64: a gather, bound by memory, where double precision
+# costs nothing measurable and follows scipy more closely.
+@jit(parallel=False)
+def _mirror(c, n):
+    """scipy's map_coordinate for mode "mirror": fold c into [0, n - 1]."""
+    if n <= 1:
+        return 0.0
+    period = 2 * n - 2
+    if c < 0.0:
+        c = float(period * np.int64(-c / period)) + c
+        c = c + period if c <= 1 - n else -c
+    elif c > n - 1:
+        c -= float(period * np.int64(c / period))
+        if c >= n:
+            c = period - c
+    return c
+
+
+@jit()
+def _resample(coef, label, weight, coords, oy, ox, lo, hi, out_image, out_label, out_weight):
+    channels, H, W = coef.shape
+    h, w = coords.shape[1], coords.shape[2]
+    for y in prange(h):
+        wy = np.empty(4)
+        wx = np.empty(4)
+        rows = np.empty(4, np.int64)
+        cols = np.empty(4, np.int64)
+        for x in range(w):
+            cy = _mirror(np.float64(coords[0, y, x]) + oy, H)
+            cx = _mirror(np.float64(coords[1, y, x]) + ox, W)
+            out_label[y, x] = label[int(_mirror(np.floor(cy + 0.5), H)),
+                                    int(_mirror(np.floor(cx + 0.5), W))]
+            fy, fx = np.floor(cy), np.floor(cx)
+            ty, tx = cy - fy, cx - fx
+            y0, y1 = int(_mirror(fy, H)), int(_mirror(fy + 1.0, H))
+            x0, x1 = int(_mirror(fx, W)), int(_mirror(fx + 1.0, W))
+            v = (1.0 - ty) * ((1.0 - tx) * weight[y0, x0] + tx * weight[y0, x1]) \
+                + ty * ((1.0 - tx) * weight[y1, x0] + tx * weight[y1, x1])
+            out_weight[y, x] = v if v > 0.0 else 0.0
+            sy, sx = 1.0 - ty, 1.0 - tx
+            wy[0] = sy * sy * sy / 6.0
+            wy[1] = (3.0 * ty * ty * ty - 6.0 * ty * ty + 4.0) / 6.0
+            wy[2] = (-3.0 * ty * ty * ty + 3.0 * ty * ty + 3.0 * ty + 1.0) / 6.0
+            wy[3] = ty * ty * ty / 6.0
+            wx[0] = sx * sx * sx / 6.0
+            wx[1] = (3.0 * tx * tx * tx - 6.0 * tx * tx + 4.0) / 6.0
+            wx[2] = (-3.0 * tx * tx * tx + 3.0 * tx * tx + 3.0 * tx + 1.0) / 6.0
+            wx[3] = tx * tx * tx / 6.0
+            iy, ix = int(fy), int(fx)
+            for k in range(4):      # inside the array (most pixels) no index needs mirroring
+                rows[k] = iy - 1 + k if 1 <= iy and iy + 2 < H else int(_mirror(fy - 1.0 + k, H))
+                cols[k] = ix - 1 + k if 1 <= ix and ix + 2 < W else int(_mirror(fx - 1.0 + k, W))
+            for c in range(channels):
+                total = 0.0
+                for i in range(4):
+                    row = 0.0
+                    for j in range(4):
+                        row += wx[j] * coef[c, rows[i], cols[j]]
+                    total += wy[i] * row
+                out_image[c, y, x] = min(max(total, lo), hi)
+
+
+def cpu(coefficients, label, weight, coords, origin, bounds):
+    """The fast CPU resampling (float32 arrays; other float dtypes go to the reference)."""
+    if not all(np.asarray(a).dtype == np.float32 for a in (coefficients, weight, coords)):
+        return reference(coefficients, label, weight, coords, origin, bounds)
+    _check(coefficients, label, weight, coords, origin, bounds)
+    coefficients, weight, coords = (np.ascontiguousarray(a) for a in (coefficients, weight, coords))
+    label = np.ascontiguousarray(label, np.int32)
+    h, w = coords.shape[1:]
+    out_image = np.empty((coefficients.shape[0], h, w), np.float32)
+    out_label, out_weight = np.empty((h, w), np.int32), np.empty((h, w), np.float32)
+    _resample(coefficients, label, weight, coords, float(origin[0]), float(origin[1]),
+              float(np.float32(bounds[0])), float(np.float32(bounds[1])), out_image, out_label,
+              out_weight)
+    return out_image, out_label, out_weight
+
+
+# ---- the CUDA kernel (kernels/resample.cu): one thread per output pixel ----------------------------
+def kernels(k, coefficients, label, weight, coords, origin, bounds):
+    _check(coefficients, label, weight, coords, origin, bounds)
+    coefficients = k.floats(coefficients, "coefficients", 3)
+    weight, coords = k.floats(weight, "weight", 2), k.floats(coords, "coords", 3)
+    label = k.xp.ascontiguousarray(k.xp.asarray(label, dtype=k.xp.int32))
+    channels, H, W = coefficients.shape
+    h, w = coords.shape[1:]
+    check_size((channels, h, w), "the resampled image")
+    out_image, out_label, out_weight = k.empty((channels, h, w)), k.empty((h, w), np.int32), k.empty((h, w))
+    k.launch_elementwise(KERNEL_FILE, "resample", h * w,
+                         (coefficients, label, weight, coords, out_image, out_label, out_weight,
+                          *(np.int32(v) for v in (channels, H, W, h, w, origin[0], origin[1])),
+                          np.float32(bounds[0]), np.float32(bounds[1])))
+    return out_image, out_label, out_weight
+
+
+# ---- registry entry --------------------------------------------------------------------------------
+IMPLEMENTATIONS = {"resample": {"reference": reference, "cpu": cpu, "kernels": kernels}}
+# (C, H, W, h, w, origin): odd sizes, a 1-pixel-wide array (mirror of length 1), outputs larger
+# than the input (coordinates folded over several periods), non-zero origins
+TEST_CASES = [(1, 13, 17, 9, 11, (0, 0)), (2, 7, 5, 19, 23, (-4, 9)), (1, 1, 6, 5, 7, (3, -2)),
+              (3, 31, 29, 33, 35, (-40, 57))]
+# float32 sums of 16 products of coefficients (|c| <= ~2 for images in [0, 1]) with weights
+# that sum to 1: error a few float32 ulps of the values; labels exact (see tests/test_resample.py)
+TOLERANCE = dict(rtol=1e-5, atol=2e-6)
+
+
+def example(rng, case, dtype=np.float32) -> dict:
+    """An image in [0, 1], its coefficients, 4 label classes, weights in [0.5, 3], coordinates
+    spread over -2..+2 array sizes (folded several times) with some exact half-integers (the
+    nearest-neighbour ties) and integers (the knots)."""
+    channels, H, W, h, w, origin = case
+    image = rng.random((channels, H, W))
+    coefficients = spline_coefficients(image).astype(dtype)
+    label = rng.integers(0, 4, (H, W)).astype(np.int32)
+    weight = (0.5 + 2.5 * rng.random((H, W))).astype(dtype)
+    spans = np.array([H, W], np.float64)[:, None, None]
+    coords = (rng.random((2, h, w)) * 5.0 - 2.0) * spans
+    ties = rng.random((2, h, w)) < 0.15
+    coords[ties] = np.floor(coords[ties]) + 0.5
+    knots = rng.random((2, h, w)) < 0.1
+    coords[knots] = np.round(coords[knots])
+    bounds = (float(image.min()), float(image.max()))
+    return {"resample": (coefficients, label, weight, coords.astype(dtype), origin, bounds)}
+
+
+def bench_cases(base: int, tile: int, batch: int) -> list:
+    """One training tile of side ``tile`` from a 512 x 512 slice."""
+    return [(1, 512, 512, tile, tile, (0, 0))]
+
+
+def cost(case) -> dict:
+    """Per output pixel: ~40 FLOPs per channel + ~70; bytes: coordinates, outputs, the gathered
+    inputs once (neighbours share cache lines)."""
+    channels, _, _, h, w, _ = case
+    pixels = float(h * w)
+    return {"resample": ((40.0 * channels + 70.0) * pixels, (8.0 * channels + 24.0) * pixels)}
