@@ -216,23 +216,31 @@ def test_gemm_plan_picks_tile_and_split_from_the_shape(args, shape, splits):
     assert plan.grid[2] == plan.splits * n
 
 
-def test_auto_choice_per_device_and_precision():
-    """"auto": cuda -> igemm (fp32) or wmma (tf32, >= 8 source channels, tensor cores); emu ->
-    the emulator's choice (tiled / naive by plane size, wmma under tf32)."""
+def test_auto_choice_per_device_and_precision(monkeypatch):
+    """"auto": cuda -> a version measured on a GPU for the layer if the choices table has one,
+    else igemm (fp32) or wmma (tf32, >= 8 source channels, tensor cores); emu -> the emulator's
+    choice (tiled / naive by plane size, wmma under tf32)."""
     def fake(device, precision, tensor_cores=True):
         return SimpleNamespace(device=device, precision=precision, conv3x3_version="auto",
                                _conv3x3_tensor_cores=tensor_cores)
 
-    assert C.conv3x3_version(fake("cuda", "fp32"), 64, 100, 100) == "igemm"
-    assert C.conv3x3_version(fake("cuda", "tf32"), 64, 100, 100) == "wmma"
-    assert C.conv3x3_version(fake("cuda", "tf32"), 1, 100, 100) == "igemm"     # the first layer
-    assert C.conv3x3_version(fake("cuda", "tf32", tensor_cores=False), 64, 100, 100) == "igemm"
-    assert C.conv3x3_version(fake("emu", "fp32"), 64, 100, 100) == "tiled"
-    assert C.conv3x3_version(fake("emu", "fp32"), 64, 4, 4) == "naive"
-    assert C.conv3x3_version(fake("emu", "tf32"), 64, 4, 4) == "wmma"
+    big, deep, first = (1, 64, 102, 102, 64), (1, 64, 6, 6, 64), (1, 1, 102, 102, 64)
+    monkeypatch.setenv("MINUNET_CHOICES", "off")          # the rules alone (no measured table)
+    assert C.conv3x3_version(fake("cuda", "fp32"), big) == "igemm"
+    assert C.conv3x3_version(fake("cuda", "tf32"), big) == "wmma"
+    assert C.conv3x3_version(fake("cuda", "tf32"), first) == "igemm"            # 1 source channel
+    assert C.conv3x3_version(fake("cuda", "tf32"), first, grad_input=True) == "wmma"   # 64 of gy
+    assert C.conv3x3_version(fake("cuda", "tf32", tensor_cores=False), big) == "igemm"
+    assert C.conv3x3_version(fake("emu", "fp32"), big) == "tiled"
+    assert C.conv3x3_version(fake("emu", "fp32"), deep) == "naive"
+    assert C.conv3x3_version(fake("emu", "tf32"), deep) == "wmma"
     forced = fake("cuda", "tf32")
     forced.conv3x3_version = "naive"
-    assert C.conv3x3_version(forced, 64, 100, 100) == "naive"
+    assert C.conv3x3_version(forced, big) == "naive"
+    # a version measured faster on a GPU for this layer wins over the rule on cuda (not on emu)
+    monkeypatch.setattr(C.choices, "choose", lambda k, knob, op, case: "tiled" if k.device == "cuda" else None)
+    assert C.conv3x3_version(fake("cuda", "tf32"), big) == "tiled"
+    assert C.conv3x3_version(fake("emu", "tf32"), big) == "wmma"
 
 
 def test_wmma_under_tf32_precision_via_auto():

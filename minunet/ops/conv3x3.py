@@ -37,6 +37,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import backends
 from ..autograd import Function
+from ..backends import choices
 from ..backends.kernels import MAX_GRID_YZ, ceil_div, int32s, require
 from ..backends.sources import cu_defines
 from ..tensor import Tensor
@@ -603,13 +604,15 @@ def tensor_cores(k) -> bool:
     return k._conv3x3_tensor_cores
 
 
-def conv3x3_version(k, c_src: int, h_out: int, w_out: int) -> str:
-    """The kernel version of one launch (forward: the output plane; input gradient: gx's plane):
-    ``k.conv3x3_version`` when forced, else ("auto"):
+def conv3x3_version(k, case, grad_input: bool = False) -> str:
+    """The kernel version of one launch of the layer ``case`` = (N, Ci, H, W, Co), its forward
+    pass or (``grad_input``) its input gradient: ``k.conv3x3_version`` when forced, else ("auto"):
 
-    - on ``cuda``: "wmma" when the precision is "tf32", the layer has at least WM_CI (8) source
-      channels (the first layer, 1 channel, would fill 1/8 of each tensor-core step) and the
-      device has tensor cores; else "igemm", on every plane size. Neither is measured on a GPU
+    - on ``cuda``: the version measured fastest for this layer on a GPU when the table of
+      ``minunet.backends.choices`` holds it; else "wmma" when the precision is "tf32", the
+      launch has at least WM_CI (8) source channels (the first layer, 1 channel, would fill 1/8
+      of each tensor-core step) and the device has tensor cores; else "igemm", on every plane
+      size. Neither is measured on a GPU
       yet: the choice follows their napkin math (kernels/conv3x3.cu). v1 naive is not kept for
       the small planes: in the H200 files of 2026-12-04 (bench/results/h200-2026-12-04/ncu16.csv)
       its advantage there came from v2 launching grids far smaller than one wave of blocks, which
@@ -621,6 +624,11 @@ def conv3x3_version(k, c_src: int, h_out: int, w_out: int) -> str:
     version = k.conv3x3_version
     if version != "auto":
         return version
+    measured = choices.choose(k, "conv3x3", KERNEL_FILE, case)
+    if measured is not None:
+        return measured
+    n, ci, h, wd, co = case
+    c_src, h_out, w_out = (co, h, wd) if grad_input else (ci, h - 2, wd - 2)
     if k.precision == "tf32" and c_src >= WMMA.ci and (k.device == "emu" or tensor_cores(k)):
         return "wmma"
     if k.device == "cuda":
@@ -697,7 +705,7 @@ def use_tiled(k, h_out: int, w_out: int) -> bool:
 def kernels_forward(k, x, w, b=None, relu=False):
     x, w, (n, ci, h, wd, co) = _kernel_args(k, x, w)
     b = k.bias(b, co)
-    version = conv3x3_version(k, ci, h - 2, wd - 2)
+    version = conv3x3_version(k, (n, ci, h, wd, co))
     if version in GEMM_VERSIONS:   # bias and ReLU in the kernel's store
         return gemm_conv(k, version, x, w, b, (co, h - 2, wd - 2), False, relu)[0]
     y = k.empty((n, co, h - 2, wd - 2))
@@ -717,7 +725,7 @@ def kernels_backward(k, x, w, gy, with_bias=True, y=None, need_gx=True):
     require(gy.shape == (n, co, h - 2, wd - 2),
             f"conv3x3 gy has shape {tuple(gy.shape)}; expected the output's {(n, co, h - 2, wd - 2)}")
     dims = int32s(n, ci, h, wd, co)
-    version = conv3x3_version(k, co, h, wd) if need_gx else None
+    version = conv3x3_version(k, (n, ci, h, wd, co), grad_input=True) if need_gx else None
     if y is not None:
         y = k.floats(y, "y", 4)
         require(y.shape == gy.shape, f"conv3x3 y has shape {tuple(y.shape)}; expected gy's {tuple(gy.shape)}")
