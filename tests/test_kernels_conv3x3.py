@@ -33,6 +33,7 @@ import minunet.functional as F
 from minunet import backends, nn
 from minunet.backends.kernels import CONV3X3_VERSIONS, KernelBackend
 from minunet.backends.sources import kernels_dir
+from minunet.devices import cuda_status, to_host
 from minunet.emulator import EmuModule
 from minunet.ops import conv3x3 as C
 
@@ -90,13 +91,13 @@ def run_case(k, rng, case, bias=True, relu=False):
     tf32 = version == "wmma" or (version == "auto" and k.precision == "tf32")   # (see test_auto_choice)
     what = f"conv3x3[{version}, relu={relu}, bias={bias}] {case}"
 
-    y = k.conv3x3_forward(x, w, b, relu=relu)
+    y = to_host(k.conv3x3_forward(x, w, b, relu=relu))
     want = C.reference_forward(f64(x), f64(w), None if b is None else f64(b), relu)
     want_abs = C.reference_forward(np.abs(f64(x)), np.abs(f64(w)), None if b is None else np.abs(f64(b)))
     assert_within(y, want, tolerance_bound(tf32, want, want_abs), f"{what} forward")
 
     mask = y if relu else None
-    gx, gw, gb = k.conv3x3_backward(x, w, gy, bias, y=mask)
+    gx, gw, gb = (None if a is None else to_host(a) for a in k.conv3x3_backward(x, w, gy, bias, y=mask))
     g = f64(gy) * (f64(mask) > 0) if relu else f64(gy)
     rx, rw, rb = C.reference_backward(f64(x), f64(w), g, bias)
     ax, aw, ab = C.reference_backward(np.abs(f64(x)), np.abs(f64(w)), np.abs(g), True)
@@ -108,6 +109,17 @@ def run_case(k, rng, case, bias=True, relu=False):
         assert_within(gb, rb, tolerance_bound(tf32_gw, rb, ab), f"{what} gb")
     else:
         assert gb is None
+
+
+@pytest.mark.parametrize("case", CASES[:4] + CASES[-1:], ids=str)
+@pytest.mark.parametrize("version", GEMM)
+def test_gemm_versions_on_cuda(version, case):
+    """The same checks on a real GPU (skipped without one; run by `pytest -k cuda`)."""
+    available, reason = cuda_status()
+    if not available:
+        pytest.skip(f"CuPy with a GPU is not available: {reason}")
+    k = KernelBackend("cuda", conv3x3=version)
+    run_case(k, np.random.default_rng(sum(case)), case, bias=True, relu=True)
 
 
 def test_versions_are_listed_for_the_benchmark():
