@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check of minunet in under 5 minutes, for a lent GPU whose minutes are scarce:
 #   1. setup      the Python stack (CuPy, PyTorch, pytest) is there, else a guarded quick install
-#   2. tests      the kernel tests on device cuda (pytest -k cuda tests/test_kernels.py)
+#   2. tests      the kernel tests on device cuda (pytest -k cuda tests/test_kernels.py tests/test_kernels_conv3x3.py)
 #   3. bench      python -m minunet.bench, paper network (base 64, tile 572) and default (16, 348):
 #                 the training step, minunet in fp32 and tf32 against PyTorch cuDNN strict FP32
 #                 and TF32; every op and kernel version
@@ -100,7 +100,7 @@ stage setup 20 "$SUMMARY" bash -c setup
 # 2. the kernel tests on cuda (on emu in a dry run, -k cuda deselects them all: a parse check)
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-stage tests 50 "$OUT/tests.txt" "$PY" -m pytest -q -x -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py
+stage tests 50 "$OUT/tests.txt" "$PY" -m pytest -q -x -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py tests/test_kernels_conv3x3.py
 
 # 3. the tables: the training step against PyTorch in strict FP32 and TF32 (the headline: the
 # paper's step first, its op table after the default network's tables), every op and version

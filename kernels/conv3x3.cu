@@ -28,6 +28,20 @@
 //                              (Co <-> Ci) and both spatial axes flipped (ky -> 2-ky). Each thread
 //                              gathers its own sums, so no two threads write the same element and
 //                              no atomics are needed.
+//   conv3x3_igemm_wide,        v3 "igemm": the convolution as an implicit GEMM (M = output channels,
+//   conv3x3_igemm_narrow,      N = pixels, K = 9 x input channels), register-blocked: each thread
+//   conv3x3_igemm_deep         keeps 8 (4) channels x 4 pixels = 32 (16) sums, weights pre-transposed to
+//                              [tap][ci][co] for float4 loads, load offsets computed once per
+//                              block, double-buffered shared tiles (one barrier per chunk); a
+//                              wide (32 ch x 8x32 px), narrow (16 ch x 8x32) or deep (64 ch x 8x8)
+//                              tile picked per layer, and a deterministic split over input channels
+//                              (conv3x3_sum_splits adds the parts) when the grid is too small.
+//                              One code for the forward pass and the input gradient (pad 0 / 2).
+//   conv3x3_wmma,              v4 "wmma": the same implicit GEMM on TF32 tensor cores (m16n16k8,
+//   conv3x3_wmma_narrow        FP32 sums; sm_80+, an FP32 fallback elsewhere); 32 or 16 channels.
+//   Fused epilogues (v3, v4): bias and ReLU in the store (y = max(conv + b, 0)); in the backward
+//   of conv + ReLU, the mask gy * (y > 0) applied as gy is loaded, and that masked gy written
+//   once for the weight gradient. conv3x3_gemm_weights lays out the weights for them.
 //   conv3x3_grad_weight        one block per (co, group of 4 input channels) and slice of the
 //                              pixels; each thread accumulates 4*9 partial sums (and the bias's)
 //                              over a strided subset of pixels, then the block adds them up with a tree
@@ -257,6 +271,590 @@ conv3x3_grad_input_tiled(const float* __restrict__ gy, const float* __restrict__
                          int N, int Ci, int H, int W, int Co) {
     conv3x3_tiled<true>(gy, w, nullptr, gx, Co, H - 2, W - 2, Ci, H, W);
 }
+
+// =============================================================================================
+// v3 igemm and v4 wmma: the convolution as an implicit GEMM.
+//
+// Both passes are one matrix product. With k = (tap t = 3*ky + kx, source channel s) and
+// p = an output pixel (i, j):
+//     dst[d, p] = sum_k A[d, k] * B[k, p],   A[d, (t, s)] = weight,  B[(t, s), p] = src[s, p + off(t)]
+// M = C_dst output channels, N = the pixels, K = 9 * C_src. "Implicit": B (im2col) is never
+// written to memory; each block builds the part it needs in shared memory from the input tile.
+// The same code runs the forward pass (src = x, pad = 0) and the input gradient (src = gy,
+// pad = 2, A = the flipped, channel-swapped weights: see the header).
+//
+// Weight layout. conv3x3_gemm_weights writes A once per launch as wt[t][s][d] (9 x S_pad x D_pad,
+// zeros past the real channels; S_pad a multiple of 8, D_pad of 64): the output channels d are
+// contiguous, so a thread reads its 8 channels' weights of one (t, s) as two float4 loads (one
+// 16-byte shared-memory access each), and no weight load needs a bounds check.
+// =============================================================================================
+#if defined(__has_include)
+#if __has_include(<mma.h>)
+#include <mma.h>
+#define CONV3X3_HAVE_MMA_H 1
+#endif
+#endif
+// Tensor cores for v4: on sm_80 and later (TF32 wmma needs them) when <mma.h> was found; the
+// emulator (no __CUDA_ARCH__) has its own <mma.h>. Elsewhere (sm_75, or NVRTC without the CUDA
+// include folder) conv3x3_wmma still compiles and computes the same tiles with FP32 FMAs.
+#if defined(CONV3X3_HAVE_MMA_H) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800) && !defined(CONV3X3_NO_WMMA)
+#define CONV3X3_WMMA 1
+#else
+#define CONV3X3_WMMA 0
+#endif
+
+#define GEMM_S_ALIGN 8    // S_pad is a multiple of this (the largest channel chunk, WM_CI)
+#define GEMM_D_ALIGN 64   // D_pad is a multiple of this (the largest channel tile, IGD_BM)
+
+// wt[(t * S_pad + s) * D_pad + d]: forward A[d=co, (t, s=ci)] = w[co, ci, t]; input gradient
+// A[d=ci, (t, s=co)] = w[co, ci, 8 - t]. One thread per element of wt.
+extern "C" __global__ void conv3x3_gemm_weights(const float* __restrict__ w, float* __restrict__ wt,
+                                                int Co, int Ci, int S_pad, int D_pad, int grad_input) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= 9 * S_pad * D_pad) return;
+    const int d = e % D_pad, s = (e / D_pad) % S_pad, t = e / (D_pad * S_pad);
+    float v = 0.0f;
+    if (grad_input) {
+        if (s < Co && d < Ci) v = w[(s * Ci + d) * 9 + (8 - t)];
+    } else if (s < Ci && d < Co) {
+        v = w[(d * Ci + s) * 9 + t];
+    }
+    wt[e] = v;
+}
+
+// The input tile of one channel chunk: CI channels x IH x IW source pixels (the output tile and
+// its 2-pixel halo), staged global -> registers -> shared memory. Each thread owns LOADS fixed
+// elements e = tid, tid + THREADS, ...; their offsets in the source (c * plane + si * W + sj, or
+// -1 outside the plane: a zero) and their slots in shared memory depend on the tile, not on the
+// chunk, so they are computed once (init) and each chunk only adds its base: no division in
+// the loop. load() issues the global
+// reads into registers; store() writes them to shared memory later, so the reads of chunk k+1
+// are in flight while the block computes chunk k (double buffering).
+// Shared layouts:
+//  - v3: [c][r][q] with rows padded to IWS = IW rounded up to 1 mod 4 floats (34 -> 37,
+//    10 -> 13). A warp's compute loads are 8 pixel groups 4 columns apart in each of 4 rows (wide
+//    tile) or 2 groups in 8 rows (deep): with a row stride of 1 mod 4 the rows fall on different
+//    banks mod 4, so the 32 lanes hit 32 different banks; with 34 rows 0 and 2 collided (2-way
+//    bank conflicts on half the loads of the inner loop). Elements e run (c, r, q), q fastest:
+//    neighbouring lanes read neighbouring pixels (coalesced).
+//  - v4, INTERLEAVED: [r][q][c], the CI = 8 channels of a pixel in 32 contiguous bytes, the
+//    layout wmma's B fragments load (see conv3x3_wmma). Elements e run (r, q, c), c fastest, so
+//    lanes store to consecutive shared addresses (q fastest would put 32 lanes 8 floats apart:
+//    8-way bank conflicts); a warp's global reads are then 4 pixels x 8 planes, 8 sectors of 32
+//    bytes per request instead of 4, the other halves of which the next requests read from L1.
+// With a ReLU mask (backward of conv + ReLU), the value is gy * (y > 0), and the block that owns
+// the element (the first channel block; rows and columns past the 2-pixel pad: each gy pixel is
+// owned once) also writes it to masked_out, the masked gradient the weight gradient needs.
+template <int CI, int IH, int IW, int THREADS, bool INTERLEAVED>
+struct Conv3x3TileLoader {
+    static constexpr int ELEMS = CI * IH * IW;
+    static constexpr int LOADS = (ELEMS + THREADS - 1) / THREADS;
+    static constexpr int IWS = INTERLEAVED ? IW : IW + (5 - IW % 4) % 4;   // shared row stride
+    static constexpr int FLOATS = INTERLEAVED ? ELEMS : CI * IH * IWS;     // shared floats per copy
+    int offset[LOADS];
+    int slot[LOADS];     // shared index of element l (its place in the padded layout)
+    unsigned owner;      // bit l: element l is this block's to write to masked_out
+    float value[LOADS];
+
+    // element e as (channel, tile row, tile column)
+    static __device__ __forceinline__ void coords(int e, int& c, int& r, int& q) {
+        if (INTERLEAVED) { c = e % CI; r = e / (CI * IW); q = (e / CI) % IW; }
+        else             { c = e / (IH * IW); r = (e / IW) % IH; q = e % IW; }   // constant divisors
+    }
+    __device__ void init(int tid, int i0, int j0, int pad, int H, int W) {
+        owner = 0;
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l) {
+            const int e = tid + l * THREADS;
+            int c, r, q;
+            coords(e, c, r, q);
+            const int si = i0 + r - pad, sj = j0 + q - pad;
+            const bool inside = e < ELEMS && si >= 0 && si < H && sj >= 0 && sj < W;
+            offset[l] = inside ? (c * H + si) * W + sj : -1;
+            slot[l] = e < ELEMS ? (INTERLEAVED ? e : (c * IH + r) * IWS + q) : -1;
+            if (inside && r >= pad && q >= pad) owner |= 1u << l;
+        }
+    }
+    // src, mask, masked_out point at the chunk's first channel; limit = its real channels * plane
+    __device__ void load(const float* __restrict__ src, const float* __restrict__ mask,
+                         float* __restrict__ masked_out, int limit) {
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l) {
+            const int o = offset[l];
+            float v = 0.0f;
+            if (o >= 0 && o < limit) {
+                v = src[o];
+                if (mask) {
+                    v = mask[o] > 0.0f ? v : 0.0f;
+                    if (masked_out && (owner >> l & 1u)) masked_out[o] = v;
+                }
+            }
+            value[l] = v;
+        }
+    }
+    __device__ void store(float* s) const {
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l) {
+            if (ELEMS % THREADS == 0 || slot[l] >= 0) s[slot[l]] = value[l];
+        }
+    }
+};
+
+// The weights of one chunk, wt[t][s0 .. s0+CI)[d0 .. d0+BM) -> shared [t][c][BMS], as float4;
+// BMS >= BM is the shared row stride (v4 pads it, see conv3x3_wmma).
+template <int CI, int BM, int THREADS, int BMS = BM>
+struct Conv3x3WeightLoader {
+    static constexpr int VECS = 9 * CI * BM / 4;
+    static constexpr int LOADS = (VECS + THREADS - 1) / THREADS;
+    int offset[LOADS];   // float index into wt for s0 = 0
+    float4 value[LOADS];
+
+    __device__ void init(int tid, int d0, int S_pad, int D_pad) {
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l) {
+            const int e = min(tid + l * THREADS, VECS - 1);
+            const int t = e / (CI * BM / 4), c = (e / (BM / 4)) % CI, dq = e % (BM / 4);
+            offset[l] = (t * S_pad + c) * D_pad + d0 + 4 * dq;
+        }
+    }
+    __device__ void load(const float* __restrict__ wt, int s0, int D_pad) {
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l)
+            value[l] = *reinterpret_cast<const float4*>(wt + offset[l] + s0 * D_pad);
+    }
+    __device__ void store(float* s, int tid) const {
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l) {
+            const int e = tid + l * THREADS;
+            if (VECS % THREADS == 0 || e < VECS)
+                reinterpret_cast<float4*>(s)[(e / (BM / 4)) * (BMS / 4) + e % (BM / 4)] = value[l];
+        }
+    }
+};
+
+// The work split shared by v3 and v4. Grid = (output tiles, channel blocks, splits * N):
+// blockIdx.z = split * N + n. With one split the block finishes its outputs (bias, ReLU);
+// with several (deep layers: few pixels, long K), split `split` sums the source channels
+// [split * per_split, ...) and writes raw sums to dst = partial[split][n][d][i][j], which
+// conv3x3_sum_splits adds in split order (deterministic; no atomics).
+struct Conv3x3Block {
+    int n, s_begin, s_end, i0, j0, d0;
+    bool final_pass;
+    __device__ Conv3x3Block(int N, int C_src, int W_dst, int per_split, int TH, int TW, int BM) {
+        const int split = blockIdx.z / N;
+        n = blockIdx.z % N;
+        s_begin = split * per_split;
+        s_end = min(C_src, s_begin + per_split);
+        const int tiles_x = (W_dst + TW - 1) / TW;
+        i0 = (blockIdx.x / tiles_x) * TH;
+        j0 = (blockIdx.x % tiles_x) * TW;
+        d0 = blockIdx.y * BM;
+        final_pass = gridDim.z == (unsigned)N;
+    }
+};
+
+__device__ __forceinline__ float conv3x3_epilogue(float acc, const float* __restrict__ bias, int d, bool final_pass,
+                                                  int relu) {
+    if (!final_pass) return acc;                 // a partial sum: bias and ReLU come after the sum
+    const float v = acc + bias[d];
+    return relu ? fmaxf(v, 0.0f) : v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// v3: igemm, register-blocked implicit GEMM on the FP32 units.
+//
+// Block tile: BM output channels x (TH x TW) output pixels; the source channels are visited CI at
+// a time (a K step of 9 * CI). Thread `tid` owns TM consecutive channels (channel group
+// cg = tid / PXG) x TN consecutive pixels of one row (pixel group px = tid % PXG, PXG = TH * TW / TN
+// groups): TM * TN accumulators in registers. Per source channel it reads its 3 x (TN + 2)
+// window of the input tile from shared memory into registers (18 loads for TN = 4), and for each
+// of the 9 taps its TM weights (TM / 4 float4 loads, the same address for all threads of a
+// channel group: a broadcast), then does TM * TN multiply-adds: 8 * 4 * 9 = 288 FMAs for
+// 18 + 18 shared loads, 8 FMAs per load (narrow, TM = 4: 144 FMAs for 18 + 9 loads; v2: 144 FMAs
+// for 12 + 72 loads, 1.7 per load). That is why register blocking helps: a value in a register is
+// reused TM (input) or TN (weight) times. Per warp, an SM issues 4 FMA instructions per cycle (128
+// lanes) but serves one shared-memory wavefront per cycle (32 words, or one broadcast): v2 needs
+// 84 wavefronts (84 cycles) for 144 FMA instructions (36 cycles), so shared memory bounds it at
+// ~43% of the FMA peak; v3 needs 36 wavefronts for 288 FMAs (72 cycles), narrow 27 for 144 (36):
+// the FMA units become the limit - provided the loads are free of bank conflicts (see the
+// loader's padded rows).
+// Double buffering: two copies of each shared tile; the global loads of chunk k+1 go to registers
+// before chunk k is computed and into the other copy after it: one barrier per chunk, and the
+// global latency hides behind the FMAs.
+// The last chunk may have fewer than CI real channels (U-Net's first layer has 1): the compute
+// loop stops at the real ones, so a 1-channel layer costs 1/CI of a chunk's FMAs.
+//
+// Three shapes (the launcher picks one per layer, gemm_plan in ops/conv3x3.py):
+//   wide   (IGW_*): 32 channels x 8 x 32 pixels, 256 threads, 8 x 4 outputs per thread: large
+//                   planes with many channels (the paper's 64 and more);
+//   narrow (IGN_*): 16 channels x 8 x 32 pixels, 256 threads, 4 x 4 outputs per thread: large
+//                   planes with few channels (base 8 or 16 networks), where half of a wide
+//                   tile's channels would be padding;
+//   deep   (IGD_*): 64 channels x 8 x 8 pixels, 128 threads, 8 x 4 outputs per thread: small
+//                   planes with many channels, whose wide tiles would mostly hang past the plane.
+// Any of them is split over the source channels when its grid is too small to fill the GPU.
+// Napkin math, per block and chunk (wide, CI = 4): FLOPs 2 * 32 * 256 * 36 = 590k; global
+// (L2) reads 4 * 10 * 34 + 36 * 32 = 2512 floats = 10 KB: 59 FLOP per byte loaded (v2:
+// 2 * 16 * 32 * 8 * 72 = 590k FLOPs for 5472 floats = 21.9 KB, 27 FLOP/B: the 2x comes from
+// staging 32 output channels' weights per block instead of 8). A layer's minimum DRAM
+// traffic is unchanged (x, w, y once each); e.g. 64 -> 64 channels on a 570 x 570 input:
+// 2 * 64 * 64 * 9 * 568^2 = 23.8 GFLOP over 4 * (64 * 570^2 + 64 * 568^2) = 166 MB = 143 FLOP/B,
+// compute bound on any GPU (an H200's FP32 ridge is about 67 TFLOP/s / 4.8 TB/s = 14 FLOP/B).
+// ---------------------------------------------------------------------------------------------
+#define IGW_BM 32
+#define IGW_TM 8
+#define IGW_TH 8
+#define IGW_TW 32
+#define IGW_TN 4
+#define IGW_CI 4
+#define IGW_THREADS ((IGW_BM / IGW_TM) * (IGW_TH * IGW_TW / IGW_TN))    // 4 x 64 = 256
+#define IGN_BM 16
+#define IGN_TM 4
+#define IGN_TH 8
+#define IGN_TW 32
+#define IGN_TN 4
+#define IGN_CI 4
+#define IGN_THREADS ((IGN_BM / IGN_TM) * (IGN_TH * IGN_TW / IGN_TN))    // 4 x 64 = 256
+#define IGD_BM 64
+#define IGD_TM 8
+#define IGD_TH 8
+#define IGD_TW 8
+#define IGD_TN 4
+#define IGD_CI 4
+#define IGD_THREADS ((IGD_BM / IGD_TM) * (IGD_TH * IGD_TW / IGD_TN))    // 8 x 16 = 128
+
+template <int BM, int TM, int TH, int TW, int TN, int CI>
+__device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, const float* __restrict__ mask,
+                                              const float* __restrict__ wt, const float* __restrict__ bias,
+                                              float* __restrict__ dst, float* __restrict__ masked_out,
+                                              int N, int C_src, int H_src, int W_src, int C_dst, int H_dst,
+                                              int W_dst, int pad, int S_pad, int D_pad, int per_split, int relu,
+                                              int use_mask) {
+    constexpr int PXG = TH * TW / TN, THREADS = (BM / TM) * PXG;
+    constexpr int IH = TH + 2, IW = TW + 2;
+    using Tile = Conv3x3TileLoader<CI, IH, IW, THREADS, false>;
+    constexpr int IWS = Tile::IWS;               // padded row stride (see the loader)
+    __shared__ float s_in[2][Tile::FLOATS];
+    __shared__ __align__(16) float s_w[2][9 * CI * BM];
+
+    const int tid = threadIdx.x;
+    const int px = tid % PXG, cg = tid / PXG;
+    const int row = px / (TW / TN), q0 = (px % (TW / TN)) * TN;
+    const Conv3x3Block blk(N, C_src, W_dst, per_split, TH, TW, BM);
+    const int plane = H_src * W_src;
+    if (!use_mask) mask = nullptr;
+    if (!use_mask || blockIdx.y != 0) masked_out = nullptr;   // one channel block writes it
+
+    Tile tile;
+    Conv3x3WeightLoader<CI, BM, THREADS> wload;
+    tile.init(tid, blk.i0, blk.j0, pad, H_src, W_src);
+    wload.init(tid, blk.d0, S_pad, D_pad);
+
+    float acc[TM][TN];
+#pragma unroll
+    for (int m = 0; m < TM; ++m)
+#pragma unroll
+        for (int u = 0; u < TN; ++u) acc[m][u] = 0.0f;
+
+    auto fetch = [&](int s0) {   // issue the global reads of the chunk starting at channel s0
+        const int base = (blk.n * C_src + s0) * plane;
+        tile.load(src + base, mask ? mask + base : nullptr, masked_out ? masked_out + base : nullptr,
+                  (blk.s_end - s0) * plane);
+        wload.load(wt, s0, D_pad);
+    };
+    if (blk.s_begin < blk.s_end) {
+        fetch(blk.s_begin);
+        tile.store(s_in[0]);
+        wload.store(s_w[0], tid);
+    }
+    __syncthreads();
+    int buf = 0;
+    for (int s0 = blk.s_begin; s0 < blk.s_end; s0 += CI) {
+        const bool more = s0 + CI < blk.s_end;
+        if (more) fetch(s0 + CI);                   // in flight during the FMAs below
+        const int chunk = min(CI, blk.s_end - s0);
+        const float* sin = s_in[buf];
+        const float* sw = s_w[buf];
+#pragma unroll
+        for (int c = 0; c < CI; ++c) {
+            if (c >= chunk) break;                  // the first layer: 1 real channel of CI
+            float in[3][TN + 2];
+#pragma unroll
+            for (int ky = 0; ky < 3; ++ky)
+#pragma unroll
+                for (int v = 0; v < TN + 2; ++v) in[ky][v] = sin[(c * IH + row + ky) * IWS + q0 + v];
+#pragma unroll
+            for (int t = 0; t < 9; ++t) {
+                float wv[TM];
+#pragma unroll
+                for (int m4 = 0; m4 < TM / 4; ++m4) {
+                    const float4 q = reinterpret_cast<const float4*>(sw + (t * CI + c) * BM + cg * TM)[m4];
+                    wv[4 * m4] = q.x; wv[4 * m4 + 1] = q.y; wv[4 * m4 + 2] = q.z; wv[4 * m4 + 3] = q.w;
+                }
+#pragma unroll
+                for (int m = 0; m < TM; ++m)
+#pragma unroll
+                    for (int u = 0; u < TN; ++u) acc[m][u] += wv[m] * in[t / 3][u + t % 3];
+            }
+        }
+        if (more) {                                 // the other copy: nobody reads it now
+            tile.store(s_in[buf ^ 1]);
+            wload.store(s_w[buf ^ 1], tid);
+        }
+        __syncthreads();
+        buf ^= 1;
+    }
+
+    const int i = blk.i0 + row;
+#pragma unroll
+    for (int m = 0; m < TM; ++m) {
+        const int d = blk.d0 + cg * TM + m;
+#pragma unroll
+        for (int u = 0; u < TN; ++u) {
+            const int j = blk.j0 + q0 + u;
+            if (d < C_dst && i < H_dst && j < W_dst)
+                dst[((blockIdx.z * C_dst + d) * H_dst + i) * W_dst + j] =
+                    conv3x3_epilogue(acc[m][u], bias, d, blk.final_pass, relu);
+        }
+    }
+}
+
+// src (N, C_src, H_src, W_src); wt from conv3x3_gemm_weights; bias: C_dst values (zeros for the
+// input gradient); dst (splits, N, C_dst, H_dst, W_dst); pad 0 (forward) or 2 (input gradient);
+// relu: apply ReLU in the store; use_mask: src is masked by the ReLU output mask (y, the shape of
+// src: src * (y > 0)) and that masked src is written to masked_out (else both are unused).
+extern "C" __global__ void __launch_bounds__(IGW_THREADS)
+conv3x3_igemm_wide(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+                   const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+                   int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+                   int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_igemm<IGW_BM, IGW_TM, IGW_TH, IGW_TW, IGW_TN, IGW_CI>(
+        src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst, W_dst, pad, S_pad, D_pad,
+        per_split, relu, use_mask);
+}
+
+extern "C" __global__ void __launch_bounds__(IGN_THREADS)
+conv3x3_igemm_narrow(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+                     const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+                     int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+                     int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_igemm<IGN_BM, IGN_TM, IGN_TH, IGN_TW, IGN_TN, IGN_CI>(
+        src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst, W_dst, pad, S_pad, D_pad,
+        per_split, relu, use_mask);
+}
+
+// No __launch_bounds__ here: given __launch_bounds__(128), ptxas (CUDA 13, sm_90) held this kernel
+// to 96 registers and spilled to local memory; without it, it takes the 128 it needs.
+extern "C" __global__ void
+conv3x3_igemm_deep(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+                   const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+                   int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+                   int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_igemm<IGD_BM, IGD_TM, IGD_TH, IGD_TW, IGD_TN, IGD_CI>(
+        src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst, W_dst, pad, S_pad, D_pad,
+        per_split, relu, use_mask);
+}
+
+// dst[e] = epilogue(sum over the splits of partial[split][e]), in split order. One thread per
+// output element; plane = H_dst * W_dst, C = C_dst, total = N * C * plane.
+extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial, const float* __restrict__ bias,
+                                              float* __restrict__ dst, int splits, int total, int C, int plane,
+                                              int relu) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    float acc = 0.0f;
+    for (int k = 0; k < splits; ++k) acc += partial[k * total + e];
+    dst[e] = conv3x3_epilogue(acc, bias, (e / plane) % C, true, relu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// v4: wmma, the same implicit GEMM on tensor cores (TF32 inputs, FP32 sums; sm_80+).
+//
+// Block: 4 warps (128 threads), tile WM_BM = 32 output channels x (8 rows x 16 columns) pixels.
+// Warp w owns output rows 2w and 2w + 1 for all 32 channels: 2 x 2 accumulator fragments of
+// 16 channels x 16 pixels (one row). conv3x3_wmma_narrow: 16 channels, 1 x 2 fragments per warp,
+// for layers with at most 16 output channels (half of a 32-channel tile would be padding). K is walked per chunk of WM_CI = 8 source channels and per
+// tap t: the k-step of m16n16k8 is "8 source channels at tap t", so
+//   A fragment (16 channels x 8 k) = s_w[t][c][d0 .. d0+16), col_major with ldm = 40: rows
+//     padded from 32 to 40 floats (16 to 24 in conv3x3_wmma_narrow). In the TF32 fragment layout PTX documents for mma.sync
+//     (lane = 4 g + t holds rows g, g + 8 and k-columns t, t + 4), lane 4 g + t reads address
+//     t * ldm + g: with ldm = 32 the four lanes t = 0..3 of a g hit one bank (4-way conflicts),
+//     with ldm = 40 the 32 lanes hit banks 8 t + g (24: 24 t + g mod 32), all different. (The emulator does not count
+//     wmma's shared accesses; not yet measured.)
+//   B fragment (8 k x 16 pixels)   = the tile's row (r + ky), columns kx .. kx + 15, channels c:
+//     with the tile stored INTERLEAVED ([row][col][c], 8 channels = 32 bytes per pixel), that is
+//     col_major with ldm = 8 starting at pixel (r + ky, kx): every start is 32-byte aligned, as
+//     load_matrix_sync requires, for any tap shift - the reason for the interleaved layout.
+// Per chunk a warp does 9 x (2 A + 2 B loads, 4 mma_sync) = 36 tensor-core products of
+// 16 x 16 x 8 (2 * 16 * 16 * 8 * 36 = 147,456 FLOPs) for 36 fragment loads. Both operands are
+// rounded to TF32 (__float_to_tf32: 10 mantissa bits, relative error <= 2^-11 each); products and
+// sums are FP32.
+// The accumulators go through shared memory (store_matrix_sync) so that bias, ReLU and the
+// bounds checks of the edge tiles are applied per element. Double-buffered like v3.
+// Napkin math: an H200's TF32 tensor cores peak near 495 TFLOP/s dense, FP32 FMAs at 67: the
+// layers above (143 FLOP/B) stay compute bound only in a kernel that keeps operands in shared
+// memory and registers, as this one does (per block and chunk 1440 + 2304 floats = 15 KB read
+// for 2 * 32 * 128 * 72 = 590k FLOPs, 39 FLOP/B).
+// Without tensor cores (sm_75, or no <mma.h>) each lane computes 32 of its warp's outputs with FP32
+// FMAs from the same shared tiles (CONV3X3_WMMA = 0): correct everywhere, fast only on sm_80+.
+// ---------------------------------------------------------------------------------------------
+#define WM_BM 32                                 // conv3x3_wmma: 32 channels per block
+#define WM_BM_NARROW 16                          // conv3x3_wmma_narrow: 16 (few-channel layers)
+#define WM_TH 8
+#define WM_TW 16
+#define WM_CI 8
+#define WM_THREADS 128
+#define WM_IH (WM_TH + 2)
+#define WM_IW (WM_TW + 2)
+#define WM_IN_FLOATS (WM_IH * WM_IW * WM_CI)   // 1440
+
+#if CONV3X3_WMMA
+using namespace nvcuda;
+#endif
+
+// MF = BM / 16 channel fragments per warp (2: conv3x3_wmma, 1: conv3x3_wmma_narrow).
+template <int BM>
+__device__ __forceinline__ void conv3x3_wmma_tile(
+        const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+        const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+        int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+        int D_pad, int per_split, int relu, int use_mask) {
+    constexpr int MF = BM / 16;
+    constexpr int BMS = BM + 8;                  // padded weight rows: 40 or 24 floats (see above)
+    constexpr int W_FLOATS = 9 * WM_CI * BMS;
+    // two input tiles, two weight tiles; after the last chunk the first floats hold the warps'
+    // accumulators (4 warps x 2 MF fragments x 256)
+    __shared__ __align__(32) float smem[2 * WM_IN_FLOATS + 2 * W_FLOATS];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const Conv3x3Block blk(N, C_src, W_dst, per_split, WM_TH, WM_TW, BM);
+    const int plane = H_src * W_src;
+    if (!use_mask) mask = nullptr;
+    if (!use_mask || blockIdx.y != 0) masked_out = nullptr;
+
+    Conv3x3TileLoader<WM_CI, WM_IH, WM_IW, WM_THREADS, true> tile;
+    Conv3x3WeightLoader<WM_CI, BM, WM_THREADS, BMS> wload;
+    tile.init(tid, blk.i0, blk.j0, pad, H_src, W_src);
+    wload.init(tid, blk.d0, S_pad, D_pad);
+    float* const s_in = smem;                      // copy b at s_in + b * WM_IN_FLOATS
+    float* const s_w = smem + 2 * WM_IN_FLOATS;    // copy b at s_w + b * W_FLOATS
+
+#if CONV3X3_WMMA
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[MF][2];   // [channel fragment][row]
+#pragma unroll
+    for (int f = 0; f < MF; ++f)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) wmma::fill_fragment(acc[f][r], 0.0f);
+#else
+    float acc[16 * MF];   // lane's outputs e = lane + 32 k of the warp's 2 MF x 256 (staging order below)
+#pragma unroll
+    for (int k = 0; k < 16 * MF; ++k) acc[k] = 0.0f;
+#endif
+
+    auto fetch = [&](int s0) {
+        const int base = (blk.n * C_src + s0) * plane;
+        tile.load(src + base, mask ? mask + base : nullptr, masked_out ? masked_out + base : nullptr,
+                  (blk.s_end - s0) * plane);
+        wload.load(wt, s0, D_pad);
+    };
+    if (blk.s_begin < blk.s_end) {
+        fetch(blk.s_begin);
+        tile.store(s_in);
+        wload.store(s_w, tid);
+    }
+    __syncthreads();
+    int buf = 0;
+    for (int s0 = blk.s_begin; s0 < blk.s_end; s0 += WM_CI) {
+        const bool more = s0 + WM_CI < blk.s_end;
+        if (more) fetch(s0 + WM_CI);
+        const float* sin = s_in + buf * WM_IN_FLOATS;
+        const float* sw = s_w + buf * W_FLOATS;
+#if CONV3X3_WMMA
+#pragma unroll
+        for (int t = 0; t < 9; ++t) {
+            const int ky = t / 3, kx = t % 3;
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[MF];
+#pragma unroll
+            for (int f = 0; f < MF; ++f) {
+                wmma::load_matrix_sync(a[f], sw + t * WM_CI * BMS + 16 * f, BMS);
+#pragma unroll
+                for (int x = 0; x < a[f].num_elements; ++x) a[f].x[x] = wmma::__float_to_tf32(a[f].x[x]);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
+                wmma::load_matrix_sync(b, sin + ((2 * warp + r + ky) * WM_IW + kx) * WM_CI, WM_CI);
+#pragma unroll
+                for (int x = 0; x < b.num_elements; ++x) b.x[x] = wmma::__float_to_tf32(b.x[x]);
+#pragma unroll
+                for (int f = 0; f < MF; ++f) wmma::mma_sync(acc[f][r], a[f], b, acc[f][r]);
+            }
+        }
+#else
+        // lane's output k: fragment k / 8 (channel half k / 16, row k / 8 % 2), channel
+        // m = 2 * (k % 8) + lane / 16, column lane % 16 (the order store_matrix_sync uses below)
+        const int col = lane % 16, half = lane / 16;
+        for (int t = 0; t < 9; ++t)
+            for (int c = 0; c < WM_CI; ++c) {
+                const float in0 = sin[((2 * warp + t / 3) * WM_IW + col + t % 3) * WM_CI + c];
+                const float in1 = sin[((2 * warp + 1 + t / 3) * WM_IW + col + t % 3) * WM_CI + c];
+                const float* wrow = sw + (t * WM_CI + c) * BMS + half;
+#pragma unroll
+                for (int k = 0; k < 16 * MF; ++k)
+                    acc[k] += wrow[16 * (k / 16) + 2 * (k % 8)] * ((k / 8) % 2 ? in1 : in0);
+            }
+#endif
+        if (more) {
+            tile.store(s_in + (buf ^ 1) * WM_IN_FLOATS);
+            wload.store(s_w + (buf ^ 1) * W_FLOATS, tid);
+        }
+        __syncthreads();
+        buf ^= 1;
+    }
+
+    // Stage the warp's 2 MF fragments: stage[frag][m][col], frag = 2 * channel fragment + row.
+    float* stage = smem + warp * 2 * MF * 256;
+#if CONV3X3_WMMA
+#pragma unroll
+    for (int f = 0; f < MF; ++f)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            wmma::store_matrix_sync(stage + (2 * f + r) * 256, acc[f][r], 16, wmma::mem_row_major);
+    __syncwarp();
+#else
+#pragma unroll
+    for (int k = 0; k < 16 * MF; ++k) stage[lane + 32 * k] = acc[k];
+    __syncwarp();
+#endif
+    for (int e = lane; e < 2 * MF * 256; e += 32) {   // lanes 0-15 and 16-31: 16 columns of two channels
+        const int frag = e / 256, m = (e / 16) % 16, col = e % 16;
+        const int d = blk.d0 + (frag / 2) * 16 + m, i = blk.i0 + 2 * warp + frag % 2, j = blk.j0 + col;
+        if (d < C_dst && i < H_dst && j < W_dst)
+            dst[((blockIdx.z * C_dst + d) * H_dst + i) * W_dst + j] =
+                conv3x3_epilogue(stage[e], bias, d, blk.final_pass, relu);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WM_THREADS)
+conv3x3_wmma(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+             const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+             int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+             int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_wmma_tile<WM_BM>(src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst, W_dst,
+                             pad, S_pad, D_pad, per_split, relu, use_mask);
+}
+
+// No __launch_bounds__ (as conv3x3_igemm_deep): under it ptxas (CUDA 13, sm_90) spilled this one.
+extern "C" __global__ void
+conv3x3_wmma_narrow(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+                    const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+                    int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+                    int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_wmma_tile<WM_BM_NARROW>(src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst,
+                                    W_dst, pad, S_pad, D_pad, per_split, relu, use_mask);
+}
+
+// 1 when this build of conv3x3_wmma uses tensor cores, 0 when it falls back to FP32 FMAs.
+extern "C" __global__ void conv3x3_wmma_enabled(int* __restrict__ out) { out[0] = CONV3X3_WMMA; }
 
 // ---------------------------------------------------------------------------------------------
 // Weight gradient: a reduction over N*Ho*Wo pixels for each of Co*Ci*9 weights.

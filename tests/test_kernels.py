@@ -73,6 +73,7 @@ def _variants(op, function):
     variants = [("tiled", False, "tree")]
     if op is ops.conv3x3:
         variants.append(("naive", False, "tree"))
+        variants.append(("igemm", False, "tree"))   # FP32 implicit GEMM (wmma, TF32: tests/test_kernels_conv3x3.py)
     if function.endswith("_backward") and hasattr(op, "GW_THREADS"):
         variants.append(("tiled", True, "tree"))     # many pixel slices, the last one only partly full
         variants.append(("tiled", False, "serial"))  # one thread per weight and per bias

@@ -18,12 +18,17 @@ What this file does, and no op repeats:
 - the weight and bias gradients of the convolutions (their kernels, serial or tree, and the
   split tree reductions' partial sums, added by ``kernels/reduce.cu``), and means.
 
-Two choices of kernel, each made per launch from the shapes unless a version is forced:
+Choices of kernel, each made per launch from the shapes unless a version is forced:
 
-- The 3x3 convolution (kernels/conv3x3.cu): ``"naive"`` (one thread per output), ``"tiled"``
-  (shared-memory tiles and register blocking), or ``"auto"`` (the default): tiled when the output
-  plane fills at least one tile (TILE_H x TILE_W pixels), naive below that, where most threads of
-  a tiled block would have no pixel. Choose with ``KernelBackend(device, conv3x3="naive")``, the
+- The 3x3 convolution's forward and input gradient (kernels/conv3x3.cu): v1 ``"naive"`` (one
+  thread per output), v2 ``"tiled"`` (shared-memory tiles, 16 outputs per thread), v3 ``"igemm"``
+  (implicit GEMM, register-blocked: 32 outputs per thread, float4 weights, double-buffered
+  tiles, a tile shape per layer and a channel split for the deep layers), v4 ``"wmma"`` (the
+  same GEMM on TF32 tensor cores), or ``"auto"`` (the default; ops/conv3x3.py,
+  ``conv3x3_version``): on ``cuda`` wmma under precision "tf32" (layers with >= 8 source
+  channels, on sm_80+), else igemm - chosen from their design, NOT yet measured on a GPU; on
+  ``emu`` the emulator's own choice for its speed: wmma under "tf32", else tiled when the plane
+  fills one 16 x 32 tile and naive below. Choose with ``KernelBackend(device, conv3x3=...)``, the
   environment variable ``MINUNET_CONV3X3`` (read when the backend is created), or later with
   ``get_backend(device).conv3x3_version = "naive"``.
 - The reductions of weight and bias gradients (``weight_gradient_version``): ``"tree"`` (a block
@@ -69,7 +74,7 @@ from .sources import cu_defines, kernels_dir
 # Options for NVRTC on the GPU. tests/test_nvrtc.py compiles every file with exactly these (plus
 # an architecture), so what passes there is what CuPy compiles.
 CUDA_OPTIONS = ("-std=c++17",)
-CONV3X3_VERSIONS = ("auto", "naive", "tiled")
+CONV3X3_VERSIONS = ("auto", "naive", "tiled", "igemm", "wmma")   # v1..v4, see the module docstring
 REDUCTIONS = ("auto", "tree", "serial", "gemm")
 CONV_TRANSPOSE2X2_VERSIONS = ("auto", "naive", "gemm")
 PRECISIONS = ("fp32", "tf32")
@@ -188,7 +193,7 @@ class KernelBackend:
 
     @property
     def conv3x3_version(self) -> str:
-        """"auto", "naive" or "tiled". Tensors use the backend that ``get_backend(device)`` created
+        """"auto", "naive", "tiled", "igemm" or "wmma". Tensors use the backend that ``get_backend(device)`` created
         once (reading MINUNET_CONV3X3 then), so to switch later set this attribute on it:
         ``minunet.backends.get_backend("emu").conv3x3_version = "naive"``."""
         return self._conv3x3_version

@@ -1,6 +1,6 @@
 """The ops of U-Net, one module per op family, each next to its CUDA file in ``kernels/``:
 
-    conv3x3            kernels/conv3x3.cu             3x3 valid convolution (naive, tiled)
+    conv3x3            kernels/conv3x3.cu             3x3 valid convolution (naive, tiled, igemm, wmma; fused ReLU)
     maxpool2x2         kernels/maxpool2x2.cu          2x2 max-pooling
     conv_transpose2x2  kernels/conv_transpose2x2.cu   2x2 up-convolution
     crop_concat        kernels/crop_concat.cu         the skip connections

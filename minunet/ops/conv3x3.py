@@ -5,9 +5,15 @@
 
 This module holds, in order: the differentiable op ``conv3x3`` (argument checks and its autograd
 Function), the NumPy reference forward and backward (the oracle), the fast CPU kernels (Numba:
-device ``cpu``), the launcher of the CUDA kernels in ``kernels/conv3x3.cu`` (naive and tiled
-versions, chosen per shape; the weight and bias gradients serial or tree; on ``cuda`` and
-``emu``), and the registry entry (implementations, test and benchmark cases, napkin math).
+device ``cpu``), the launcher of the CUDA kernels in ``kernels/conv3x3.cu`` (v1 naive, v2 tiled,
+v3 igemm, v4 wmma, chosen per shape and precision in ``conv3x3_version``; the weight and bias
+gradients serial or tree; on ``cuda`` and ``emu``), and the registry entry (implementations,
+test and benchmark cases, napkin math).
+
+``conv3x3(x, w, b, relu=True)`` is the fused "conv, then ReLU" of every 3x3 layer of the paper:
+the GEMM kernels add the bias and apply the ReLU in their store, and in the backward pass apply
+the ReLU's mask (gy * (y > 0), y the saved output) while loading gy. When x needs no gradient (the
+network's input) the backward launches no input-gradient kernel.
 
 The reference's trick ("full-width im2col")
 --------------------------------------------
@@ -22,6 +28,8 @@ away (a 2/W overhead).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numba
 from numba import prange
@@ -29,10 +37,12 @@ from numpy.lib.stride_tricks import as_strided
 
 from .. import backends
 from ..autograd import Function
+from ..backends import choices
 from ..backends.kernels import MAX_GRID_YZ, ceil_div, int32s, require
 from ..backends.sources import cu_defines
 from ..tensor import Tensor
 from .checks import check_conv
+from .elementwise import relu_cpu_backward
 from .numba_config import LANES, all_float32, jit
 
 KERNEL_FILE = "conv3x3"
@@ -40,20 +50,29 @@ KERNEL_FILE = "conv3x3"
 
 # ---- the op ------------------------------------------------------------------------------------
 class Conv3x3(Function):
-    def forward(self, x, w, b):
+    def forward(self, x, w, b, relu=False):
         self.x, self.w, self.has_b = x, w, b is not None
-        return backends.get_backend(self.device).conv3x3_forward(x, w, b)
+        y = backends.get_backend(self.device).conv3x3_forward(x, w, b, relu=relu)
+        self.y = y if relu else None     # the ReLU's output: its zeros are the backward's mask
+        return y
 
     def backward(self, gy):
-        return backends.get_backend(self.device).conv3x3_backward(self.x, self.w, gy, self.has_b)
+        # The network's input needs no gradient (paper Fig. 1: the first layer's x is the image):
+        # then the input-gradient kernel is not launched at all.
+        return backends.get_backend(self.device).conv3x3_backward(
+            self.x, self.w, gy, self.has_b, y=self.y, need_gx=self.needs_input_grad[0])
 
 
-def conv3x3(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """Valid (unpadded) 3x3 convolution: (N,Ci,H,W) -> (N,Co,H-2,W-2); w is (Co,Ci,3,3)."""
+def conv3x3(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False) -> Tensor:
+    """Valid (unpadded) 3x3 convolution: (N,Ci,H,W) -> (N,Co,H-2,W-2); w is (Co,Ci,3,3).
+
+    ``relu=True`` returns relu(conv3x3(x, w, b)) as one op (every 3x3 conv of the paper is followed
+    by a ReLU): the kernels apply the ReLU when they store the output and its mask when the
+    backward pass loads the gradient, instead of two extra passes over the activations."""
     check_conv("conv3x3", x, w, b, (3, 3))
     if x.shape[2] < 3 or x.shape[3] < 3:
         raise ValueError(f"conv3x3: the input must be at least 3x3, got shape {x.shape}")
-    return Conv3x3.apply(x, w, b)
+    return Conv3x3.apply(x, w, b, relu=bool(relu))
 
 
 # ---- the NumPy reference (the oracle; dtype-generic, float64 for gradient checks) --------------
@@ -98,8 +117,9 @@ def _cols_bytes(x: np.ndarray) -> int:
     return 9 * ci * n * (h - 2) * w * x.itemsize
 
 
-def reference_forward(x, w, b=None):
-    """y[n,co,i,j] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] * x[n,ci,i+ky,j+kx]  (no padding).
+def reference_forward(x, w, b=None, relu=False):
+    """y[n,co,i,j] = b[co] + sum_{ci,ky,kx} w[co,ci,ky,kx] * x[n,ci,i+ky,j+kx]  (no padding);
+    with ``relu``, max(y, 0).
 
     Nine GEMMs, one per tap (ky, kx): ``w[:, :, ky, kx] (Co, Ci) @ flat[:, off:off+L]`` where the
     right operand is a strided *view* of the flattened input (BLAS takes it without a copy),
@@ -123,10 +143,22 @@ def reference_forward(x, w, b=None):
     y = np.ascontiguousarray(y_full[:, :, :, :wo])
     if b is not None:
         y += b.reshape(1, co, 1, 1)
+    if relu:
+        np.maximum(y, 0, out=y)
     return y
 
 
-def reference_backward(x, w, gy, with_bias=True):
+def reference_backward(x, w, gy, with_bias=True, y=None, need_gx=True):
+    """Gradients (gx, gw, gb) of the valid 3x3 convolution; with ``y`` (the output of the fused
+    conv + ReLU) those of relu(conv): gy masked by y > 0 first. ``need_gx=False``: gx is None.
+    """
+    if y is not None:
+        gy = gy * (y > 0)
+    gx, gw, gb = _reference_backward(x, w, gy, with_bias)
+    return (gx if need_gx else None), gw, gb
+
+
+def _reference_backward(x, w, gy, with_bias=True):
     """Gradients of the valid 3x3 convolution, on the full-width grid, one kernel row at a time.
 
     With g = gy on the full-width grid (zeros in the 2 wrap columns, so they contribute nothing),
@@ -426,34 +458,42 @@ def _rows_per_task(height: int, width: int) -> int:
     return -(-height // chunks)
 
 
-def cpu_forward(x, w, b=None):
-    """The fast CPU forward (float32; other dtypes go to the reference): ``_conv3x3_flat``."""
+def cpu_forward(x, w, b=None, relu=False):
+    """The fast CPU forward (float32; other dtypes go to the reference): ``_conv3x3_flat``, then
+    with ``relu`` the ReLU in place."""
     if not all_float32(x, w, *(() if b is None else (b,))):
-        return reference_forward(x, w, b)
+        return reference_forward(x, w, b, relu)
     n, ci, h, wd = x.shape
     co = w.shape[0]
     y = np.empty((n, co, h - 2, wd - 2), np.float32)
     bias = np.zeros(co, np.float32) if b is None else np.ascontiguousarray(b)
     _conv3x3_flat(np.ascontiguousarray(x), np.ascontiguousarray(w), bias, y,
                   _rows_per_task(h - 2, wd), False)
+    if relu:
+        np.maximum(y, 0, out=y)
     return y
 
 
-def cpu_backward(x, w, gy, with_bias=True):
-    """The fast CPU gradients (float32; other dtypes go to the reference): gy padded once
-    (``_conv3x3_pad_grad``, which also sums gb), gx = ``_conv3x3_flat`` on it reading the weights
-    flipped and transposed, gw = ``_conv3x3_grad_weight_flat`` (on x's planes padded by zeros
+def cpu_backward(x, w, gy, with_bias=True, y=None, need_gx=True):
+    """The fast CPU gradients (float32; other dtypes go to the reference): with ``y`` (fused ReLU)
+    gy masked first (the ReLU's Numba kernel), gy padded once (``_conv3x3_pad_grad``, which also
+    sums gb), gx = ``_conv3x3_flat`` on it reading the weights flipped and transposed (skipped
+    when ``need_gx`` is False), gw = ``_conv3x3_grad_weight_flat`` (on x's planes padded by zeros
     when they are small, see there)."""
-    if not all_float32(x, w, gy):
-        return reference_backward(x, w, gy, with_bias)
+    if not all_float32(x, w, gy, *(() if y is None else (y,))):
+        return reference_backward(x, w, gy, with_bias, y, need_gx)
+    if y is not None:
+        gy = relu_cpu_backward(np.ascontiguousarray(y), np.ascontiguousarray(gy))
     x, w, gy = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(gy)
     n, ci, h, wd = x.shape
     co = w.shape[0]
     gp = np.empty((n, co, h + 3, wd), np.float32)
     gb = np.empty((n, co), np.float64)
     _conv3x3_pad_grad(gy, gp, gb)
-    gx = np.empty((n, ci, h, wd), np.float32)
-    _conv3x3_flat(gp, w, np.zeros(ci, np.float32), gx, _rows_per_task(h, wd), True)
+    gx = None
+    if need_gx:
+        gx = np.empty((n, ci, h, wd), np.float32)
+        _conv3x3_flat(gp, w, np.zeros(ci, np.float32), gx, _rows_per_task(h, wd), True)
     length = (h - 2) * wd
     slices = -(-length // GW_PIXELS)
     chunk = -(-length // (slices * LANES)) * LANES        # equal slices, whole vectors
@@ -473,6 +513,163 @@ TILE_W, TILE_H = _CU["TILE_W"], _CU["TILE_H"]           # output pixels per bloc
 TILED_BLOCK = (_CU["TILE_W"], _CU["BLOCK_ROWS"], 1)     # 32 x 8 threads, each 2 rows x 8 channels
 CO_PER_BLOCK = _CU["CO_PER_BLOCK"]                      # output channels per block
 GW_THREADS, GW_CI = _CU["GW_THREADS"], _CU["GW_CI"]     # grad-weight block: threads, input channels
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """One block shape of the implicit-GEMM kernels (v3 igemm, v4 wmma): the kernel's name, its
+    threads, output channels (BM), output rows x columns (TH x TW) and source channels per chunk."""
+    kernel: str
+    threads: int
+    bm: int
+    th: int
+    tw: int
+    ci: int
+
+
+IGEMM_WIDE = GemmShape("conv3x3_igemm_wide", _CU["IGW_THREADS"], _CU["IGW_BM"], _CU["IGW_TH"], _CU["IGW_TW"],
+                       _CU["IGW_CI"])
+IGEMM_NARROW = GemmShape("conv3x3_igemm_narrow", _CU["IGN_THREADS"], _CU["IGN_BM"], _CU["IGN_TH"], _CU["IGN_TW"],
+                         _CU["IGN_CI"])
+IGEMM_DEEP = GemmShape("conv3x3_igemm_deep", _CU["IGD_THREADS"], _CU["IGD_BM"], _CU["IGD_TH"], _CU["IGD_TW"],
+                       _CU["IGD_CI"])
+WMMA = GemmShape("conv3x3_wmma", _CU["WM_THREADS"], _CU["WM_BM"], _CU["WM_TH"], _CU["WM_TW"], _CU["WM_CI"])
+WMMA_NARROW = GemmShape("conv3x3_wmma_narrow", _CU["WM_THREADS"], _CU["WM_BM_NARROW"], _CU["WM_TH"], _CU["WM_TW"],
+                        _CU["WM_CI"])
+GEMM_VERSIONS = ("igemm", "wmma")
+# A GEMM launch with fewer blocks than this splits its source channels (deterministically, see
+# conv3x3_sum_splits): 2 blocks per SM of the 132-SM H200 the project measures on. A split keeps
+# at least MIN_SPLIT_CHANNELS source channels (below that the partial sums cost more than they gain).
+TARGET_BLOCKS = 2 * 132
+MIN_SPLIT_CHANNELS = 16
+# igemm takes the first of (wide, deep, narrow) whose padded work (tiles x tile pixels x channel
+# blocks x block channels) is within this factor of the least padded: the wide tile reuses each
+# loaded value most (napkin math in the .cu), so it may waste a little on the plane's edge.
+PADDING_SLACK = 1.25
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """How one implicit-GEMM launch covers its output: ``shape``, ``grid`` (tiles, channel blocks,
+    splits * N) and the split of the source channels (``splits`` parts of ``per_split``)."""
+    shape: GemmShape
+    grid: tuple[int, int, int]
+    splits: int
+    per_split: int
+
+
+def gemm_plan(version: str, n: int, c_src: int, c_dst: int, h_dst: int, w_dst: int) -> GemmPlan:
+    """The block shape and grid of an implicit-GEMM launch (v3 "igemm" or v4 "wmma").
+
+    igemm: the tile that wastes least on padding (output pixels past the plane's edge, channels
+    past C_dst), preferring wide (32 channels x 8 x 32 pixels), then deep (64 x 8 x 8), then narrow
+    (16 x 8 x 32) within PADDING_SLACK: wide for large planes with many channels, deep for U-Net's
+    deep layers (small planes, many channels), narrow for large planes with few channels.
+    Then, if the grid has fewer than TARGET_BLOCKS blocks, the source channels are split into
+    parts of at least MIN_SPLIT_CHANNELS (a multiple of the chunk) so that the GPU is filled:
+    e.g. 256 -> 256 channels on a 16 x 16 output: 16 blocks, 16 parts of 16 channels, 256 blocks."""
+    def blocks_of(shape):
+        return ceil_div(h_dst, shape.th) * ceil_div(w_dst, shape.tw), ceil_div(c_dst, shape.bm)
+
+    def padded_work(shape):
+        tiles, groups = blocks_of(shape)
+        return tiles * shape.th * shape.tw * groups * shape.bm
+
+    if version == "wmma":   # the 16-channel tile where 32 would be half padding
+        shape = WMMA_NARROW if c_dst <= WMMA_NARROW.bm else WMMA
+    else:
+        candidates = (IGEMM_WIDE, IGEMM_DEEP, IGEMM_NARROW)
+        least = min(padded_work(c) for c in candidates)
+        shape = next(c for c in candidates if padded_work(c) <= PADDING_SLACK * least)
+    tiles, groups = blocks_of(shape)
+    blocks = tiles * groups * n
+    splits = 1
+    if blocks < TARGET_BLOCKS:
+        splits = max(1, min(ceil_div(TARGET_BLOCKS, blocks), c_src // MIN_SPLIT_CHANNELS))
+    per_split = ceil_div(ceil_div(c_src, splits), shape.ci) * shape.ci
+    splits = ceil_div(c_src, per_split)          # no empty part
+    require(groups <= MAX_GRID_YZ and splits * n <= MAX_GRID_YZ,
+            f"conv3x3: {n} images x {splits} channel splits or {c_dst} channels exceed the grid; "
+            "use smaller batches")
+    return GemmPlan(shape, (tiles, groups, splits * n), splits, per_split)
+
+
+def tensor_cores(k) -> bool:
+    """Whether conv3x3_wmma runs on tensor cores on this device (sm_80+ and <mma.h> found by the
+    compiler; else it computes the same tiles with FP32 FMAs). Asked once per backend."""
+    if getattr(k, "_conv3x3_tensor_cores", None) is None:
+        flag = k.xp.zeros(1, dtype=k.xp.int32)
+        k.launch(KERNEL_FILE, "conv3x3_wmma_enabled", (1,), (1,), (flag,))
+        k._conv3x3_tensor_cores = bool(int(flag[0]))
+    return k._conv3x3_tensor_cores
+
+
+def conv3x3_version(k, case, grad_input: bool = False) -> str:
+    """The kernel version of one launch of the layer ``case`` = (N, Ci, H, W, Co), its forward
+    pass or (``grad_input``) its input gradient: ``k.conv3x3_version`` when forced, else ("auto"):
+
+    - on ``cuda``: the version measured fastest for this layer on a GPU when the table of
+      ``minunet.backends.choices`` holds it; else "wmma" when the precision is "tf32", the
+      launch has at least WM_CI (8) source channels (the first layer, 1 channel, would fill 1/8
+      of each tensor-core step) and the device has tensor cores; else "igemm", on every plane
+      size. Neither is measured on a GPU
+      yet: the choice follows their napkin math (kernels/conv3x3.cu). v1 naive is not kept for
+      the small planes: in the H200 files of 2026-12-04 (bench/results/h200-2026-12-04/ncu16.csv)
+      its advantage there came from v2 launching grids far smaller than one wave of blocks, which
+      igemm's deep tile and channel split (``gemm_plan``: at least TARGET_BLOCKS blocks) remove.
+    - on ``emu``: the emulator's own choice, for its speed (it is not a GPU): "wmma" under
+      "tf32" as on cuda, else the v1/v2 rule (tiled when the plane fills one 16 x 32 tile, naive
+      below), which runs fastest there.
+    """
+    version = k.conv3x3_version
+    if version != "auto":
+        return version
+    measured = choices.choose(k, "conv3x3", KERNEL_FILE, case)
+    if measured is not None:
+        return measured
+    n, ci, h, wd, co = case
+    c_src, h_out, w_out = (co, h, wd) if grad_input else (ci, h - 2, wd - 2)
+    if k.precision == "tf32" and c_src >= WMMA.ci and (k.device == "emu" or tensor_cores(k)):
+        return "wmma"
+    if k.device == "cuda":
+        return "igemm"
+    return "tiled" if h_out * w_out >= TILE_H * TILE_W else "naive"
+
+
+def gemm_weights(k, w, grad_input: bool):
+    """The weights as the implicit GEMM's A matrix, wt[t][s][d] (9, S_pad, D_pad), zero-padded
+    (kernels/conv3x3.cu, conv3x3_gemm_weights): forward s = ci, d = co; input gradient s = co,
+    d = ci with the taps flipped."""
+    co, ci = w.shape[:2]
+    s, d = (co, ci) if grad_input else (ci, co)
+    s_pad = ceil_div(s, _CU["GEMM_S_ALIGN"]) * _CU["GEMM_S_ALIGN"]
+    d_pad = ceil_div(d, _CU["GEMM_D_ALIGN"]) * _CU["GEMM_D_ALIGN"]
+    wt = k.empty((9, s_pad, d_pad))
+    k.launch_elementwise(KERNEL_FILE, "conv3x3_gemm_weights", wt.size,
+                         (w, wt, *int32s(co, ci, s_pad, d_pad, int(grad_input))))
+    return wt
+
+
+def gemm_conv(k, version: str, src, w, bias, out_shape, grad_input: bool, relu: bool = False, mask=None):
+    """One implicit-GEMM launch (v3 igemm or v4 wmma), forward (src = x) or input gradient
+    (src = gy, grad_input): returns (dst, masked) where masked = src * (mask > 0) when a ReLU
+    ``mask`` is given (the kernel writes it while loading, for the weight gradient), else None."""
+    n, c_src, h_src, w_src = src.shape
+    c_dst, h_dst, w_dst = out_shape
+    plan = gemm_plan(version, n, c_src, c_dst, h_dst, w_dst)
+    wt = gemm_weights(k, w, grad_input)
+    out = k.empty((n, c_dst, h_dst, w_dst))
+    dst = out if plan.splits == 1 else k.empty((plan.splits, n, c_dst, h_dst, w_dst))
+    masked = k.empty(src.shape) if mask is not None else None
+    unused = k.xp.zeros(1, dtype=k.xp.float32)   # the kernel's pointer for an absent mask
+    args = (src, unused if mask is None else mask, wt, bias, dst, unused if masked is None else masked,
+            *int32s(n, c_src, h_src, w_src, c_dst, h_dst, w_dst, 2 if grad_input else 0,
+                    wt.shape[1], wt.shape[2], plan.per_split, int(relu), int(mask is not None)))
+    k.launch(KERNEL_FILE, plan.shape.kernel, plan.grid, (plan.shape.threads,), args)
+    if plan.splits > 1:
+        sizes = int32s(plan.splits, out.size, c_dst, h_dst * w_dst, int(relu))
+        k.launch_elementwise(KERNEL_FILE, "conv3x3_sum_splits", out.size, (dst, bias, out, *sizes))
+    return out, masked
 
 
 def _kernel_args(k, x, w):
@@ -497,37 +694,54 @@ def tiled_grid(n: int, channels: int, h: int, w: int) -> tuple[int, int, int]:
 
 
 def use_tiled(k, h_out: int, w_out: int) -> bool:
-    """Whether this launch runs the tiled kernel: forced by ``k.conv3x3_version``, else ("auto")
-    when the output plane fills at least one tile. Below that (U-Net's deep 4x4 to 18x18 planes)
+    """Whether a v1/v2 launch runs the tiled kernel: forced by ``k.conv3x3_version``, else when
+    the output plane fills at least one tile. Below that (U-Net's deep 4x4 to 18x18 planes)
     most threads of a 16 x 32 tile would have no pixel, and the naive kernel's one thread per
     output element spreads the same work over more threads."""
     version = k.conv3x3_version
-    return version == "tiled" or (version == "auto" and h_out * w_out >= TILE_H * TILE_W)
+    return version == "tiled" or (version in ("auto", "tiled") and h_out * w_out >= TILE_H * TILE_W)
 
 
-def kernels_forward(k, x, w, b=None):
+def kernels_forward(k, x, w, b=None, relu=False):
     x, w, (n, ci, h, wd, co) = _kernel_args(k, x, w)
     b = k.bias(b, co)
+    version = conv3x3_version(k, (n, ci, h, wd, co))
+    if version in GEMM_VERSIONS:   # bias and ReLU in the kernel's store
+        return gemm_conv(k, version, x, w, b, (co, h - 2, wd - 2), False, relu)[0]
     y = k.empty((n, co, h - 2, wd - 2))
     args = (x, w, b, y, *int32s(n, ci, h, wd, co))
-    if use_tiled(k, h - 2, wd - 2):
+    if version == "tiled":
         k.launch(KERNEL_FILE, "conv3x3_forward_tiled", tiled_grid(n, co, h - 2, wd - 2), TILED_BLOCK, args)
     else:
         k.launch_elementwise(KERNEL_FILE, "conv3x3_forward_naive", y.size, args)
-    return y
+    return k.relu_forward(y) if relu else y   # v1/v2 stay as they were: the ReLU as its own pass
 
 
-def kernels_backward(k, x, w, gy, with_bias=True):
+def kernels_backward(k, x, w, gy, with_bias=True, y=None, need_gx=True):
+    """(gx, gw, gb); ``y``: the output of a fused conv + ReLU (its zeros mask gy); ``need_gx``
+    False (the network's input): gx is None and no input-gradient kernel runs."""
     x, w, (n, ci, h, wd, co) = _kernel_args(k, x, w)
     gy = k.floats(gy, "gy", 4)
     require(gy.shape == (n, co, h - 2, wd - 2),
             f"conv3x3 gy has shape {tuple(gy.shape)}; expected the output's {(n, co, h - 2, wd - 2)}")
-    gx = k.empty(x.shape)
     dims = int32s(n, ci, h, wd, co)
-    if use_tiled(k, h, wd):
+    version = conv3x3_version(k, (n, ci, h, wd, co), grad_input=True) if need_gx else None
+    if y is not None:
+        y = k.floats(y, "y", 4)
+        require(y.shape == gy.shape, f"conv3x3 y has shape {tuple(y.shape)}; expected gy's {tuple(gy.shape)}")
+        if version not in GEMM_VERSIONS:   # no GEMM input gradient to fuse the mask into
+            gy, y = k.relu_backward(y, gy), None
+    gx = None
+    if version in GEMM_VERSIONS:
+        # gy * (y > 0) on load; the kernel also writes that masked gy for the weight gradient
+        gx, masked = gemm_conv(k, version, gy, w, k.bias(None, ci), (ci, h, wd), True, mask=y)
+        gy = gy if masked is None else masked
+    elif version == "tiled":
+        gx = k.empty(x.shape)
         k.launch(KERNEL_FILE, "conv3x3_grad_input_tiled", tiled_grid(n, ci, h, wd), TILED_BLOCK,
                  (gy, w, gx, *dims))
-    else:
+    elif version == "naive":
+        gx = k.empty(x.shape)
         k.launch_elementwise(KERNEL_FILE, "conv3x3_grad_input_naive", gx.size, (gy, w, gx, *dims))
     gw, gb = k.grad_weight(KERNEL_FILE, "conv3x3_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
                            n * (h - 2) * (wd - 2), w.shape, co, (x, gy), (n, ci, h, wd, co),
