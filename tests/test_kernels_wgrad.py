@@ -430,3 +430,30 @@ def test_unet_training_step_with_gemm_kernels_matches_cpu(precision):
     for name in grads_ref:
         for got, want, what in ((grads[name], grads_ref[name], "gradient"), (params[name], params_ref[name], "value")):
             assert_close(got, want, rtol=tol, atol=tol * float(np.abs(want).max()), what=f"{what} of {name} [{precision}]")
+
+
+@pytest.mark.parametrize("op, case", [(conv3x3, (2, 3, 9, 11, 5)), (conv1x1, (2, 3, 7, 5, 4)),
+                                      (conv_transpose2x2, (2, 4, 5, 3, 3))])
+def test_a_version_measured_for_the_layer_wins_over_the_rule(op, case, monkeypatch):
+    """grad_weight asks the GPU-measured table (backends/choices.py) first, with the layer's
+    (N, Ci, H, W, Co): a version it names runs instead of weight_gradient_version's rule."""
+    from minunet.backends import kernels as K
+
+    asked = []
+
+    def measured(backend, knob, file, layer):
+        asked.append((knob, file, tuple(layer)))
+        return "serial" if knob == "reduction" else None
+
+    monkeypatch.setattr(K.choices, "choose", measured)
+    k = KernelBackend("emu", reduction="auto", precision="tf32")   # the rule alone would run gemm
+    launched = []
+    launch = k.launch
+    monkeypatch.setattr(k, "launch", lambda file, kernel, *a, **kw: (launched.append(kernel), launch(file, kernel, *a, **kw))[1])
+    args = op.example(np.random.default_rng(5), case)[f"{op.__name__.rsplit('.', 1)[-1]}_backward"]
+    got = getattr(k, f"{op.__name__.rsplit('.', 1)[-1]}_backward")(*args)
+    want = getattr(R, f"{op.__name__.rsplit('.', 1)[-1]}_backward")(*args)
+    assert ("reduction", op.__name__.rsplit(".", 1)[-1], tuple(case)) in asked
+    assert any(name.endswith("_grad_weight_serial") for name in launched), launched
+    for g, r in zip(got[1:], want[1:]):
+        assert_close(to_host(g), r, rtol=1e-4, atol=1e-4)

@@ -69,6 +69,7 @@ import warnings
 
 import numpy as np
 
+from . import choices
 from .sources import cu_defines, kernels_dir
 
 # Options for NVRTC on the GPU. tests/test_nvrtc.py compiles every file with exactly these (plus
@@ -416,7 +417,7 @@ class KernelBackend:
         return out.reshape(())
 
     def grad_weight(self, file: str, kernel: str, threads: int, blocks: int, pixels: int, shape,
-                    channels: int, arrays, ints, gemm: tuple[int, int] | None = None):
+                    channels: int, arrays, ints, gemm: tuple[int, int] | None = None, case=None):
         """The weight and bias gradients of a convolution, ``(gw, gb)``: for each weight of
         ``shape`` and for each of the ``channels`` output channels, a sum over ``pixels`` terms.
         The weight-gradient kernels compute the bias gradient too (the sum of the same gy values:
@@ -431,12 +432,14 @@ class KernelBackend:
         ``min_pixels_per_slice`` pixels a block, gemm to the file's WG_MIN_SLICE if that is fewer;
         and gemm when a block would sum more than WG_MAX_SLICE pixels); each slice writes its own partial results
         and reduce.cu's sum_partials adds them in a fixed order, so the result is deterministic
-        (no atomics)."""
+        (no atomics). ``case`` names the layer for the table of versions measured on a GPU."""
         xp = self.xp
         if pixels == 0:
             return xp.zeros(shape, dtype=xp.float32), xp.zeros(channels, dtype=xp.float32)
         size = int(np.prod(shape))
-        version = self.weight_gradient_version(size, pixels)
+        # a version measured fastest for this layer on this GPU (backends/choices.py; ``case`` is
+        # the layer's (N, Ci, H, W, Co)), else weight_gradient_version's rule
+        version = choices.choose(self, "reduction", file, case) or self.weight_gradient_version(size, pixels)
         if version == "gemm" and gemm is None:
             version = "tree"   # an op without a gemm kernel
         if version == "serial":

@@ -252,7 +252,8 @@ def kernels_backward(k, x, w, gy, with_bias=True):
     gx = k.empty(x.shape)
     k.launch_elementwise(KERNEL_FILE, "conv1x1_grad_input", gx.size, (gy, w, gx, *int32s(n, ci, p, co)))
     gw, gb = k.grad_weight(KERNEL_FILE, "conv1x1_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
-                           n * p, w.shape, co, (x, gy), (n, ci, p, co), gemm=(co, ci))
+                           n * p, w.shape, co, (x, gy), (n, ci, p, co), gemm=(co, ci),
+                           case=(n, ci, *x.shape[2:], co))
     return gx, gw, gb if with_bias else None
 
 

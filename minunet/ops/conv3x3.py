@@ -745,7 +745,7 @@ def kernels_backward(k, x, w, gy, with_bias=True, y=None, need_gx=True):
         k.launch_elementwise(KERNEL_FILE, "conv3x3_grad_input_naive", gx.size, (gy, w, gx, *dims))
     gw, gb = k.grad_weight(KERNEL_FILE, "conv3x3_grad_weight", GW_THREADS, co * ceil_div(ci, GW_CI),
                            n * (h - 2) * (wd - 2), w.shape, co, (x, gy), (n, ci, h, wd, co),
-                           gemm=(co, ci * 9))   # gw as a (Co x Ci*9) matrix: the gemm kernels' view
+                           gemm=(co, ci * 9), case=(n, ci, h, wd, co))   # gw as a (Co x Ci*9) matrix
     return gx, gw, gb if with_bias else None
 
 

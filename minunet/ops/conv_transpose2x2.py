@@ -207,7 +207,7 @@ def kernels_backward(k, x, w, gy, with_bias=True):
         k.launch_elementwise(KERNEL_FILE, "conv_transpose2x2_grad_input", gx.size, (gy, w, gx, *int32s(*dims)))
     gw, gb = k.grad_weight(KERNEL_FILE, "conv_transpose2x2_grad_weight", GW_THREADS,
                            ci * ceil_div(co, GW_CO), n * h * wd, w.shape, co, (x, gy), dims,
-                           gemm=(ci, co * 4))   # gw as a (Ci x Co*4) matrix: the gemm kernels' view
+                           gemm=(ci, co * 4), case=dims)   # gw as a (Ci x Co*4) matrix: the gemm kernels' view
     return gx, gw, gb if with_bias else None
 
 
