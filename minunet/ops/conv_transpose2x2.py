@@ -14,6 +14,7 @@ from numba import prange
 
 from .. import backends
 from ..autograd import Function
+from ..backends import choices
 from ..backends.kernels import ceil_div, int32s, require
 from ..backends.sources import cu_defines
 from ..tensor import Tensor
@@ -159,14 +160,16 @@ def _kernel_args(k, x, w):
     return x, w, (n, ci, h, wd, co)
 
 
-def gemm_version(k) -> str | None:
+def gemm_version(k, case=None) -> str | None:
     """The forward and input-gradient kernels: None (the naive ones), "gemm" (FP32 register
     tiles) or "gemm_tf32" (tensor cores). Forced by ``k.conv_transpose2x2_version``; "auto" is
     gemm on cuda (the H200 measured the naive forward at 3x and the backward at 9.5x PyTorch's
     time, bench/results/h200-2026-12-04/bench_ops.txt; the gemm kernels are not measured on a GPU
     yet) and with precision tf32 (only gemm has a TF32 version), naive on emu (the emulator's
-    speed, not a GPU's). TF32 where the file was compiled with it (``k.has_tf32``), else FP32."""
-    version = k.conv_transpose2x2_version
+    speed, not a GPU's); on cuda a version measured fastest for the layer ``case`` (N, Ci, H, W,
+    Co) in the GPU's table (backends/choices.py) comes first. TF32 where the file was compiled
+    with it (``k.has_tf32``), else FP32."""
+    version = choices.choose(k, "conv_transpose2x2", KERNEL_FILE, case) or k.conv_transpose2x2_version
     if version == "naive" or (version == "auto" and k.device != "cuda" and k.precision != "tf32"):
         return None
     return "gemm_tf32" if k.precision == "tf32" and k.has_tf32(KERNEL_FILE) else "gemm"
@@ -183,7 +186,7 @@ def kernels_forward(k, x, w, b=None):
     b = k.bias(b, co)
     y = k.empty((n, co, 2 * h, 2 * wd))
     args = (x, w, b, y, *int32s(n, ci, h, wd, co))
-    version = gemm_version(k)
+    version = gemm_version(k, (n, ci, h, wd, co))
     if version:   # a 64-row x 64-pixel tile of the (Co*4 x Ci) @ (Ci x N*H*W) product per block
         k.launch(KERNEL_FILE, f"conv_transpose2x2_forward_{version}", gemm_grid(version, co * 4, n * h * wd),
                  (_CU["CGT_THREADS" if version == "gemm_tf32" else "CG_THREADS"],), args)
@@ -199,7 +202,7 @@ def kernels_backward(k, x, w, gy, with_bias=True):
             f"{tuple(gy.shape)}; expected the output's {(n, co, 2 * h, 2 * wd)}")
     dims = (n, ci, h, wd, co)
     gx = k.empty(x.shape)
-    version = gemm_version(k)
+    version = gemm_version(k, (n, ci, h, wd, co))
     if version:   # the (Ci x Co*4) @ (Co*4 x N*H*W) product
         k.launch(KERNEL_FILE, f"conv_transpose2x2_grad_input_{version}", gemm_grid(version, ci, n * h * wd),
                  (_CU["CGT_THREADS" if version == "gemm_tf32" else "CG_THREADS"],), (gy, w, gx, *int32s(*dims)))
