@@ -11,7 +11,8 @@
 //   sgd_momentum      v = momentum * v + g;  param -= lr * v      (PyTorch's formulation, in place)
 //                     minunet.optim.SGD keeps every parameter of the network in one flat buffer (the
 //                     parameters are views of it), so ONE launch updates all of them, as PyTorch's
-//                     fused optimizers do: 46 launches of a few microseconds each became one.
+//                     fused optimizers do: 46 update launches of a few microseconds each became
+//                     one (plus one gather of the gradients, minunet/optim.py).
 //
 // Dropout (paper Section 3.1: "Drop-out layers at the end of the contracting path") needs random
 // numbers. Instead of a random-number generator with state per thread, u is a hash of the

@@ -66,7 +66,8 @@ class SGD:
         for i, (p, size) in enumerate(zip(self.params, sizes)):
             view = flat_param[offset:offset + size].reshape(p.data.shape)
             velocity = self.velocity[i]
-            if velocity is not None:
+            if velocity is not None and velocity.size == size:   # a parameter replaced by one of
+                # another shape starts with zero momentum, as in the per-parameter update below
                 flat_velocity[offset:offset + size] = to_device_array(velocity, device).reshape(-1)
             self.velocity[i] = flat_velocity[offset:offset + size].reshape(p.data.shape)
             p.data = view

@@ -6,14 +6,13 @@ The kernels (tests/emu_kernels/warp.cu, wmma_gemm.cu) are written for a real GPU
 compile unchanged with NVRTC for sm_80 and sm_90."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from .conftest import assert_close, source_line
+from minunet.backends.sources import cuda_include_dir
 from minunet.emulator import EmuModule, EmulatorError
 
 KERNELS = Path(__file__).parent / "emu_kernels"
@@ -290,18 +289,6 @@ def test_warp_code_runs_in_fast_mode(rng):
 
 
 # ---- the same sources compile with NVRTC for sm_80 and sm_90 ------------------------------------
-
-def cuda_include_dir() -> Path | None:
-    """The CUDA toolkit's include folder (for <mma.h> and <cuda_fp16.h>, which NVRTC does not ship)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if shutil.which("nvcc"):
-        candidates.append(str(Path(shutil.which("nvcc")).resolve().parent.parent))
-    candidates.append("/usr/local/cuda")
-    for root in filter(None, candidates):
-        if (Path(root) / "include" / "crt" / "mma.h").is_file():
-            return Path(root) / "include"
-    return None
-
 
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("file", ["warp.cu", "wmma_gemm.cu"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -418,14 +417,6 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
 
 
 # ---- compiling for real GPUs --------------------------------------------------------------------
-def cuda_include() -> Path | None:
-    nvcc = shutil.which("nvcc")
-    for root in filter(None, [nvcc and str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"]):
-        if (Path(root) / "include" / "crt" / "mma.h").is_file():
-            return Path(root) / "include"
-    return None
-
-
 @pytest.mark.parametrize("arch,tensor_cores",
                          [("compute_75", False), ("compute_80", True), ("compute_90", True)])
 def test_nvrtc_with_the_cuda_headers_uses_tensor_cores_from_sm80(arch, tensor_cores):
@@ -437,7 +428,9 @@ def test_nvrtc_with_the_cuda_headers_uses_tensor_cores_from_sm80(arch, tensor_co
         nvrtc_check.find_libnvrtc()
     except nvrtc_check.NvrtcNotFound as exc:
         pytest.skip(f"NVRTC not installed: {exc}")
-    include = cuda_include()
+    from minunet.backends.sources import cuda_include_dir
+
+    include = cuda_include_dir()
     if include is None:
         pytest.skip("the CUDA toolkit's <mma.h> is not installed")
     ptx = nvrtc_check.nvrtc_compile((kernels_dir() / "conv3x3.cu").read_text(), "conv3x3.cu", arch,

@@ -310,7 +310,7 @@ def test_tf32_kernels_compile_to_tensor_core_code(name, arch):
     from minunet.backends.kernels import CUDA_OPTIONS
     from minunet.backends.sources import kernel_source
 
-    from .test_emulator_warp import cuda_include_dir
+    from minunet.backends.sources import cuda_include_dir
 
     try:
         nvrtc_check.find_libnvrtc()

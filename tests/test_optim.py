@@ -78,3 +78,18 @@ def test_replaced_parameter_data_and_loaded_state_rebuild_the_flat_buffers():
     twin.step()
     for a, b in zip(params, twin_params):
         assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_a_parameter_replaced_by_another_shape_restarts_its_momentum_like_the_unfused_update():
+    """A parameter given data of a new shape (a layer rebuilt) drops its old velocity in both
+    paths, instead of failing to copy it into the new slice."""
+    results = []
+    for fused in (True, False):
+        params, opt = run_steps(fused, "emu", steps=2)
+        params[1].data = np.ones(6, np.float32)          # was (3,)
+        rng = np.random.default_rng(4)
+        set_grads(params, rng)
+        opt.step()
+        results.append([p.numpy() for p in params])
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)

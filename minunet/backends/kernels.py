@@ -63,6 +63,7 @@ computes in fp32 and warns once (``KernelBackend.has_tf32``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -70,11 +71,19 @@ import warnings
 import numpy as np
 
 from . import choices
-from .sources import cu_defines, kernels_dir
+from .sources import cu_defines, cuda_include_dir, kernels_dir
 
 # Options for NVRTC on the GPU. tests/test_nvrtc.py compiles every file with exactly these (plus
 # an architecture), so what passes there is what CuPy compiles.
 CUDA_OPTIONS = ("-std=c++17",)
+
+
+def cuda_options() -> tuple[str, ...]:
+    """What CuPy's NVRTC compiles with on a GPU: CUDA_OPTIONS, plus the CUDA toolkit's include
+    folder when one is installed (``<mma.h>`` for the TF32 tensor-core kernels; without it they
+    compile to their FP32 fallbacks, and ``has_tf32`` warns)."""
+    include = cuda_include_dir()
+    return CUDA_OPTIONS + ((f"-I{include}",) if include is not None else ())
 CONV3X3_VERSIONS = ("auto", "naive", "tiled", "igemm", "wmma")   # v1..v4, see the module docstring
 REDUCTIONS = ("auto", "tree", "serial", "gemm")
 CONV_TRANSPOSE2X2_VERSIONS = ("auto", "naive", "gemm")
@@ -84,6 +93,8 @@ PRECISIONS = ("fp32", "tf32")
 THREADS = 256
 INT_MAX = 2**31 - 1             # the kernels index with 32-bit int
 MAX_GRID_YZ = 65535             # CUDA's limit on gridDim.y and gridDim.z
+# A file's #defines, read once per process as the ops read theirs (parsing costs ~1 ms: not per launch)
+_file_defines = functools.lru_cache(maxsize=None)(cu_defines)
 REDUCE_THREADS = cu_defines("reduce")["REDUCE_THREADS"]   # the block of reduce.cu's sum_scaled
 TARGET_BLOCKS = 2048            # split long reductions until a GPU has about this many blocks
 SERIAL_SHORT_LOOP = 64          # "auto" reductions: a serial thread per output when its loop is this short,
@@ -301,7 +312,7 @@ class KernelBackend:
             if self.device == "cuda":
                 import cupy
 
-                module = cupy.RawModule(code=source, options=CUDA_OPTIONS)
+                module = cupy.RawModule(code=source, options=cuda_options())
             else:
                 from ..emulator import EmuModule
 
@@ -318,6 +329,7 @@ class KernelBackend:
         again. Returns the paths dropped. The only file-system calls of the launch path are here
         and in the first :meth:`module` call of a file."""
         dropped = []
+        _file_defines.cache_clear()
         for key, (mtime_ns, size, _) in list(_MODULES.items()):
             if key[0] != self.device:
                 continue
@@ -450,7 +462,7 @@ class KernelBackend:
         if version == "gemm":
             rows, cols = gemm
             require(rows * cols == size, f"{kernel}: a gemm of {rows} x {cols} is not the {shape} weights")
-            defines = cu_defines(file)
+            defines = _file_defines(file)
             tf32 = self._precision == "tf32" and self.has_tf32(file)
             prefix = "WT" if tf32 else "WG"
             tiles = (ceil_div(cols, defines[f"{prefix}_BN"]), ceil_div(rows, defines[f"{prefix}_BM"]))

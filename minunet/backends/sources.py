@@ -29,6 +29,24 @@ def kernels_dir() -> Path:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include folder, or None: NVRTC does not ship ``<mma.h>`` (nvcuda::wmma)
+    or ``<cuda_pipeline.h>``, so the tensor-core kernels need it on the include path. Looked for
+    in $CUDA_HOME, $CUDA_PATH, beside ``nvcc`` and in /usr/local/cuda."""
+    import os
+    import shutil
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if shutil.which("nvcc"):
+        candidates.append(str(Path(shutil.which("nvcc")).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        if (Path(root) / "include" / "crt" / "mma.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
 def kernel_files() -> list[Path]:
     """Every ``.cu`` file, sorted by name."""
     return sorted(kernels_dir().glob("*.cu"))
