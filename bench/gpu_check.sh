@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check of minunet in under 5 minutes, for a lent GPU whose minutes are scarce:
 #   1. setup      the Python stack (CuPy, PyTorch, pytest) is there, else a guarded quick install
-#   2. tests      the kernel tests on device cuda (pytest -k cuda tests/test_kernels.py tests/test_kernels_conv3x3.py)
+#   2. tests      the kernel tests on device cuda (pytest -k cuda: every op, conv3x3 versions,
+#                 the GEMM weight gradients, resample, SGD), then a 15-second training run
 #   3. bench      python -m minunet.bench, paper network (base 64, tile 572) and default (16, 348):
 #                 the training step, minunet in fp32 and tf32 against PyTorch cuDNN strict FP32
 #                 and TF32; every op and kernel version
@@ -34,11 +35,13 @@ if [ "$DRY" = 1 ]; then
     DEV=emu; SCALE=6
     PAPER="--base-channels 1 --tile 188 --step-tiles 188"      # tiny stand-ins for the two networks
     DEFAULT="--base-channels 2 --tile 188 --step-tiles 188"
+    TRAIN="--base-channels 2 --tile 188 --iterations 3 --synthetic-count 2 --synthetic-size 200"
     REPEAT=1
 else
     DEV=cuda; SCALE=1
     PAPER="--base-channels 64 --tile 572 --step-tiles 572"
     DEFAULT="--base-channels 16 --tile 348 --step-tiles 348"
+    TRAIN="--iterations 300"
     REPEAT=3
 fi
 
@@ -92,6 +95,14 @@ setup() {
     "$PY" -c "import numpy, minunet; print('minunet', minunet.__file__, 'numpy', numpy.__version__)"
     "$PY" -c "import cupy; print('cupy', cupy.__version__, cupy.cuda.runtime.getDeviceCount(), 'GPU(s)')" 2>/dev/null || echo "no cupy"
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>/dev/null || echo "no torch"
+    # whether each GEMM file got its TF32 tensor-core kernels (CuPy's NVRTC needs the toolkit's <mma.h>)
+    "$PY" -c "
+from minunet.backends import get_backend, sources
+k = get_backend('$DEV')
+print('cuda include', sources.cuda_include_dir())
+for f in ('conv3x3', 'conv1x1', 'conv_transpose2x2'):
+    print('has_tf32', f, k.has_tf32(f))
+" 2>&1 || echo "compiling the GEMM kernels FAILED"
 }
 export PY DEV
 export -f setup
@@ -100,7 +111,24 @@ stage setup 20 "$SUMMARY" bash -c setup
 # 2. the kernel tests on cuda (on emu in a dry run, -k cuda deselects them all: a parse check)
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-stage tests 50 "$OUT/tests.txt" "$PY" -m pytest -q -x -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py tests/test_kernels_conv3x3.py
+stage tests 55 "$OUT/tests.txt" "$PY" -m pytest -q -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py \
+    tests/test_kernels_conv3x3.py tests/test_kernels_wgrad.py tests/test_resample.py tests/test_optim.py
+
+# 2b. a short training run end to end on the device: augmentation on the GPU, the prefetch
+# thread's stream, the one-launch SGD, validation (its log's data/step ms go to the summary)
+train_run() {
+    rm -rf /tmp/gpu_check_run
+    "$PY" -m minunet.train --device $DEV $TRAIN --max-minutes 0.25 --out /tmp/gpu_check_run --quiet &&
+        "$PY" -c "
+import csv, statistics
+every = list(csv.DictReader(open('/tmp/gpu_check_run/log.csv')))
+rows = every[3:] or every   # past the first steps (compiles, warm-up)
+print('train:', len(every), 'iterations; median data ms', statistics.median(float(r['data_ms']) for r in rows),
+      'step ms', statistics.median(float(r['step_ms']) for r in rows))
+print(open('/tmp/gpu_check_run/metrics.json').read())"
+}
+export TRAIN; export -f train_run
+stage train 15 "$SUMMARY" bash -c train_run
 
 # 3. the tables: the training step against PyTorch in strict FP32 and TF32 (the headline: the
 # paper's step first, its op table after the default network's tables), every op and version
@@ -110,7 +138,7 @@ stage paper_ops 40 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $
 
 # 4. the measured choice table, one network after the other (merged into one file)
 rm -f "$OUT/cuda_choices.json"
-stage tune_paper 45 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $PAPER --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
+stage tune_paper 40 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $PAPER --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
 stage tune_default 15 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $DEFAULT --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
 
 # 5. ncu: one paper training step (the last of two), per kernel; --clock-control none keeps the
