@@ -47,8 +47,8 @@ def test_measured_choice_answers_only_for_measured_cuda_shapes_and_known_version
     assert choices.measured_choice("conv3x3", key, table) == "naive"
     assert choices.measured_choice("reduction", key.replace("fp32", "tf32"), table) is None   # not measured
     assert choices.measured_choice("reduction", key, dict(table, device="emu")) is None       # not a GPU's
-    table["choices"]["reduction"][key]["chosen"] = "retired_version"
-    assert choices.measured_choice("reduction", key, table) is None
+    table["choices"]["reduction"][key]["ms"] = {"retired_version": 1.0, "tree": 3.0}
+    assert choices.measured_choice("reduction", key, table) is None   # one version left: no choice
     with pytest.raises(ValueError, match="unknown knob"):
         choices.measured_choice("tiles", key, table)
 
@@ -105,27 +105,33 @@ def test_knob_versions_are_read_from_the_kernel_backend_at_run_time(monkeypatch)
     assert "conv3x3_forward" in choices.KNOBS["conv3x3"].functions(conv3x3)
 
 
-def test_the_committed_table_holds_only_what_the_h200_files_show():
-    """cuda_choices.json: a GPU and a date, no choice that no GPU measured (no two versions of a
-    knob were ever timed on one layer before --tune), and its observed versions and times equal
-    what observed_versions reads from the H200's ncu files, layer by layer."""
+def test_strict_fp32_never_chooses_a_tf32_only_version():
+    """wmma computes in TF32 whatever the precision: a layer measured faster with it still runs
+    a strict float32 version under fp32 (the H200's first tuned table chose it for fp32 keys)."""
+    fp32 = choices.layer_key("conv3x3", (1, 64, 570, 570, 64), "fp32")
+    tf32 = fp32.replace("fp32", "tf32")
+    times = {"naive": 9.4, "tiled": 3.8, "igemm": 2.6, "wmma": 2.2}
+    table = table_with({("conv3x3", fp32): times, ("conv3x3", tf32): times})
+    assert table["choices"]["conv3x3"][fp32]["chosen"] == "igemm"
+    assert choices.measured_choice("conv3x3", fp32, table) == "igemm"
+    assert choices.measured_choice("conv3x3", tf32, table) == "wmma"
+    table["choices"]["conv3x3"][fp32]["chosen"] = "wmma"        # a table written before the rule
+    assert choices.measured_choice("conv3x3", fp32, table) == "igemm"
+
+
+def test_the_committed_table_was_measured_on_a_gpu_and_chooses_the_fastest_allowed():
+    """cuda_choices.json: written by --tune on an NVIDIA H200 (bench/results/h200-2026-12-04-run2),
+    every layer's answer the fastest of at least two versions it may run; none TF32 under fp32."""
     table = choices.load_table(choices.TABLE_PATH)
-    assert table["device"] == "cuda" and table["gpu"] and table["date"]
+    assert table["device"] == "cuda" and "H200" in table["gpu"] and table["date"]
+    assert set(table["choices"]) == set(choices.KNOBS)
     for knob, entries in table["choices"].items():
         for key, entry in entries.items():
-            ran = [t for t in entry["ms"].values() if t is not None]
-            assert len(ran) >= 2 and entry["chosen"] in choices.KNOBS[knob].versions(), (knob, key)
-    profiles = table["observed"]["profiles"]
-    assert {p["source"] for p in profiles} == {f"{H200}/ncu16.csv", f"{H200}/ncu_small.csv"}
-    for profile in profiles:
-        net = profile["network"]
-        config = dict(in_channels=1, num_classes=2, base_channels=net["base_channels"], depth=4)
-        derived = choices.observed_versions(choices.ncu_launches(profile["source"]),
-                                            bench.unet_layers(config, net["tile"], net["batch"]))
-        assert derived == {k: profile[k] for k in ("conv3x3", "reduction")}
-    # what the README of those files says: the deep layers ran the serial weight gradient
-    deep = choices.layer_key("conv3x3", (1, 256, 16, 16, 256), "fp32")
-    assert profiles[0]["reduction"][deep]["version"] == "serial"
+            chosen = choices.measured_choice(knob, key, table)
+            allowed = {v: t for v, t in entry["ms"].items()
+                       if t is not None and v in choices.KNOBS[knob].allowed(key)}
+            assert chosen == min(allowed, key=allowed.get), (knob, key)
+            assert not (key.endswith("fp32") and chosen in choices.KNOBS[knob].tf32_only), key
 
 
 def test_observed_versions_refuses_a_profile_of_another_network():

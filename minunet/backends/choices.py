@@ -43,6 +43,13 @@ class Knob:
     versions_name: str
     ops: tuple[str, ...]
     function_suffix: str = ""
+    tf32_only: tuple[str, ...] = ()   # versions that compute in TF32 whatever the precision
+
+    def allowed(self, key: str) -> tuple[str, ...]:
+        """The versions a layer ``key`` may run: under strict fp32 not the TF32-only ones (a
+        measured table must never make "fp32" silently compute in TF32)."""
+        strict = key.endswith(" fp32")
+        return tuple(v for v in self.versions() if not (strict and v in self.tf32_only))
 
     def versions(self) -> tuple[str, ...]:
         """Every version but "auto", in the order of ``minunet.backends.kernels``."""
@@ -56,7 +63,7 @@ class Knob:
 
 
 KNOBS = {
-    "conv3x3": Knob("conv3x3_version", "CONV3X3_VERSIONS", ("conv3x3",)),
+    "conv3x3": Knob("conv3x3_version", "CONV3X3_VERSIONS", ("conv3x3",), tf32_only=("wmma",)),
     "reduction": Knob("reduction", "REDUCTIONS", ("conv3x3", "conv_transpose2x2", "conv1x1"), "_backward"),
     "conv_transpose2x2": Knob("conv_transpose2x2_version", "CONV_TRANSPOSE2X2_VERSIONS", ("conv_transpose2x2",)),
 }
@@ -93,10 +100,10 @@ def load_table(path: str | Path | None = None) -> dict:
     path = table_path() if path is None else Path(path)
     if path is None or not path.exists():
         return {}
-    mtime = path.stat().st_mtime_ns
-    cached = _CACHE.get(str(path))
-    if cached is not None and cached[0] == mtime:
+    cached = _CACHE.get(str(path))   # read once per process: launches ask per layer, and a
+    if cached is not None:           # stat per launch is what the lean launch path removed
         return cached[1]
+    mtime = path.stat().st_mtime_ns
     try:
         table = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -118,8 +125,11 @@ def measured_choice(knob: str, shape_key: str, table: dict | None = None) -> str
     table = load_table() if table is None else table
     if table.get("device") != "cuda":
         return None
-    chosen = table.get("choices", {}).get(knob, {}).get(shape_key, {}).get("chosen")
-    return chosen if chosen in KNOBS[knob].versions() else None
+    entry = table.get("choices", {}).get(knob, {}).get(shape_key, {})
+    allowed = KNOBS[knob].allowed(shape_key)
+    if entry.get("ms"):   # the fastest of the versions this layer may run, from the times
+        return fastest({v: t for v, t in entry["ms"].items() if v in allowed})
+    return entry.get("chosen") if entry.get("chosen") in allowed else None
 
 
 def choose(backend, knob: str, op: str, case) -> str | None:
@@ -147,7 +157,9 @@ def new_table(device: str, gpu: str, source: str, date: str | None = None) -> di
 
 def record(table: dict, knob: str, key: str, ms: dict, errors: dict | None = None) -> dict:
     """Put one layer's times (``{version: ms or None}``) and its fastest version into ``table``."""
-    entry = {"ms": {v: (None if t is None else round(t, 4)) for v, t in ms.items()}, "chosen": fastest(ms)}
+    allowed = KNOBS[knob].allowed(key) if knob in KNOBS else tuple(ms)
+    entry = {"ms": {v: (None if t is None else round(t, 4)) for v, t in ms.items()},
+             "chosen": fastest({v: t for v, t in ms.items() if v in allowed})}
     if errors:
         entry["errors"] = errors
     table.setdefault("choices", {}).setdefault(knob, {})[key] = entry

@@ -330,6 +330,7 @@ class KernelBackend:
         and in the first :meth:`module` call of a file."""
         dropped = []
         _file_defines.cache_clear()
+        choices._CACHE.clear()   # the measured choice table is read again too
         for key, (mtime_ns, size, _) in list(_MODULES.items()):
             if key[0] != self.device:
                 continue
