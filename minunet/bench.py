@@ -448,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "-Xptxas -v), then the emulator's counters for every op (coalescing, bank "
                    "conflicts, DRAM bytes, occupancy) with a PREDICTED time on --gpu; use a small "
                    "--base-channels and --tile (the emulator is slow)")
-    p.add_argument("--gpu", default="sm_90", choices=("sm_80", "sm_90"), help="GPU model of --kernels")
+    p.add_argument("--gpu", default=None, choices=("sm_80", "sm_90", "h200"),
+                   help="GPU model of --kernels (default sm_90) and --calibrate (default h200)")
+    p.add_argument("--calibrate", metavar="FILE.csv", help="instead of timing: Nsight Compute's measured "
+                   "times of one training step (ncu --csv) against the emulator's PREDICTED ones, per launch "
+                   "(minunet/calibrate.py); give the step's --base-channels and --tile")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="minunet's kernels on "
                    "cuda/emu: 'tf32' (tensor cores where a kernel has them) or 'fp32' (strict) "
                    "(default: $MINUNET_PRECISION or fp32)")
@@ -479,6 +483,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.precision is not None:
         set_precision(args.precision)
+    if args.calibrate:
+        from .calibrate import main as calibrate
+        return calibrate(args.calibrate, args.base_channels, args.tile, args.gpu or "h200")
+    args.gpu = args.gpu or "sm_90"
     if args.kernels:
         return kernels_report(args)
     try:

@@ -10,9 +10,13 @@ emu_profile.h): global-memory requests and 32-byte sectors per request (coalesci
 memory wavefronts per request (bank conflicts; broadcasts count once), on a sample of about
 ``sample_blocks`` blocks per launch, scaled up to the whole grid; the distinct sectors each
 launch reads and writes over all blocks (the DRAM traffic it cannot avoid); tensor-core FLOPs of
-``wmma::mma_sync``. When the report closes, each kernel gets ptxas's registers and shared memory
-(``nvcc --resource-usage``, if installed), its occupancy on ``gpu`` and a roofline time
-(``gpu_model.roofline``): all *predicted* by a model from the counts, never measured.
+``wmma::mma_sync``; the busiest thread's loads and stores (its critical path) and how many of its
+global loads hit L1. Each launch is kept (``report.launches``, in order). When the report closes,
+each kernel gets ptxas's registers and shared memory (``nvcc --resource-usage``, if installed),
+its theoretical occupancy on ``gpu``, and each launch a time, its binding term and an achieved
+occupancy from ``gpu_model.predict_launch``: all *predicted* by a model from the counts, never
+measured. How far the model is from a real GPU is measured in bench/results/calibration_*.txt
+(``python -m minunet.bench --calibrate``).
 
 ``flops`` (optional) is what the caller knows and the emulator cannot see: FLOPs per launch per
 kernel name (a dict), or one number for everything launched inside (then only the total row gets
@@ -38,6 +42,23 @@ def active() -> "ProfileReport | None":
 
 
 @dataclass
+class LaunchProfile:
+    """One launch, in the order made: its kernel, grid and counts (scaled to the whole grid), and
+    what the model predicts for it."""
+
+    kernel: str
+    module: str
+    grid: tuple
+    block: tuple
+    counts: occ.LaunchCounts
+    prediction: occ.Prediction | None = None
+
+    @property
+    def predicted_seconds(self) -> float | None:
+        return None if self.prediction is None else self.prediction.seconds
+
+
+@dataclass
 class KernelProfile:
     """One kernel's counts, summed over its launches in the report (sampled counts scaled to
     whole grids), and what the model predicts from them."""
@@ -55,8 +76,9 @@ class KernelProfile:
     flops: float | None = None      # per launch, from the caller
     resources: occ.Resources | None = None
     occupancy: occ.Occupancy | None = None
-    predicted_seconds: float | None = None
-    bound: str = ""
+    predicted_seconds: float | None = None   # summed over its launches
+    bound: str = ""                           # the binding term of its longest launch
+    achieved_occupancy: float | None = None   # predicted, of its longest launch
     _source: tuple = ()
 
     def per_request(self, what: str, kind: str) -> float | None:
@@ -102,6 +124,7 @@ class ProfileReport:
     racecheck: bool
     flops: dict | float | None = None
     kernels: dict = field(default_factory=dict)   # (module, kernel) -> KernelProfile
+    launches: list = field(default_factory=list)  # LaunchProfile, in launch order
     closed: bool = False
 
     def add_launch(self, fn, grid, block, shared_mem: int, counts) -> None:
@@ -121,6 +144,20 @@ class ProfileReport:
         row.dram_read_bytes += 32 * counts.dram_read_sectors
         row.dram_write_bytes += 32 * counts.dram_write_sectors
         row.tensor_flops += counts.tensor_flops
+        lanes = counts.busy_l1_hits + counts.busy_l1_misses
+        self.launches.append(LaunchProfile(fn.name, fn.module.name, tuple(grid), tuple(block), occ.LaunchCounts(
+            blocks=blocks, threads_per_block=row.threads_per_block,
+            thread_global_loads=counts.thread_global_loads, thread_global_stores=counts.thread_global_stores,
+            thread_shared_loads=counts.thread_shared_loads, thread_shared_stores=counts.thread_shared_stores,
+            l1_hit_fraction=counts.busy_l1_hits / lanes if lanes else 0.0,
+            global_load_requests=counts.global_load_requests * scale,
+            global_load_sectors=counts.global_load_sectors * scale,
+            global_store_requests=counts.global_store_requests * scale,
+            global_store_sectors=counts.global_store_sectors * scale,
+            shared_requests=(counts.shared_load_requests + counts.shared_store_requests) * scale,
+            shared_wavefronts=(counts.shared_load_wavefronts + counts.shared_store_wavefronts) * scale,
+            dram_read_bytes=32 * counts.dram_read_sectors, dram_write_bytes=32 * counts.dram_write_sectors,
+            tensor_flops=float(counts.tensor_flops))))
 
     def set_flops(self, kernel: str, flops_per_launch: float) -> None:
         """FLOPs of one launch of ``kernel`` (every module), for the compute side of the roofline."""
@@ -164,11 +201,20 @@ class ProfileReport:
         self._predict()
 
     def _predict(self) -> None:
+        """Each launch's prediction (gpu_model.predict_launch); a kernel's row adds its launches'."""
         for row in self.rows:
-            row.predicted_seconds, row.bound = occ.roofline(
-                self.gpu, row.blocks // max(row.launches, 1), row.total_flops / max(row.launches, 1),
-                row.tensor_flops / max(row.launches, 1), row.dram_bytes / max(row.launches, 1))
-            row.predicted_seconds *= row.launches
+            row.predicted_seconds, row.bound, row.achieved_occupancy = 0.0, "", None
+        longest: dict = {}
+        for launch in self.launches:
+            row = self.kernels[(launch.module, launch.kernel)]
+            launch.counts.occupancy = row.occupancy
+            if row.flops is not None:   # the caller's FLOPs, less those the tensor cores did
+                launch.counts.flops = max(row.flops - launch.counts.tensor_flops, 0.0)
+            launch.prediction = occ.predict_launch(self.gpu, launch.counts)
+            row.predicted_seconds += launch.prediction.seconds
+            if launch.prediction.seconds > longest.get(id(row), -1.0):
+                longest[id(row)] = launch.prediction.seconds
+                row.bound, row.achieved_occupancy = launch.prediction.bound, launch.prediction.achieved_occupancy
 
 
 @contextlib.contextmanager
