@@ -25,6 +25,7 @@ a compute bound). ``report.set_flops(kernel, flops_per_launch)`` does the same l
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from . import gpu_model as occ
@@ -242,19 +243,37 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def calibration_lines() -> list[str]:
+    """The last lines of the committed calibrations (bench/results/calibration_*.txt: the model's
+    error MEASURED against Nsight Compute on a real GPU), when this is a source checkout."""
+    results = Path(__file__).resolve().parents[2] / "bench" / "results"
+    lines = []
+    for path in sorted(results.glob("calibration_*.txt")) if results.is_dir() else []:
+        last = [line for line in path.read_text().splitlines() if line.startswith("calibration:")]
+        if last:
+            lines.append(f"  {path.name}: {last[-1][len('calibration: '):]}")
+    return lines
+
+
 def format_profile(report: ProfileReport) -> str:
     """The report as a text table, one row per kernel, with a header that says what is predicted."""
     g = report.gpu
-    lines = [f"Emulator counts, and times PREDICTED for {g.name} ({g.arch}) by a roofline model "
-             f"(FP32 {g.fp32_flops / 1e12:.1f} TFLOP/s, TF32 tensor {g.tf32_flops / 1e12:.0f} TFLOP/s, "
-             f"DRAM {g.dram_bandwidth / 1e12:.2f} TB/s): not measurements.",
+    lines = [f"Emulator counts, and times PREDICTED for {g.name} ({g.arch}, {g.clock_hz / 1e9:.2f} GHz base clock) by "
+             "gpu_model.predict_launch: per launch, the launch floor + the largest of latency (waves x the busiest "
+             "thread's chain), issue, shared, L2 and DRAM: not measurements.",
              "thr: threads per block (of the last launch); sect/req: 32-byte sectors per global request "
              "(4 = coalesced floats); wf/req: shared-memory wavefronts per request (1 = no bank conflicts); "
-             "DRAM: distinct sectors read + written."]
+             "DRAM: distinct sectors read + written; occ th: theoretical occupancy (ptxas registers, shared "
+             "memory); occ ach: predicted achieved occupancy (blocks per SM the grid really gives); bound: the "
+             "binding term of the kernel's longest launch."]
+    calibrated = calibration_lines()
+    if calibrated:
+        lines.append("The model's error MEASURED on an H200 (Nsight Compute, python -m minunet.bench --calibrate):")
+        lines += calibrated
     width = max([30] + [len(r.kernel) for r in report.rows])   # whole kernel names, never cut
     header = (f"{'kernel':<{width}} {'launch':>6} {'blocks':>7} {'thr':>5} {'ld req':>9} {'sect/req':>8} {'st req':>9} "
               f"{'sect/req':>8} {'sm ld wf/req':>12} {'sm st wf/req':>12} {'DRAM MB':>8} {'GFLOP':>7} {'regs':>5} "
-              f"{'smem B':>7} {'occup.':>6} {'predicted us':>12} {'bound':>7}")
+              f"{'smem B':>7} {'occ th':>6} {'occ ach':>7} {'predicted us':>12} {'bound':>7}")
     lines += [header, "-" * len(header)]
     for r in sorted(report.rows, key=lambda r: -(r.predicted_seconds or 0)):
         c = r.counts
@@ -268,14 +287,14 @@ def format_profile(report: ProfileReport) -> str:
             f"{_fmt(r.resources.registers if r.resources else None, '>5d', 'n/a'):>5} "
             f"{_fmt(r.resources.shared_bytes + r.dynamic_shared_bytes if r.resources else None, '>7d', 'n/a'):>7} "
             f"{_fmt(r.occupancy.occupancy if r.occupancy else None, '>6.0%', 'n/a'):>6} "
+            f"{_fmt(r.achieved_occupancy, '>7.0%'):>7} "
             f"{_fmt(None if r.predicted_seconds is None else r.predicted_seconds * 1e6, '>12.2f'):>12} {r.bound:>7}")
     total = report.total_predicted_seconds
     if total is not None:
         lines.append(f"{'total (predicted)':<{width}} {'':>6} {'':>7} {'':>5} {'':>9} {'':>8} {'':>9} {'':>8} {'':>12} "
                      f"{'':>12} {sum(r.dram_bytes for r in report.rows) / 1e6:>8.3f} {'':>7} {'':>5} {'':>7} "
-                     f"{'':>6} {total * 1e6:>12.2f}")
+                     f"{'':>6} {'':>7} {total * 1e6:>12.2f}")
     if any(r.resources is None for r in report.rows):
-        lines.append("regs/smem/occup. n/a: nvcc (the CUDA toolkit) is not installed or did not compile the source.")
-    if any(r.flops is None and not r.tensor_flops for r in report.rows):
-        lines.append("kernels without FLOPs (none given, no tensor cores) are bounded by DRAM traffic alone.")
+        lines.append("regs/smem/occ th n/a: nvcc (the CUDA toolkit) is not installed or did not compile the source; "
+                     "the prediction then assumes only the warp and block limits.")
     return "\n".join(lines)
