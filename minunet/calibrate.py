@@ -179,7 +179,9 @@ def library_prediction(g, m: MeasuredLaunch):
 
     threads, blocks = math.prod(m.block), math.prod(m.grid)
     counts = gpu_model.LaunchCounts(blocks=blocks, threads_per_block=threads, thread_global_loads=1,
-                                    thread_global_stores=1, global_load_requests=blocks * math.ceil(threads / 32),
+                                    thread_global_stores=1,
+                                    global_lines=2 * blocks * math.ceil(threads / 32),
+                                    global_load_requests=blocks * math.ceil(threads / 32),
                                     global_store_requests=blocks * math.ceil(threads / 32),
                                     global_load_sectors=blocks * threads / 8, global_store_sectors=blocks * threads / 8,
                                     dram_read_bytes=4 * blocks * threads, dram_write_bytes=4 * blocks * threads)

@@ -38,10 +38,10 @@ def test_an_empty_launch_costs_the_floor():
 @pytest.mark.parametrize("shared_loads", [100, 1000])
 def test_one_block_is_the_floor_plus_one_threads_chain(shared_loads):
     """1 block: one multiprocessor runs it; the time is the floor plus the busiest thread's chain
-    (first load from DRAM, 10 more at the L1-hit latency, 4 at the miss latency, the shared loads)."""
-    c = LaunchCounts(blocks=1, threads_per_block=256, thread_global_loads=15, l1_hit_fraction=10 / 14,
+    (of 16 global loads the first from DRAM, then 10 L1 hits and 5 from L2; the shared loads; 2 stores)."""
+    c = LaunchCounts(blocks=1, threads_per_block=256, thread_global_loads=16, l1_hit_fraction=10 / 15,
                      thread_shared_loads=shared_loads, thread_global_stores=2)
-    chain = (H200.dram_cycles + 10 * H200.l1_hit_cycles + 4 * H200.l1_miss_cycles
+    chain = (H200.dram_cycles + 10 * H200.l1_hit_cycles + 5 * H200.l2_cycles
              + shared_loads * H200.shared_cycles + 2 * H200.store_cycles)
     p = predict_launch(H200, c)
     assert p.terms["latency"] == pytest.approx(cycles(chain))
@@ -84,14 +84,15 @@ def test_an_l2_resident_buffer_writes_no_dram():
     assert p.seconds == pytest.approx(H200.launch_floor_s + 200e6 / 4.8e12)
 
 
-def test_issue_shared_and_l2_terms():
-    """Per multiprocessor: 4 warp instructions and 1 shared wavefront per cycle; the L2 moves
-    l2_bytes_per_clock. 132 blocks: each SM does 1/132 of the launch."""
+def test_issue_l1_shared_and_l2_terms():
+    """Per multiprocessor: 4 warp instructions, l1_lines_per_clock L1 lines and 1 shared wavefront
+    per cycle; the L2 moves l2_bytes_per_clock. 132 blocks: each SM does 1/132 of the launch."""
     c = LaunchCounts(blocks=132, threads_per_block=32, global_load_requests=132 * 4000, shared_requests=0,
                      shared_wavefronts=132 * 20000, global_load_sectors=132 * 16000, l1_hit_fraction=0.5,
-                     flops=132 * 64 * 8000)
+                     flops=132 * 64 * 8000, global_lines=132 * 10000)
     p = predict_launch(H200, c)
     assert p.terms["issue"] == pytest.approx(cycles((4000 + 8000) / 4))
+    assert p.terms["L1"] == pytest.approx(cycles(10000 / H200.l1_lines_per_clock))
     assert p.terms["shared"] == pytest.approx(cycles(20000)) and p.bound == "shared"
     assert p.terms["L2"] == pytest.approx(32 * 132 * 8000 / (H200.l2_bytes_per_clock * H200.clock_hz))
 
@@ -107,7 +108,8 @@ extern "C" __global__ void serial_sum(const float* x, float* y, int n) {
 
 def test_a_latency_bound_serial_loop_is_counted_and_predicted():
     """One thread sums n floats: n loads, of which the first of each 32-byte sector (8 floats)
-    misses L1 and the other 7 hit; the prediction is its chain, load after load."""
+    misses L1 and the other 7 hit; the prediction is its chain, load after load (the first from
+    DRAM); one warp request per load, each on one 128-byte line."""
     n = 8 * int(np.random.default_rng(18).integers(20, 40))
     fn = EmuModule(SERIAL_SUM, name="serial_sum.cu").get_function("serial_sum")
     x, y = np.ones(n, np.float32), np.zeros(1, np.float32)
@@ -117,8 +119,8 @@ def test_a_latency_bound_serial_loop_is_counted_and_predicted():
     c = launch.counts
     assert (c.thread_global_loads, c.thread_global_stores, c.thread_shared_loads) == (n, 1, 0)
     assert c.l1_hit_fraction == pytest.approx(7 / 8)
-    rest = n - 1
-    chain = (H200.dram_cycles + rest * 7 / 8 * H200.l1_hit_cycles + rest / 8 * H200.l1_miss_cycles
+    assert c.global_lines == n + 1   # n load requests and 1 store, one line each
+    chain = (H200.dram_cycles + (n - 1) * (7 / 8 * H200.l1_hit_cycles + 1 / 8 * H200.l2_cycles)
              + H200.store_cycles)
     assert launch.prediction.bound == "latency"
     assert launch.predicted_seconds == pytest.approx(H200.launch_floor_s + cycles(chain), rel=0.02)

@@ -24,6 +24,8 @@
 //    request whose sectors were all touched before by the block is an L1 hit (the data is on the
 //    multiprocessor), otherwise an L1 miss (it waits for L2 or DRAM); the sampled thread with the
 //    most loads gives its hits and misses.
+//  - L1 lines: the distinct 128-byte lines each global request touches (the L1's tag stage looks
+//    up one line per cycle: a coalesced request is 1, a scattered one up to 32), sampled.
 #pragma once
 
 #include <algorithm>
@@ -43,6 +45,7 @@ struct Profile {             // mirrored by launcher.py
     uint64_t tensor_flops;
     uint64_t thread_global_loads, thread_global_stores, thread_shared_loads, thread_shared_stores;
     uint64_t busy_l1_hits, busy_l1_misses;
+    uint64_t global_lines;
 };
 
 struct ThreadCounts { uint32_t global_loads, global_stores, shared_loads, shared_stores; };
@@ -152,6 +155,13 @@ EMU_NOSAN static uint64_t wavefronts(const Request& r) {
     return total;
 }
 
+EMU_NOSAN static uint64_t lines(const Request& r) {
+    std::set<uint64_t> touched;
+    for (auto& la : r.lanes)
+        for (uint64_t l = la.second->address >> 7; l <= (la.second->address + la.second->size - 1) >> 7; ++l) touched.insert(l);
+    return touched.size();
+}
+
 EMU_NOSAN static uint64_t sectors(const Request& r) {
     std::set<uint64_t> touched;
     for (auto& la : r.lanes)
@@ -192,6 +202,7 @@ EMU_NOSAN static void analyze_warp(uint32_t base, uint32_t count) {
         uint64_t bytes = 0;
         for (auto& la : r.lanes) bytes += la.second->size;
         if (r.space == SPACE_GLOBAL) {
+            p.global_lines += lines(r);
             if (r.is_write) { p.global_store_requests++; p.global_store_sectors += sectors(r); p.global_store_bytes += bytes; }
             else { p.global_load_requests++; p.global_load_sectors += sectors(r); p.global_load_bytes += bytes; }
         } else {

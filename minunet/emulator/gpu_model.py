@@ -13,17 +13,20 @@ and later): the *theoretical* occupancy.
 ``predict_launch(gpu, launch)`` turns one launch's counts into a *predicted* time -- a model,
 never a measurement (docs/emulator.md, "The timing model", explains each term):
 
-    time = launch floor + max(latency, issue, shared, L2, DRAM)
+    time = launch floor + max(latency, issue, L1, shared, L2, DRAM)
 
 - launch: the fixed cost of any launch (the grid is set up, the blocks are dispatched, the end is
   signalled), however small the kernel;
-- latency: waves x the critical path of the busiest thread (its L1 hits, L1 misses and shared
-  loads, each at its latency, one after another: a thread waits for a load before it uses it, and
-  with a few warps per multiprocessor nothing else hides the wait). Waves: the blocks one
+- latency: waves x the critical path of the busiest thread (its first global load from DRAM, then
+  its L1 hits, L1 misses and shared loads, each at its latency, one after another: a thread waits
+  for a load before it uses it, and with a few warps per multiprocessor nothing else hides the
+  wait). Waves: the blocks one
   multiprocessor must run, ceil(blocks / multiprocessors), in groups of the blocks resident at once
   (the occupancy calculator's limit): 8 blocks use 8 multiprocessors for the whole kernel;
 - issue: the warp instructions the busiest multiprocessor issues (memory requests, and FMAs when
   the caller gives FLOPs), 4 per cycle (4 schedulers);
+- L1: the 128-byte lines the busiest multiprocessor's global requests touch (one tag lookup
+  each: 1 for a coalesced request, up to 32 for a scattered one), l1_lines_per_clock per cycle;
 - shared: the shared-memory wavefronts of the busiest multiprocessor, one per cycle;
 - L2: the sectors that miss L1, at the L2's bandwidth;
 - DRAM: the distinct bytes read (the caches start empty: Nsight Compute flushes them before each
@@ -31,7 +34,8 @@ never a measurement (docs/emulator.md, "The timing model", explains each term):
   there), at DRAM bandwidth.
 
 Constants are the GPU's published figures and a few physical ones (clock, launch floor,
-latencies); none is fitted to a kernel. The GPU figures are NVIDIA's (A100 SXM4 80 GB, H100 SXM5
+latencies, the L1's lines per cycle); none is fitted to a kernel. The latencies were chosen on one
+measured network (docs/emulator.md, "The timing model"). The GPU figures are NVIDIA's (A100 SXM4 80 GB, H100 SXM5
 80 GB and H200 SXM 141 GB data sheets, the CUDA C++ Programming Guide's table of compute-
 capability limits); the latencies are those microbenchmarks report for Ampere and Hopper
 (Jia et al. 2018's method; Luo et al. 2024, "Benchmarking and Dissecting the Nvidia Hopper GPU
@@ -74,11 +78,12 @@ class GPU:
     boost_hz: float = 1.98e9        # the clock of the published peak FLOP/s
     l2_bytes_per_clock: float = 5120.0   # L2 bandwidth (A100 white paper: 5120 B/clk)
     launch_floor_s: float = 2.3e-6  # the least a launch takes, however small (a 1-thread kernel)
-    dram_cycles: float = 1000.0     # a thread's first global load: caches empty, a DRAM round trip
-    l1_hit_cycles: float = 35.0     # each further global load that hits L1, as the thread waits for it
-    l1_miss_cycles: float = 120.0   # one that misses L1 (served by L2, overlapping the next loads)
+    l1_hit_cycles: float = 35.0     # a global load that hits L1, as the thread waits for it
+    l2_cycles: float = 120.0        # one that misses L1 and is served by L2 (overlapping the next loads)
+    dram_cycles: float = 1000.0     # a thread's first global load: from DRAM (the caches start empty)
     shared_cycles: float = 30.0     # a shared-memory load
     store_cycles: float = 4.0       # a store: issued, never waited for
+    l1_lines_per_clock: float = 2.0  # 128-byte lines of global requests the L1 serves per cycle per SM
 
 
 # Base clocks: A100 SXM4 1095 MHz, H100 SXM5 and H200 SXM 1590 MHz (boost 1410 / 1980 MHz).
@@ -194,7 +199,8 @@ class LaunchCounts:
     thread_global_stores: float = 0.0
     thread_shared_loads: float = 0.0
     thread_shared_stores: float = 0.0
-    l1_hit_fraction: float = 0.0        # of the busiest sampled thread's global loads
+    l1_hit_fraction: float = 0.0        # of the busiest sampled thread's global loads: L1 hits
+    global_lines: float = 0.0           # 128-byte lines of all global requests (L1 tag lookups)
     global_load_requests: float = 0.0   # warp-level, whole launch
     global_load_sectors: float = 0.0
     global_store_requests: float = 0.0
@@ -211,7 +217,7 @@ class LaunchCounts:
 @dataclass(frozen=True)
 class Prediction:
     seconds: float                # PREDICTED, never measured
-    bound: str                    # the binding term: launch, latency, issue, shared, L2 or DRAM
+    bound: str                    # the binding term: launch, latency, issue, L1, shared, L2 or DRAM
     terms: dict                   # term -> seconds ("launch" is the floor, added to the largest other)
     waves: int                    # rounds of resident blocks on the busiest multiprocessor
     resident_blocks: int          # blocks resident at once on the busiest multiprocessor
@@ -219,12 +225,12 @@ class Prediction:
     theoretical_occupancy: float  # the occupancy calculator's
 
 
-TERMS = ("launch", "latency", "issue", "shared", "L2", "DRAM")
+TERMS = ("launch", "latency", "issue", "L1", "shared", "L2", "DRAM")
 
 
 def predict_launch(g: GPU, c: LaunchCounts) -> Prediction:
     """The predicted time of one launch: the launch floor plus the largest of the latency, issue,
-    shared, L2 and DRAM terms (module docstring; docs/emulator.md)."""
+    L1, shared, L2 and DRAM terms (module docstring; docs/emulator.md)."""
     blocks = max(int(c.blocks), 1)
     warps = math.ceil(max(c.threads_per_block, 1) / 32)
     occ = c.occupancy if c.occupancy is not None and c.occupancy.blocks_per_sm > 0 else \
@@ -235,10 +241,9 @@ def predict_launch(g: GPU, c: LaunchCounts) -> Prediction:
     in_use = min(blocks, g.multiprocessors)
     achieved = min(blocks / (in_use * waves), resident) * warps / g.max_warps_per_sm
     share = per_sm / blocks                                  # the busiest SM's share of the work
-    first = 1.0 if c.thread_global_loads > 0 else 0.0        # from DRAM: the caches start empty
-    hits = (c.thread_global_loads - first) * c.l1_hit_fraction
-    misses = c.thread_global_loads - first - hits
-    chain = (first * g.dram_cycles + hits * g.l1_hit_cycles + misses * g.l1_miss_cycles
+    first = 1.0 if c.thread_global_loads > 0 else 0.0         # the thread's first load: from DRAM
+    per_load = c.l1_hit_fraction * g.l1_hit_cycles + (1.0 - c.l1_hit_fraction) * g.l2_cycles
+    chain = (first * g.dram_cycles + (c.thread_global_loads - first) * per_load
              + c.thread_shared_loads * g.shared_cycles
              + (c.thread_global_stores + c.thread_shared_stores) * g.store_cycles)
     instructions = c.global_load_requests + c.global_store_requests + c.shared_requests + c.flops / 64
@@ -248,6 +253,7 @@ def predict_launch(g: GPU, c: LaunchCounts) -> Prediction:
     terms = {"launch": g.launch_floor_s,
              "latency": waves * chain / g.clock_hz,
              "issue": (instructions / 4 + c.tensor_flops / tensor_per_clock) * share / g.clock_hz,
+             "L1": c.global_lines * share / g.l1_lines_per_clock / g.clock_hz,
              "shared": c.shared_wavefronts * share / g.clock_hz,
              "L2": 32 * missed / (g.l2_bytes_per_clock * g.clock_hz),
              "DRAM": (c.dram_read_bytes + written) / g.dram_bandwidth}
@@ -257,7 +263,9 @@ def predict_launch(g: GPU, c: LaunchCounts) -> Prediction:
 
 
 def roofline(g: GPU, blocks: int, flops: float, tensor_flops: float, dram_bytes: float) -> tuple[float, str]:
-    """(predicted seconds, "compute" or "memory"): the larger of the compute time (tensor-core
+    """The FLOP/byte roofline alone, the model's old lower bound (predict_launch adds latency,
+    waves, the launch floor and the caches): (predicted seconds, "compute" or "memory"), the larger
+    of the compute time (tensor-core
     FLOPs at the TF32 peak, the rest at the FP32 peak) and the DRAM time, each divided by the
     share of multiprocessors that ``blocks`` blocks can occupy (a launch of 8 blocks keeps 8 of
     132 busy)."""

@@ -65,7 +65,8 @@ class _Profile(ctypes.Structure):  # emu::Profile (emu_profile.h)
         "global_store_requests", "global_store_sectors", "global_store_bytes", "shared_load_requests",
         "shared_load_wavefronts", "shared_load_bytes", "shared_store_requests", "shared_store_wavefronts",
         "shared_store_bytes", "dram_read_sectors", "dram_write_sectors", "tensor_flops", "thread_global_loads",
-        "thread_global_stores", "thread_shared_loads", "thread_shared_stores", "busy_l1_hits", "busy_l1_misses")]
+        "thread_global_stores", "thread_shared_loads", "thread_shared_stores", "busy_l1_hits", "busy_l1_misses",
+        "global_lines")]
 
 
 class _Options(ctypes.Structure):  # emu::Options (emu_state.h)

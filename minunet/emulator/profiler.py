@@ -151,6 +151,7 @@ class ProfileReport:
             thread_global_loads=counts.thread_global_loads, thread_global_stores=counts.thread_global_stores,
             thread_shared_loads=counts.thread_shared_loads, thread_shared_stores=counts.thread_shared_stores,
             l1_hit_fraction=counts.busy_l1_hits / lanes if lanes else 0.0,
+            global_lines=counts.global_lines * scale,
             global_load_requests=counts.global_load_requests * scale,
             global_load_sectors=counts.global_load_sectors * scale,
             global_store_requests=counts.global_store_requests * scale,
@@ -222,7 +223,7 @@ class ProfileReport:
 def profile(gpu: str = "sm_90", sample_blocks: int = 8, flops: dict | float | None = None, racecheck: bool = False):
     """Count the emulated launches made inside the ``with`` block; yields a ``ProfileReport``.
 
-    gpu: "sm_80" (A100) or "sm_90" (H100) for occupancy and the predicted times.
+    gpu: "sm_80" (A100), "sm_90" (H100) or "h200" for occupancy and the predicted times.
     sample_blocks: about how many blocks per launch have their requests traced (the counts are
         scaled to the whole grid); the DRAM sectors are counted over every block.
     flops: FLOPs per launch by kernel name, or one total for everything inside.
