@@ -265,6 +265,50 @@ def by_kernel(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+VERSIONED_OPS = {"conv3x3_forward_": "conv3x3 forward", "conv3x3_grad_input_": "conv3x3 input gradient",
+                 "conv3x3_grad_weight": "conv3x3 weight gradient",
+                 "conv_transpose2x2_grad_weight": "conv_transpose2x2 weight gradient",
+                 "conv1x1_grad_weight": "conv1x1 weight gradient"}
+
+
+def _op_of(kernel: str) -> str | None:
+    return next((op for prefix, op in VERSIONED_OPS.items() if kernel.startswith(prefix)), None)
+
+
+def version_pairs(a: list[Row], b: list[Row]) -> list[tuple[str, Row, Row]]:
+    """The launches of two calibrations of the same network that ran two versions of one op on the
+    same layer: the k-th launch of an op (3x3 forward, input or weight gradient, ...) in ``a``
+    with the k-th in ``b``, where their kernels differ."""
+    def by_op(rows):
+        found: dict[str, list[Row]] = {}
+        for r in rows:
+            op = _op_of(r.measured.kernel)
+            if op:
+                found.setdefault(op, []).append(r)
+        return found
+
+    ops_a, ops_b = by_op(a), by_op(b)
+    return [(op, x, y) for op in ops_a for x, y in zip(ops_a[op], ops_b.get(op, []))
+            if x.measured.kernel != y.measured.kernel]
+
+
+def format_version_pairs(pairs) -> str:
+    """Per pair: both kernels' measured and predicted times, and whether the model orders them as
+    the GPU did; then how many it orders correctly."""
+    lines = [f"{'op':<34} {'version A':<36} {'version B':<36} {'meas. A us':>10} {'meas. B us':>10} "
+             f"{'pred. A us':>10} {'pred. B us':>10} {'order':>6}"]
+    lines.append("-" * len(lines[0]))
+    right = 0
+    for op, x, y in pairs:
+        ok = (x.measured.seconds < y.measured.seconds) == (x.predicted_seconds < y.predicted_seconds)
+        right += ok
+        lines.append(f"{op:<34} {x.measured.kernel:<36} {y.measured.kernel:<36} {x.measured.seconds * 1e6:>10.1f} "
+                     f"{y.measured.seconds * 1e6:>10.1f} {x.predicted_seconds * 1e6:>10.1f} "
+                     f"{y.predicted_seconds * 1e6:>10.1f} {'right' if ok else 'WRONG':>6}")
+    lines.append(f"versions ordered as measured: {right} of {len(pairs)}")
+    return "\n".join(lines)
+
+
 def calibrate(path, base: int, tile: int, gpu: str = "h200", sample_blocks: int = 2) -> tuple[list[Row], Summary]:
     """Read ``path``, emulate the step with its kernel versions, match and summarize."""
     from . import UNet

@@ -181,3 +181,21 @@ def test_calibrate_cli_on_the_smallest_unet(tmp_path, capsys):
     assert any(line.split()[1:2] == ["cupy_fill"] and line.endswith("lib") for line in out)
     assert bench.main(["--calibrate", str(tmp_path / "missing.csv"), "--base-channels", "1", "--tile", "188"]) == 2
     assert math.isfinite(float(out[-1].split("ratio ")[1].split(")")[0]))
+
+
+def test_version_pairs_match_layers_and_check_the_order():
+    """The k-th 3x3 weight gradient of one file pairs with the k-th of the other; the order is right
+    when the model puts the faster measured version first."""
+    def row(i, kernel, measured, predicted):
+        return calibrate.Row(calibrate.MeasuredLaunch(i, kernel, (256, 1, 1), (1, 1, 1), measured * 1e-6),
+                             predicted * 1e-6, "latency", True)
+
+    a = [row(0, "conv3x3_forward_naive", 10, 12), row(1, "relu_forward", 3, 3), row(2, "conv3x3_grad_weight", 50, 40),
+         row(3, "conv3x3_grad_weight", 20, 30)]
+    b = [row(0, "conv3x3_forward_tiled", 20, 25), row(1, "relu_forward", 3, 3), row(2, "conv3x3_grad_weight_serial", 90, 80),
+         row(3, "conv3x3_grad_weight_serial", 10, 35)]
+    pairs = calibrate.version_pairs(a, b)
+    assert [(op, x.measured.id, y.measured.id) for op, x, y in pairs] == [
+        ("conv3x3 forward", 0, 0), ("conv3x3 weight gradient", 2, 2), ("conv3x3 weight gradient", 3, 3)]
+    text = calibrate.format_version_pairs(pairs)
+    assert text.splitlines()[-1] == "versions ordered as measured: 2 of 3" and "WRONG" in text

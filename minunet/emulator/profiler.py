@@ -261,7 +261,7 @@ def format_profile(report: ProfileReport) -> str:
     g = report.gpu
     lines = [f"Emulator counts, and times PREDICTED for {g.name} ({g.arch}, {g.clock_hz / 1e9:.2f} GHz base clock) by "
              "gpu_model.predict_launch: per launch, the launch floor + the largest of latency (waves x the busiest "
-             "thread's chain), issue, shared, L2 and DRAM: not measurements.",
+             "thread's chain), issue, L1, shared, L2 and DRAM: not measurements.",
              "thr: threads per block (of the last launch); sect/req: 32-byte sectors per global request "
              "(4 = coalesced floats); wf/req: shared-memory wavefronts per request (1 = no bank conflicts); "
              "DRAM: distinct sectors read + written; occ th: theoretical occupancy (ptxas registers, shared "
