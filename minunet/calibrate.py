@@ -325,6 +325,16 @@ def calibrate(path, base: int, tile: int, gpu: str = "h200", sample_blocks: int 
     return rows, summarize(rows)
 
 
+def compare_versions(path_a, path_b, base: int, tile: int, gpu: str = "h200") -> str:
+    """Two Nsight Compute files of the same network run with different kernel versions (say
+    MINUNET_CONV3X3=naive MINUNET_REDUCTION=tree, then tiled and serial): each calibrated, then
+    ``format_version_pairs`` of their layers. ``python -c "from minunet import calibrate;
+    print(calibrate.compare_versions('a.csv', 'b.csv', 8, 188))"``."""
+    rows_a, _ = calibrate(path_a, base, tile, gpu)
+    rows_b, _ = calibrate(path_b, base, tile, gpu)
+    return format_version_pairs(version_pairs(rows_a, rows_b))
+
+
 def main(path, base: int, tile: int, gpu: str = "h200") -> int:
     """The CLI of ``python -m minunet.bench --calibrate``: the table, then the calibration line."""
     import sys
