@@ -298,14 +298,16 @@ def format_version_pairs(pairs) -> str:
     lines = [f"{'op':<34} {'version A':<36} {'version B':<36} {'meas. A us':>10} {'meas. B us':>10} "
              f"{'pred. A us':>10} {'pred. B us':>10} {'order':>6}"]
     lines.append("-" * len(lines[0]))
-    right = 0
+    right = apart = right_apart = 0
     for op, x, y in pairs:
         ok = (x.measured.seconds < y.measured.seconds) == (x.predicted_seconds < y.predicted_seconds)
-        right += ok
+        far = max(x.measured.seconds, y.measured.seconds) > 1.1 * min(x.measured.seconds, y.measured.seconds)
+        right, apart, right_apart = right + ok, apart + far, right_apart + (ok and far)
         lines.append(f"{op:<34} {x.measured.kernel:<36} {y.measured.kernel:<36} {x.measured.seconds * 1e6:>10.1f} "
                      f"{y.measured.seconds * 1e6:>10.1f} {x.predicted_seconds * 1e6:>10.1f} "
                      f"{y.predicted_seconds * 1e6:>10.1f} {'right' if ok else 'WRONG':>6}")
-    lines.append(f"versions ordered as measured: {right} of {len(pairs)}")
+    lines.append(f"versions ordered as measured: {right} of {len(pairs)}; of the pairs measured more than 10% apart: "
+                 f"{right_apart} of {apart}")
     return "\n".join(lines)
 
 
