@@ -238,14 +238,16 @@ def summarize(rows: list[Row]) -> Summary:
 
 def format_rows(rows: list[Row]) -> str:
     width = max([24] + [len(r.measured.short_name) for r in rows])
-    head = f"{'id':>4} {'kernel':<{width}} {'grid':<14} {'measured us':>11} {'predicted us':>12} {'ratio':>6} {'bound':>7}"
+    head = (f"{'id':>4} {'kernel':<{width}} {'grid':<14} {'measured us':>11} {'predicted us':>12} {'ratio':>6} "
+            f"{'bound':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         grid = "x".join(str(v) for v in r.measured.grid)
         note = "" if r.emulated else "  lib"
         if not r.grid_matches:
             note += "  (emulated grid differs)"
-        lines.append(f"{r.measured.id:>4} {r.measured.short_name:<{width}} {grid:<14} {r.measured.seconds * 1e6:>11.1f} "
+        lines.append(f"{r.measured.id:>4} {r.measured.short_name:<{width}} {grid:<14} "
+                     f"{r.measured.seconds * 1e6:>11.1f} "
                      f"{r.predicted_seconds * 1e6:>12.1f} {r.ratio:>6.2f} {r.bound:>7}{note}")
     return "\n".join(lines)
 

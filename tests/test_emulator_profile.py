@@ -215,10 +215,12 @@ def test_busiest_thread_and_launches_in_order(patterns, rng):
         patterns.get_function("copy")(3, 256, (x, y, np.int32(n)))
         patterns.get_function("transpose_tile_padded")(1, (32, 32), (t_in, t_out))
     copy, transpose = report.launches
-    assert (copy.kernel, copy.grid, copy.block, transpose.kernel) == ("copy", (3, 1, 1), (256, 1, 1), "transpose_tile_padded")
+    assert (copy.kernel, copy.grid, copy.block) == ("copy", (3, 1, 1), (256, 1, 1))
+    assert transpose.kernel == "transpose_tile_padded"
     c = copy.counts
     assert (c.thread_global_loads, c.thread_global_stores, c.thread_shared_loads, c.l1_hit_fraction) == (1, 1, 0, 0.0)
     t = transpose.counts
-    assert (t.thread_global_loads, t.thread_global_stores, t.thread_shared_loads, t.thread_shared_stores) == (1, 1, 1, 1)
+    assert (t.thread_global_loads, t.thread_global_stores) == (1, 1)
+    assert (t.thread_shared_loads, t.thread_shared_stores) == (1, 1)
     assert copy.prediction.bound in gpu_model.TERMS and copy.predicted_seconds > 0
     assert t_out.reshape(32, 32).T.ravel().tolist() == t_in.tolist()

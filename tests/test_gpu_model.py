@@ -192,7 +192,8 @@ def test_version_pairs_match_layers_and_check_the_order():
 
     a = [row(0, "conv3x3_forward_naive", 10, 12), row(1, "relu_forward", 3, 3), row(2, "conv3x3_grad_weight", 50, 40),
          row(3, "conv3x3_grad_weight", 20, 30)]
-    b = [row(0, "conv3x3_forward_tiled", 20, 25), row(1, "relu_forward", 3, 3), row(2, "conv3x3_grad_weight_serial", 90, 80),
+    b = [row(0, "conv3x3_forward_tiled", 20, 25), row(1, "relu_forward", 3, 3),
+         row(2, "conv3x3_grad_weight_serial", 90, 80),
          row(3, "conv3x3_grad_weight_serial", 10, 35)]
     pairs = calibrate.version_pairs(a, b)
     assert [(op, x.measured.id, y.measured.id) for op, x, y in pairs] == [

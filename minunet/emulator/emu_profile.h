@@ -158,7 +158,8 @@ EMU_NOSAN static uint64_t wavefronts(const Request& r) {
 EMU_NOSAN static uint64_t lines(const Request& r) {
     std::set<uint64_t> touched;
     for (auto& la : r.lanes)
-        for (uint64_t l = la.second->address >> 7; l <= (la.second->address + la.second->size - 1) >> 7; ++l) touched.insert(l);
+        for (uint64_t l = la.second->address >> 7; l <= (la.second->address + la.second->size - 1) >> 7; ++l)
+            touched.insert(l);
     return touched.size();
 }
 
@@ -189,7 +190,8 @@ EMU_NOSAN static void analyze_warp(uint32_t base, uint32_t count) {
     std::vector<const Request*> loads;
     for (auto& entry : requests)
         if (entry.second.space == SPACE_GLOBAL && !entry.second.is_write) loads.push_back(&entry.second);
-    std::stable_sort(loads.begin(), loads.end(), [](const Request* a, const Request* b) { return a->first < b->first; });
+    std::stable_sort(loads.begin(), loads.end(),
+                     [](const Request* a, const Request* b) { return a->first < b->first; });
     for (const Request* r : loads) {
         bool hit = true;
         for (auto& la : r->lanes)
