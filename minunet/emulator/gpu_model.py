@@ -20,9 +20,9 @@ never a measurement (docs/emulator.md, "The timing model", explains each term):
 - latency: waves x the critical path of the busiest thread (its first global load from DRAM, then
   its L1 hits, L1 misses and shared loads, each at its latency, one after another: a thread waits
   for a load before it uses it, and with a few warps per multiprocessor nothing else hides the
-  wait). Waves: the blocks one
-  multiprocessor must run, ceil(blocks / multiprocessors), in groups of the blocks resident at once
-  (the occupancy calculator's limit): 8 blocks use 8 multiprocessors for the whole kernel;
+  wait). Waves: the blocks one multiprocessor must run, ceil(blocks / multiprocessors), in groups
+  of the blocks resident at once (the occupancy calculator's limit): 8 blocks use 8
+  multiprocessors for the whole kernel;
 - issue: the warp instructions the busiest multiprocessor issues (memory requests, and FMAs when
   the caller gives FLOPs), 4 per cycle (4 schedulers);
 - L1: the 128-byte lines the busiest multiprocessor's global requests touch (one tag lookup
@@ -34,12 +34,13 @@ never a measurement (docs/emulator.md, "The timing model", explains each term):
   there), at DRAM bandwidth.
 
 Constants are the GPU's published figures and a few physical ones (clock, launch floor,
-latencies, the L1's lines per cycle); none is fitted to a kernel. The latencies were chosen on one
-measured network (docs/emulator.md, "The timing model"). The GPU figures are NVIDIA's (A100 SXM4 80 GB, H100 SXM5
-80 GB and H200 SXM 141 GB data sheets, the CUDA C++ Programming Guide's table of compute-
-capability limits); the latencies are those microbenchmarks report for Ampere and Hopper
-(Jia et al. 2018's method; Luo et al. 2024, "Benchmarking and Dissecting the Nvidia Hopper GPU
-Architecture"), rounded.
+latencies, the L1's lines per cycle); none is fitted to a kernel. The GPU figures are NVIDIA's
+(A100 SXM4 80 GB, H100 SXM5 80 GB and H200 SXM 141 GB data sheets, the CUDA C++ Programming
+Guide's table of compute-capability limits). The latencies were chosen, in round numbers, on one
+network measured on an H200 (docs/emulator.md, "The timing model"): the L1-hit and shared ones
+are close to what microbenchmarks report for Hopper (Luo et al. 2024, "Benchmarking and
+Dissecting the Nvidia Hopper GPU Architecture"); the L1-miss one is an effective cost, below an L2
+round trip, because the misses of one loop iteration overlap.
 """
 from __future__ import annotations
 
