@@ -96,10 +96,12 @@ def read_ncu_csv(path) -> list[MeasuredLaunch]:
 
 
 # ---- the same step on the emulator, with the file's kernel versions ------------------------------
-def kernel_choices(measured: list[MeasuredLaunch]) -> tuple[list[bool], list[bool]]:
-    """In launch order: for each 3x3 convolution forward / input gradient, whether it is tiled; for
-    each weight gradient, whether it is serial (its kernel name ends in ``_serial``)."""
-    tiled = [m.kernel.endswith("_tiled") for m in measured if m.kernel.startswith(CONV3X3_CHOICES)]
+def kernel_choices(measured: list[MeasuredLaunch]) -> tuple[list, list[bool]]:
+    """In launch order: for each 3x3 convolution forward / input gradient, whether it is tiled
+    (True), naive (False) or another version (None: the backend's own choice); for each weight
+    gradient, whether it is serial (its kernel name ends in ``_serial``)."""
+    tiled = [True if m.kernel.endswith("_tiled") else False if m.kernel.endswith("_naive") else None
+             for m in measured if m.kernel.startswith(CONV3X3_CHOICES)]
     serial = [m.kernel.endswith("_serial") for m in measured
               if m.kernel.removesuffix("_serial") in REDUCTION_KERNELS]
     return tiled, serial
@@ -112,9 +114,7 @@ def forced_choices(backend, tiled: list[bool], serial: list[bool]):
     from .ops import conv3x3
 
     tiled_left, serial_left = iter(tiled), iter(serial)
-    own_use_tiled = conv3x3.use_tiled
-
-    own_serial = backend.serial_reduction
+    own_use_tiled, own_serial = conv3x3.use_tiled, backend.serial_reduction
 
     def use_tiled(k, h_out, w_out):
         choice = next(tiled_left, None) if k is backend else None
