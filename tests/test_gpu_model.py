@@ -201,3 +201,11 @@ def test_version_pairs_match_layers_and_check_the_order():
     text = calibrate.format_version_pairs(pairs)
     assert text.splitlines()[-1] == ("versions ordered as measured: 2 of 3; of the pairs measured more than 10% "
                                      "apart: 2 of 3") and "WRONG" in text
+
+
+def test_kernel_choices_follow_the_file_launch_by_launch():
+    names = ["conv3x3_forward_tiled", "relu_forward", "conv3x3_forward_naive", "conv3x3_grad_input_naive",
+             "conv3x3_grad_weight_serial", "conv3x3_forward_wmma", "conv_transpose2x2_grad_weight", "sgd_momentum"]
+    measured = [calibrate.MeasuredLaunch(i, k, (256, 1, 1), (1, 1, 1), 1e-6) for i, k in enumerate(names)]
+    tiled, serial = calibrate.kernel_choices(measured)
+    assert tiled == [True, False, False, None] and serial == [True, False]
