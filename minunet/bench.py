@@ -476,7 +476,7 @@ def kernels_report(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    status = nvrtc_check.main(["--arch", args.gpu])
+    status = nvrtc_check.main(["--arch", "sm_90" if args.gpu == "h200" else args.gpu])   # the H200 is sm_90
     rows = profile_kernels(args.base_channels, args.tile, args.batch, args.gpu)
     print(f"\n## kernels on emu (shapes from a U-Net with base {args.base_channels} on a {args.tile} tile)")
     print(format_kernel_profile(rows, args.gpu))
