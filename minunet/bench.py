@@ -505,6 +505,7 @@ def profile_kernels(base: int, tile: int, batch: int, gpu: str, sample_blocks: i
                     store_sectors=worst(r.sectors_per_store for r in report.rows),
                     shared_wavefronts=worst(r.wavefronts_per_shared_load for r in report.rows),
                     occupancy=min((r.occupancy.occupancy for r in report.rows if r.occupancy), default=None),
+                    achieved=min((r.achieved_occupancy for r in report.rows if r.achieved_occupancy), default=None),
                     predicted_us=None if report.total_predicted_seconds is None
                     else report.total_predicted_seconds * 1e6,
                     bound=max(report.rows, key=lambda r: r.predicted_seconds or 0).bound,
@@ -518,15 +519,21 @@ def format_kernel_profile(rows: list[dict], gpu: str) -> str:
         return f"{'-':>{width}}" if v is None else format(v, fmt)
 
     head = (f"{'function':<31} {'case':<34} {'kern':>4} {'GFLOP':>7} {'DRAM MB':>8} {'ld sect/req':>11} "
-            f"{'st sect/req':>11} {'smem wf/req':>11} {'occup.':>6} {'PREDICTED us':>12} {'bound':>7}")
+            f"{'st sect/req':>11} {'smem wf/req':>11} {'occup.':>6} {'ach.':>5} {'PREDICTED us':>12} {'bound':>7}")
+    from .emulator.profiler import calibration_lines
+
     lines = [f"Emulator counts (exact, from every access of the sampled blocks) and times PREDICTED for "
-             f"{gpu} by a roofline model: not measurements. Worst kernel of each function shown.",
+             f"{gpu} by the model of docs/emulator.md: not measurements. Worst kernel of each function shown; "
+             "occup.: theoretical occupancy (ptxas), ach.: predicted achieved occupancy; bound: the binding term.",
+             *(["The model's error MEASURED on an H200 (python -m minunet.bench --calibrate):"] + calibration_lines()
+               if calibration_lines() else []),
              head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['function']:<31} {r['case']:<34} {r['kernels']:>4} {r['flops'] / 1e9:7.3f} "
                      f"{r['dram_bytes'] / 1e6:8.2f} {num(r['load_sectors'], '11.2f')} "
                      f"{num(r['store_sectors'], '11.2f')} {num(r['shared_wavefronts'], '11.2f')} "
                      f"{num(None if r['occupancy'] is None else 100 * r['occupancy'], '5.0f')}% "
+                     f"{num(None if r['achieved'] is None else 100 * r['achieved'], '4.0f')}% "
                      f"{num(r['predicted_us'], '12.2f')} {r['bound']:>7}")
     return "\n".join(lines)
 
@@ -685,7 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "-Xptxas -v), then the emulator's counters for every op (coalescing, bank "
                    "conflicts, DRAM bytes, occupancy) with a PREDICTED time on --gpu; use a small "
                    "--base-channels and --tile (the emulator is slow)")
-    p.add_argument("--gpu", default="sm_90", choices=("sm_80", "sm_90"), help="GPU model of --kernels")
+    p.add_argument("--gpu", default=None, choices=("sm_80", "sm_90", "h200"),
+                   help="GPU model of --kernels (default sm_90) and --calibrate (default h200)")
+    p.add_argument("--calibrate", metavar="FILE.csv", help="instead of timing: Nsight Compute's measured "
+                   "times of one training step (ncu --csv) against the emulator's PREDICTED ones, per launch "
+                   "(minunet/calibrate.py); give the step's --base-channels and --tile")
     p.add_argument("--precision", choices=(*PRECISIONS, "both"), default=None, help="minunet's kernels on "
                    "cuda/emu: 'tf32' (tensor cores where a kernel has them), 'fp32' (strict), or 'both' "
                    "(every table once per precision); default: $MINUNET_PRECISION or fp32, and both for "
@@ -718,7 +729,7 @@ def kernels_report(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    status = nvrtc_check.main(["--arch", args.gpu])
+    status = nvrtc_check.main(["--arch", "sm_90" if args.gpu == "h200" else args.gpu])   # the H200 is sm_90
     rows = profile_kernels(args.base_channels, args.tile, args.batch, args.gpu)
     print(f"\n## kernels on emu (shapes from a U-Net with base {args.base_channels} on a {args.tile} tile)")
     print(format_kernel_profile(rows, args.gpu))
@@ -830,6 +841,10 @@ def main(argv=None) -> int:
     args.command = "python -m minunet.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.precision in PRECISIONS:
         set_precision(args.precision)
+    if args.calibrate:
+        from .calibrate import main as calibrate
+        return calibrate(args.calibrate, args.base_channels, args.tile, args.gpu or "h200")
+    args.gpu = args.gpu or "sm_90"
     if args.kernels:
         return kernels_report(args)
     try:

@@ -159,10 +159,14 @@ def test_occupancy_from_ptxas_in_the_report(patterns, rng):
     row = only_row(report)
     assert row.resources.shared_bytes == 32 * 33 * 4 and row.resources.registers > 0
     assert row.occupancy == emulator.occupancy(emulator.GPUS["sm_90"], 1024, row.resources.registers, 32 * 33 * 4)
-    expected, bound = gpu_model.roofline(emulator.GPUS["sm_90"], 1, 1024, 0, row.dram_bytes)
-    assert row.predicted_seconds == pytest.approx(expected) and row.bound == bound
+    launch, = report.launches
+    assert launch.counts.occupancy == row.occupancy and launch.counts.flops == 1024
+    expected = gpu_model.predict_launch(emulator.GPUS["sm_90"], launch.counts)
+    assert row.predicted_seconds == pytest.approx(expected.seconds) and row.bound == expected.bound
+    assert row.achieved_occupancy == pytest.approx(32 / 64)   # one block of 32 warps on its SM
     table = format_profile(report)
-    assert "PREDICTED for H100 SXM5 80GB (sm_90)" in table and "predicted us" in table
+    assert "PREDICTED for H100 SXM5 80GB (sm_90" in table and "predicted us" in table
+    assert "occ th" in table and "occ ach" in table and " bound" in table
     assert "transpose_tile_padded" in table and "total (predicted)" in table
 
 
@@ -171,13 +175,13 @@ def test_format_without_toolkit_or_flops_says_so(patterns, monkeypatch, rng):
     with profile(gpu="sm_80") as report:
         patterns.get_function("copy")(1, 32, (np.ones(32, np.float32), np.zeros(32, np.float32), np.int32(32)))
     table = format_profile(report)
-    assert "PREDICTED for A100 SXM4 80GB (sm_80)" in table
-    assert "nvcc (the CUDA toolkit) is not installed" in table and "bounded by DRAM traffic alone" in table
+    assert "PREDICTED for A100 SXM4 80GB (sm_80" in table
+    assert "nvcc (the CUDA toolkit) is not installed" in table and "warp and block limits" in table
     assert only_row(report).occupancy is None and only_row(report).predicted_seconds > 0
 
 
 def test_profile_arguments_are_validated():
-    with pytest.raises(ValueError, match=r"unknown GPU 'sm_75' for the profiler; use one of sm_80, sm_90"):
+    with pytest.raises(ValueError, match=r"unknown GPU 'sm_75' for the profiler; use one of sm_80, sm_90, h200"):
         with profile(gpu="sm_75"):
             pass
     with pytest.raises(ValueError, match="sample_blocks must be a positive int"):
@@ -198,3 +202,25 @@ def test_long_kernel_names_are_printed_whole(rng):
     row = next(line for line in rows if line.startswith(name))
     header = next(line for line in rows if line.startswith("kernel"))
     assert row.index(" 1 ") > len(name) and header.index("launch") > len(name)
+
+
+def test_busiest_thread_and_launches_in_order(patterns, rng):
+    """Each launch is kept in order with its grid; the busiest thread of a copy makes 1 load and 1
+    store (its load touches a new sector: an L1 miss), of the padded transpose 1 global load, 1
+    shared store, 1 shared load, 1 global store."""
+    n = 256 * 3
+    x, y = rng.standard_normal(n).astype(np.float32), np.zeros(n, np.float32)
+    t_in, t_out = rng.standard_normal(1024).astype(np.float32), np.zeros(1024, np.float32)
+    with profile(sample_blocks=4) as report:
+        patterns.get_function("copy")(3, 256, (x, y, np.int32(n)))
+        patterns.get_function("transpose_tile_padded")(1, (32, 32), (t_in, t_out))
+    copy, transpose = report.launches
+    assert (copy.kernel, copy.grid, copy.block) == ("copy", (3, 1, 1), (256, 1, 1))
+    assert transpose.kernel == "transpose_tile_padded"
+    c = copy.counts
+    assert (c.thread_global_loads, c.thread_global_stores, c.thread_shared_loads, c.l1_hit_fraction) == (1, 1, 0, 0.0)
+    t = transpose.counts
+    assert (t.thread_global_loads, t.thread_global_stores) == (1, 1)
+    assert (t.thread_shared_loads, t.thread_shared_stores) == (1, 1)
+    assert copy.prediction.bound in gpu_model.TERMS and copy.predicted_seconds > 0
+    assert t_out.reshape(32, 32).T.ravel().tolist() == t_in.tolist()

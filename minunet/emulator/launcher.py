@@ -64,7 +64,9 @@ class _Profile(ctypes.Structure):  # emu::Profile (emu_profile.h)
         "sampled_blocks", "total_blocks", "global_load_requests", "global_load_sectors", "global_load_bytes",
         "global_store_requests", "global_store_sectors", "global_store_bytes", "shared_load_requests",
         "shared_load_wavefronts", "shared_load_bytes", "shared_store_requests", "shared_store_wavefronts",
-        "shared_store_bytes", "dram_read_sectors", "dram_write_sectors", "tensor_flops")]
+        "shared_store_bytes", "dram_read_sectors", "dram_write_sectors", "tensor_flops", "thread_global_loads",
+        "thread_global_stores", "thread_shared_loads", "thread_shared_stores", "busy_l1_hits", "busy_l1_misses",
+        "global_lines")]
 
 
 class _Options(ctypes.Structure):  # emu::Options (emu_state.h)

@@ -10,9 +10,13 @@ emu_profile.h): global-memory requests and 32-byte sectors per request (coalesci
 memory wavefronts per request (bank conflicts; broadcasts count once), on a sample of about
 ``sample_blocks`` blocks per launch, scaled up to the whole grid; the distinct sectors each
 launch reads and writes over all blocks (the DRAM traffic it cannot avoid); tensor-core FLOPs of
-``wmma::mma_sync``. When the report closes, each kernel gets ptxas's registers and shared memory
-(``nvcc --resource-usage``, if installed), its occupancy on ``gpu`` and a roofline time
-(``gpu_model.roofline``): all *predicted* by a model from the counts, never measured.
+``wmma::mma_sync``; the busiest thread's loads and stores (its critical path) and how many of its
+global loads hit L1. Each launch is kept (``report.launches``, in order). When the report closes,
+each kernel gets ptxas's registers and shared memory (``nvcc --resource-usage``, if installed),
+its theoretical occupancy on ``gpu``, and each launch a time, its binding term and an achieved
+occupancy from ``gpu_model.predict_launch``: all *predicted* by a model from the counts, never
+measured. How far the model is from a real GPU is measured in bench/results/calibration_*.txt
+(``python -m minunet.bench --calibrate``).
 
 ``flops`` (optional) is what the caller knows and the emulator cannot see: FLOPs per launch per
 kernel name (a dict), or one number for everything launched inside (then only the total row gets
@@ -21,6 +25,7 @@ a compute bound). ``report.set_flops(kernel, flops_per_launch)`` does the same l
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from . import gpu_model as occ
@@ -35,6 +40,23 @@ COUNTERS = ("global_load_requests", "global_load_sectors", "global_load_bytes", 
 def active() -> "ProfileReport | None":
     """The innermost open ``profile`` report, if any (launcher.py asks before each launch)."""
     return _active[-1] if _active else None
+
+
+@dataclass
+class LaunchProfile:
+    """One launch, in the order made: its kernel, grid and counts (scaled to the whole grid), and
+    what the model predicts for it."""
+
+    kernel: str
+    module: str
+    grid: tuple
+    block: tuple
+    counts: occ.LaunchCounts
+    prediction: occ.Prediction | None = None
+
+    @property
+    def predicted_seconds(self) -> float | None:
+        return None if self.prediction is None else self.prediction.seconds
 
 
 @dataclass
@@ -55,8 +77,9 @@ class KernelProfile:
     flops: float | None = None      # per launch, from the caller
     resources: occ.Resources | None = None
     occupancy: occ.Occupancy | None = None
-    predicted_seconds: float | None = None
-    bound: str = ""
+    predicted_seconds: float | None = None   # summed over its launches
+    bound: str = ""                           # the binding term of its longest launch
+    achieved_occupancy: float | None = None   # predicted, of its longest launch
     _source: tuple = ()
 
     def per_request(self, what: str, kind: str) -> float | None:
@@ -102,6 +125,7 @@ class ProfileReport:
     racecheck: bool
     flops: dict | float | None = None
     kernels: dict = field(default_factory=dict)   # (module, kernel) -> KernelProfile
+    launches: list = field(default_factory=list)  # LaunchProfile, in launch order
     closed: bool = False
 
     def add_launch(self, fn, grid, block, shared_mem: int, counts) -> None:
@@ -121,6 +145,21 @@ class ProfileReport:
         row.dram_read_bytes += 32 * counts.dram_read_sectors
         row.dram_write_bytes += 32 * counts.dram_write_sectors
         row.tensor_flops += counts.tensor_flops
+        lanes = counts.busy_l1_hits + counts.busy_l1_misses
+        self.launches.append(LaunchProfile(fn.name, fn.module.name, tuple(grid), tuple(block), occ.LaunchCounts(
+            blocks=blocks, threads_per_block=row.threads_per_block,
+            thread_global_loads=counts.thread_global_loads, thread_global_stores=counts.thread_global_stores,
+            thread_shared_loads=counts.thread_shared_loads, thread_shared_stores=counts.thread_shared_stores,
+            l1_hit_fraction=counts.busy_l1_hits / lanes if lanes else 0.0,
+            global_lines=counts.global_lines * scale,
+            global_load_requests=counts.global_load_requests * scale,
+            global_load_sectors=counts.global_load_sectors * scale,
+            global_store_requests=counts.global_store_requests * scale,
+            global_store_sectors=counts.global_store_sectors * scale,
+            shared_requests=(counts.shared_load_requests + counts.shared_store_requests) * scale,
+            shared_wavefronts=(counts.shared_load_wavefronts + counts.shared_store_wavefronts) * scale,
+            dram_read_bytes=32 * counts.dram_read_sectors, dram_write_bytes=32 * counts.dram_write_sectors,
+            tensor_flops=float(counts.tensor_flops))))
 
     def set_flops(self, kernel: str, flops_per_launch: float) -> None:
         """FLOPs of one launch of ``kernel`` (every module), for the compute side of the roofline."""
@@ -164,18 +203,27 @@ class ProfileReport:
         self._predict()
 
     def _predict(self) -> None:
+        """Each launch's prediction (gpu_model.predict_launch); a kernel's row adds its launches'."""
         for row in self.rows:
-            row.predicted_seconds, row.bound = occ.roofline(
-                self.gpu, row.blocks // max(row.launches, 1), row.total_flops / max(row.launches, 1),
-                row.tensor_flops / max(row.launches, 1), row.dram_bytes / max(row.launches, 1))
-            row.predicted_seconds *= row.launches
+            row.predicted_seconds, row.bound, row.achieved_occupancy = 0.0, "", None
+        longest: dict = {}
+        for launch in self.launches:
+            row = self.kernels[(launch.module, launch.kernel)]
+            launch.counts.occupancy = row.occupancy
+            if row.flops is not None:   # the caller's FLOPs, less those the tensor cores did
+                launch.counts.flops = max(row.flops - launch.counts.tensor_flops, 0.0)
+            launch.prediction = occ.predict_launch(self.gpu, launch.counts)
+            row.predicted_seconds += launch.prediction.seconds
+            if launch.prediction.seconds > longest.get(id(row), -1.0):
+                longest[id(row)] = launch.prediction.seconds
+                row.bound, row.achieved_occupancy = launch.prediction.bound, launch.prediction.achieved_occupancy
 
 
 @contextlib.contextmanager
 def profile(gpu: str = "sm_90", sample_blocks: int = 8, flops: dict | float | None = None, racecheck: bool = False):
     """Count the emulated launches made inside the ``with`` block; yields a ``ProfileReport``.
 
-    gpu: "sm_80" (A100) or "sm_90" (H100) for occupancy and the predicted times.
+    gpu: "sm_80" (A100), "sm_90" (H100) or "h200" for occupancy and the predicted times.
     sample_blocks: about how many blocks per launch have their requests traced (the counts are
         scaled to the whole grid); the DRAM sectors are counted over every block.
     flops: FLOPs per launch by kernel name, or one total for everything inside.
@@ -196,19 +244,37 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def calibration_lines() -> list[str]:
+    """The last lines of the committed calibrations (bench/results/calibration_*.txt: the model's
+    error MEASURED against Nsight Compute on a real GPU), when this is a source checkout."""
+    results = Path(__file__).resolve().parents[2] / "bench" / "results"
+    lines = []
+    for path in sorted(results.glob("calibration_*.txt")) if results.is_dir() else []:
+        last = [line for line in path.read_text().splitlines() if line.startswith("calibration:")]
+        if last:
+            lines.append(f"  {path.name}: {last[-1][len('calibration: '):]}")
+    return lines
+
+
 def format_profile(report: ProfileReport) -> str:
     """The report as a text table, one row per kernel, with a header that says what is predicted."""
     g = report.gpu
-    lines = [f"Emulator counts, and times PREDICTED for {g.name} ({g.arch}) by a roofline model "
-             f"(FP32 {g.fp32_flops / 1e12:.1f} TFLOP/s, TF32 tensor {g.tf32_flops / 1e12:.0f} TFLOP/s, "
-             f"DRAM {g.dram_bandwidth / 1e12:.2f} TB/s): not measurements.",
+    lines = [f"Emulator counts, and times PREDICTED for {g.name} ({g.arch}, {g.clock_hz / 1e9:.2f} GHz base clock) by "
+             "gpu_model.predict_launch: per launch, the launch floor + the largest of latency (waves x the busiest "
+             "thread's chain), issue, L1, shared, L2 and DRAM: not measurements.",
              "thr: threads per block (of the last launch); sect/req: 32-byte sectors per global request "
              "(4 = coalesced floats); wf/req: shared-memory wavefronts per request (1 = no bank conflicts); "
-             "DRAM: distinct sectors read + written."]
+             "DRAM: distinct sectors read + written; occ th: theoretical occupancy (ptxas registers, shared "
+             "memory); occ ach: predicted achieved occupancy (blocks per SM the grid really gives); bound: the "
+             "binding term of the kernel's longest launch."]
+    calibrated = calibration_lines()
+    if calibrated:
+        lines.append("The model's error MEASURED on an H200 (Nsight Compute, python -m minunet.bench --calibrate):")
+        lines += calibrated
     width = max([30] + [len(r.kernel) for r in report.rows])   # whole kernel names, never cut
     header = (f"{'kernel':<{width}} {'launch':>6} {'blocks':>7} {'thr':>5} {'ld req':>9} {'sect/req':>8} {'st req':>9} "
               f"{'sect/req':>8} {'sm ld wf/req':>12} {'sm st wf/req':>12} {'DRAM MB':>8} {'GFLOP':>7} {'regs':>5} "
-              f"{'smem B':>7} {'occup.':>6} {'predicted us':>12} {'bound':>7}")
+              f"{'smem B':>7} {'occ th':>6} {'occ ach':>7} {'predicted us':>12} {'bound':>7}")
     lines += [header, "-" * len(header)]
     for r in sorted(report.rows, key=lambda r: -(r.predicted_seconds or 0)):
         c = r.counts
@@ -222,14 +288,14 @@ def format_profile(report: ProfileReport) -> str:
             f"{_fmt(r.resources.registers if r.resources else None, '>5d', 'n/a'):>5} "
             f"{_fmt(r.resources.shared_bytes + r.dynamic_shared_bytes if r.resources else None, '>7d', 'n/a'):>7} "
             f"{_fmt(r.occupancy.occupancy if r.occupancy else None, '>6.0%', 'n/a'):>6} "
+            f"{_fmt(r.achieved_occupancy, '>7.0%'):>7} "
             f"{_fmt(None if r.predicted_seconds is None else r.predicted_seconds * 1e6, '>12.2f'):>12} {r.bound:>7}")
     total = report.total_predicted_seconds
     if total is not None:
         lines.append(f"{'total (predicted)':<{width}} {'':>6} {'':>7} {'':>5} {'':>9} {'':>8} {'':>9} {'':>8} {'':>12} "
                      f"{'':>12} {sum(r.dram_bytes for r in report.rows) / 1e6:>8.3f} {'':>7} {'':>5} {'':>7} "
-                     f"{'':>6} {total * 1e6:>12.2f}")
+                     f"{'':>6} {'':>7} {total * 1e6:>12.2f}")
     if any(r.resources is None for r in report.rows):
-        lines.append("regs/smem/occup. n/a: nvcc (the CUDA toolkit) is not installed or did not compile the source.")
-    if any(r.flops is None and not r.tensor_flops for r in report.rows):
-        lines.append("kernels without FLOPs (none given, no tensor cores) are bounded by DRAM traffic alone.")
+        lines.append("regs/smem/occ th n/a: nvcc (the CUDA toolkit) is not installed or did not compile the source; "
+                     "the prediction then assumes only the warp and block limits.")
     return "\n".join(lines)
