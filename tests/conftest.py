@@ -38,3 +38,18 @@ def rng(request):
     per test."""
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True)
+def _precision_restored():
+    """A test that calls minunet.set_precision (a CLI's --precision, say) leaves the next test
+    the precision it found: fp32 unless MINUNET_PRECISION says otherwise."""
+    from minunet.backends import kernels
+
+    saved = kernels._PRECISION_DEFAULT
+    before = {id(b): b.precision for b in list(kernels._BACKENDS)}
+    yield
+    kernels._PRECISION_DEFAULT = saved
+    default = kernels._precision_choice(saved, "MINUNET_PRECISION")
+    for backend in list(kernels._BACKENDS):   # those made during the test too (get_backend's)
+        backend.precision = before.get(id(backend), default)

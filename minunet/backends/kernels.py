@@ -67,6 +67,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 
 import numpy as np
 
@@ -104,7 +105,7 @@ SLICE_SUM_LOOP = 32             # more slices than this are added in two passes 
 # set_precision's choice for every kernel backend (None: each reads MINUNET_PRECISION, else "fp32")
 _PRECISION_DEFAULT: str | None = None
 # every KernelBackend created, so set_precision reaches the ones that exist already
-_BACKENDS: list["KernelBackend"] = []
+_BACKENDS: "weakref.WeakSet[KernelBackend]" = weakref.WeakSet()   # (tests make many; none is kept alive)
 
 # (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
 _MODULES: dict[tuple, tuple[int, int, object]] = {}
@@ -196,7 +197,7 @@ class KernelBackend:
         self._precision = _precision_choice(precision or _PRECISION_DEFAULT, "MINUNET_PRECISION")
         self._conv_transpose2x2_version = _choice(conv_transpose2x2, "MINUNET_CONV_TRANSPOSE2X2",
                                                   CONV_TRANSPOSE2X2_VERSIONS, "conv_transpose2x2 kernel version")
-        _BACKENDS.append(self)
+        _BACKENDS.add(self)
         # A weight-gradient block reduces at least this many pixels before the reduction is split
         # over more blocks (blockIdx.y slices). Tests lower it to exercise the split on small images.
         self.min_pixels_per_slice = 4096
