@@ -53,3 +53,21 @@ def _precision_restored():
     default = kernels._precision_choice(saved, "MINUNET_PRECISION")
     for backend in list(kernels._BACKENDS):   # those made during the test too (get_backend's)
         backend.precision = before.get(id(backend), default)
+
+
+def compile_with_cuda_headers(source: str, name: str, arch: str) -> str:
+    """PTX of ``source`` compiled by NVRTC for ``arch`` with the options CuPy uses on a GPU,
+    the CUDA toolkit's headers included (<mma.h>, <cuda_pipeline.h>); skips the test where NVRTC
+    or the toolkit's headers are not installed."""
+    from minunet.backends import nvrtc_check
+    from minunet.backends.kernels import CUDA_OPTIONS, cuda_options
+    from minunet.backends.sources import cuda_include_dir
+
+    try:
+        nvrtc_check.find_libnvrtc()
+    except nvrtc_check.NvrtcNotFound as exc:
+        pytest.skip(f"NVRTC not installed: {exc}")
+    if cuda_include_dir() is None:
+        pytest.skip("the CUDA toolkit's headers (<mma.h>) are not installed; NVRTC needs them")
+    assert cuda_options()[:len(CUDA_OPTIONS)] == CUDA_OPTIONS
+    return nvrtc_check.nvrtc_compile(source, name, arch, cuda_options())

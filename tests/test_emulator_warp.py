@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import assert_close, source_line
-from minunet.backends.sources import cuda_include_dir
+from .conftest import assert_close, compile_with_cuda_headers, source_line
 from minunet.emulator import EmuModule, EmulatorError
 
 KERNELS = Path(__file__).parent / "emu_kernels"
@@ -293,17 +292,8 @@ def test_warp_code_runs_in_fast_mode(rng):
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("file", ["warp.cu", "wmma_gemm.cu"])
 def test_warp_and_wmma_kernels_compile_with_nvrtc(file, arch):
-    from minunet.backends import nvrtc_check
-
-    try:
-        nvrtc_check.find_libnvrtc()
-    except nvrtc_check.NvrtcNotFound as exc:
-        pytest.skip(f"NVRTC not installed: {exc}")
-    include = cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA toolkit's headers (<mma.h>) are not installed; NVRTC needs them for wmma")
     source = (KERNELS / file).read_text()
-    ptx = nvrtc_check.nvrtc_compile(source, file, arch, ("-std=c++17", f"-I{include}"))
+    ptx = compile_with_cuda_headers(source, file, arch)
     assert f".target {arch.replace('compute_', 'sm_')}" in ptx
     for name in EmuModule(source, name=file).kernel_names:
         assert f".entry {name}(" in ptx
@@ -358,14 +348,5 @@ def test_misaligned_async_copy(rng):
 
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 def test_pipeline_kernels_compile_with_nvrtc(arch):
-    from minunet.backends import nvrtc_check
-
-    try:
-        nvrtc_check.find_libnvrtc()
-    except nvrtc_check.NvrtcNotFound as exc:
-        pytest.skip(f"NVRTC not installed: {exc}")
-    include = cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA toolkit's headers (<cuda_pipeline.h>) are not installed")
-    ptx = nvrtc_check.nvrtc_compile(PIPELINE_SOURCE, "pipeline.cu", arch, ("-std=c++17", f"-I{include}"))
+    ptx = compile_with_cuda_headers(PIPELINE_SOURCE, "pipeline.cu", arch)
     assert "cp.async" in ptx

@@ -36,7 +36,7 @@ from minunet.devices import cuda_status, to_host
 from minunet.emulator import EmuModule
 from minunet.ops import conv3x3 as C
 
-from .conftest import assert_close
+from .conftest import assert_close, compile_with_cuda_headers
 
 SUM_TOL = dict(rtol=1e-4, atol=1e-4)
 TF32_REL = 2.0 ** -10
@@ -422,19 +422,7 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
 def test_nvrtc_with_the_cuda_headers_uses_tensor_cores_from_sm80(arch, tensor_cores):
     """With <mma.h> on the include path (CuPy's NVRTC on a GPU machine) conv3x3_wmma is TF32 wmma on
     sm_80/90 and the FP32 fallback on sm_75. (tests/test_nvrtc.py compiles without it.)"""
-    from minunet.backends import nvrtc_check
-
-    try:
-        nvrtc_check.find_libnvrtc()
-    except nvrtc_check.NvrtcNotFound as exc:
-        pytest.skip(f"NVRTC not installed: {exc}")
-    from minunet.backends.sources import cuda_include_dir
-
-    include = cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA toolkit's <mma.h> is not installed")
-    ptx = nvrtc_check.nvrtc_compile((kernels_dir() / "conv3x3.cu").read_text(), "conv3x3.cu", arch,
-                                    ("-std=c++17", f"-I{include}"))
+    ptx = compile_with_cuda_headers((kernels_dir() / "conv3x3.cu").read_text(), "conv3x3.cu", arch)
     assert ("wmma.mma.sync" in ptx and ".tf32" in ptx) == tensor_cores
 
 

@@ -47,7 +47,7 @@ from minunet.backends.sources import cu_defines
 from minunet.devices import cuda_status, to_host
 from minunet.ops import conv1x1, conv3x3, conv_transpose2x2
 
-from .conftest import assert_close
+from .conftest import assert_close, compile_with_cuda_headers
 
 DEVICES = ["emu", "cuda"]
 GEMM_OPS = {"conv3x3": conv3x3, "conv1x1": conv1x1, "conv_transpose2x2": conv_transpose2x2}
@@ -306,20 +306,9 @@ def test_tf32_kernels_compile_to_tensor_core_code(name, arch):
     """With the CUDA headers on the include path (as CuPy gives NVRTC on a GPU), sm_80 and sm_90
     get wmma.mma.sync on TF32; sm_75 compiles the __trap() version (tests/test_nvrtc.py compiles
     every file without the headers, where the TF32 kernels are __trap() on every architecture)."""
-    from minunet.backends import nvrtc_check
-    from minunet.backends.kernels import CUDA_OPTIONS
     from minunet.backends.sources import kernel_source
 
-    from minunet.backends.sources import cuda_include_dir
-
-    try:
-        nvrtc_check.find_libnvrtc()
-    except nvrtc_check.NvrtcNotFound as exc:
-        pytest.skip(f"NVRTC not installed: {exc}")
-    include = cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA toolkit's headers (<mma.h>) are not installed")
-    ptx = nvrtc_check.nvrtc_compile(kernel_source(name), f"{name}.cu", arch, (*CUDA_OPTIONS, f"-I{include}"))
+    ptx = compile_with_cuda_headers(kernel_source(name), f"{name}.cu", arch)
     assert f".entry {name}_grad_weight_gemm_tf32(" in ptx
     has_mma = "wmma.mma.sync" in ptx and ".tf32" in ptx
     assert has_mma == (arch != "compute_75")
