@@ -397,8 +397,8 @@ print(f"\nthe 64 -> 64 layer: {layer[0] / 1e9:.1f} GFLOP on {layer[1] / 1e6:.0f}
 # The wide layer needs 143 FLOP per byte; the H200 can do 67 TFLOP/s / 4.8 TB/s = 14 FLOP per
 # byte of DRAM: **compute-bound**. What limits a compute-bound kernel is how many
 # instructions besides FMAs it issues. The tiled kernel reads 10 values from shared memory per
-# 16 FMAs (1.6 FMA per read); igemm's 8 x 4 tile does 32 FMAs per 12 reads (2.7), and with
-# `float4` loads those 12 reads are 3 instructions. A tensor core does a 16 x 16 x 8 product
+# 16 FMAs (1.6 FMA per read); igemm's 8 x 4 tile does 32 FMAs per 12 reads (2.7), and its
+# `float4` loads fetch 4 of them per instruction. A tensor core does a 16 x 16 x 8 product
 # (2,048 FMAs) from 256 values a warp loads: 8 per read, and on units 7x faster on paper.
 #
 # ### The emulator's counts for each version (run live, small shape)
@@ -571,7 +571,8 @@ plt.tight_layout(); plt.show()
 # * **Strict FP32: 1.34x** (40.3 against 30.0 ms). Half the kernel time is igemm (35 launches:
 #   the forward pass and the input gradient, one code) at ~33 TFLOP/s, half of the FP32 peak; a third is the weight-gradient GEMM, whose backward
 #   (1.86 ms with the input gradient on the wide layer) already beats cuDNN's (2.16 ms) but not
-#   on the deep layer (1.85 against 1.20 ms). The step's other 10% are many small launches.
+#   on the deep layer (1.85 against 1.20 ms). The other 16% are igemm's deep tile (4%) and many
+#   small launches.
 # * **TF32: 3x** (34.1 against 11.5 ms). The wmma kernels reach ~44 TFLOP/s of the data sheet's
 #   ~495 TFLOP/s dense TF32: 9%. They stage tiles with ordinary loads and a barrier, feed
 #   each 16 x 16 x 8 `wmma` product from shared memory, and use 148 registers (19% occupancy). cuDNN reaches 82-168 TFLOP/s on the same layers.
