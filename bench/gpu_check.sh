@@ -8,7 +8,7 @@
 #                 and TF32; every op and kernel version
 #   4. tune       python -m minunet.bench --tune for both networks: the measured choice table
 #   5. ncu        Nsight Compute's kernel-time breakdown of one paper training step, fp32 and tf32
-# Each stage has its own time limit, and none runs past 290 s from the start; a stage that fails
+# Each stage has its own time limit, and none runs past 300 s from the start; a stage that fails
 # or runs out is reported and the next one runs. Everything lands in $OUT (8 files at most):
 #   summary.txt tests.txt bench_paper.txt bench_default.txt tune.txt cuda_choices.json
 #   ncu_fp32.csv ncu_tf32.csv
@@ -49,7 +49,7 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 
 # stage NAME SECONDS LOG COMMAND...: run COMMAND with a time limit (x SCALE, and never past the
 # whole check's deadline), its output to LOG (appended), and one line of verdict in the summary.
-DEADLINE=$(( START + 290 * SCALE ))
+DEADLINE=$(( START + 300 * SCALE ))
 stage() {
     local name=$1 limit=$(( $2 * SCALE )) log=$3; shift 3
     local t0=$(date +%s)
@@ -106,19 +106,22 @@ for f in ('conv3x3', 'conv1x1', 'conv_transpose2x2'):
 }
 export PY DEV
 export -f setup
-stage setup 20 "$SUMMARY" bash -c setup
+stage setup 30 "$SUMMARY" bash -c setup
 
 # 2. the kernel tests on cuda (on emu in a dry run, -k cuda deselects them all: a parse check)
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-stage tests 55 "$OUT/tests.txt" "$PY" -m pytest -q -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py \
+stage tests 45 "$OUT/tests.txt" "$PY" -m pytest -q -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py \
     tests/test_kernels_conv3x3.py tests/test_kernels_wgrad.py tests/test_resample.py tests/test_optim.py
+
+# (limits from the H200 run of 2026-12-04: setup compiled the kernels with NVRTC in ~10 s, the
+# tests took 34 s, the paper's step tables 50-56 s, its op table 26 s, tune 12 + 3 s, ncu 8 s each)
 
 # 2b. a short training run end to end on the device: augmentation on the GPU, the prefetch
 # thread's stream, the one-launch SGD, validation (its log's data/step ms go to the summary)
 train_run() {
     rm -rf /tmp/gpu_check_run
-    "$PY" -m minunet.train --device $DEV $TRAIN --max-minutes 0.25 --out /tmp/gpu_check_run --quiet &&
+    "$PY" -m minunet.train --device $DEV $TRAIN --max-minutes 0.1 --out /tmp/gpu_check_run --quiet &&
         "$PY" -c "
 import csv, statistics
 every = list(csv.DictReader(open('/tmp/gpu_check_run/log.csv')))
@@ -128,18 +131,18 @@ print('train:', len(every), 'iterations; median data ms', statistics.median(floa
 print(open('/tmp/gpu_check_run/metrics.json').read())"
 }
 export TRAIN; export -f train_run
-stage train 15 "$SUMMARY" bash -c train_run
+stage train 25 "$SUMMARY" bash -c train_run
 
 # 3. the tables: the training step against PyTorch in strict FP32 and TF32 (the headline: the
 # paper's step first, its op table after the default network's tables), every op and version
-stage paper_step 40 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-ops
+stage paper_step 60 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-ops
 stage default 25 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --precision both --repeat $REPEAT --save none
-stage paper_ops 40 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-step
+stage paper_ops 35 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-step
 
 # 4. the measured choice table, one network after the other (merged into one file)
 rm -f "$OUT/cuda_choices.json"
-stage tune_paper 40 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $PAPER --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
-stage tune_default 15 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $DEFAULT --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
+stage tune_paper 25 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $PAPER --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
+stage tune_default 10 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $DEFAULT --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
 
 # 5. ncu: one paper training step (the last of two), per kernel; --clock-control none keeps the
 # GPU's own clocks (the 2026-12-04 files used ncu's base clocks: up to 1.3x longer)
@@ -152,7 +155,7 @@ elif [ -z "$NCU" ]; then
     say "ncu            not found: no kernel breakdown"
 else
     for precision in fp32 tf32; do
-        stage "ncu_$precision" 30 "$OUT/ncu_$precision.csv" env MINUNET_PRECISION=$precision "$NCU" \
+        stage "ncu_$precision" 20 "$OUT/ncu_$precision.csv" env MINUNET_PRECISION=$precision "$NCU" \
             --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
             "$PY" bench/results/h200-2026-12-04/ncu_steps.py 64 572 2
         "$PY" -c "from minunet.bench import summarize_ncu; print(summarize_ncu('$OUT/ncu_$precision.csv'))" >> "$SUMMARY" 2>&1
