@@ -186,7 +186,8 @@ def predict_probabilities_tta(model: UNet, image: np.ndarray, tile: int | None =
     4). The network itself is not rotation-equivariant, but the average is: since the 8
     symmetries form a group, the TTA prediction of a rotated or flipped image is the same
     transformation of the TTA prediction, up to float rounding (the summation order differs).
-    The image is standardised once, so that each transformed copy sees the same intensities."""
+    A flip or rotation keeps the image's mean and spread, so the standardisation each pass
+    applies (predict_probabilities) gives every transformed copy the same intensities."""
     image = standardize(image)
     if image.ndim != 2:
         raise ValueError(f"predict_probabilities_tta takes one 2-D image (H, W), got shape "
