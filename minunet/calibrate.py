@@ -5,8 +5,8 @@
 reads an Nsight Compute CSV of one training step (``ncu --csv --metrics gpu__time_duration.sum,...``
 as ``bench/results/h200-2026-12-04/ncu_steps.py`` drove it: one row per launch and metric), runs
 the same network's training step on ``emu`` under ``minunet.emulator.profile`` with the kernel
-versions the file names (3x3 convolution naive or tiled, reductions tree or serial, launch by
-launch), matches the launches in order, and prints per launch: kernel, grid, measured us,
+versions the file names (3x3 convolution naive, tiled, igemm or wmma, weight gradients tree,
+serial or gemm, launch by launch; the up-convolution's version and the precision), matches the launches in order, and prints per launch: kernel, grid, measured us,
 predicted us, ratio (predicted / measured) and the model's binding term; then one line
 
     calibration: step measured 2285.1 us, predicted 1990.0 us (ratio 0.87); 193 launches, median ratio 1.21, within 2x 84%
@@ -96,44 +96,82 @@ def read_ncu_csv(path) -> list[MeasuredLaunch]:
 
 
 # ---- the same step on the emulator, with the file's kernel versions ------------------------------
-def kernel_choices(measured: list[MeasuredLaunch]) -> tuple[list, list[bool]]:
-    """In launch order: for each 3x3 convolution forward / input gradient, whether it is tiled
-    (True), naive (False) or another version (None: the backend's own choice); for each weight
-    gradient, whether it is serial (its kernel name ends in ``_serial``)."""
-    tiled = [True if m.kernel.endswith("_tiled") else False if m.kernel.endswith("_naive") else None
-             for m in measured if m.kernel.startswith(CONV3X3_CHOICES)]
-    serial = [m.kernel.endswith("_serial") for m in measured
-              if m.kernel.removesuffix("_serial") in REDUCTION_KERNELS]
-    return tiled, serial
+@dataclass
+class Versions:
+    """What a measured step ran, read from its kernel names, launch by launch: each 3x3
+    convolution launch's version (forward and input gradient in launch order: "naive", "tiled",
+    "igemm", "wmma"), each weight gradient's ("tree", "serial", "gemm"), the up-convolution's
+    (one knob for the step), the precision, whether the network's input got a gradient (the
+    code before 2026-12-04 computed one; now the first layer launches no input gradient) and
+    whether SGD was one launch (now) or one per parameter (before)."""
+    conv3x3: list
+    weight_gradient: list
+    conv_transpose2x2: str
+    precision: str
+    input_gradient: bool
+    fused_sgd: bool = True    # one sgd_momentum launch for all parameters (the code before: one each)
+
+
+def conv3x3_version_of(kernel: str) -> str | None:
+    """The conv3x3 version a launch of ``kernel`` decides, or None for any other kernel (the
+    implicit GEMM's helpers, conv3x3_gemm_weights and conv3x3_sum_splits, decide nothing)."""
+    for prefix in CONV3X3_CHOICES:
+        if kernel.startswith(prefix):
+            return kernel.removeprefix(prefix)          # "naive" / "tiled"
+    for version in ("igemm", "wmma"):
+        if kernel.startswith(f"conv3x3_{version}"):
+            return version
+    return None
+
+
+def kernel_choices(measured: list[MeasuredLaunch], layers: int) -> Versions:
+    """The ``Versions`` of a measured step of a U-Net with ``layers`` 3x3 convolutions."""
+    conv3x3 = [v for v in (conv3x3_version_of(m.kernel) for m in measured) if v is not None]
+    weight_gradient = []
+    for m in measured:
+        base = m.kernel.removesuffix("_tf32").removesuffix("_gemm").removesuffix("_serial")
+        if base in REDUCTION_KERNELS:
+            weight_gradient.append("serial" if m.kernel.endswith("_serial") else
+                                   "gemm" if "_gemm" in m.kernel else "tree")
+    names = {m.kernel for m in measured}
+    up_gemm = any(n.startswith("conv_transpose2x2_forward_gemm") for n in names)
+    tf32 = any(n.endswith("_tf32") or n.startswith("conv3x3_wmma") for n in names)
+    sgd_launches = sum(m.kernel == "sgd_momentum" for m in measured)
+    return Versions(conv3x3, weight_gradient, "gemm" if up_gemm else "naive",
+                    "tf32" if tf32 else "fp32", input_gradient=len(conv3x3) >= 2 * layers,
+                    fused_sgd=sgd_launches <= 1)
 
 
 @contextmanager
-def forced_choices(backend, tiled: list[bool], serial: list[bool]):
-    """Make ``backend`` take the given choices, one per launch in order (its own when they run out):
-    ``ops.conv3x3.use_tiled`` and ``backend.serial_reduction`` are replaced for the ``with``."""
+def forced_choices(backend, versions: Versions):
+    """Make ``backend`` run the measured versions, one per launch in order (its own choice when
+    a list runs out): ``ops.conv3x3.conv3x3_version`` and ``backend.weight_gradient_version`` are
+    replaced, and the up-convolution's knob and the precision set, for the ``with``."""
     from .ops import conv3x3
 
-    tiled_left, serial_left = iter(tiled), iter(serial)
-    own_use_tiled, own_serial = conv3x3.use_tiled, backend.serial_reduction
+    conv_left, grad_left = iter(versions.conv3x3), iter(versions.weight_gradient)
+    own_version, own_gradient = conv3x3.conv3x3_version, backend.weight_gradient_version
+    saved = backend.conv_transpose2x2_version, backend.precision
 
-    def use_tiled(k, h_out, w_out):
-        choice = next(tiled_left, None) if k is backend else None
-        return own_use_tiled(k, h_out, w_out) if choice is None else choice
+    def conv3x3_version(k, case, grad_input=False):
+        choice = next(conv_left, None) if k is backend else None
+        return own_version(k, case, grad_input) if choice is None else choice
 
-    def serial_reduction(outputs, terms):
-        choice = next(serial_left, None)
-        return own_serial(outputs, terms) if choice is None else choice
+    def weight_gradient_version(outputs, terms):
+        return next(grad_left, None) or own_gradient(outputs, terms)
 
-    conv3x3.use_tiled = use_tiled
-    backend.serial_reduction = serial_reduction
+    conv3x3.conv3x3_version = conv3x3_version
+    backend.weight_gradient_version = weight_gradient_version
+    backend.conv_transpose2x2_version, backend.precision = versions.conv_transpose2x2, versions.precision
     try:
         yield
     finally:
-        conv3x3.use_tiled = own_use_tiled
-        del backend.serial_reduction
+        conv3x3.conv3x3_version = own_version
+        del backend.weight_gradient_version
+        backend.conv_transpose2x2_version, backend.precision = saved
 
 
-def emulate_step(base: int, tile: int, gpu: str, tiled: list[bool], serial: list[bool], sample_blocks: int = 2):
+def emulate_step(base: int, tile: int, gpu: str, versions: Versions, sample_blocks: int = 2):
     """One training step (forward, weighted cross-entropy, backward, SGD with momentum) of
     ``UNet(base)`` on a ``tile`` input on ``emu``, as ncu_steps.py ran it on the GPU, under
     ``emulator.profile``; returns the report (its ``launches`` in order)."""
@@ -145,11 +183,12 @@ def emulate_step(base: int, tile: int, gpu: str, tiled: list[bool], serial: list
     model = UNet(base_channels=base, device="emu")
     out = UNet.output_size(tile)
     rng = np.random.default_rng(0)
-    x = Tensor(rng.standard_normal((1, 1, tile, tile)).astype(np.float32), device="emu")
+    x = Tensor(rng.standard_normal((1, 1, tile, tile)).astype(np.float32), device="emu",
+               requires_grad=versions.input_gradient)
     target = Tensor(rng.integers(0, 2, (1, out, out)), device="emu")
     weight = Tensor(rng.uniform(1, 10, (1, out, out)).astype(np.float32), device="emu")
-    opt = SGD(model.parameters(), lr=1e-4, momentum=0.99)
-    with forced_choices(get_backend("emu"), tiled, serial):
+    opt = SGD(model.parameters(), lr=1e-4, momentum=0.99, fused=versions.fused_sgd)
+    with forced_choices(get_backend("emu"), versions):
         with emulator.profile(gpu=gpu, sample_blocks=sample_blocks) as report:
             loss = F.weighted_cross_entropy(model(x), target, weight)
             opt.zero_grad()
@@ -316,6 +355,7 @@ def format_version_pairs(pairs) -> str:
 def calibrate(path, base: int, tile: int, gpu: str = "h200", sample_blocks: int = 2) -> tuple[list[Row], Summary]:
     """Read ``path``, emulate the step with its kernel versions, match and summarize."""
     from . import UNet
+    from .bench import unet_layers
     from .emulator import gpu_model
 
     gpu_model.gpu(gpu)
@@ -323,8 +363,9 @@ def calibrate(path, base: int, tile: int, gpu: str = "h200", sample_blocks: int 
     if base < 1:
         raise ValueError(f"--base-channels must be positive, got {base}")
     measured = read_ncu_csv(path)
-    tiled, serial = kernel_choices(measured)
-    report = emulate_step(base, tile, gpu, tiled, serial, sample_blocks)
+    layers = sum(1 for op, _ in unet_layers(dict(in_channels=1, num_classes=2, base_channels=base,
+                                                  depth=4), tile, 1) if op == "conv3x3")
+    report = emulate_step(base, tile, gpu, kernel_choices(measured, layers), sample_blocks)
     rows = match(measured, report)
     return rows, summarize(rows)
 

@@ -204,8 +204,19 @@ def test_version_pairs_match_layers_and_check_the_order():
 
 
 def test_kernel_choices_follow_the_file_launch_by_launch():
-    names = ["conv3x3_forward_tiled", "relu_forward", "conv3x3_forward_naive", "conv3x3_grad_input_naive",
-             "conv3x3_grad_weight_serial", "conv3x3_forward_wmma", "conv_transpose2x2_grad_weight", "sgd_momentum"]
+    names = ["conv3x3_forward_tiled", "relu_forward", "conv3x3_forward_naive", "conv3x3_gemm_weights",
+             "conv3x3_igemm_wide", "conv3x3_sum_splits", "conv3x3_grad_input_naive",
+             "conv3x3_grad_weight_serial", "conv3x3_wmma_narrow", "conv_transpose2x2_grad_weight",
+             "conv1x1_grad_weight_gemm_tf32", "conv3x3_grad_weight_gemm", "sgd_momentum"]
     measured = [calibrate.MeasuredLaunch(i, k, (256, 1, 1), (1, 1, 1), 1e-6) for i, k in enumerate(names)]
-    tiled, serial = calibrate.kernel_choices(measured)
-    assert tiled == [True, False, False, None] and serial == [True, False]
+    versions = calibrate.kernel_choices(measured, layers=2)
+    assert versions.conv3x3 == ["tiled", "naive", "igemm", "naive", "wmma"]
+    assert versions.weight_gradient == ["serial", "tree", "gemm", "gemm"]
+    assert versions.conv_transpose2x2 == "naive" and versions.precision == "tf32"
+    assert versions.input_gradient    # 5 conv3x3 launches for 2 layers: the input got a gradient too
+    old_style = calibrate.kernel_choices(measured[:1] + measured[2:3] + measured[6:8], layers=2)
+    assert old_style.conv3x3 == ["tiled", "naive", "naive"] and old_style.precision == "fp32"
+    assert not old_style.input_gradient and old_style.weight_gradient == ["serial"]
+    assert versions.fused_sgd       # one sgd_momentum launch
+    per_parameter = measured + [calibrate.MeasuredLaunch(99, "sgd_momentum", (256, 1, 1), (1, 1, 1), 1e-6)]
+    assert not calibrate.kernel_choices(per_parameter, layers=2).fused_sgd
