@@ -327,6 +327,12 @@ class Batches:
         self._queue: queue.Queue = queue.Queue(maxsize=max(ahead, 1))
         self._stop = threading.Event()
         self._thread = None
+        # the GPU the training loop uses: a new thread starts on device 0 whatever the caller's
+        self._gpu = None
+        if device == "cuda":
+            import cupy
+
+            self._gpu = cupy.cuda.Device().id
         if ahead > 0:
             self._thread = threading.Thread(target=self._work, name="minunet-batches", daemon=True)
             self._thread.start()
@@ -341,6 +347,7 @@ class Batches:
         if self.device == "cuda":
             import cupy
 
+            cupy.cuda.Device(self._gpu).use()
             stream = cupy.cuda.Stream(non_blocking=True)
         try:
             while not self._stop.is_set():
