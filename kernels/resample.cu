@@ -107,3 +107,125 @@ extern "C" __global__ void resample(const float* __restrict__ coef, const int* _
         out_image[(long long)c * h * w + p] = sum < lo ? lo : (sum > hi ? hi : sum);
     }
 }
+
+// ---- compose_coordinates: the coordinate map itself, built on the device ------------------------
+// The host draws the random numbers (flips, angle, shift, the elastic grid's nodes: ~20 numbers,
+// minunet.data.elastic.random_transform) and this kernel composes them into the (2, h, w) map that
+// `resample` reads, so a training tile needs no host work per pixel and no 1 MB upload of
+// coordinates (348 x 348 x 2 floats). It repeats the host's oracle, elastic.transform_coordinates,
+// operation by operation, in double precision:
+//   v      = (y - (h-1)/2, x - (w-1)/2), each axis negated when flipped
+//   src_y  =  cos a * v_y + sin a * v_x + (H-1)/2 + shift_y
+//   src_x  = -sin a * v_y + cos a * v_x + (W-1)/2 + shift_x
+//   D[c]   = rows @ nodes[c] @ cols^T   (the bicubic spline through the grid's nodes, Section 3.1;
+//            rows (h, grid) and cols (w, grid) hold each pixel's spline weights, computed once
+//            per tile size on the host by scipy, elastic._spline_matrix)
+//   coords = float32(src + float64(float32(D)))
+// Every product is __dmul_rn: the GPU compiler contracts a * b + c into one fused multiply-add
+// by default, which rounds once instead of twice and would give coordinates a bit away from
+// the host's - enough to flip a nearest-neighbour label that sits on a tie. With the same
+// roundings the map equals the host's (up to the last bit of the host's BLAS product D, which
+// may sum in another order; tests/test_resample.py).
+//
+// Thread mapping: one thread per output pixel, flat p = y * w + x; writes coalesced.
+// Napkin math per pixel: ~2 * 2 * grid^2 + 10 FP64 operations (46 for grid 3), 8 bytes written,
+// the small matrices read from cache: a 348 x 348 map is 1 MB written, ~1 us of DRAM time on a
+// GPU; one launch replaces ~5 ms of NumPy on the host.
+extern "C" __global__ void compose_coordinates(const double* __restrict__ nodes,
+                                               const double* __restrict__ rows,
+                                               const double* __restrict__ cols,
+                                               float* __restrict__ coords, int h, int w, int grid,
+                                               int elastic, double cos_a, double sin_a, int flip_y,
+                                               int flip_x, double centre_y, double centre_x,
+                                               double shift_y, double shift_x) {
+    const int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= h * w) return;
+    const int y = p / w, x = p - (p / w) * w;
+    double vy = (double)y - (double)(h - 1) / 2.0;
+    double vx = (double)x - (double)(w - 1) / 2.0;
+    if (flip_y) vy = -vy;
+    if (flip_x) vx = -vx;
+    double sy = __dmul_rn(cos_a, vy) + __dmul_rn(sin_a, vx);
+    double sx = __dmul_rn(-sin_a, vy) + __dmul_rn(cos_a, vx);
+    sy = sy + centre_y;
+    sx = sx + centre_x;
+    sy = sy + shift_y;
+    sx = sx + shift_x;
+    if (elastic) {
+        for (int c = 0; c < 2; ++c) {
+            const double* n = nodes + c * grid * grid;
+            double d = 0.0;
+            for (int j = 0; j < grid; ++j) {
+                double a = 0.0;   // (rows @ nodes[c])[y, j]
+                for (int i = 0; i < grid; ++i) a = a + __dmul_rn(rows[y * grid + i], n[i * grid + j]);
+                d = d + __dmul_rn(a, cols[x * grid + j]);
+            }
+            const double rounded = (double)(float)d;   // the host's field is float32
+            if (c == 0) sy = sy + rounded; else sx = sx + rounded;
+        }
+    }
+    coords[p] = (float)sy;
+    coords[h * w + p] = (float)sx;
+}
+
+// ---- gray_values: the gray-value variation and the standardisation, one block per plane -------
+// Section 3.1's gray-value variation of an augmented tile (elastic.gray_value_variation):
+//   p = clip(x, 0, 1)^gamma;  x' = (p - mean p) * contrast + mean p + brightness
+// and the standardisation every training image gets after it (minunet.data.io.standardize):
+//   x'' = (x' - mean x') / (std x' + 1e-6)
+// Both need a mean over the whole plane before any pixel can be written, so one BLOCK handles one
+// plane (blockIdx.x = plane) in passes over it: each thread sums its pixels (p = t, t + blockDim,
+// ...) in double, the block adds the threads' sums with a shared-memory tree (a fixed order:
+// deterministic), and every thread reads the total back. The gray pass recomputes p from x in the
+// second pass instead of storing it, so nothing is rounded to float32 before the end, as on the
+// host (float64 arithmetic).
+//
+// Napkin math, a 348 x 348 plane: gray 2 passes + standardise 3 passes = 5 reads of 0.48 MB, ~40
+// FLOPs (pow) per pixel. One block sits on one SM: ~10-20 GB/s of that SM's share of bandwidth
+// for a few tens of microseconds (predicted) - cheaper than the ~10 CuPy launches (mean, std,
+// subtract, divide, ...) it replaces, each costing host time, which the training step needs.
+#define GRAY_THREADS 256
+
+__device__ double block_total(double value, double* s_sum) {
+    const int t = threadIdx.x;
+    __syncthreads();   // the previous total has been read by every thread before s_sum is reused
+    s_sum[t] = value;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (t < stride) s_sum[t] += s_sum[t + stride];
+        __syncthreads();   // outside the `if`: every thread must reach every barrier
+    }
+    return s_sum[0];
+}
+
+__device__ __forceinline__ double gamma_of(float v, double gamma) {
+    const double clipped = v < 0.0f ? 0.0 : (v > 1.0f ? 1.0 : (double)v);
+    return pow(clipped, gamma);
+}
+
+extern "C" __global__ void __launch_bounds__(GRAY_THREADS)
+gray_values(float* __restrict__ x, int n, int gray, double gamma, double contrast,
+            double brightness, int standardize) {
+    __shared__ double s_sum[GRAY_THREADS];
+    float* plane = x + (long long)blockIdx.x * n;
+    const int t = threadIdx.x;
+    if (gray) {
+        double acc = 0.0;
+        for (int i = t; i < n; i += blockDim.x) acc += gamma_of(plane[i], gamma);
+        const double mean = block_total(acc, s_sum) / (double)n;
+        for (int i = t; i < n; i += blockDim.x)
+            plane[i] = (float)(__dmul_rn(gamma_of(plane[i], gamma) - mean, contrast) + mean + brightness);
+    }
+    if (standardize) {
+        double acc = 0.0;
+        for (int i = t; i < n; i += blockDim.x) acc += (double)plane[i];
+        const double mean = block_total(acc, s_sum) / (double)n;
+        double squares = 0.0;
+        for (int i = t; i < n; i += blockDim.x) {
+            const double d = (double)plane[i] - mean;
+            squares = squares + __dmul_rn(d, d);
+        }
+        const double spread = sqrt(block_total(squares, s_sum) / (double)n) + 1e-6;
+        for (int i = t; i < n; i += blockDim.x) plane[i] = (float)(((double)plane[i] - mean) / spread);
+    }
+}

@@ -794,7 +794,14 @@ def bench_training_iteration(device: str, base: int, tile: int, batch: int, repe
     device, minunet.train.training_batch), one iteration with the batch prepared in the loop
     (``--prefetch 0``: preparation + step) and one with the batch prepared ahead by the
     background thread (``--prefetch 1``, the default). Median (mean for the overlapped loop)
-    of ``repeat`` iterations after one untimed."""
+    of ``repeat`` iterations after one untimed.
+
+    Then the "host" rows: the same preparation, and a step on one fixed batch, timed until the
+    call returns (the host's work: Python and launches; a GPU runs behind it) and until the
+    device has finished too. On a GPU, a host time close to its host + device time means the
+    host is the bottleneck, and a background thread cannot hide host work behind it (one
+    Python interpreter): the H200 measured 5.0 ms of preparation and a 6.5 ms step but 14.3 ms
+    per iteration (bench/results/training_iteration.md). On cpu and emu both are the same."""
     from .data.dataset import TileSampler, synthetic_samples
     from .train import Batches, training_batch
 
@@ -805,12 +812,13 @@ def bench_training_iteration(device: str, base: int, tile: int, batch: int, repe
     opt = SGD(model.parameters(), lr=1e-6, momentum=0.99)
     sync = device_sync(device)
 
-    def step(xs, targets, weights):
+    def step(xs, targets, weights, wait: bool = True):
         x, target, weight = (Tensor(a, device=device) for a in (xs, targets, weights))
         F.weighted_cross_entropy(model(x), target, weight).backward()
         opt.step()
         opt.zero_grad()
-        sync()
+        if wait:
+            sync()
 
     def timed(fn) -> float:
         sync()
@@ -819,9 +827,25 @@ def bench_training_iteration(device: str, base: int, tile: int, batch: int, repe
         sync()
         return (time.perf_counter() - t0) * 1e3
 
+    def host_and_device(fn) -> tuple[float, float]:
+        """(ms until ``fn`` returns, ms until the device has finished too): on a GPU the first is
+        the host's share (Python, launches); when both are equal the host is the bottleneck."""
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        sync()
+        return (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3
+
+    def medians(pairs) -> tuple[float, float]:
+        pairs = list(pairs)
+        return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
     time.sleep(SETTLE_S)
     step(*training_batch(sampler, batch))    # warm-up: compiles, caches the slices' coefficients
-    prep = statistics.median(timed(lambda: training_batch(sampler, batch)) for _ in range(repeat))
+    prep_host, prep = medians(host_and_device(lambda: training_batch(sampler, batch)) for _ in range(repeat))
+    fixed = training_batch(sampler, batch)
+    step_host, step_total = medians(host_and_device(lambda: step(*fixed, wait=False)) for _ in range(repeat))
     serial = statistics.median(timed(lambda: step(*training_batch(sampler, batch)))
                                for _ in range(repeat))
     batches = Batches(sampler, batch, ahead=1, device=device)
@@ -831,9 +855,13 @@ def bench_training_iteration(device: str, base: int, tile: int, batch: int, repe
     finally:
         batches.close()
     what = f"base {base}, tile {tile}"
-    return [Row("batch preparation", f"{batch}x1x{tile}^2", 0.0, 0.0, prep),
+    rows = [Row("batch preparation", f"{batch}x1x{tile}^2", 0.0, 0.0, prep),
             Row("training iteration", f"{what}, prefetch 0", 0.0, 0.0, serial),
-            Row("training iteration", f"{what}, prefetch 1", 0.0, 0.0, overlapped)]
+            Row("training iteration", f"{what}, prefetch 1", 0.0, 0.0, overlapped),
+            Row("  host: batch preparation", f"{batch}x1x{tile}^2", 0.0, 0.0, prep_host),
+            Row("  host: training step", what, 0.0, 0.0, step_host),
+            Row("  host + device: training step", what, 0.0, 0.0, step_total)]
+    return rows
 
 
 def main(argv=None) -> int:

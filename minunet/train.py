@@ -303,13 +303,16 @@ def training_batch(sampler, batch_size: int) -> tuple[np.ndarray, np.ndarray, np
     the gray-value variation (a gamma curve) works on intensities in [0, 1], as the loaders give
     them, and would clip a standardised image's negative half to 0. Standardising last also makes
     the network see what prediction gives it (a standardised image); linear gray-value changes then
-    cancel out, and the gamma curve is what remains of that augmentation. On cuda the sampler's
-    arrays are already on the GPU (augmentation ran there) and are standardised there."""
+    cancel out, and the gamma curve is what remains of that augmentation. Where the sampler
+    augments on a kernel device (cuda, emu) the tiles are standardised there too, one launch for
+    the batch (kernels/resample.cu's gray_values, one block per tile)."""
     xs, targets, weights = sampler.batch(batch_size)
-    if isinstance(xs, np.ndarray):
-        return np.stack([standardize(x) for x in xs]), targets, weights
-    mean = xs.mean(axis=(1, 2, 3), keepdims=True)     # a CuPy array: the same formula on the GPU
-    return (xs - mean) / (xs.std(axis=(1, 2, 3), keepdims=True) + 1e-6), targets, weights
+    device = getattr(sampler, "device", None)
+    if device in ("cuda", "emu") and getattr(sampler, "augment", False):
+        from .backends import get_backend
+
+        return get_backend(device).gray_values(xs, None, None, None, standardize=True), targets, weights
+    return np.stack([standardize(x) for x in xs]), targets, weights
 
 
 class Batches:

@@ -26,8 +26,10 @@ def test_bench_prints_a_row_for_every_backend_function_and_the_step(tmp_path, mo
     assert abs(step[-1]["ms"] - sum(r["ms"] for r in step[:-1])) < 1e-6
     assert "conv3x3_backward" in printed and "training step" in printed
     iteration = results["iterations"]["188"]     # batch preparation + step, beside the bare step
-    assert [r["name"] for r in iteration] == ["batch preparation"] + ["training iteration"] * 2
+    assert [r["name"] for r in iteration] == ["batch preparation"] + ["training iteration"] * 2 + [
+        "  host: batch preparation", "  host: training step", "  host + device: training step"]
     assert all(r["ms"] > 0 for r in iteration) and "prefetch 1" in iteration[2]["shape"]
+    assert iteration[4]["ms"] <= iteration[5]["ms"], "the host's share of a step exceeds the step"
 
 
 def test_bench_refuses_an_invalid_tile_with_one_line(capsys):

@@ -109,3 +109,80 @@ def test_bad_arguments_are_named(device, bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         get_backend(device).resample(*args.values())
+
+
+# ---- the coordinate map and the gray values on the device (kernels/resample.cu) -------------------
+@pytest.mark.parametrize("device", ["cpu", "emu", "cuda"])
+@pytest.mark.parametrize("out_shape,in_shape,grid,elastic", [((37, 41), (90, 85), 3, True),
+                                                              ((20, 9), (33, 64), 4, True),
+                                                              ((31, 31), (60, 60), 3, False)])
+def test_composed_coordinates_are_the_hosts_bit_for_bit(device, out_shape, in_shape, grid, elastic):
+    """compose_coordinates repeats Transform.coordinates' roundings (products never fused into an
+    FMA): the maps are equal except where the host's BLAS product for the displacement summed in
+    another order - at most one float32 ulp, and at most 1 pixel in 10,000 of them."""
+    from minunet.data.elastic import random_transform, spline_matrix
+
+    backend = backend_of(device)
+    rng = np.random.default_rng(11)
+    for _ in range(4):
+        t = random_transform(rng, max_shift=10.0, elastic_std=10.0 if elastic else 0.0, grid=grid)
+        want = t.coordinates(out_shape, in_shape)
+        splines = (spline_matrix(out_shape[0], grid), spline_matrix(out_shape[1], grid)) if elastic \
+            else (None, None)
+        got = to_host(backend.compose_coordinates(out_shape, in_shape, t.angle, (t.flip_y, t.flip_x),
+                                                  t.shift, t.nodes, *splines))
+        assert got.dtype == np.float32 and got.shape == (2, *out_shape)
+        assert np.all(np.abs(got - want) <= np.spacing(np.abs(want))), "more than one ulp apart"
+        assert np.count_nonzero(got != want) <= got.size // 10_000
+
+
+def test_the_device_sampler_builds_no_coordinate_array_on_the_host(monkeypatch):
+    """On a kernel device the sampler hands the transform's numbers to compose_coordinates: the
+    host's per-pixel composition (transform_coordinates) is never called."""
+    from minunet.data import elastic
+    from minunet.data.dataset import TileSampler, synthetic_samples
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the host composed a coordinate map")
+
+    samples = synthetic_samples("cells", 2, size=40, seed=1)
+    sampler = TileSampler(samples, 44, 4, np.random.default_rng(2), device="emu")
+    monkeypatch.setattr(elastic, "transform_coordinates", refuse)
+    x, target, weight = sampler.batch(2)
+    assert x.shape == (2, 1, 44, 44) and target.shape == weight.shape == (2, 4, 4)
+    assert np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("device", ["emu", "cuda"])
+def test_training_batch_standardises_on_the_device_like_the_host(device):
+    """train.training_batch on a kernel device (gray values and standardisation in kernels) gives
+    the cpu sampler's batch (NumPy gray values, io.standardize) for the same seed: labels
+    exactly, weights within WEIGHT_TOL (the cpu resampler sums in float64), images within 2e-5 (float32 means and spreads on the host, float64 in the
+    kernel; standardised values up to ~4)."""
+    from minunet.data.dataset import TileSampler, synthetic_samples
+    from minunet.train import training_batch
+
+    backend_of(device)
+    samples = synthetic_samples("em", 2, size=48, seed=4)
+    host = TileSampler(samples, 44, 4, np.random.default_rng(9), device="cpu")
+    dev = TileSampler(samples, 44, 4, np.random.default_rng(9), device=device)
+    for _ in range(2):
+        want, got = training_batch(host, 2), training_batch(dev, 2)
+        np.testing.assert_array_equal(to_host(got[1]), want[1])
+        assert_close(to_host(got[2]), want[2], what=f"weights on {device}", **WEIGHT_TOL)
+        x = to_host(got[0])
+        assert_close(x, want[0], rtol=0.0, atol=2e-5, what=f"standardised batch on {device}")
+        assert_close(x.mean(axis=(1, 2, 3)), np.zeros(2), rtol=0.0, atol=1e-5, what="means")
+    assert dev.rng.bit_generator.state == host.rng.bit_generator.state
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_gray_values_refuse_bad_arguments(device):
+    backend = get_backend(device)
+    with pytest.raises(ValueError, match="gamma"):
+        backend.gray_values(np.zeros((1, 4, 4), np.float32), -1.0, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="planes"):
+        backend.gray_values(np.zeros(5, np.float32), None, None, None, True)
+    with pytest.raises(ValueError, match="nodes"):
+        backend.compose_coordinates((4, 4), (8, 8), 0.0, (False, False), (0.0, 0.0),
+                                    np.zeros((2, 3)), np.zeros((4, 3)), np.zeros((4, 3)))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from minunet.data.elastic import gray_value_variation, random_augment, random_coordinates
+from minunet.data.elastic import random_augment, random_gray_values, random_transform, spline_matrix
 from minunet.data.io import IMAGE_SUFFIXES, image_files, labels_to_classes, read_image, read_slices
 from minunet.data.synthetic import cell_images, em_images
 from minunet.data.tiling import mirror_crop, reflect_indices
@@ -240,6 +240,7 @@ class TileSampler:
                              f"got {device!r}")
         self.device = device
         self._on_device = {}   # sample index -> (spline coefficients, target, weight) on device
+        self._splines = {}     # (tile size, grid) -> the elastic spline matrix on device
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One example: (x float32 (1, input, input), target int32 (output, output),
@@ -267,25 +268,39 @@ class TileSampler:
         return x[None], target[centre].astype(np.int32), weight[centre].astype(np.float32)
 
     def _device_sample(self, index: int, top: int, left: int, side: int):
-        """The augmented example of :meth:`sample` through the device's ``resample``: the
-        region of `side` x `side` pixels at (top, left) of the slice's mirror extension is never
-        copied; the kernel reads the slice at origin (top, left) + the region's coordinates."""
+        """The augmented example of :meth:`sample` on the device: the host draws the transform's
+        ~20 random numbers (the same ones, in the same order, as the scipy path), the device
+        composes them into the coordinate map (``compose_coordinates``), reads the slice through
+        it (``resample``: the region of `side` x `side` pixels at (top, left) of the slice's
+        mirror extension is never copied; the kernel reads the slice at origin (top, left) + the
+        region's coordinates) and varies the gray values (``gray_values``). No array is built on
+        the host per example."""
         from minunet.backends import get_backend
         from minunet.devices import to_device_array
 
         s = self.samples[index]
         options = self.augment_options
-        coords = random_coordinates(self.rng, (self.input_size, self.input_size), (side, side),
-                                    max_shift=options["max_shift"], elastic_std=options["elastic_std"],
-                                    grid=options["grid"])
+        backend = get_backend(self.device)
+        transform = random_transform(self.rng, max_shift=options["max_shift"],
+                                     elastic_std=options["elastic_std"], grid=options["grid"])
         if index not in self._on_device:
             self._on_device[index] = tuple(to_device_array(a, self.device) for a in (
                 spline_coefficients(s.image), s.target.astype(np.int32), s.weight.astype(np.float32)))
         coefficients, target, weight = self._on_device[index]
-        x, target, weight = get_backend(self.device).resample(
-            coefficients, target, weight, coords, (top, left), _window_range(s.image, top, left, side))
+        size = self.input_size
+        splines = (None, None)
+        if transform.nodes is not None:
+            key = (size, transform.nodes.shape[-1])
+            if key not in self._splines:   # the spline weights depend only on the tile's size
+                self._splines[key] = to_device_array(spline_matrix(*key), self.device)
+            splines = (self._splines[key], self._splines[key])
+        coords = backend.compose_coordinates((size, size), (side, side), transform.angle,
+                                             (transform.flip_y, transform.flip_x), transform.shift,
+                                             transform.nodes, *splines)
+        x, target, weight = backend.resample(coefficients, target, weight, coords, (top, left),
+                                             _window_range(s.image, top, left, side))
         if options["gray"]:
-            x = gray_value_variation(x[0], self.rng)[None]
+            x = backend.gray_values(x, *random_gray_values(self.rng), standardize=False)
         m, out = self.margin, self.output_size
         centre = (slice(m, m + out), slice(m, m + out))
         return x, target[centre], weight[centre]

@@ -22,6 +22,7 @@ tests/test_resample.py (labels exactly).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -50,23 +51,39 @@ def displacement_field(shape: tuple[int, int], rng: np.random.Generator, grid: i
         float32 (2, H, W): displacement[0] along y (rows), displacement[1] along x (columns).
     """
     _check_rng(rng)
+    return field_from_nodes(shape, _random_nodes(rng, grid, std))
+
+
+def _random_nodes(rng: np.random.Generator, grid: int, std: float) -> np.ndarray:
+    """The elastic grid's displacement vectors: float64 (2, grid, grid), Gaussian with `std`."""
     if int(grid) != grid or grid < 2:
         raise ValueError(f"grid must be an integer >= 2, got {grid!r}")
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
+    return rng.normal(0.0, std, size=(2, int(grid), int(grid)))
+
+
+def field_from_nodes(shape: tuple[int, int], nodes: np.ndarray) -> np.ndarray:
+    """The dense float32 (2, H, W) displacement of :func:`displacement_field` from its grid's
+    nodes (float64 (2, grid, grid))."""
     h, w = int(shape[0]), int(shape[1])
-    nodes = rng.normal(0.0, std, size=(2, grid, grid))
+    grid = nodes.shape[-1]
     # The bicubic interpolation is separable: displacement[c] = Wy @ nodes[c] @ Wx^T, where column
     # j of Wy holds the cubic spline through the unit vector e_j sampled at the pixels' lattice
     # coordinates. The same numbers as map_coordinates(nodes[c], lattice, order=3, mode="nearest")
     # (up to float64 rounding), at a fraction of the cost: 2 small matrix products instead of 16
     # spline taps per pixel (13 ms per 348 x 348 tile on a 2-core VM).
-    rows, cols = _spline_matrix(h, grid), _spline_matrix(w, grid)
+    return spline_field(nodes, spline_matrix(h, grid), spline_matrix(w, grid))
+
+
+def spline_field(nodes: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """float32 (2, h, w): rows @ nodes[c] @ cols^T for each component c, the spline matrices
+    rows (h, grid) and cols (w, grid) of :func:`spline_matrix`."""
     return np.stack([rows @ nodes[c] @ cols.T for c in range(2)]).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=32)
-def _spline_matrix(n: int, grid: int) -> np.ndarray:
+def spline_matrix(n: int, grid: int) -> np.ndarray:
     """(n, grid): row i holds the weights of the grid nodes in the cubic spline (scipy's order 3,
     mode "nearest", with its prefilter) at pixel i, whose lattice coordinate is
     i * (grid - 1) / (n - 1). Read-only: it is cached."""
@@ -186,13 +203,26 @@ def gray_value_variation(image: np.ndarray, rng: np.random.Generator,
                          brightness: tuple[float, float] = (-0.1, 0.1)) -> np.ndarray:
     """Random gamma (log-uniform in `gamma`), then contrast around the mean and a brightness
     offset (uniform). Expects intensities in [0, 1] (what the loaders produce); float32 out."""
+    return apply_gray_values(image, *random_gray_values(rng, gamma, contrast, brightness))
+
+
+def random_gray_values(rng: np.random.Generator, gamma: tuple[float, float] = (0.7, 1.4),
+                       contrast: tuple[float, float] = (0.8, 1.2),
+                       brightness: tuple[float, float] = (-0.1, 0.1)) -> tuple[float, float, float]:
+    """(gamma, contrast, brightness) of :func:`gray_value_variation`, drawn in this order."""
     _check_rng(rng)
     g = np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1])))
     c = rng.uniform(*contrast)
     b = rng.uniform(*brightness)
+    return float(g), float(c), float(b)
+
+
+def apply_gray_values(image, gamma: float, contrast: float, brightness: float):
+    """clip(image, 0, 1)^gamma, its contrast scaled around its mean, brightness added; computed
+    in float64, float32 out (the oracle of the devices' ``gray_values``, minunet/ops/resample.py)."""
     xp = np if isinstance(image, np.ndarray) else _array_module(image)  # NumPy, or CuPy on cuda
-    out = xp.clip(xp.asarray(image, xp.float32), 0.0, 1.0) ** g
-    return ((out - out.mean()) * c + out.mean() + b).astype(xp.float32)
+    out = xp.clip(xp.asarray(image, xp.float32), 0.0, 1.0).astype(xp.float64) ** gamma
+    return ((out - out.mean()) * contrast + out.mean() + brightness).astype(xp.float32)
 
 
 def _array_module(array):
@@ -204,22 +234,49 @@ def _array_module(array):
     return np
 
 
-def random_coordinates(rng: np.random.Generator, out_shape: tuple[int, int],
-                       in_shape: tuple[int, int], *, max_shift: float = 10.0, rotate: bool = True,
-                       flip: bool = True, elastic_std: float = 10.0, grid: int = 3) -> np.ndarray:
-    """The random part of :func:`random_augment`: draws flips, angle, shift and the elastic
-    nodes from `rng` (in this order, always the same numbers for the same generator state) and
-    composes them into the source coordinates (float32 (2, out_H, out_W)) of an output region
-    centred on an input of `in_shape`. Any resampler can then read through them: scipy
-    (:func:`warp_with_coordinates`) or the device's ``resample`` (minunet/ops/resample.py)."""
+@dataclass(frozen=True)
+class Transform:
+    """One draw of Section 3.1's geometric augmentation: flips, a rotation by `angle` radians, a
+    `shift` (pixels, y and x) and the elastic grid's `nodes` (float64 (2, grid, grid), None for
+    no elastic deformation). :meth:`coordinates` composes it into a coordinate map on the host
+    (the oracle); the devices' ``compose_coordinates`` (minunet/ops/resample.py, a kernel in
+    kernels/resample.cu) builds the same map where the model trains, from these ~20 numbers."""
+    flip_y: bool
+    flip_x: bool
+    angle: float
+    shift: tuple[float, float]
+    nodes: np.ndarray | None
+
+    def coordinates(self, out_shape: tuple[int, int], in_shape: tuple[int, int]) -> np.ndarray:
+        """float32 (2, out_H, out_W) source coordinates of an output region centred on an input
+        of `in_shape` (:func:`transform_coordinates`)."""
+        displacement = None if self.nodes is None else field_from_nodes(out_shape, self.nodes)
+        return transform_coordinates(out_shape, in_shape, self.angle, self.flip_y, self.flip_x,
+                                     self.shift, displacement)
+
+
+def random_transform(rng: np.random.Generator, *, max_shift: float = 10.0, rotate: bool = True,
+                     flip: bool = True, elastic_std: float = 10.0, grid: int = 3) -> Transform:
+    """Draws flips, angle, shift and the elastic nodes from `rng`, in this order (always the same
+    numbers for the same generator state, whichever device composes them)."""
     _check_rng(rng)
     flip_y, flip_x = (rng.random(2) < 0.5) if flip else (False, False)
     angle = rng.uniform(0.0, 2.0 * np.pi) if rotate else 0.0
     shift = rng.uniform(-max_shift, max_shift, size=2) if max_shift > 0 else (0.0, 0.0)
-    displacement = displacement_field(out_shape, rng, grid=grid, std=elastic_std) \
-        if elastic_std > 0 else None
-    return transform_coordinates(out_shape, in_shape, angle, bool(flip_y), bool(flip_x), shift,
-                                 displacement)
+    nodes = _random_nodes(rng, grid, elastic_std) if elastic_std > 0 else None
+    return Transform(bool(flip_y), bool(flip_x), float(angle),
+                     (float(shift[0]), float(shift[1])), nodes)
+
+
+def random_coordinates(rng: np.random.Generator, out_shape: tuple[int, int],
+                       in_shape: tuple[int, int], *, max_shift: float = 10.0, rotate: bool = True,
+                       flip: bool = True, elastic_std: float = 10.0, grid: int = 3) -> np.ndarray:
+    """The random part of :func:`random_augment`: :func:`random_transform` composed into the
+    source coordinates (float32 (2, out_H, out_W)) of an output region centred on an input of
+    `in_shape`. Any resampler can then read through them: scipy (:func:`warp_with_coordinates`)
+    or the device's ``resample`` (minunet/ops/resample.py)."""
+    return random_transform(rng, max_shift=max_shift, rotate=rotate, flip=flip,
+                            elastic_std=elastic_std, grid=grid).coordinates(out_shape, in_shape)
 
 
 def random_augment(image: np.ndarray, label: np.ndarray | None = None,
