@@ -59,6 +59,9 @@
 //   conv3x3_grad_weight_gemm_tf32  wgrad v4: the same GEMM on TF32 tensor cores (nvcuda::wmma
 //                              m16n16k8, float32 accumulation), for precision "tf32", sm_80+;
 //                              conv3x3_grad_weight_has_tf32 tells the launcher it was compiled.
+//                              (v3 and v4: the tiles, stage loop and product are
+//                              gemm_tiles.cuh's, shared with conv1x1 and conv_transpose2x2;
+//                              this file gives them its operands, Conv3x3WgradOperands.)
 //   Every weight-gradient kernel also computes the bias gradient (fused: the same pass over gy).
 //
 // Index arithmetic is 32-bit: the Python launcher refuses arrays of 2^31 or more elements.

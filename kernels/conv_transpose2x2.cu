@@ -32,7 +32,9 @@
 //                                  GEMMs over all pixels (section at the end of the file).
 //   conv_transpose2x2_grad_weight_gemm (v3, FP32) / ..._gemm_tf32 (v4, TF32 tensor cores):
 //                                  gw = x @ G as a tiled GEMM over the input pixels (G: each
-//                                  pixel's 2x2 block of gy), the bias fused; see the section below.
+//                                  pixel's 2x2 block of gy), the bias fused; see the section below
+//                                  (the tiles and the product: gemm_tiles.cuh, shared with conv3x3
+//                                  and conv1x1, as is the TF32 fragment step of the _tf32 GEMMs).
 
 extern "C" __global__ void conv_transpose2x2_forward(const float* __restrict__ x, const float* __restrict__ w,
                                                      const float* __restrict__ b, float* __restrict__ y,
