@@ -59,6 +59,9 @@
 //   conv3x3_grad_weight_gemm_tf32  wgrad v4: the same GEMM on TF32 tensor cores (nvcuda::wmma
 //                              m16n16k8, float32 accumulation), for precision "tf32", sm_80+;
 //                              conv3x3_grad_weight_has_tf32 tells the launcher it was compiled.
+//                              (v3 and v4: the tiles, stage loop and product are
+//                              gemm_tiles.cuh's, shared with conv1x1 and conv_transpose2x2;
+//                              this file gives them its operands, Conv3x3WgradOperands.)
 //   Every weight-gradient kernel also computes the bias gradient (fused: the same pass over gy).
 //
 // Index arithmetic is 32-bit: the Python launcher refuses arrays of 2^31 or more elements.
@@ -1001,304 +1004,109 @@ extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ 
 
 // =============================================================================================
 // Weight gradient as a GEMM (issue 16). The weight-gradient road of this file: v1 serial (one
-// thread per weight), v2 tree (a block per weight group, a shared-memory tree), v3 gemm (below,
-// FP32), v4 gemm_tf32 (below, tensor cores). Written out as a matrix product over pixels,
+// thread per weight), v2 tree (a block per weight group, a shared-memory tree), v3 gemm (FP32
+// register tiles), v4 gemm_tf32 (TF32 tensor cores). Written out as a matrix product over pixels,
 //
 //     gw[co, c] = sum_p gy[co, p] * X[p, c]      c = ci*9 + ky*3 + kx,  p = (n, i, j)
 //     X[p, c]   = x[n, ci, i+ky, j+kx]            (an "implicit im2col": never stored)
 //
 // gw is (Co x Ci*9) = (Co x P) @ (P x Ci*9), P = N*Ho*Wo. The bias gradient is the same product
 // with a column of ones, gb[co] = sum_p gy[co, p]: the kernels add it up from the gy values they
-// load anyway (fused; no second pass over gy).
+// load anyway (fused; no second pass over gy). The tiles, the loop over pixel stages, the
+// product, the stores and the bias sums are the same for conv1x1.cu and conv_transpose2x2.cu, so
+// they live in gemm_tiles.cuh (read its header: how threads map to the tiles, and the napkin
+// math of a tile); this file says where gy and X lie (Conv3x3WgradOperands).
 //
 // Why this beats one thread per weight (conv3x3_grad_weight_serial): there, every multiply-add
 // loads its gy and its x value from global memory (2 loads per FMA; a 3x3 layer of 64 -> 64
 // channels at 568 x 568 pixels does 1.2e10 FMAs, so 2.4e10 loads through the caches), and a
 // deep layer with few pixels has only Co*Ci*9 threads, each a long dependent chain. Here a block
-// stages a tile of WG_BK pixels x 64 rows of gy and the matching 64 columns of X in shared
-// memory, and each of the 256 threads keeps a 4 x 4 tile of gw in registers: every gy value read
-// from shared memory is used for 4 columns and every X value for 4 rows. Per stage a block reads
-// (64 + 64) * 32 floats from global memory for 64 * 64 * 32 FMAs: 32 FMAs per global load (the
-// arithmetic intensity of a 64 x 64 tile, 64*64*2 FLOP / ((64+64)*4 B) = 16 FLOP/byte before
-// caches), against 0.5 for the serial kernel: ~64x fewer loads. In shared memory a thread
-// reads 4 + 4 values for 16 FMAs (8 loads : 16 FMAs, so shared-memory bandwidth, not the FMA
-// units, bounds this version at about half of the FP32 peak; the TF32 version below moves the
-// product to the tensor cores).
+// stages a tile of 32 pixels x 64 rows of gy and the matching 64 columns of X in shared memory,
+// and each thread keeps a tile of gw in registers (v3) or tensor-core fragments (v4): 32 FMAs
+// per global load, ~64x fewer loads than the serial kernel.
 //
 // FLOPs: 2 * Co * Ci*9 * P (the same as the forward pass). Bytes from DRAM at best: gy and x once
 // (4 * (Co + Ci) * P) and gw once per slice; x's 9 taps overlap and come from L1/L2.
 //
-// Pixel slices: one block sums at most `pixels_per_slice` <= WG_MAX_SLICE pixels of its tile.
-// When the tiles alone would leave the GPU's SMs idle (a shallow layer: Co*Ci*9 small, P huge)
-// the launcher (KernelBackend.grad_weight) splits P into slices (blockIdx.z) of at least
-// WG_MIN_SLICE = 256 pixels, until there are about 2048 blocks (the first layer of the paper's
-// network, 64 x 9 weights in one tile and 570 x 570 pixels: 1,270 slices); each writes its
-// partial gw and gb, and reduce.cu's sum_partials adds them in slice order: deterministic, no
-// atomics. Float32 accuracy: an accumulator adds at most WG_MAX_SLICE = 2048 products (the
-// classic bound on the error is 2048 * 2^-24 ~ 1.2e-4 of the sum of |products|, typically
-// sqrt(2048) * 2^-24 ~ 3e-6), then the slices are added (a second short sum).
+// Pixel slices: when the tiles alone would leave the GPU's SMs idle (a shallow layer: Co*Ci*9
+// small, P huge) the launcher splits P into slices (blockIdx.z) of at least WG_MIN_SLICE = 256
+// pixels, until there are about 2048 blocks: the first layer of the paper's network, 64 x 9
+// weights in one tile and 570 x 570 pixels, gets 1,270 slices, added by reduce.cu's sum_partials
+// in a fixed order.
 //
-// Out-of-range rows, columns and pixels are loaded as 0, so the inner loop has no bounds check;
-// only the final store checks that the weight exists.
+// Loads: a lane's pixel (n, i, j) is found by two divisions once per stage (seek), a column's
+// (ci, ky, kx) by divisions by the constants 9 and 3 (multiplications). A warp's lanes read 32
+// consecutive pixels of one gy row or one x row (128 bytes: coalesced; x's rows are shifted by
+// the tap). v4 loads only 4 of X's 16 columns at a time (#pragma unroll 4): fully unrolled,
+// ptxas hoists all 16 loads (254 registers a thread for sm_90).
 // =============================================================================================
-#define WG_BM 64                                          // gw rows (output channels) per block
-#define WG_BN 64                                          // gw columns (ci*9 + tap) per block
-#define WG_BK 32                                          // pixels per stage: one warp's width
-#define WG_TM 4                                           // register tile: rows per thread
-#define WG_TN 4                                           // register tile: columns per thread
-#define WG_THREADS ((WG_BM / WG_TM) * (WG_BN / WG_TN))    // 16 x 16 = 256 threads
-#define WG_LOAD_ROWS (WG_THREADS / WG_BK)                 // 8 warps: the loads step 8 rows at a time
-#define WG_MAX_SLICE 2048                                 // most pixels one block sums (accuracy)
-#define WG_MIN_SLICE 256                                  // fewest pixels a block is split down to
+#include "gemm_tiles.cuh"
 
-// ---------------------------------------------------------------------------------------------
-// v3 FP32: conv3x3_grad_weight_gemm. Grid (ceil(Ci*9 / 64), ceil(Co / 64), slices), 256 threads.
-//
-// Loads: warp w (= t / 32) and lane l (= t % 32) load pixel p0 + l of the stage for the rows
-// w, w + 8, ..., w + 56 of gy and the columns w, w + 8, ... of X. A warp's 32 lanes read 32
-// consecutive pixels of one gy row or one x row (128 bytes: coalesced). The pixel's (n, i, j) is
-// found by two divisions once per stage, and a column's (ci, ky, kx) by divisions by the constants
-// 9 and 3 (multiplications). Shared tiles are [pixel][row] with one float of padding, so the 32
-// lanes' stores s[l][m] fall in 32 different banks.
-//
-// Compute: thread (ty, tx) = (t / 16, t % 16) owns rows ty + 16r and columns tx + 16c (r, c < 4)
-// of the block's 64 x 64 tile. Per pixel k it reads 4 gy values (s_gy[k][ty + 16r]: 2 distinct
-// addresses per warp, broadcasts) and 4 X values (s_x[k][tx + 16c]: 16 consecutive floats per
-// warp, no bank conflict) and does 16 FMAs. The stores to gw are coalesced (consecutive tx,
-// consecutive columns).
-//
-// Bias: each loading lane adds the gy values it loads (its pixels, one row each); at the end the
-// 32 lanes of a warp, which hold the same rows, add theirs with shuffles (a fixed tree: the
-// result does not depend on timing); blockIdx.x == 0 writes it.
-// ---------------------------------------------------------------------------------------------
+// gw (Co x Ci*9) = gy (Co x P) @ X (P x Ci*9) for gemm_tiles.cuh: where the lane's pixel of a
+// stage finds its gy rows and X columns.
+struct Conv3x3WgradOperands {
+    static constexpr bool GY_ON_ROWS = true;          // A = gy: its rows are the bias channels
+    static constexpr int COLUMNS_PER_CHANNEL = 1;     // (used only where gy is B)
+    const float* x;
+    const float* gy;
+    int Ci, W, Co, Wo, plane_out, plane_in;
+    int rows, cols, pixels, channels;
+    int gy_at, x_at;                                  // the lane's pixel: gy[n, 0, i, j], x[n, 0, i, j]
+
+    __device__ __forceinline__ Conv3x3WgradOperands(const float* x_, const float* gy_, int N, int Ci_, int H, int W_,
+                                                    int Co_)
+        : x(x_), gy(gy_), Ci(Ci_), W(W_), Co(Co_), Wo(W_ - 2), plane_out((H - 2) * (W_ - 2)), plane_in(H * W_),
+          rows(Co_), cols(Ci_ * 9), pixels(N * (H - 2) * (W_ - 2)), channels(Co_), gy_at(0), x_at(0) {}
+
+    __device__ __forceinline__ void seek(int p) {
+        const int n = p / plane_out, q = p - n * plane_out, i = q / Wo, j = q - i * Wo;
+        gy_at = n * Co * plane_out + i * Wo + j;
+        x_at = n * Ci * plane_in + i * W + j;
+    }
+    // X[p, col] = x[n, ci, i + ky, j + kx] of the lane's pixel (0 past the Ci*9 columns)
+    __device__ __forceinline__ float column(int col, bool live) const {
+        float v = 0.0f;
+        if (live && col < cols) {
+            const int ci = col / 9, tap = col - ci * 9;
+            v = x[x_at + ci * plane_in + (tap / 3) * W + tap % 3];
+        }
+        return v;
+    }
+    template <class TileA, class TileB>
+    __device__ __forceinline__ void load_fp32(TileA s_a, TileB s_b, int lane, int lrow, int row0, int col0, bool live,
+                                              float* bias) const {
+        wg_load_channels<WG_BM / WG_LOAD_ROWS, WG_LOAD_ROWS, true>(s_a[lane], 1, gy, gy_at, plane_out, lrow, row0, Co,
+                                                                   live, bias);
+#pragma unroll
+        for (int r = 0; r < WG_BN / WG_LOAD_ROWS; ++r) {
+            const int c = lrow + r * WG_LOAD_ROWS;
+            s_b[lane][c] = column(col0 + c, live);
+        }
+    }
+    __device__ __forceinline__ void load_tf32(float* s_a, float* s_b, int lane, int warp, int row0, int col0, bool live,
+                                              float* bias) const {
+        wg_load_channels<WT_BM / 4, 4, true>(s_a + lane, WT_LD, gy, gy_at, plane_out, warp, row0, Co, live, bias);
+#pragma unroll 4   // not 16: see the section's header
+        for (int r = 0; r < WT_BN / 4; ++r) {
+            const int c = warp + 4 * r;
+            s_b[c * WT_LD + lane] = column(col0 + c, live);
+        }
+    }
+};
+
+// v3 FP32: grid (ceil(Ci*9 / 64), ceil(Co / 64), slices), WG_THREADS = 256 threads.
 extern "C" __global__ void __launch_bounds__(WG_THREADS)
 conv3x3_grad_weight_gemm(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
                          float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
-    static_assert(WG_BK == 32, "a stage's pixels are the 32 lanes of a warp (the bias shuffles rely on it)");
-    __shared__ float s_gy[WG_BK][WG_BM + 1];   // [pixel][row]  32 * 65 * 4 = 8,320 bytes
-    __shared__ float s_x[WG_BK][WG_BN + 1];    // [pixel][column]
-    const int Ho = H - 2, Wo = W - 2, plane_out = Ho * Wo, plane_in = H * W, K9 = Ci * 9;
-    const int t = threadIdx.x;
-    const int tx = t % (WG_BN / WG_TN), ty = t / (WG_BN / WG_TN);
-    const int lane = t % WG_BK, lrow = t / WG_BK;
-    const int col0 = blockIdx.x * WG_BN, row0 = blockIdx.y * WG_BM;
-    const int start = blockIdx.z * pixels_per_slice;
-    const int stop = min(N * plane_out, start + pixels_per_slice);
-
-    float acc[WG_TM][WG_TN];
-#pragma unroll
-    for (int r = 0; r < WG_TM; ++r)
-#pragma unroll
-        for (int c = 0; c < WG_TN; ++c) acc[r][c] = 0.0f;
-    float bias[WG_BM / WG_LOAD_ROWS];
-#pragma unroll
-    for (int r = 0; r < WG_BM / WG_LOAD_ROWS; ++r) bias[r] = 0.0f;
-
-    for (int p0 = start; p0 < stop; p0 += WG_BK) {
-        const int p = p0 + lane;
-        const bool live = p < stop;
-        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
-        const int n = pl / plane_out, q = pl - n * plane_out, i = q / Wo, j = q - i * Wo;
-        const int gy_at = n * Co * plane_out + i * Wo + j;     // gy[n, 0, i, j]
-        const int x_at = n * Ci * plane_in + i * W + j;        // x[n, 0, i, j]
-#pragma unroll
-        for (int r = 0; r < WG_BM / WG_LOAD_ROWS; ++r) {
-            const int m = lrow + r * WG_LOAD_ROWS, co = row0 + m;
-            const float g = live && co < Co ? gy[gy_at + co * plane_out] : 0.0f;
-            s_gy[lane][m] = g;
-            bias[r] += g;
-        }
-#pragma unroll
-        for (int r = 0; r < WG_BN / WG_LOAD_ROWS; ++r) {
-            const int c = lrow + r * WG_LOAD_ROWS, col = col0 + c;
-            float v = 0.0f;
-            if (live && col < K9) {
-                const int ci = col / 9, tap = col - ci * 9;
-                v = x[x_at + ci * plane_in + (tap / 3) * W + tap % 3];
-            }
-            s_x[lane][c] = v;
-        }
-        __syncthreads();   // the stage is in shared memory
-#pragma unroll 8
-        for (int k = 0; k < WG_BK; ++k) {
-            float a[WG_TM], b[WG_TN];
-#pragma unroll
-            for (int r = 0; r < WG_TM; ++r) a[r] = s_gy[k][ty + r * (WG_BM / WG_TM)];
-#pragma unroll
-            for (int c = 0; c < WG_TN; ++c) b[c] = s_x[k][tx + c * (WG_BN / WG_TN)];
-#pragma unroll
-            for (int r = 0; r < WG_TM; ++r)
-#pragma unroll
-                for (int c = 0; c < WG_TN; ++c) acc[r][c] += a[r] * b[c];
-        }
-        __syncthreads();   // everyone is done with the stage before the next one overwrites it
-    }
-
-#pragma unroll
-    for (int r = 0; r < WG_TM; ++r) {
-        const int co = row0 + ty + r * (WG_BM / WG_TM);
-#pragma unroll
-        for (int c = 0; c < WG_TN; ++c) {
-            const int col = col0 + tx + c * (WG_BN / WG_TN);
-            if (co < Co && col < K9) out[(blockIdx.z * Co + co) * K9 + col] = acc[r][c];
-        }
-    }
-    if (blockIdx.x == 0) {   // the bias, once per row tile: the lanes' sums, added across the warp
-#pragma unroll
-        for (int r = 0; r < WG_BM / WG_LOAD_ROWS; ++r) {
-            float v = bias[r];
-#pragma unroll
-            for (int offset = WG_BK / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-            const int co = row0 + lrow + r * WG_LOAD_ROWS;
-            if (lane == 0 && co < Co) out_bias[blockIdx.z * Co + co] = v;
-        }
-    }
+    wgrad_gemm_fp32(Conv3x3WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
 }
 
-// ---------------------------------------------------------------------------------------------
-// v4 TF32 tensor cores: conv3x3_grad_weight_gemm_tf32. The same product and the same slices, on
-// the tensor cores through nvcuda::wmma (m16n16k8, TF32 inputs, float32 accumulators): the
-// inputs are rounded to TF32 (10 mantissa bits, wmma::__float_to_tf32: a relative error of at
-// most 2^-11 per input), the products and sums stay float32. Used when the backend's precision
-// is "tf32"; needs sm_80 or later (compiled to a __trap() elsewhere, and the launcher asks
-// conv3x3_grad_weight_has_tf32 first).
-//
-// Grid (ceil(Ci*9 / 64), ceil(Co / 64), slices), 128 threads = 4 warps. Block tile 64 x 64 of gw;
-// warp w computes the 32 x 32 quarter (w / 2, w % 2) as 2 x 2 accumulator fragments of 16 x 16.
-// Per stage of WT_BK = 32 pixels: A = gy tile [row][pixel] (row major), B = X tile stored
-// [column][pixel] and read as a col_major 8 x 16 matrix; 4 k-steps of 8 pixels, each 2 A and
-// 2 B fragment loads for 4 mma_sync (each 16*16*8 FMAs). Rows are WT_LD = 36 floats (32 + 4 of
-// padding, a multiple of 4 as wmma requires; fragment pointers stay 32-byte aligned).
-// Loads: warp w, lane l loads pixel l for rows w, w + 4, ..., w + 60 (coalesced as in v3; the
-// lanes' stores s_a[m][l] are consecutive: no bank conflict). The bias: as in v3, from the
-// float32 gy values (not rounded).
-// The accumulators go through shared memory (the same buffer, after the last stage) to global
-// memory, because gw's rows (Ci*9 floats) need not be 32-byte aligned as store_matrix_sync wants.
-//
-// Napkin math: the same bytes as v3 and a quarter of the shared-memory reads per FMA (a fragment
-// load feeds 2 mma_sync); H100/H200 TF32 tensor cores have ~7x the FP32 FMA peak, so this
-// version is bound by its loads and the im2col address arithmetic, not by the multiplications.
-// ---------------------------------------------------------------------------------------------
-#if defined(__has_include)
-#if __has_include(<mma.h>)
-#include <mma.h>
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define WG_WMMA_TF32 1                                   // this compilation has TF32 wmma
-#endif
-#endif
-#endif
-
-#define WT_BM 64                                          // gw rows per block
-#define WT_BN 64                                          // gw columns per block
-#define WT_BK 32                                          // pixels per stage
-#define WT_THREADS 128                                    // 4 warps, each 32 x 32 of the tile
-#define WT_LD (WT_BK + 4)                                 // row length of the staged tiles
-#define WT_LDC (WT_BN + 4)                                // row length of the staged result
-#define WT_SMEM (2 * WT_BM * WT_LD)                       // floats: A and B tiles (>= WT_BM * WT_LDC)
-
-extern "C" __global__ void conv3x3_grad_weight_has_tf32(int* flag) {
-#ifdef WG_WMMA_TF32
-    flag[0] = 1;
-#else
-    flag[0] = 0;
-#endif
-}
+// v4 TF32 (precision "tf32", sm_80+; a __trap() elsewhere, and the launcher asks
+// conv3x3_grad_weight_has_tf32 first): grid as v3, WT_THREADS = 128 threads.
+extern "C" __global__ void conv3x3_grad_weight_has_tf32(int* flag) { flag[0] = wg_has_tf32(); }
 
 extern "C" __global__ void __launch_bounds__(WT_THREADS)
 conv3x3_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
                               float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
-#ifdef WG_WMMA_TF32
-    using namespace nvcuda;
-    static_assert(WT_BK == 32 && WT_THREADS == 128, "lane = pixel of the stage; 4 warps of 32 x 32");
-    static_assert(WT_BM * WT_LDC <= WT_SMEM, "the staged result fits the stage buffer");
-    __shared__ __align__(32) float smem[WT_SMEM];   // 18,432 bytes
-    float* s_a = smem;                   // [row][pixel]
-    float* s_b = smem + WT_BM * WT_LD;   // [column][pixel]
-    float* s_c = smem;                   // after the last stage: [row][column], WT_LDC floats a row
-    const int Ho = H - 2, Wo = W - 2, plane_out = Ho * Wo, plane_in = H * W, K9 = Ci * 9;
-    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-    const int wrow = (warp / 2) * 32, wcol = (warp % 2) * 32;   // the warp's quarter of the tile
-    const int col0 = blockIdx.x * WT_BN, row0 = blockIdx.y * WT_BM;
-    const int start = blockIdx.z * pixels_per_slice;
-    const int stop = min(N * plane_out, start + pixels_per_slice);
-
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
-#pragma unroll
-    for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-        for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(acc[fi][fj], 0.0f);
-    float bias[WT_BM / 4];
-#pragma unroll
-    for (int r = 0; r < WT_BM / 4; ++r) bias[r] = 0.0f;
-
-    for (int p0 = start; p0 < stop; p0 += WT_BK) {
-        const int p = p0 + lane;
-        const bool live = p < stop;
-        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
-        const int n = pl / plane_out, q = pl - n * plane_out, i = q / Wo, j = q - i * Wo;
-        const int gy_at = n * Co * plane_out + i * Wo + j;
-        const int x_at = n * Ci * plane_in + i * W + j;
-#pragma unroll
-        for (int r = 0; r < WT_BM / 4; ++r) {
-            const int m = warp + 4 * r, co = row0 + m;
-            const float g = live && co < Co ? gy[gy_at + co * plane_out] : 0.0f;
-            s_a[m * WT_LD + lane] = g;
-            bias[r] += g;
-        }
-#pragma unroll 4   // not 16: fully unrolled, ptxas hoists all 16 loads (254 registers a thread for sm_90)
-        for (int r = 0; r < WT_BN / 4; ++r) {
-            const int c = warp + 4 * r, col = col0 + c;
-            float v = 0.0f;
-            if (live && col < K9) {
-                const int ci = col / 9, tap = col - ci * 9;
-                v = x[x_at + ci * plane_in + (tap / 3) * W + tap % 3];
-            }
-            s_b[c * WT_LD + lane] = v;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < WT_BK; kk += 8) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b[2];
-#pragma unroll
-            for (int f = 0; f < 2; ++f) {
-                wmma::load_matrix_sync(a[f], s_a + (wrow + 16 * f) * WT_LD + kk, WT_LD);
-                wmma::load_matrix_sync(b[f], s_b + (wcol + 16 * f) * WT_LD + kk, WT_LD);
-#pragma unroll
-                for (int e = 0; e < a[f].num_elements; ++e) a[f].x[e] = wmma::__float_to_tf32(a[f].x[e]);
-#pragma unroll
-                for (int e = 0; e < b[f].num_elements; ++e) b[f].x[e] = wmma::__float_to_tf32(b[f].x[e]);
-            }
-#pragma unroll
-            for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-                for (int fj = 0; fj < 2; ++fj) wmma::mma_sync(acc[fi][fj], a[fi], b[fj], acc[fi][fj]);
-        }
-        __syncthreads();
-    }
-
-#pragma unroll
-    for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-        for (int fj = 0; fj < 2; ++fj)
-            wmma::store_matrix_sync(s_c + (wrow + 16 * fi) * WT_LDC + wcol + 16 * fj, acc[fi][fj], WT_LDC,
-                                    wmma::mem_row_major);
-    __syncthreads();
-    for (int e = t; e < WT_BM * WT_BN; e += WT_THREADS) {   // consecutive threads, consecutive columns
-        const int m = e / WT_BN, c = e % WT_BN, co = row0 + m, col = col0 + c;
-        if (co < Co && col < K9) out[(blockIdx.z * Co + co) * K9 + col] = s_c[m * WT_LDC + c];
-    }
-    if (blockIdx.x == 0) {
-#pragma unroll
-        for (int r = 0; r < WT_BM / 4; ++r) {
-            float v = bias[r];
-#pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-            const int co = row0 + warp + 4 * r;
-            if (lane == 0 && co < Co) out_bias[blockIdx.z * Co + co] = v;
-        }
-    }
-#else
-    __trap();   // no TF32 tensor cores in this compilation (before sm_80, or no <mma.h>)
-#endif
+    wgrad_gemm_tf32(Conv3x3WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
 }

@@ -32,7 +32,9 @@
 //                                  GEMMs over all pixels (section at the end of the file).
 //   conv_transpose2x2_grad_weight_gemm (v3, FP32) / ..._gemm_tf32 (v4, TF32 tensor cores):
 //                                  gw = x @ G as a tiled GEMM over the input pixels (G: each
-//                                  pixel's 2x2 block of gy), the bias fused; see the section below.
+//                                  pixel's 2x2 block of gy), the bias fused; see the section below
+//                                  (the tiles and the product: gemm_tiles.cuh, shared with conv3x3
+//                                  and conv1x1, as is the TF32 fragment step of the _tf32 GEMMs).
 
 extern "C" __global__ void conv_transpose2x2_forward(const float* __restrict__ x, const float* __restrict__ w,
                                                      const float* __restrict__ b, float* __restrict__ y,
@@ -185,35 +187,29 @@ extern "C" __global__ void conv_transpose2x2_grad_weight_serial(const float* __r
 //
 // gw (Ci x Co*4) = x (Ci x N*H*W) @ G (N*H*W x Co*4); the bias gradient gb[co] is the sum of
 // G's four columns co*4 .. co*4+3 over the pixels, added up from the same loaded gy values
-// (fused). The structure is conv3x3.cu's conv3x3_grad_weight_gemm (read its header): a 64 x 64
-// tile of gw per block, stages of 32 pixels in shared memory, pixel slices for long reductions
-// (at most WG_MAX_SLICE = 2048 pixels per float32 accumulator, the slices added in a fixed order
-// by reduce.cu's sum_partials: no atomics).
+// (fused). The tiles, the stage loop, the product and the bias sums are gemm_tiles.cuh's (shared
+// with conv3x3.cu and conv1x1.cu; its header says how threads map to the tiles): a 64 x 64 tile
+// of gw per block, stages of 32 pixels in shared memory, pixel slices for long reductions (at
+// most WG_MAX_SLICE = 2048 pixels per float32 accumulator, the slices added in a fixed order by
+// reduce.cu's sum_partials: no atomics). Here the rows are x's channels and the columns come in
+// groups of 4, one output channel's 2x2 block (ConvTranspose2x2WgradOperands).
 //
 // v3 FP32 conv_transpose2x2_grad_weight_gemm: grid (ceil(Co*4 / 64), ceil(Ci / 64), slices), 256
 // threads. Warp w, lane l load pixel l of the stage: x rows w, w+8, ... (32 consecutive floats:
 // coalesced) and, for the output channels w and w+8 of the tile's 16, the 2x2 block of gy
 // (rows 2i and 2i+1, columns 2j and 2j+1: a warp's loads of one row cover 256 consecutive
 // bytes, each sector used by two of its four loads). The lane adds the 4 values to its channel's
-// bias sum. Thread (ty, tx) = (t / 16, t % 16) keeps the 4 x 4 register tile of rows ty + 16r,
-// columns tx + 16c: 8 shared loads per 16 FMAs, conflict-free as in conv3x3's v3.
+// bias sum. A 4 x 4 register tile a thread.
 // FLOPs 2 * Ci * Co*4 * N*H*W; global loads per stage (64 + 64) * 32 floats for 64*64*32 FMAs:
 // 32 FMAs per load, against 0.5 for conv_transpose2x2_grad_weight_serial.
 //
 // v4 TF32 conv_transpose2x2_grad_weight_gemm_tf32: the same tiles on the tensor cores (wmma
 // m16n16k8 TF32, 4 warps of 2 x 2 fragments, inputs rounded with wmma::__float_to_tf32, float32
-// accumulation), as conv3x3_grad_weight_gemm_tf32; sm_80+ (a __trap() elsewhere: the launcher asks
-// conv_transpose2x2_grad_weight_has_tf32 first and falls back to fp32 with a warning).
+// accumulation); warp w loads x rows w, w+4, ... and the blocks of channels w, w+4, w+8, w+12;
+// sm_80+ (a __trap() elsewhere: the launcher asks conv_transpose2x2_grad_weight_has_tf32 first
+// and falls back to fp32 with a warning).
 // ---------------------------------------------------------------------------------------------
-#define WG_BM 64                                          // gw rows (input channels) per block
-#define WG_BN 64                                          // gw columns (co*4 + tap) per block: 16 channels
-#define WG_BK 32
-#define WG_TM 4
-#define WG_TN 4
-#define WG_THREADS ((WG_BM / WG_TM) * (WG_BN / WG_TN))    // 256
-#define WG_LOAD_ROWS (WG_THREADS / WG_BK)                 // 8
-#define WG_MAX_SLICE 2048
-#define WG_MIN_SLICE 256                                  // fewest pixels a block is split down to
+#include "gemm_tiles.cuh"
 
 // gy's 2x2 block of input pixel (i, j) for one output channel (`at` = its top-left element):
 // the gemm's columns co*4 + (0, 1, 2, 3). Neighbouring lanes (neighbouring j) read neighbouring
@@ -223,212 +219,71 @@ __device__ __forceinline__ float4 ct_block(const float* __restrict__ gy, int at,
     return make_float4(g[0], g[1], g[2 * W], g[2 * W + 1]);
 }
 
+// gw (Ci x Co*4) = x (Ci x N*H*W) @ G (N*H*W x Co*4) for gemm_tiles.cuh: x's rows are channel
+// planes (a stride of H*W floats); G's columns come 4 at a time, gy's 2x2 block of the lane's
+// pixel for one output channel.
+struct ConvTranspose2x2WgradOperands {
+    static constexpr bool GY_ON_ROWS = false;         // B = G: gy is on the columns ...
+    static constexpr int COLUMNS_PER_CHANNEL = 4;     // ... 4 taps (a*2 + b) per bias channel
+    const float* x;
+    const float* gy;
+    int Ci, W, Co, plane;
+    int rows, cols, pixels, channels;
+    int x_at, gy_at;                                  // the lane's pixel: x[n, 0, i, j], gy[n, 0, 2i, 2j]
+
+    __device__ __forceinline__ ConvTranspose2x2WgradOperands(const float* x_, const float* gy_, int N, int Ci_, int H,
+                                                             int W_, int Co_)
+        : x(x_), gy(gy_), Ci(Ci_), W(W_), Co(Co_), plane(H * W_), rows(Ci_), cols(Co_ * 4), pixels(N * H * W_),
+          channels(Co_), x_at(0), gy_at(0) {}
+
+    __device__ __forceinline__ void seek(int p) {
+        const int n = p / plane, q = p - n * plane, i = q / W, j = q - i * W;
+        x_at = n * Ci * plane + q;
+        gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;
+    }
+    // Columns 4*cc .. 4*cc + 3 of the tile (output channel co0 + cc; 0 past Co or the slice) to
+    // dst[(4*cc + k) * dst_stride], and their sum to the channel's bias sum.
+    template <class Dst>
+    __device__ __forceinline__ void load_block(Dst dst, int dst_stride, int cc, int co0, bool live, float& bias) const {
+        const int co = co0 + cc;
+        float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (live && co < Co) g = ct_block(gy, gy_at + co * 4 * plane, W);
+        dst[(4 * cc + 0) * dst_stride] = g.x;
+        dst[(4 * cc + 1) * dst_stride] = g.y;
+        dst[(4 * cc + 2) * dst_stride] = g.z;
+        dst[(4 * cc + 3) * dst_stride] = g.w;
+        bias += (g.x + g.y) + (g.z + g.w);
+    }
+    template <class TileA, class TileB>
+    __device__ __forceinline__ void load_fp32(TileA s_a, TileB s_b, int lane, int lrow, int row0, int col0, bool live,
+                                              float* bias) const {
+        wg_load_channels<WG_BM / WG_LOAD_ROWS, WG_LOAD_ROWS, false>(s_a[lane], 1, x, x_at, plane, lrow, row0, Ci, live,
+                                                                    bias);
+#pragma unroll
+        for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) load_block(s_b[lane], 1, lrow + r * WG_LOAD_ROWS, col0 / 4, live, bias[r]);
+    }
+    __device__ __forceinline__ void load_tf32(float* s_a, float* s_b, int lane, int warp, int row0, int col0, bool live,
+                                              float* bias) const {
+        wg_load_channels<WT_BM / 4, 4, false>(s_a + lane, WT_LD, x, x_at, plane, warp, row0, Ci, live, bias);
+#pragma unroll
+        for (int r = 0; r < WT_BN / 4 / 4; ++r) load_block(s_b + lane, WT_LD, warp + 4 * r, col0 / 4, live, bias[r]);
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(WG_THREADS)
 conv_transpose2x2_grad_weight_gemm(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
                                    float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co,
                                    int pixels_per_slice) {
-    static_assert(WG_BK == 32, "a stage's pixels are the 32 lanes of a warp (the bias shuffles rely on it)");
-    __shared__ float s_x[WG_BK][WG_BM + 1];   // [pixel][row]
-    __shared__ float s_g[WG_BK][WG_BN + 1];   // [pixel][column]
-    const int plane = H * W, C4 = Co * 4;
-    const int t = threadIdx.x;
-    const int tx = t % (WG_BN / WG_TN), ty = t / (WG_BN / WG_TN);
-    const int lane = t % WG_BK, lrow = t / WG_BK;
-    const int col0 = blockIdx.x * WG_BN, row0 = blockIdx.y * WG_BM, co0 = col0 / 4;
-    const int start = blockIdx.z * pixels_per_slice;
-    const int stop = min(N * plane, start + pixels_per_slice);
-
-    float acc[WG_TM][WG_TN];
-#pragma unroll
-    for (int r = 0; r < WG_TM; ++r)
-#pragma unroll
-        for (int c = 0; c < WG_TN; ++c) acc[r][c] = 0.0f;
-    float bias[WG_BN / 4 / WG_LOAD_ROWS];   // the lane's 2 output channels
-#pragma unroll
-    for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) bias[r] = 0.0f;
-
-    for (int p0 = start; p0 < stop; p0 += WG_BK) {
-        const int p = p0 + lane;
-        const bool live = p < stop;
-        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
-        const int n = pl / plane, q = pl - n * plane, i = q / W, j = q - i * W;
-        const int x_at = n * Ci * plane + q;                        // x[n, 0, i, j]
-        const int gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;   // gy[n, 0, 2i, 2j]
-#pragma unroll
-        for (int r = 0; r < WG_BM / WG_LOAD_ROWS; ++r) {
-            const int m = lrow + r * WG_LOAD_ROWS, ci = row0 + m;
-            s_x[lane][m] = live && ci < Ci ? x[x_at + ci * plane] : 0.0f;
-        }
-#pragma unroll
-        for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) {
-            const int cc = lrow + r * WG_LOAD_ROWS, co = co0 + cc;
-            float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (live && co < Co) g = ct_block(gy, gy_at + co * 4 * plane, W);
-            s_g[lane][4 * cc + 0] = g.x;
-            s_g[lane][4 * cc + 1] = g.y;
-            s_g[lane][4 * cc + 2] = g.z;
-            s_g[lane][4 * cc + 3] = g.w;
-            bias[r] += (g.x + g.y) + (g.z + g.w);
-        }
-        __syncthreads();
-#pragma unroll 8
-        for (int k = 0; k < WG_BK; ++k) {
-            float a[WG_TM], b[WG_TN];
-#pragma unroll
-            for (int r = 0; r < WG_TM; ++r) a[r] = s_x[k][ty + r * (WG_BM / WG_TM)];
-#pragma unroll
-            for (int c = 0; c < WG_TN; ++c) b[c] = s_g[k][tx + c * (WG_BN / WG_TN)];
-#pragma unroll
-            for (int r = 0; r < WG_TM; ++r)
-#pragma unroll
-                for (int c = 0; c < WG_TN; ++c) acc[r][c] += a[r] * b[c];
-        }
-        __syncthreads();
-    }
-
-#pragma unroll
-    for (int r = 0; r < WG_TM; ++r) {
-        const int ci = row0 + ty + r * (WG_BM / WG_TM);
-#pragma unroll
-        for (int c = 0; c < WG_TN; ++c) {
-            const int col = col0 + tx + c * (WG_BN / WG_TN);
-            if (ci < Ci && col < C4) out[(blockIdx.z * Ci + ci) * C4 + col] = acc[r][c];
-        }
-    }
-    if (blockIdx.y == 0) {   // the bias, once per column tile (every row tile summed the same gy)
-#pragma unroll
-        for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) {
-            float v = bias[r];
-#pragma unroll
-            for (int offset = WG_BK / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-            const int co = co0 + lrow + r * WG_LOAD_ROWS;
-            if (lane == 0 && co < Co) out_bias[blockIdx.z * Co + co] = v;
-        }
-    }
+    wgrad_gemm_fp32(ConvTranspose2x2WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
 }
 
-#if defined(__has_include)
-#if __has_include(<mma.h>)
-#include <mma.h>
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define WG_WMMA_TF32 1                                   // this compilation has TF32 wmma
-#endif
-#endif
-#endif
-
-#define WT_BM 64
-#define WT_BN 64
-#define WT_BK 32
-#define WT_THREADS 128
-#define WT_LD (WT_BK + 4)
-#define WT_LDC (WT_BN + 4)
-#define WT_SMEM (2 * WT_BM * WT_LD)
-
-extern "C" __global__ void conv_transpose2x2_grad_weight_has_tf32(int* flag) {
-#ifdef WG_WMMA_TF32
-    flag[0] = 1;
-#else
-    flag[0] = 0;
-#endif
-}
+extern "C" __global__ void conv_transpose2x2_grad_weight_has_tf32(int* flag) { flag[0] = wg_has_tf32(); }
 
 extern "C" __global__ void __launch_bounds__(WT_THREADS)
 conv_transpose2x2_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restrict__ gy,
                                         float* __restrict__ out, float* __restrict__ out_bias,
                                         int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
-#ifdef WG_WMMA_TF32
-    using namespace nvcuda;
-    static_assert(WT_BK == 32 && WT_THREADS == 128, "lane = pixel of the stage; 4 warps of 32 x 32");
-    static_assert(WT_BM * WT_LDC <= WT_SMEM, "the staged result fits the stage buffer");
-    __shared__ __align__(32) float smem[WT_SMEM];
-    float* s_a = smem;                   // [row][pixel]: x
-    float* s_b = smem + WT_BM * WT_LD;   // [column][pixel]: gy's 2x2 blocks
-    float* s_c = smem;                   // after the last stage: [row][column]
-    const int plane = H * W, C4 = Co * 4;
-    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-    const int wrow = (warp / 2) * 32, wcol = (warp % 2) * 32;
-    const int col0 = blockIdx.x * WT_BN, row0 = blockIdx.y * WT_BM, co0 = col0 / 4;
-    const int start = blockIdx.z * pixels_per_slice;
-    const int stop = min(N * plane, start + pixels_per_slice);
-
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
-#pragma unroll
-    for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-        for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(acc[fi][fj], 0.0f);
-    float bias[WT_BN / 4 / 4];   // the lane's 4 output channels
-#pragma unroll
-    for (int r = 0; r < WT_BN / 4 / 4; ++r) bias[r] = 0.0f;
-
-    for (int p0 = start; p0 < stop; p0 += WT_BK) {
-        const int p = p0 + lane;
-        const bool live = p < stop;
-        const int pl = live ? p : start;   // a lane past the end computes in-range (unused) indices
-        const int n = pl / plane, q = pl - n * plane, i = q / W, j = q - i * W;
-        const int x_at = n * Ci * plane + q;
-        const int gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;
-#pragma unroll
-        for (int r = 0; r < WT_BM / 4; ++r) {
-            const int m = warp + 4 * r, ci = row0 + m;
-            s_a[m * WT_LD + lane] = live && ci < Ci ? x[x_at + ci * plane] : 0.0f;
-        }
-#pragma unroll
-        for (int r = 0; r < WT_BN / 4 / 4; ++r) {
-            const int cc = warp + 4 * r, co = co0 + cc;
-            float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (live && co < Co) g = ct_block(gy, gy_at + co * 4 * plane, W);
-            s_b[(4 * cc + 0) * WT_LD + lane] = g.x;
-            s_b[(4 * cc + 1) * WT_LD + lane] = g.y;
-            s_b[(4 * cc + 2) * WT_LD + lane] = g.z;
-            s_b[(4 * cc + 3) * WT_LD + lane] = g.w;
-            bias[r] += (g.x + g.y) + (g.z + g.w);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < WT_BK; kk += 8) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b[2];
-#pragma unroll
-            for (int f = 0; f < 2; ++f) {
-                wmma::load_matrix_sync(a[f], s_a + (wrow + 16 * f) * WT_LD + kk, WT_LD);
-                wmma::load_matrix_sync(b[f], s_b + (wcol + 16 * f) * WT_LD + kk, WT_LD);
-#pragma unroll
-                for (int e = 0; e < a[f].num_elements; ++e) a[f].x[e] = wmma::__float_to_tf32(a[f].x[e]);
-#pragma unroll
-                for (int e = 0; e < b[f].num_elements; ++e) b[f].x[e] = wmma::__float_to_tf32(b[f].x[e]);
-            }
-#pragma unroll
-            for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-                for (int fj = 0; fj < 2; ++fj) wmma::mma_sync(acc[fi][fj], a[fi], b[fj], acc[fi][fj]);
-        }
-        __syncthreads();
-    }
-
-#pragma unroll
-    for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-        for (int fj = 0; fj < 2; ++fj)
-            wmma::store_matrix_sync(s_c + (wrow + 16 * fi) * WT_LDC + wcol + 16 * fj, acc[fi][fj], WT_LDC,
-                                    wmma::mem_row_major);
-    __syncthreads();
-    for (int e = t; e < WT_BM * WT_BN; e += WT_THREADS) {
-        const int m = e / WT_BN, c = e % WT_BN, ci = row0 + m, col = col0 + c;
-        if (ci < Ci && col < C4) out[(blockIdx.z * Ci + ci) * C4 + col] = s_c[m * WT_LDC + c];
-    }
-    if (blockIdx.y == 0) {
-#pragma unroll
-        for (int r = 0; r < WT_BN / 4 / 4; ++r) {
-            float v = bias[r];
-#pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-            const int co = co0 + warp + 4 * r;
-            if (lane == 0 && co < Co) out_bias[blockIdx.z * Co + co] = v;
-        }
-    }
-#else
-    __trap();   // no TF32 tensor cores in this compilation (before sm_80, or no <mma.h>)
-#endif
+    wgrad_gemm_tf32(ConvTranspose2x2WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
 }
 
 // =============================================================================================
@@ -612,11 +467,8 @@ __device__ __forceinline__ void ct_gemm_tf32(const float* __restrict__ src, cons
     const CtPixel px = ct_pixel(live ? pix0 + lp : 0, H, W);
     const int b_at = GRAD_INPUT ? px.n * C4 * plane + 2 * px.i * 2 * W + 2 * px.j : px.n * Ci * plane + px.q;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
-#pragma unroll
-    for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-        for (int fj = 0; fj < 2; ++fj) wmma::fill_fragment(acc[fi][fj], 0.0f);
+    Tf32Accumulator acc[2][2];   // the warp's 32 x 32 quarter of the tile (gemm_tiles.cuh)
+    tf32_zero_2x2(acc);
 
     for (int k0 = 0; k0 < K; k0 += CGT_BK) {
 #pragma unroll 4
@@ -634,34 +486,17 @@ __device__ __forceinline__ void ct_gemm_tf32(const float* __restrict__ src, cons
             s_b[bk * CGT_LDB + lp] = v;
         }
         __syncthreads();
+        // A's two fragments: 16 rows apart, i.e. 16 staged rows (grad input, [row][channel]) or
+        // 16 floats along a staged row (forward, [channel][row]); B's: 16 pixels apart
 #pragma unroll
-        for (int kk = 0; kk < CGT_BK; kk += 8) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, typename CtLayoutA<GRAD_INPUT>::type> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b[2];
-#pragma unroll
-            for (int f = 0; f < 2; ++f) {
-                const int m = wrow + 16 * f;
-                wmma::load_matrix_sync(a[f], s_a + (GRAD_INPUT ? m * CGT_LDA + kk : kk * CGT_LDAT + m), lda);
-                wmma::load_matrix_sync(b[f], s_b + kk * CGT_LDB + wcol + 16 * f, CGT_LDB);
-#pragma unroll
-                for (int e = 0; e < a[f].num_elements; ++e) a[f].x[e] = wmma::__float_to_tf32(a[f].x[e]);
-#pragma unroll
-                for (int e = 0; e < b[f].num_elements; ++e) b[f].x[e] = wmma::__float_to_tf32(b[f].x[e]);
-            }
-#pragma unroll
-            for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-                for (int fj = 0; fj < 2; ++fj) wmma::mma_sync(acc[fi][fj], a[fi], b[fj], acc[fi][fj]);
-        }
+        for (int kk = 0; kk < CGT_BK; kk += 8)
+            tf32_mma_2x2<typename CtLayoutA<GRAD_INPUT>::type, wmma::row_major>(
+                acc, s_a + (GRAD_INPUT ? wrow * CGT_LDA + kk : kk * CGT_LDAT + wrow), GRAD_INPUT ? 16 * CGT_LDA : 16, lda,
+                s_b + kk * CGT_LDB + wcol, 16, CGT_LDB);
         __syncthreads();
     }
 
-#pragma unroll
-    for (int fi = 0; fi < 2; ++fi)
-#pragma unroll
-        for (int fj = 0; fj < 2; ++fj)
-            wmma::store_matrix_sync(s_c + (wrow + 16 * fi) * CGT_LDC + wcol + 16 * fj, acc[fi][fj], CGT_LDC,
-                                    wmma::mem_row_major);
+    tf32_store_2x2(s_c + wrow * CGT_LDC + wcol, CGT_LDC, acc);
     __syncthreads();
     if (live) {   // the thread's pixel lp, rows lk, lk + 2, ...: consecutive threads, consecutive pixels
         for (int am = lk; am < CGT_BM; am += CGT_THREADS / CGT_BP) {

@@ -31,7 +31,7 @@ import minunet as mu
 import minunet.functional as F
 from minunet import backends, nn
 from minunet.backends.kernels import CONV3X3_VERSIONS, KernelBackend
-from minunet.backends.sources import kernels_dir
+from minunet.backends.sources import kernel_source, kernels_dir
 from minunet.devices import cuda_status, to_host
 from minunet.emulator import EmuModule
 from minunet.ops import conv3x3 as C
@@ -266,7 +266,7 @@ def test_wmma_under_tf32_precision_via_auto():
 def test_wmma_kernel_without_tensor_cores_computes_the_same_in_fp32(monkeypatch):
     """Compiled with CONV3X3_NO_WMMA (what sm_75 gets), conv3x3_wmma computes its tiles with FP32
     FMAs: the FP32 tolerance holds, and conv3x3_wmma_enabled reports 0 (1 in the normal build)."""
-    source = (kernels_dir() / "conv3x3.cu").read_text()
+    source = kernel_source("conv3x3")   # gemm_tiles.cuh inlined, as the backend compiles it
     fallback = EmuModule("#define CONV3X3_NO_WMMA 1\n" + source, name="conv3x3_no_wmma.cu")
     k = backend("wmma")
     flag = np.zeros(1, np.int32)
@@ -391,10 +391,11 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
     k = backends.get_backend("emu")
     monkeypatch.setattr(k, "conv3x3_version", version.split("-")[0])
     if version == "wmma-fp32":
-        fallback = EmuModule("#define CONV3X3_NO_WMMA 1\n" + (kernels_dir() / "conv3x3.cu").read_text(),
+        fallback = EmuModule("#define CONV3X3_NO_WMMA 1\n" + kernel_source("conv3x3"),
                              name="conv3x3_no_wmma.cu")
         original = k.module
         monkeypatch.setattr(k, "module", lambda file: fallback if file == "conv3x3" else original(file))
+        monkeypatch.setattr(k, "_functions", {})   # kernels looked up by earlier tests came from `original`
     (logits_ref, loss_ref), grads_ref, params_ref = cpu_training()
     (logits, loss), grads, params = run_training_steps("emu")
     assert list(grads) == list(grads_ref)
@@ -422,7 +423,7 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
 def test_nvrtc_with_the_cuda_headers_uses_tensor_cores_from_sm80(arch, tensor_cores):
     """With <mma.h> on the include path (CuPy's NVRTC on a GPU machine) conv3x3_wmma is TF32 wmma on
     sm_80/90 and the FP32 fallback on sm_75. (tests/test_nvrtc.py compiles without it.)"""
-    ptx = compile_with_cuda_headers((kernels_dir() / "conv3x3.cu").read_text(), "conv3x3.cu", arch)
+    ptx = compile_with_cuda_headers(kernel_source("conv3x3"), "conv3x3.cu", arch)
     assert ("wmma.mma.sync" in ptx and ".tf32" in ptx) == tensor_cores
 
 

@@ -72,7 +72,7 @@ import weakref
 import numpy as np
 
 from . import choices
-from .sources import cu_defines, cuda_include_dir, kernels_dir
+from .sources import cu_defines, cuda_include_dir, kernels_dir, read_kernel
 
 # Options for NVRTC on the GPU. tests/test_nvrtc.py compiles every file with exactly these (plus
 # an architecture), so what passes there is what CuPy compiles.
@@ -109,6 +109,8 @@ _BACKENDS: "weakref.WeakSet[KernelBackend]" = weakref.WeakSet()   # (tests make 
 
 # (device, path, emulator mode) -> (mtime_ns, size, compiled module), shared by all backend instances
 _MODULES: dict[tuple, tuple[int, int, object]] = {}
+# the same keys -> ((header path, mtime_ns, size), ...): the local headers the .cu file includes
+_HEADERS: dict[tuple, tuple[tuple[str, int, int], ...]] = {}
 
 
 def slice_group(slices: int) -> int:
@@ -293,7 +295,9 @@ class KernelBackend:
         emulator mode, ``minunet.emulator.set_emu_mode``). The file is read and its modification
         time noted when the module is built; later calls do not touch the file system (the H200
         profile of 2026-12-04 found a ``stat`` per launch costing 1.2 s in 44,379 launches):
-        after editing a ``.cu`` file, call :meth:`reload`."""
+        after editing a ``.cu`` file or a header it includes, call :meth:`reload`. The text
+        compiled is the file with its local headers inlined (``sources.read_kernel``), on cuda
+        and on emu alike."""
         mode = None
         if self.device == "emu":
             from ..emulator import emu_mode
@@ -306,9 +310,10 @@ class KernelBackend:
             return cached[2]
         try:
             stat = path.stat()
+            source, files = read_kernel(file)
+            headers = tuple((str(h), h.stat().st_mtime_ns, h.stat().st_size) for h in files[1:])
         except FileNotFoundError:
             raise KernelError(f"no kernel file {path}") from None
-        source = path.read_text()
         try:
             if self.device == "cuda":
                 import cupy
@@ -322,26 +327,29 @@ class KernelBackend:
             raise KernelError(f"compiling kernels/{file}.cu for device {self.device!r} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
         _MODULES[key] = (stat.st_mtime_ns, stat.st_size, module)
+        _HEADERS[key] = headers
         return module
 
     def reload(self) -> list[str]:
-        """Forget the compiled modules of this device whose ``.cu`` file changed (modification
-        time or size) or vanished since it was compiled, so the next launch compiles the file
-        again. Returns the paths dropped. The only file-system calls of the launch path are here
-        and in the first :meth:`module` call of a file."""
+        """Forget the compiled modules of this device whose ``.cu`` file or one of its local
+        headers changed (modification time or size) or vanished since it was compiled, so the
+        next launch compiles the file again. Returns the paths (of the ``.cu`` files) dropped.
+        The only file-system calls of the launch path are here and in the first :meth:`module`
+        call of a file."""
         dropped = []
         _file_defines.cache_clear()
         choices._CACHE.clear()   # the measured choice table is read again too
         for key, (mtime_ns, size, _) in list(_MODULES.items()):
             if key[0] != self.device:
                 continue
+            stamps = [(key[1], mtime_ns, size), *_HEADERS.get(key, ())]
             try:
-                stat = os.stat(key[1])
-                changed = (stat.st_mtime_ns, stat.st_size) != (mtime_ns, size)
+                changed = any((os.stat(p).st_mtime_ns, os.stat(p).st_size) != (m, n) for p, m, n in stamps)
             except FileNotFoundError:
                 changed = True
             if changed:
                 del _MODULES[key]
+                _HEADERS.pop(key, None)
                 dropped.append(key[1])
         for backend in _BACKENDS:     # the modules are shared, so are their functions' staleness
             backend._functions.clear()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kernels import CUDA_OPTIONS
-from .sources import kernel_files
+from .sources import kernel_files, kernel_source
 
 ARCHITECTURES = ("compute_75", "compute_80", "compute_90")
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in kernel_files():
             for arch in ARCHITECTURES:
                 try:
-                    nvrtc_compile(path.read_text(), path.name, arch)
+                    nvrtc_compile(kernel_source(path.name), path.name, arch)
                 except CompileError as exc:
                     print(exc, file=sys.stderr)
                     status = 1

@@ -52,18 +52,32 @@ def kernel_files() -> list[Path]:
     return sorted(kernels_dir().glob("*.cu"))
 
 
-def kernel_source(name: str) -> str:
-    """The text of ``kernels/<name>.cu`` (``name`` with or without the suffix)."""
+def read_kernel(name: str) -> tuple[str, tuple[Path, ...]]:
+    """The text of ``kernels/<name>.cu`` (``name`` with or without the suffix) with its local
+    headers (``#include "gemm_tiles.cuh"``) inlined, and the files it was made of: the ``.cu``
+    file, then the headers. This text is what CuPy's NVRTC and the emulator compile: one text
+    on every path, and their caches, keyed by the text, see a header's edits
+    (``minunet.emulator.source.inline_local_includes``)."""
+    from ..emulator.source import inline_local_includes
+
     stem = name[:-3] if name.endswith(".cu") else name
     path = kernels_dir() / f"{stem}.cu"
     if not path.is_file():
         known = ", ".join(p.stem for p in kernel_files())
         raise FileNotFoundError(f"no kernel file {path.name} in {path.parent}; known: {known}")
-    return path.read_text()
+    text, headers = inline_local_includes(path.read_text(), [path.parent], path.name)
+    return text, (path, *headers)
+
+
+def kernel_source(name: str) -> str:
+    """The text of ``kernels/<name>.cu``, its local headers inlined (``read_kernel``)."""
+    return read_kernel(name)[0]
 
 
 def cu_defines(name: str) -> dict[str, int]:
-    """The integer ``#define`` constants of ``kernels/<name>.cu``, evaluated in order.
+    """The integer ``#define`` constants of ``kernels/<name>.cu`` and of the local headers it
+    includes (``kernel_source``: the weight-gradient tiles WG_* / WT_* are gemm_tiles.cuh's),
+    evaluated in order.
 
     A launch configuration must agree with the tile and block sizes a kernel was written for;
     reading them from the ``.cu`` file (instead of copying them into Python) keeps each constant

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CompilerNotFoundError, EmulatorError
-from .source import KernelInfo, find_kernels, translation_unit
+from .source import KernelInfo, find_kernels, inline_local_includes, translation_unit
 
 HEADER_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = HEADER_DIR / "include"   # the emulator's <mma.h>, <cuda_fp16.h>, ...
@@ -158,6 +158,11 @@ def build(code: str, name: str, options: tuple[str, ...] = (), mode: str = "chec
         label = str(source_path.resolve())
     else:
         label = name
+    # #include "x.cuh" of a header beside the file or in a -I folder: its text in place (so the
+    # rewrites below reach it, and the cache key below changes when it does)
+    # (searched like a compiler's quoted includes: the file's own folder first, then the -I options)
+    folders = [Path(option[2:]) for option in extra if option.startswith("-I")]
+    code, _ = inline_local_includes(code, folders[-1:] + folders[:-1] if source_path.is_file() else folders, label)
     kernels = find_kernels(code)
     unit = translation_unit(code, label, kernels)
     command = find_compiler()

@@ -15,6 +15,10 @@ Python does only what a header cannot:
 4. rewrite ``#pragma unroll [N]`` into ``EMU_UNROLL(N)`` (a pragma cannot be redefined by a
    macro), which fast mode turns into GCC's ``#pragma GCC unroll N``.
 
+Before all of these, ``inline_local_includes`` puts the text of every ``#include "header.cuh"``
+found beside the file (or in a ``-I`` folder) in place of the directive, so the rewrites reach
+the header's code too and the module cache, keyed by the text, sees a header's edits.
+
 Every rewrite keeps the text on the same line, and a ``#line`` directive makes compiler errors
 and ``__LINE__`` (used in the barrier reports) refer to the ``.cu`` file's own line numbers.
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,48 @@ def blank_comments_and_strings(code: str) -> str:
         return re.sub(r"[^\n]", " ", text)
 
     return _COMMENT_OR_STRING.sub(blank, code)
+
+
+# `#include "name"` at the start of a line (found in the text whose comments are blanked, so an
+# include inside a /* */ comment is not one; the name is then read from the original text)
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"[^"\n]*"[^\n]*$', re.M)
+
+
+def inline_local_includes(code: str, directories, label: str) -> tuple[str, tuple[Path, ...]]:
+    """``code`` with each ``#include "name"`` whose file is found in ``directories`` (searched in
+    order, like a compiler's quoted includes: pass the including file's folder first) replaced by
+    that file's text, recursively (a header's own includes are looked for in its folder first).
+    Each file is inlined once, as if every local header had ``#pragma once``: a later include of
+    it becomes an empty line. ``#line`` directives before and after an inlined text keep the line
+    numbers of compiler errors, ``__LINE__`` and the emulator's reports those of the file each
+    line comes from (``label`` names ``code``'s own file in them). Includes in ``<>`` and names not
+    found are left to the compiler. Returns the text and the files inlined, in order.
+
+    Why inline instead of passing ``-I``: NVRTC (CuPy's ``RawModule``) and the emulator cache a
+    compiled module by its source text, so with ``-I`` an edited header would not change the key
+    and the stale module would be reused; inlined, the text is everything that was compiled."""
+    found: list[Path] = []
+
+    def expand(text: str, folders: list[Path], name: str) -> str:
+        clean = blank_comments_and_strings(text)
+        pieces, last = [], 0
+        for match in _LOCAL_INCLUDE.finditer(clean):
+            include = re.search(r'"([^"\n]*)"', text[match.start():match.end()]).group(1)
+            path = next((d / include for d in folders if (d / include).is_file()), None)
+            if path is None:
+                continue
+            path = path.resolve()
+            line = text.count("\n", 0, match.start()) + 1
+            pieces.append(text[last:match.start()])
+            if path not in found:
+                found.append(path)
+                body = expand(path.read_text(), [path.parent, *folders], path.name)
+                pieces.append(f'#line 1 "{path.name}"\n{body.rstrip(chr(10))}\n#line {line} "{name}"\n')
+            last = match.end()
+        pieces.append(text[last:])
+        return "".join(pieces)
+
+    return expand(code, [Path(d) for d in directories], label), tuple(found)
 
 
 def matching_bracket(text: str, open_at: int) -> int:
