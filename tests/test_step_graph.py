@@ -287,3 +287,17 @@ def test_train_refuses_graph_on_cpu_with_one_line(tmp_path, capsys):
     assert run(train.main, ["--device", "cpu", "--graph", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--graph" in err and "--device cuda" in err
+
+
+def test_bench_graph_row(tmp_path):
+    """python -m minunet.bench --graph adds the replayed step beside the bare one (times: any)."""
+    import json
+
+    from minunet import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "emu", "--base-channels", "1", "--step-tiles", "188", "--no-ops",
+                       "--no-torch", "--repeat", "1", "--save", "none", "--graph", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["steps"]["188"]
+    assert [r["name"] for r in rows[-2:]] == ["training step", "training step (graph replay)"]
+    assert rows[-1]["ms"] > 0
