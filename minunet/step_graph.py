@@ -53,10 +53,13 @@ Hazards, and how each is met:
   momentum (launch arguments), precision and kernel versions, the emulator mode, a kernel
   ``reload()``, training/eval mode and the dropout probability. ``signature()`` collects them;
   when it changes the graph is dropped, and the next two calls warm up and capture again.
-- **Streams and threads.** On ``cuda`` the step runs on a stream of its own (captures cannot use
-  the legacy default stream; this one is a blocking stream, so it stays ordered with work on
-  the default stream). Launches from other threads (the batch-preparing thread) are not
-  recorded. During the capture no other thread may use the legacy default stream.
+- **Streams and threads.** On ``cuda`` the step runs on a non-blocking stream of its own (a
+  capture cannot use the legacy default stream, and a blocking stream would be invalidated by
+  any legacy-stream work of another thread during the capture). Each step first waits for an
+  event recorded on the caller's current stream (the batch's upload happened there), and ends
+  with the host reading the loss, which waits for the whole step: the caller's later work
+  (validation, a checkpoint) finds it done. Launches from other threads (the batch-preparing
+  thread) are not recorded.
 
 The ``cuda`` path follows CuPy's documented API (Stream.begin_capture's relaxed default mode,
 which permits the memory pool to grow during a capture, end_capture, Graph.launch); it was NOT run
@@ -75,6 +78,10 @@ from .backends import get_backend
 from .backends import kernels as _kernels
 from .ops.cross_entropy import WeightedCrossEntropy
 from .tensor import Tensor
+
+
+# the kernels a captured step uses and an eager one does not (kernels/elementwise.cu)
+CAPTURE_ONLY_KERNELS = ("dropout_forward_seed_buffer", "sgd_momentum_if_finite")
 
 
 def _raw(a):
@@ -103,7 +110,7 @@ class StepGraph:
         if device == "cuda":
             import cupy
 
-            self.stream = cupy.cuda.Stream()   # blocking: ordered with the legacy default stream
+            self.stream = cupy.cuda.Stream(non_blocking=True)   # ordered by events (step())
         layers = getattr(model, "DROPOUT_LAYERS", 0)
         self.seeds = self.xp.zeros(max(layers, 1), dtype=np.uint32)   # the dropout seeds, rewritten per step
         self.captures = 0    # steps captured so far (a new capture after each invalidation)
@@ -148,6 +155,10 @@ class StepGraph:
         signature = self.signature(x, target, weight)
         if self._captured is not None and signature != self._captured:
             self.release()
+        if self.stream is not None:   # after the caller's work so far (the batch's upload, say)
+            import cupy
+
+            self.stream.wait_event(cupy.cuda.get_current_stream().record())
         with self._on_stream():
             if self._captured is not None:
                 return self._replay(x, target, weight)
@@ -174,11 +185,12 @@ class StepGraph:
         return value
 
     def _device_copy(self, a, dtype):
+        """A new array of the step (never the caller's own array: the step writes into it)."""
         a = _raw(a)
         if self.device == "cuda":
             import cupy
 
-            return cupy.ascontiguousarray(cupy.asarray(a, dtype=dtype))
+            return cupy.array(a, dtype=dtype, order="C", copy=True)
         if not isinstance(a, np.ndarray) and hasattr(a, "get"):
             raise TypeError("a GPU array was given to a step on 'emu'; move it to the host first")
         return np.array(a, dtype=dtype, order="C", copy=True)
@@ -209,6 +221,8 @@ class StepGraph:
         self._check_target(self._inputs[1])
         tx, tt, tw = (Tensor._from_array(a, self.device) for a in self._inputs)
         self._write_seeds()
+        for kernel in CAPTURE_ONLY_KERNELS:   # looked up (loaded) now: no module load inside a capture
+            backend.function("elementwise", kernel)
         launches = []
         seeds_from = getattr(model, "dropout_seeds_from", None)
         backend.recorder = (threading.get_ident(), launches)
