@@ -205,13 +205,13 @@ class StepGraph:
 
     def _load(self, x, target, weight) -> None:
         """Copy the batch into the captured step's input buffers (one copy each, outside the graph)."""
+        self._check_target(_raw(target))
         for buffer, a in zip(self._inputs, (x, target, weight)):
             a = _raw(a)
             if self.device == "cuda" and isinstance(a, np.ndarray):
                 buffer.set(np.ascontiguousarray(a, dtype=buffer.dtype))
             else:
                 self.xp.copyto(buffer, a, casting="same_kind")
-        self._check_target(self._inputs[1])
 
     def _capture(self, x, target, weight) -> float:
         model, opt, backend = self.model, self.optimizer, self.backend
