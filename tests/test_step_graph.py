@@ -203,6 +203,7 @@ def test_cpu_is_refused_with_one_line():
                                           ((1000,), 0.9, 123456789)])
 def test_dropout_reading_its_seed_from_device_memory_draws_the_reference_mask(rng, device, shape, p, seed):
     need(device)
+    emulator.set_emu_mode("checked")    # a single kernel: every access checked (restored after)
     backend = mu.backends.get_backend(device)
     x = rng.standard_normal(shape).astype(np.float32)
     seeds = backend.xp.asarray(np.array([7, seed, 9], np.uint32))
@@ -225,6 +226,7 @@ def test_a_device_seed_of_the_wrong_kind_is_refused():
 @pytest.mark.parametrize("loss", [np.nan, np.inf, -np.inf, 0.75])
 def test_sgd_if_finite_updates_exactly_like_sgd_or_not_at_all(rng, device, loss):
     need(device)
+    emulator.set_emu_mode("checked")
     backend = mu.backends.get_backend(device)
     param, grad, velocity = (rng.standard_normal(1000).astype(np.float32) for _ in range(3))
     want_p, want_v = backend.xp.asarray(param), backend.xp.asarray(velocity)
