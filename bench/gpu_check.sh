@@ -5,7 +5,8 @@
 #                 the GEMM weight gradients, resample, SGD), then a 15-second training run
 #   3. bench      python -m minunet.bench, paper network (base 64, tile 572) and default (16, 348):
 #                 the training step, minunet in fp32 and tf32 against PyTorch cuDNN strict FP32
-#                 and TF32; every op and kernel version
+#                 and TF32; every op and kernel version; the default step captured once and
+#                 replayed as a CUDA graph (--graph)
 #   4. tune       python -m minunet.bench --tune for both networks: the measured choice table
 #   5. ncu        Nsight Compute's kernel-time breakdown of one paper training step, fp32 and tf32
 # Each stage has its own time limit, and none runs past 300 s from the start; a stage that fails
@@ -112,7 +113,8 @@ stage setup 30 "$SUMMARY" bash -c setup
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 stage tests 45 "$OUT/tests.txt" "$PY" -m pytest -q -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py \
-    tests/test_kernels_conv3x3.py tests/test_kernels_wgrad.py tests/test_resample.py tests/test_optim.py
+    tests/test_kernels_conv3x3.py tests/test_kernels_wgrad.py tests/test_resample.py tests/test_optim.py \
+    tests/test_step_graph.py
 
 # (limits from the H200 run of 2026-12-04: setup compiled the kernels with NVRTC in ~10 s, the
 # tests took 34 s, the paper's step tables 50-56 s, its op table 26 s, tune 12 + 3 s, ncu 8 s each)
@@ -137,6 +139,9 @@ stage train 25 "$SUMMARY" bash -c train_run
 # paper's step first, its op table after the default network's tables), every op and version
 stage paper_step 60 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-ops
 stage default 25 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --precision both --repeat $REPEAT --save none
+# 3b. the default step captured once as a CUDA graph and replayed (minunet.step_graph, train --graph;
+# its cuda test ran in stage 2): the "training step (graph replay)" row beside the bare step
+stage graph 15 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --graph --no-ops --no-torch --repeat $REPEAT --save none
 stage paper_ops 35 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-step
 
 # 4. the measured choice table, one network after the other (merged into one file)

@@ -8,11 +8,21 @@
 //   relu_backward     gx = gy where y > 0, else 0                 (uses the OUTPUT y: y > 0 iff x > 0)
 //   dropout_forward   keep = u(t, seed) >= p;  y = keep ? x * scale : 0;  mask = keep (uint8)
 //   dropout_backward  gx = mask ? gy * scale : 0                  scale = 1 / (1 - p)  (inverted dropout)
+//   dropout_forward_seed_buffer   the same, with the seed read from device memory: seeds[index]
 //   sgd_momentum      v = momentum * v + g;  param -= lr * v      (PyTorch's formulation, in place)
 //                     minunet.optim.SGD keeps every parameter of the network in one flat buffer (the
 //                     parameters are views of it), so ONE launch updates all of them, as PyTorch's
 //                     fused optimizers do: 46 update launches of a few microseconds each became
 //                     one (plus one gather of the gradients, minunet/optim.py).
+//   sgd_momentum_if_finite   the same update, skipped (param and v untouched) unless loss[0] is finite
+//   grad_add          c = a + b        autograd's sum of the gradients of a tensor used twice
+//   grad_scale        c = a * s[0]     the loss gradient times the incoming (device) scalar
+//
+// The last four, and the seed in device memory, exist for minunet.step_graph: a CUDA graph replays
+// the launches it captured with the very same arguments, so whatever changes from step to step
+// (the dropout seed, whether the loss is finite) must be READ FROM DEVICE MEMORY by a kernel, and
+// every array operation of a step must be a kernel of ours (an a + b done by the array library
+// would not be part of the emulator's replay). Each does one pass over memory, like the rest.
 //
 // Dropout (paper Section 3.1: "Drop-out layers at the end of the contracting path") needs random
 // numbers. Instead of a random-number generator with state per thread, u is a hash of the
@@ -47,16 +57,32 @@ __device__ __forceinline__ float dropout_uniform(unsigned int index, unsigned in
     return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
 
-extern "C" __global__ void dropout_forward(const float* __restrict__ x, float* __restrict__ y,
-                                           unsigned char* __restrict__ mask, int n, float p, float scale,
-                                           unsigned int seed) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n) return;
+__device__ __forceinline__ void dropout_element(const float* __restrict__ x, float* __restrict__ y,
+                                                unsigned char* __restrict__ mask, int t, float p,
+                                                float scale, unsigned int seed) {
     const bool keep = dropout_uniform((unsigned int)t, seed) >= p;
     mask[t] = keep ? 1 : 0;
     // multiply by 0 rather than write 0: a NaN input stays NaN (NaN * 0 = NaN), as in the reference
     // and PyTorch, so a broken activation is never hidden by the mask
     y[t] = x[t] * (keep ? scale : 0.0f);
+}
+
+extern "C" __global__ void dropout_forward(const float* __restrict__ x, float* __restrict__ y,
+                                           unsigned char* __restrict__ mask, int n, float p, float scale,
+                                           unsigned int seed) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) dropout_element(x, y, mask, t, p, scale, seed);
+}
+
+// The seed from device memory (seeds[index], written by the host before each replay of a captured
+// step): the same mask as dropout_forward with seed = seeds[index]. Every thread reads the same
+// word (one broadcast load per warp, served from cache).
+extern "C" __global__ void dropout_forward_seed_buffer(const float* __restrict__ x, float* __restrict__ y,
+                                                       unsigned char* __restrict__ mask, int n, float p,
+                                                       float scale, const unsigned int* __restrict__ seeds,
+                                                       int index) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) dropout_element(x, y, mask, t, p, scale, seeds[index]);
 }
 
 extern "C" __global__ void dropout_backward(const float* __restrict__ gy, const unsigned char* __restrict__ mask,
@@ -65,11 +91,37 @@ extern "C" __global__ void dropout_backward(const float* __restrict__ gy, const 
     if (t < n) gx[t] = gy[t] * (mask[t] ? scale : 0.0f);  // a NaN gradient stays NaN, as above
 }
 
-extern "C" __global__ void sgd_momentum(float* __restrict__ param, const float* __restrict__ grad,
-                                        float* __restrict__ velocity, int n, float lr, float momentum) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n) return;
+__device__ __forceinline__ void sgd_element(float* __restrict__ param, const float* __restrict__ grad,
+                                            float* __restrict__ velocity, int t, float lr, float momentum) {
     const float v = momentum * velocity[t] + grad[t];
     velocity[t] = v;
     param[t] -= lr * v;
+}
+
+extern "C" __global__ void sgd_momentum(float* __restrict__ param, const float* __restrict__ grad,
+                                        float* __restrict__ velocity, int n, float lr, float momentum) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) sgd_element(param, grad, velocity, t, lr, momentum);
+}
+
+// A replayed step cannot stop between its loss and its update to ask the host whether the loss is
+// finite, so the update asks the loss itself: a NaN or infinite loss leaves param and v untouched,
+// as the eager loop does by never calling the update (train.py). isfinite is false for NaN and +-inf.
+extern "C" __global__ void sgd_momentum_if_finite(float* __restrict__ param, const float* __restrict__ grad,
+                                                  float* __restrict__ velocity, int n, float lr,
+                                                  float momentum, const float* __restrict__ loss) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n && isfinite(loss[0])) sgd_element(param, grad, velocity, t, lr, momentum);
+}
+
+extern "C" __global__ void grad_add(const float* __restrict__ a, const float* __restrict__ b,
+                                    float* __restrict__ c, int n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) c[t] = a[t] + b[t];
+}
+
+extern "C" __global__ void grad_scale(const float* __restrict__ a, const float* __restrict__ s,
+                                      float* __restrict__ c, int n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) c[t] = a[t] * s[0];
 }

@@ -127,7 +127,7 @@ def backward(root, grad=None) -> None:
             if tensor.grad is None:
                 tensor.grad = Tensor._from_array(g, tensor.device)
             else:
-                tensor.grad.data = tensor.grad.data + g
+                tensor.grad.data = _add_gradients(tensor.device, tensor.grad.data, g)
             continue
         if not fn.inputs:
             raise RuntimeError("backward through a graph that was already freed; run the forward again")
@@ -136,9 +136,20 @@ def backward(root, grad=None) -> None:
             if pg is None or not getattr(parent, "requires_grad", False):
                 continue
             if id(parent) in grads:
-                grads[id(parent)] = grads[id(parent)] + pg
+                grads[id(parent)] = _add_gradients(parent.device, grads[id(parent)], pg)
             else:
                 grads[id(parent)] = pg
         # Free what the forward saved (activations, masks) as soon as it has been used, so the
         # memory of a training step peaks in the forward pass; a second backward then raises.
         fn.__dict__ = {"device": fn.device, "inputs": (), "needs_input_grad": ()}
+
+
+def _add_gradients(device: str, a, b):
+    """a + b, the two gradients of one tensor: the device's ``grad_add`` (a kernel on cuda and
+    emu, so a training step is launches only and minunet.step_graph can replay it; NumPy's + on
+    cpu). Float32 addition rounds the same everywhere, so the sum is the one ``a + b`` gives."""
+    from .backends import get_backend
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return a + b
+    return get_backend(device).grad_add(a, b)

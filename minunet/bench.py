@@ -458,7 +458,7 @@ def format_step_summary(steps: dict) -> str:
     ``steps``: precision -> the rows of ``bench_step``."""
     lines = []
     for precision, rows in steps.items():
-        step = rows[-1]
+        step = next(r for r in rows if r.name == "training step")
         parts = [f"minunet {precision or 'fp32'}: {step.ms:9.2f} ms"]
         for label, ms in step.extra.get("torch_step_ms", {}).items():
             parts.append(f"{label}: {ms:8.2f} ms (minunet / PyTorch {step.ms / ms:5.2f})")
@@ -717,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"timing, for the CPU's spinning worker threads to sleep (default: {SETTLE_S} on cpu/emu, "
                    "0 on cuda)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--graph", action="store_true", help="add a 'training step (graph replay)' row: the "
+                   "step captured once and replayed (minunet.step_graph; cuda or emu, a batch copied in "
+                   "and the loss read back each time)")
     return p
 
 
@@ -946,6 +949,13 @@ def run_tables(args, device: str, twin: TorchTwin, env: dict) -> dict:
         steps = {}
         for precision in precisions:
             rows = bench_step(device, args.base_channels, tile, args.batch, args.repeat, twin, precision)
+            if args.graph and device != "cpu":   # the same step captured once, then replayed (minunet.step_graph)
+                from .step_graph import time_replay
+
+                with backend_settings(device, precision=precision):
+                    ms = time_replay(device, args.base_channels, tile, args.batch, args.repeat)
+                rows.append(Row("training step (graph replay)", f"base {args.base_channels}, tile {tile}",
+                                rows[-1].flops, 0.0, ms, extra={"precision": precision or "fp32"}))
             print(f"\n## training step (U-Net base {args.base_channels}, tile {tile}, batch {args.batch}; "
                   f"median of {args.repeat}; minunet {precision or 'float32'}"
                   f"{'; torch: ' + twin.label(precision) if twin else ''})")

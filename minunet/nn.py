@@ -7,6 +7,7 @@ then ``bias``; down blocks, bottom block, up blocks, classifier), which is also 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from . import functional as F
 from .devices import resolve_device, to_device_array, to_host
+from .ops.elementwise import DeviceSeed
 from .tensor import Tensor
 
 
@@ -332,9 +334,40 @@ class UNet(Module):
         add("classifier", "conv 1x1", 0, cin, cout, s, s, self.classifier)
         return rows
 
+    DROPOUT_LAYERS = 2      # dropout after the last down block (layer 0) and the bottom block (1)
+
+    def layer_dropout_seed(self, layer: int, forward_count: int | None = None) -> int:
+        """The dropout seed of ``layer`` in the training forward number ``forward_count`` (default:
+        the next one): one seed per (forward call, layer), so masks differ between steps but are
+        reproducible."""
+        count = self.forward_count if forward_count is None else forward_count
+        return (self.dropout_seed * 1_000_003 + count * 16 + layer) & 0xFFFFFFFF
+
+    def write_dropout_seeds(self, seeds) -> None:
+        """Write the next forward's seed of each dropout layer into ``seeds`` (a uint32 array of
+        DROPOUT_LAYERS on the model's device; one host-to-device copy)."""
+        values = np.array([self.layer_dropout_seed(layer) for layer in range(self.DROPOUT_LAYERS)],
+                          dtype=np.uint32)
+        if isinstance(seeds, np.ndarray):
+            seeds[:] = values
+        else:
+            seeds.set(values)
+
+    @contextlib.contextmanager
+    def dropout_seeds_from(self, seeds):
+        """Inside this block the dropout kernels read layer l's seed from the device array
+        ``seeds[l]`` when they run (``write_dropout_seeds`` fills it), instead of receiving it as a
+        launch argument: what a captured, replayed step needs (minunet.step_graph). The masks
+        are the same as with the seeds passed directly."""
+        object.__setattr__(self, "_seed_buffer", seeds)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_seed_buffer", None)
+
     def _dropout(self, x, layer: int):
-        # one seed per (forward call, layer): masks differ between steps but are reproducible
-        seed = (self.dropout_seed * 1_000_003 + self.forward_count * 16 + layer) & 0xFFFFFFFF
+        seeds = getattr(self, "_seed_buffer", None)
+        seed = self.layer_dropout_seed(layer) if seeds is None else DeviceSeed(seeds, layer)
         return F.dropout(x, self.dropout_p, self.training, seed=seed)
 
     def forward(self, x: Tensor) -> Tensor:

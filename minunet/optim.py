@@ -76,7 +76,16 @@ class SGD:
         self._flat = (device, flat_param, flat_velocity, views)
         return self._flat
 
-    def step(self) -> None:
+    def step(self, unless_nonfinite=None) -> None:
+        """One update of every parameter that has a gradient. ``unless_nonfinite``: a one-element
+        array on the parameters' device (the loss); each update is then skipped ON THE DEVICE
+        when it is not finite (``sgd_step_if_finite``: no host read, so minunet.step_graph can
+        capture it). That path updates parameter by parameter (on the flat buffers' views, with
+        the same arithmetic: bit-identical to the fused update) instead of gathering the
+        gradients with an array concatenation, which a replay of the emulator would not redo."""
+        if unless_nonfinite is not None:
+            self._step_unless_nonfinite(unless_nonfinite)
+            return
         if self._use_fused() and all(p.grad is not None for p in self.params):
             device, flat_param, flat_velocity, _ = self._flat_buffers()
             xp = self.params[0].xp
@@ -94,6 +103,25 @@ class SGD:
                 self.velocity[i] = to_device_array(self.velocity[i], p.device)
             get_backend(p.device).sgd_step(p.data, p.grad.data, self.velocity[i], self.lr,
                                            self.momentum)
+
+    def prepare(self) -> None:
+        """Build now what an update would build on its first call: the flat buffers (fused) and a
+        momentum buffer per parameter, so that no later update replaces an array (a captured
+        step, minunet.step_graph, must find the arrays it was captured with)."""
+        if self._use_fused():
+            self._flat_buffers()     # the parameters become views of the flat buffers
+        for i, p in enumerate(self.params):
+            if self.velocity[i] is None or self.velocity[i].shape != p.data.shape:
+                self.velocity[i] = p.xp.zeros_like(p.data)
+            elif not isinstance(self.velocity[i], type(p.data)):  # the model moved device
+                self.velocity[i] = to_device_array(self.velocity[i], p.device)
+
+    def _step_unless_nonfinite(self, loss) -> None:
+        self.prepare()
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                get_backend(p.device).sgd_step_if_finite(p.data, p.grad.data, self.velocity[i],
+                                                         self.lr, self.momentum, loss)
 
     def state_dict(self) -> dict:
         """Hyper-parameters and momentum buffers (host arrays), for exact resumption."""

@@ -68,7 +68,7 @@ RUN_FILES = ("checkpoint.npz", "log.csv", "metrics.json", "loss.png", "predictio
 # resuming (train longer, lower a step size that made the loss NaN, move to another device); any
 # other that is given must equal the run's own.
 NOT_RESTORED = ("out", "resume", "overwrite", "quiet", "threads", "emu_mode", "precision",
-                "prefetch")
+                "prefetch", "graph")
 CHANGEABLE_ON_RESUME = ("iterations", "max_minutes", "lr", "device", "checkpoint_every")
 
 
@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch is prepared in the loop; default: 1 on cuda, where the CPU is free "
                        "while the GPU computes, 0 on cpu and emu, whose step already uses every "
                        "core); the data and results do not depend on it")
+    model.add_argument("--graph", action="store_true", help="for --device cuda (or emu): capture "
+                       "the whole training step once as a CUDA graph and replay it for every batch "
+                       "(one launch instead of ~200; the same numbers; minunet.step_graph). Not run "
+                       "on a GPU yet")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
     run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
@@ -234,6 +238,10 @@ def _check_args(args) -> None:
         raise ValueError("--resume and --overwrite contradict each other; --resume continues the "
                          "run in --out, --overwrite replaces it")
     check_tile(args.tile, args.depth)
+    if getattr(args, "graph", False) and resolve_device(args.device) == "cpu":
+        raise ValueError("--graph replays the step's kernel launches as a CUDA graph and needs "
+                         "--device cuda (or emu); the cpu device has no launches to capture: "
+                         "leave out --graph")
 
 
 def resolve_args(args, given: set | None, out_dir: Path) -> tuple[dict | None, list[str]]:
@@ -524,6 +532,11 @@ def train_steps(run_: Run) -> tuple[int, str]:
     # it. So a batch stays referenced until the next step's loss.item() has waited for this stream,
     # i.e. until every kernel of the step that read it has finished.
     held = []
+    graph = None
+    if getattr(args, "graph", False):   # forward, loss, backward and update as one replayed graph
+        from .step_graph import StepGraph
+
+        graph = StepGraph(run_.model, run_.optimizer)
     with _InterruptFlag() as interrupt:
         try:
             while run_.iteration < args.iterations:
@@ -531,15 +544,19 @@ def train_steps(run_: Run) -> tuple[int, str]:
                 (xs, targets, weights), rng_state, _ = batches.next()
                 x, target, weight = (Tensor(a, device=run_.device) for a in (xs, targets, weights))
                 data_ms = 1e3 * (time.perf_counter() - started)
-                loss = F.weighted_cross_entropy(run_.model(x), target, weight)
-                value = loss.item()
+                if graph is None:
+                    loss = F.weighted_cross_entropy(run_.model(x), target, weight)
+                    value = loss.item()
+                else:   # a non-finite loss has left the weights untouched (the update checks it)
+                    value = graph.step(x, target, weight)
                 held[:] = (xs, targets, weights)     # frees the previous batch (see above)
                 if not math.isfinite(value):
                     status, message = EXIT_FAILED, _nan_message(run_, value)
                     break
-                loss.backward()
-                run_.optimizer.step()
-                run_.optimizer.zero_grad()
+                if graph is None:
+                    loss.backward()
+                    run_.optimizer.step()
+                    run_.optimizer.zero_grad()
                 run_.iteration += 1
                 run_.rng_state = rng_state
                 now = time.perf_counter()

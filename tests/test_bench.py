@@ -208,7 +208,7 @@ def test_gpu_check_script_parses_and_its_bench_commands_are_valid(tmp_path):
                                 capture_output=True, text=True).stdout
         commands = [line.split("-m minunet.bench", 1)[1] for line in listed.splitlines()
                     if line.startswith("stage ") and "-m minunet.bench" in line]
-        assert len(commands) == 5, listed
+        assert len(commands) == 6, listed
         for command in commands:
             args = parser.parse_args(shlex.split(command))
             assert args.device == ("emu" if dry == "1" else "cuda")

@@ -66,6 +66,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
 import weakref
 
@@ -111,6 +112,7 @@ _BACKENDS: "weakref.WeakSet[KernelBackend]" = weakref.WeakSet()   # (tests make 
 _MODULES: dict[tuple, tuple[int, int, object]] = {}
 # the same keys -> ((header path, mtime_ns, size), ...): the local headers the .cu file includes
 _HEADERS: dict[tuple, tuple[tuple[str, int, int], ...]] = {}
+RELOADS = 0     # calls of KernelBackend.reload so far (a captured step is stale after one)
 
 
 def slice_group(slices: int) -> int:
@@ -205,6 +207,9 @@ class KernelBackend:
         self.min_pixels_per_slice = 4096
         self._functions: dict[tuple, object] = {}   # (file, kernel, emu mode) -> kernel function
         self._tf32_files: dict[str, bool] = {}   # kernel file -> whether it was compiled with TF32 wmma
+        # (thread id, list) while minunet.step_graph captures a training step: every launch of that
+        # thread is also appended to the list as (function, grid, block, args, file, kernel)
+        self.recorder: tuple[int, list] | None = None
 
     @property
     def conv3x3_version(self) -> str:
@@ -351,6 +356,8 @@ class KernelBackend:
                 del _MODULES[key]
                 _HEADERS.pop(key, None)
                 dropped.append(key[1])
+        global RELOADS
+        RELOADS += 1     # a captured training step (minunet.step_graph) holds the old functions
         for backend in _BACKENDS:     # the modules are shared, so are their functions' staleness
             backend._functions.clear()
         return dropped
@@ -381,7 +388,11 @@ class KernelBackend:
                 f"kernel {kernel}: {grid[0]} blocks of {block[0]} threads overflow the kernels' "
                 f"32-bit thread index (at most {INT_MAX}); use a smaller batch or tile")
         try:
-            self.function(file, kernel)(grid, block, args)
+            function = self.function(file, kernel)
+            recorder = self.recorder
+            if recorder is not None and recorder[0] == threading.get_ident():
+                recorder[1].append((function, grid, block, tuple(args), file, kernel))
+            function(grid, block, args)
         except KernelError:
             raise
         except Exception as exc:

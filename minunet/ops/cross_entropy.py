@@ -27,7 +27,8 @@ class WeightedCrossEntropy(Function):
         return loss
 
     def backward(self, g):
-        return self.grad_logits * g, None, None
+        # grad_logits * g as the device's grad_scale: a kernel on cuda and emu (minunet.step_graph)
+        return backends.get_backend(self.device).grad_scale(self.grad_logits, g), None, None
 
 
 def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -8,9 +8,20 @@ registry entry.
   values are scaled by 1/(1-p) in training so inference is the identity. The mask is a
   counter-based hash of (seed, flat index), so every device draws the same mask for one seed
   (docs/backends.md).
-- SGD with momentum (Section 3: momentum 0.99), used by ``minunet.optim.SGD``.
+- SGD with momentum (Section 3: momentum 0.99), used by ``minunet.optim.SGD``; and its guarded
+  twin ``sgd_step_if_finite``, which leaves everything untouched unless the loss (a device
+  array) is finite.
+- ``grad_add`` and ``grad_scale``: autograd's two array operations of a training step (summing
+  the gradients of a tensor used twice, scaling the loss gradient), kernels on cuda and emu so
+  that a step is nothing but launches of ``kernels/`` (``minunet.step_graph`` replays them).
+
+A dropout seed may also live in device memory (:class:`DeviceSeed`): a captured step replays its
+launches with their captured arguments, so the seed it draws must be read by the kernel from a
+buffer the host rewrites before each replay (``dropout_forward_seed_buffer``).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from numba import prange
@@ -41,10 +52,25 @@ def relu(x: Tensor) -> Tensor:
     return ReLU.apply(x)
 
 
+class DeviceSeed(NamedTuple):
+    """A dropout seed held in device memory: ``seeds[index]`` of a uint32 array on the tensor's
+    device. The kernel reads it when it runs, so a captured launch replayed later draws the
+    seed the host wrote there before the replay (minunet.step_graph); the mask is the one an
+    integer seed of that value gives. On ``cpu`` the value is read on the host."""
+    seeds: object
+    index: int
+
+
 class Dropout(Function):
     def forward(self, x, p, seed):
         self.p = p
-        y, self.mask = backends.get_backend(self.device).dropout_forward(x, p, seed)
+        backend = backends.get_backend(self.device)
+        if not isinstance(seed, DeviceSeed):
+            y, self.mask = backend.dropout_forward(x, p, seed)
+        elif self.device == "cpu":
+            y, self.mask = backend.dropout_forward(x, p, int(seed.seeds[seed.index]))
+        else:
+            y, self.mask = dropout_kernels_forward_seed_buffer(backend, x, p, seed.seeds, seed.index)
         return y
 
     def backward(self, gy):
@@ -54,10 +80,11 @@ class Dropout(Function):
 _default_seed = np.random.default_rng()
 
 
-def dropout(x: Tensor, p: float, training: bool, seed: int | None = None) -> Tensor:
+def dropout(x: Tensor, p: float, training: bool, seed: int | DeviceSeed | None = None) -> Tensor:
     """Inverted dropout: in training zero each element with probability ``p`` and scale the rest
     by 1/(1-p); at inference the identity. The mask is a hash of (seed, element index), so all
-    devices draw the same mask for the same seed (docs/backends.md); ``seed=None`` draws one."""
+    devices draw the same mask for the same seed (docs/backends.md); ``seed=None`` draws one; a
+    :class:`DeviceSeed` is read from device memory when the kernel runs."""
     check_tensor("x", x)
     if not 0.0 <= float(p) < 1.0:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
@@ -65,6 +92,14 @@ def dropout(x: Tensor, p: float, training: bool, seed: int | None = None) -> Ten
         return x
     if seed is None:
         seed = int(_default_seed.integers(0, 2**32))
+    if isinstance(seed, DeviceSeed):
+        seeds = seed.seeds
+        if not (hasattr(seeds, "dtype") and seeds.dtype == np.uint32 and seeds.ndim == 1
+                and 0 <= seed.index < seeds.shape[0] and type(seeds) is type(x.data)):
+            raise ValueError(f"dropout: a DeviceSeed needs a 1-D uint32 array on the tensor's device "
+                             f"({x.device!r}) and an index inside it, got {type(seeds).__name__} "
+                             f"index {seed.index}")
+        return Dropout.apply(x, float(p), DeviceSeed(seeds, int(seed.index)))
     return Dropout.apply(x, float(p), int(seed) & 0xFFFFFFFF)
 
 
@@ -110,6 +145,22 @@ def sgd_reference_step(param, grad, velocity, lr, momentum):
     velocity *= velocity.dtype.type(momentum)
     velocity += grad
     param -= param.dtype.type(lr) * velocity
+
+
+def sgd_reference_step_if_finite(param, grad, velocity, lr, momentum, loss):
+    """sgd_reference_step when the one-element ``loss`` is finite; otherwise nothing changes."""
+    if np.isfinite(np.asarray(loss).reshape(-1)[0]):
+        sgd_reference_step(param, grad, velocity, lr, momentum)
+
+
+def grad_add_reference(a, b):
+    """a + b: the sum of two gradients of one tensor (autograd)."""
+    return a + b
+
+
+def grad_scale_reference(a, s):
+    """a * s, ``s`` a one-element array (the gradient arriving at the loss, a device scalar)."""
+    return a * np.asarray(s).reshape(())
 
 
 # ---- fast CPU kernels (Numba) ------------------------------------------------------------------
@@ -230,6 +281,20 @@ def dropout_kernels_forward(k, x, p, seed):
     return y, mask
 
 
+def dropout_kernels_forward_seed_buffer(k, x, p, seeds, index: int):
+    """dropout_kernels_forward with the seed read by the kernel from ``seeds[index]`` (a uint32
+    device array the host may rewrite between replays of a captured step)."""
+    scale = _dropout_scale(p)
+    x = k.floats(x, "x")
+    require(isinstance(seeds, k.xp.ndarray) and seeds.dtype == np.uint32 and seeds.ndim == 1
+            and seeds.flags.c_contiguous and 0 <= int(index) < seeds.shape[0],
+            f"dropout seeds must be a 1-D uint32 {k.xp.__name__} array holding index {index}")
+    y, mask = k.empty(x.shape), k.empty(x.shape, np.uint8)
+    k.launch_elementwise(KERNEL_FILE, "dropout_forward_seed_buffer", x.size,
+                         (x, y, mask, np.int32(x.size), np.float32(p), scale, seeds, np.int32(index)))
+    return y, mask
+
+
 def dropout_kernels_backward(k, gy, mask, p):
     scale = _dropout_scale(p)
     gy = k.floats(gy, "gy")
@@ -259,6 +324,48 @@ def sgd_kernels_step(k, param, grad, velocity, lr, momentum):
                          (param, grad, velocity, np.int32(param.size), np.float32(lr), np.float32(momentum)))
 
 
+def _device_scalar(k, s, what: str):
+    s = k.floats(s, what).reshape(-1)
+    require(s.size == 1, f"{what} must hold one value, got shape {tuple(s.shape)}")
+    return s
+
+
+def sgd_kernels_step_if_finite(k, param, grad, velocity, lr, momentum, loss):
+    """sgd_kernels_step, skipped on the device (no host read) unless loss[0] is finite."""
+    loss = _device_scalar(k, loss, "loss")
+    xp = k.xp
+    for name, a in (("param", param), ("velocity", velocity)):
+        if not isinstance(a, xp.ndarray) or a.dtype != xp.float32 or not a.flags.c_contiguous:
+            raise TypeError(f"sgd_step_if_finite updates {name} in place: it must be a C-contiguous "
+                            f"float32 {xp.__name__} array on device {k.device!r}")
+    grad = k.floats(grad, "grad")
+    require(param.shape == grad.shape == velocity.shape,
+            f"sgd_step_if_finite: param {tuple(param.shape)}, grad {tuple(grad.shape)} and velocity "
+            f"{tuple(velocity.shape)} must have one shape")
+    for a, b, names in ((param, grad, "param and grad"), (param, velocity, "param and velocity"),
+                        (grad, velocity, "grad and velocity")):
+        require(not xp.may_share_memory(a, b), f"sgd_step_if_finite: {names} share memory; the "
+                                               "kernel needs three separate arrays (pass a copy)")
+    k.launch_elementwise(KERNEL_FILE, "sgd_momentum_if_finite", param.size,
+                         (param, grad, velocity, np.int32(param.size), np.float32(lr),
+                          np.float32(momentum), loss))
+
+
+def grad_add_kernels(k, a, b):
+    a, b = k.floats(a, "a"), k.floats(b, "b")
+    require(a.shape == b.shape, f"grad_add: a {tuple(a.shape)} and b {tuple(b.shape)} differ in shape")
+    c = k.empty(a.shape)
+    k.launch_elementwise(KERNEL_FILE, "grad_add", a.size, (a, b, c, np.int32(a.size)))
+    return c
+
+
+def grad_scale_kernels(k, a, s):
+    a, s = k.floats(a, "a"), _device_scalar(k, s, "s")
+    c = k.empty(a.shape)
+    k.launch_elementwise(KERNEL_FILE, "grad_scale", a.size, (a, s, c, np.int32(a.size)))
+    return c
+
+
 # ---- registry entry ------------------------------------------------------------------------------
 IMPLEMENTATIONS = {
     "relu_forward": {"reference": relu_reference_forward, "cpu": relu_cpu_forward, "kernels": relu_kernels_forward},
@@ -266,6 +373,9 @@ IMPLEMENTATIONS = {
     "dropout_forward": {"reference": dropout_reference_forward, "kernels": dropout_kernels_forward},
     "dropout_backward": {"reference": dropout_reference_backward, "kernels": dropout_kernels_backward},
     "sgd_step": {"reference": sgd_reference_step, "cpu": sgd_cpu_step, "kernels": sgd_kernels_step},
+    "sgd_step_if_finite": {"reference": sgd_reference_step_if_finite, "kernels": sgd_kernels_step_if_finite},
+    "grad_add": {"reference": grad_add_reference, "kernels": grad_add_kernels},
+    "grad_scale": {"reference": grad_scale_reference, "kernels": grad_scale_kernels},
 }
 TEST_CASES = [(1,), (3, 5, 7), (2, 3, 9, 11), (1000,)]   # any shape: the ops are elementwise
 TOLERANCE = dict(rtol=0.0, atol=0.0)   # relu and dropout select and scale: exact; sgd: see below
@@ -283,12 +393,18 @@ def example(rng, case, dtype=np.float32) -> dict:
     seed = int(rng.integers(0, 2**32))
     _, mask = dropout_reference_forward(x, 0.5, seed)
     param, velocity = rng.standard_normal(case).astype(dtype), rng.standard_normal(case).astype(dtype)
+    loss = np.array([rng.uniform(0.1, 2.0)], dtype)
     return {"relu_forward": (x,), "relu_backward": (y, gy), "dropout_forward": (x, 0.5, seed),
-            "dropout_backward": (gy, mask, 0.5), "sgd_step": (param, gy, velocity, 0.01, 0.99)}
+            "dropout_backward": (gy, mask, 0.5), "sgd_step": (param, gy, velocity, 0.01, 0.99),
+            "sgd_step_if_finite": (param, gy, velocity, 0.01, 0.99, loss),
+            "grad_add": (x, gy), "grad_scale": (gy, np.array(rng.uniform(0.5, 2.0), dtype))}
 
 
 def tolerance(function: str, case) -> dict:
-    return SGD_TOLERANCE if function == "sgd_step" else TOLERANCE
+    """ReLU and dropout select and scale: exact. grad_add and grad_scale round once in float32
+    where the test's reference computes in float64; the SGD steps may fuse a multiply-add."""
+    return TOLERANCE if function in ("relu_forward", "relu_backward", "dropout_forward",
+                                     "dropout_backward") else SGD_TOLERANCE
 
 
 def bench_cases(base: int, tile: int, batch: int) -> list:
@@ -300,7 +416,8 @@ def cost(case) -> dict:
     size = float(np.prod(case))
     return {"relu_forward": (size, 8.0 * size), "relu_backward": (size, 12.0 * size),
             "dropout_forward": (12.0 * size, 9.0 * size), "dropout_backward": (2.0 * size, 9.0 * size),
-            "sgd_step": (3.0 * size, 20.0 * size)}
+            "sgd_step": (3.0 * size, 20.0 * size), "sgd_step_if_finite": (3.0 * size, 20.0 * size),
+            "grad_add": (size, 12.0 * size), "grad_scale": (size, 8.0 * size)}
 
 
 def torch_relu(torch, x):
