@@ -343,7 +343,7 @@ from minunet.ops.conv3x3 import CO_PER_BLOCK, TILE_H, TILE_W, TILED_BLOCK, tiled
 
 defines = cu_defines("conv3x3")                  # {name: value} of every #define, in file order
 for line in SRC.splitlines():
-    if line.startswith("#define"):
+    if line.startswith("#define") and line.split()[1] in defines:   # (a header guard has no value)
         print(f"{line.split('//')[0].strip():48s} = {defines[line.split()[1]]}")
 BLOCK_ROWS, ROWS_PER_THREAD, CI_CHUNK, IN_TILE_H, IN_TILE_W = (
     defines[k] for k in ("BLOCK_ROWS", "ROWS_PER_THREAD", "CI_CHUNK", "IN_TILE_H", "IN_TILE_W"))
