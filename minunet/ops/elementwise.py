@@ -305,21 +305,29 @@ def dropout_kernels_backward(k, gy, mask, p):
     return gx
 
 
-def sgd_kernels_step(k, param, grad, velocity, lr, momentum):
+def _sgd_arrays(k, function: str, param, grad, velocity):
+    """The checks of an in-place SGD launch (``function`` names it in the messages): param and
+    velocity C-contiguous float32 arrays of this device, one shape, and no two arrays sharing
+    memory (the kernels' pointers are __restrict__). Returns grad as the kernels want it."""
     xp = k.xp
     for name, a in (("param", param), ("velocity", velocity)):
         if not isinstance(a, xp.ndarray) or a.dtype != xp.float32 or not a.flags.c_contiguous:
-            raise TypeError(f"sgd_step updates {name} in place: it must be a C-contiguous float32 "
+            raise TypeError(f"{function} updates {name} in place: it must be a C-contiguous float32 "
                             f"{xp.__name__} array on device {k.device!r}")
     grad = k.floats(grad, "grad")
     require(param.shape == grad.shape == velocity.shape,
-            f"sgd_step: param {tuple(param.shape)}, grad {tuple(grad.shape)} and velocity "
+            f"{function}: param {tuple(param.shape)}, grad {tuple(grad.shape)} and velocity "
             f"{tuple(velocity.shape)} must have one shape")
     # The kernel's pointers are __restrict__: the compiler may assume the three never overlap
     for a, b, names in ((param, grad, "param and grad"), (param, velocity, "param and velocity"),
                         (grad, velocity, "grad and velocity")):
-        require(not xp.may_share_memory(a, b), f"sgd_step: {names} share memory; the kernel "
+        require(not xp.may_share_memory(a, b), f"{function}: {names} share memory; the kernel "
                                                "needs three separate arrays (pass a copy)")
+    return grad
+
+
+def sgd_kernels_step(k, param, grad, velocity, lr, momentum):
+    grad = _sgd_arrays(k, "sgd_step", param, grad, velocity)
     k.launch_elementwise(KERNEL_FILE, "sgd_momentum", param.size,
                          (param, grad, velocity, np.int32(param.size), np.float32(lr), np.float32(momentum)))
 
@@ -333,19 +341,7 @@ def _device_scalar(k, s, what: str):
 def sgd_kernels_step_if_finite(k, param, grad, velocity, lr, momentum, loss):
     """sgd_kernels_step, skipped on the device (no host read) unless loss[0] is finite."""
     loss = _device_scalar(k, loss, "loss")
-    xp = k.xp
-    for name, a in (("param", param), ("velocity", velocity)):
-        if not isinstance(a, xp.ndarray) or a.dtype != xp.float32 or not a.flags.c_contiguous:
-            raise TypeError(f"sgd_step_if_finite updates {name} in place: it must be a C-contiguous "
-                            f"float32 {xp.__name__} array on device {k.device!r}")
-    grad = k.floats(grad, "grad")
-    require(param.shape == grad.shape == velocity.shape,
-            f"sgd_step_if_finite: param {tuple(param.shape)}, grad {tuple(grad.shape)} and velocity "
-            f"{tuple(velocity.shape)} must have one shape")
-    for a, b, names in ((param, grad, "param and grad"), (param, velocity, "param and velocity"),
-                        (grad, velocity, "grad and velocity")):
-        require(not xp.may_share_memory(a, b), f"sgd_step_if_finite: {names} share memory; the "
-                                               "kernel needs three separate arrays (pass a copy)")
+    grad = _sgd_arrays(k, "sgd_step_if_finite", param, grad, velocity)
     k.launch_elementwise(KERNEL_FILE, "sgd_momentum_if_finite", param.size,
                          (param, grad, velocity, np.int32(param.size), np.float32(lr),
                           np.float32(momentum), loss))
