@@ -40,7 +40,7 @@ import numpy as np
 from . import functional as F
 from .backends import choices
 from .backends.kernels import PRECISIONS, set_precision
-from .devices import resolve_device, to_host
+from .devices import resolve_device, to_device_array, to_host
 from .nn import UNet
 from .optim import SGD
 from .tensor import Tensor
@@ -384,6 +384,34 @@ def time_phases(phases: dict, sync, repeat: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def random_step_batch(rng, batch: int, tile: int, out: int):
+    """The benchmarks' batch: a standard-normal image, two classes, weights in [1, 10) (NumPy)."""
+    return (rng.standard_normal((batch, 1, tile, tile)).astype(np.float32),
+            rng.integers(0, 2, (batch, out, out)).astype(np.int32),
+            rng.uniform(1, 10, (batch, out, out)).astype(np.float32))
+
+
+def graph_replay_ms(device: str, base: int, tile: int, batch: int, repeat: int) -> float:
+    """Median milliseconds of one replayed training step (minunet.step_graph) of the U-Net with
+    ``base`` channels on a ``tile`` input, the "training step (graph replay)" row: warm-up and
+    capture untimed, then ``repeat`` replays, each copying the batch in and reading the loss."""
+    from .step_graph import StepGraph
+
+    model = UNet(base_channels=base, seed=0, device=device).train()
+    out = UNet.output_size(tile, model.depth)
+    x, target, weight = (to_device_array(a, device)
+                         for a in random_step_batch(np.random.default_rng(0), batch, tile, out))
+    graph = StepGraph(model, SGD(model.parameters(), lr=1e-4, momentum=0.99))
+    graph.step(x, target, weight)     # eager warm-up
+    graph.step(x, target, weight)     # capture
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        graph.step(x, target, weight)  # reads the loss: waits for the device
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin: TorchTwin,
                precision: str | None = None) -> list[Row]:
     """One SGD step of the U-Net (forward, weighted loss, backward, update), phase by phase,
@@ -393,9 +421,7 @@ def bench_step(device: str, base: int, tile: int, batch: int, repeat: int, twin:
     model = UNet(base_channels=base, seed=0, device=device).train()
     out = UNet.output_size(tile, model.depth)
     rng = np.random.default_rng(0)
-    x_np = rng.standard_normal((batch, 1, tile, tile)).astype(np.float32)
-    target_np = rng.integers(0, 2, (batch, out, out)).astype(np.int32)
-    weight_np = rng.uniform(1, 10, (batch, out, out)).astype(np.float32)
+    x_np, target_np, weight_np = random_step_batch(rng, batch, tile, out)
     x, target, weight = (Tensor(a, device=device) for a in (x_np, target_np, weight_np))
     opt = SGD(model.parameters(), lr=1e-4, momentum=0.99)
     state = {}
@@ -950,10 +976,8 @@ def run_tables(args, device: str, twin: TorchTwin, env: dict) -> dict:
         for precision in precisions:
             rows = bench_step(device, args.base_channels, tile, args.batch, args.repeat, twin, precision)
             if args.graph and device != "cpu":   # the same step captured once, then replayed (minunet.step_graph)
-                from .step_graph import time_replay
-
                 with backend_settings(device, precision=precision):
-                    ms = time_replay(device, args.base_channels, tile, args.batch, args.repeat)
+                    ms = graph_replay_ms(device, args.base_channels, tile, args.batch, args.repeat)
                 rows.append(Row("training step (graph replay)", f"base {args.base_channels}, tile {tile}",
                                 rows[-1].flops, 0.0, ms, extra={"precision": precision or "fp32"}))
             print(f"\n## training step (U-Net base {args.base_channels}, tile {tile}, batch {args.batch}; "

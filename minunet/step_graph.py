@@ -277,34 +277,3 @@ class StepGraph:
     def _read_loss(self) -> float:
         loss = self._loss
         return float(loss.get() if hasattr(loss, "get") else loss)
-
-
-def time_replay(device: str, base: int, tile: int, batch: int, repeat: int) -> float:
-    """Median milliseconds of one replayed training step of the default U-Net with ``base``
-    channels on a ``tile`` input (the bench's "training step (graph replay)" row): warm-up and
-    capture untimed, then ``repeat`` replays, each copying a batch in and reading the loss."""
-    import statistics
-    import time
-
-    from .nn import UNet
-    from .optim import SGD
-
-    model = UNet(base_channels=base, seed=0, device=device).train()
-    out = UNet.output_size(tile, model.depth)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 1, tile, tile)).astype(np.float32)
-    target = rng.integers(0, 2, (batch, out, out)).astype(np.int32)
-    weight = rng.uniform(1, 10, (batch, out, out)).astype(np.float32)
-    if device == "cuda":
-        import cupy
-
-        x, target, weight = (cupy.asarray(a) for a in (x, target, weight))
-    graph = StepGraph(model, SGD(model.parameters(), lr=1e-4, momentum=0.99))
-    graph.step(x, target, weight)     # eager warm-up
-    graph.step(x, target, weight)     # capture
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        graph.step(x, target, weight)  # reads the loss: waits for the device
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
