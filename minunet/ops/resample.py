@@ -11,8 +11,8 @@ its oracle is the host's ``Transform.coordinates``, which it repeats rounding fo
 ``gray_values`` applies the gray-value variation (``elastic.apply_gray_values``) and/or the
 standardisation (``minunet.data.io.standardize``) to each plane ``x[i]``, one block per plane.
 Together they leave the host only the random numbers: a training tile on ``cuda`` costs a few
-launches instead of ~5 ms of NumPy per tile (the H200 run of 2026-12-04 measured 5.0 ms of batch
-preparation beside a 6.5 ms step, bench/results/h200-2026-12-04-run2).
+launches instead of milliseconds of NumPy per tile on the host, which the launch-bound step
+needs (measured times: bench/results/training_iteration.md).
 
 Resampling: the image is interpolated with a cubic B-spline, the label with nearest neighbour
 (class ids are never blended), the weight map linearly (clamped at 0), all at the same source
