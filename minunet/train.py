@@ -783,32 +783,34 @@ class Pace:
 
 
 # ---- validation --------------------------------------------------------------------------------
-def validate(model: UNet, samples, device: str) -> tuple[dict, list]:
-    """Mean metrics over the validation images, and their foreground probability maps. Each
-    image is predicted on the tile that suits it (minunet.inference.choose_tile), whatever
-    tile training used."""
+def validate(model: UNet, samples, device: str) -> tuple[dict, list, np.ndarray]:
+    """Mean metrics over the validation images, their foreground probability maps, and the
+    predicted class map of image 0 (for prediction.png when there are more than two classes; the
+    argmax of the probabilities already computed, so no image is predicted twice). Each image is
+    predicted on the tile that suits it (minunet.inference.choose_tile), whatever tile training
+    used."""
     from .metrics import evaluate_all
 
     model.eval()
-    results, probs = [], []
+    results, probs, first_classes = [], [], None
     for sample in samples:
-        prob = foreground_probability(predict_probabilities(model, sample.image, None, device))
+        class_probs = predict_probabilities(model, sample.image, None, device)
+        if first_classes is None:
+            first_classes = class_probs.argmax(axis=0)
+        prob = foreground_probability(class_probs)
         probs.append(prob)
         results.append(evaluate_all(prob, sample.target > 0))
     model.train()
     keys = results[0].keys()
-    return {k: float(np.mean([r[k] for r in results])) for k in keys}, probs
+    return {k: float(np.mean([r[k] for r in results])) for k in keys}, probs, first_classes
 
 
-def predicted_classes(run_: Run, sample) -> dict:
-    """For more than two classes, the predicted class map of `sample` for prediction.png."""
+def class_map_plot(run_: Run, first_classes: np.ndarray) -> dict:
+    """For more than two classes, prediction.png's extra panel: image 0's predicted class map."""
     classes = run_.model.config["num_classes"]
     if classes <= 2:
         return {}
-    run_.model.eval()
-    probs = predict_probabilities(run_.model, sample.image, None, run_.device)
-    run_.model.train()
-    return dict(classes=probs.argmax(axis=0), num_classes=classes)
+    return dict(classes=first_classes, num_classes=classes)
 
 
 def finish(run_: Run, val_samples) -> int:
@@ -818,7 +820,7 @@ def finish(run_: Run, val_samples) -> int:
     args, out_dir, log_rows = run_.args, run_.out_dir, run_.log_rows
     print(f"validating on {len(val_samples)} image(s) and writing {out_dir}/metrics.json and "
           "plots ...", flush=True)
-    metrics, probs = validate(run_.model, val_samples, run_.device)
+    metrics, probs, first_classes = validate(run_.model, val_samples, run_.device)
     recent = [r["loss"] for r in log_rows[-50:]]
     metrics["loss"] = float(np.mean(recent)) if recent else float("nan")
     metrics.update(iterations=run_.iteration, seconds=round(run_.elapsed_before, 1),
@@ -830,7 +832,7 @@ def finish(run_: Run, val_samples) -> int:
     first = val_samples[0]
     plot_prediction(first.image, first.target, probs[0], first.weight, out_dir / "prediction.png",
                     title=f"validation image 0: IoU {metrics['iou']:.3f}",
-                    **predicted_classes(run_, first))
+                    **class_map_plot(run_, first_classes))
     print(f"validation: IoU {metrics['iou']:.4f}, pixel error {metrics['pixel_error']:.4f}, "
           f"Rand error {metrics['rand_error']:.4f}, warping error {metrics['warping_error']:.5f}; "
           f"{run_.iteration} iterations in {run_.elapsed_before / 60:.1f} min; wrote {out_dir}/",

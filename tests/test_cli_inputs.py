@@ -62,6 +62,33 @@ def test_labels_with_three_classes_train_a_three_class_network(tmp_path, rng, ca
     assert "x_classes.png" in capsys.readouterr().out
 
 
+def test_validation_predicts_each_image_once_and_plots_its_class_map(tmp_path, rng, monkeypatch):
+    """With three classes, prediction.png's class map is image 0's argmax from the validation
+    pass itself: no validation image is predicted a second time for the plot."""
+    from minunet import plots
+
+    data = class_folder(tmp_path / "d", rng)
+    calls, plotted = [], {}
+    real_predict, real_plot = train.predict_probabilities, plots.plot_prediction
+
+    def counting_predict(model, image, *args, **kwargs):
+        probs = real_predict(model, image, *args, **kwargs)
+        calls.append(probs)
+        return probs
+
+    def recording_plot(*args, **kwargs):
+        plotted.update(kwargs)
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(train, "predict_probabilities", counting_predict)
+    monkeypatch.setattr(plots, "plot_prediction", recording_plot)
+    out = tmp_path / "run"
+    assert run(train.main, ["--data", str(data), *TINY, "--iterations", "1", "--out", str(out)]) == 0
+    assert len(calls) == 1                     # 3 images, --val-fraction 0.34: one validation image
+    assert plotted["num_classes"] == 3
+    np.testing.assert_array_equal(plotted["classes"], calls[0].argmax(axis=0))
+
+
 def test_num_classes_option_and_an_out_of_range_label_named_by_its_file(tmp_path, rng, capsys):
     """The message names the label file (labels/c0.tif), not the image (images/c0.png)."""
     data = class_folder(tmp_path / "d", rng, label_suffix=".tif")
