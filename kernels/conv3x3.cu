@@ -335,9 +335,9 @@ extern "C" __global__ void conv3x3_gemm_weights(const float* __restrict__ w, flo
 // elements e = tid, tid + THREADS, ...; their offsets in the source (c * plane + si * W + sj, or
 // -1 outside the plane: a zero) and their slots in shared memory depend on the tile, not on the
 // chunk, so they are computed once (init) and each chunk only adds its base: no division in
-// the loop. load() issues the global
-// reads into registers; store() writes them to shared memory later, so the reads of chunk k+1
-// are in flight while the block computes chunk k (double buffering).
+// the loop (the INTERLEAVED slot is e itself: computed, not held in a register). load() issues
+// the global reads into registers; store() writes them to shared memory later, so the reads of
+// chunk k+1 are in flight while the block computes chunk k (double buffering; v5: one copy).
 // Shared layouts:
 //  - v3: [c][r][q] with rows padded to IWS = IW rounded up to 1 mod 4 floats (34 -> 37,
 //    10 -> 13). A warp's compute loads are 8 pixel groups 4 columns apart in each of 4 rows (wide
@@ -715,7 +715,8 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 //   A fragment (16 channels x 8 k) = s_w[t][c][d0 .. d0+16), col_major with ldm = 40: rows
 //     padded from 32 to 40 floats (16 to 24 in conv3x3_wmma_narrow). In the TF32 fragment layout PTX documents for mma.sync
 //     (lane = 4 g + t holds rows g, g + 8 and k-columns t, t + 4), lane 4 g + t reads address
-//     t * ldm + g: with ldm = 32 the four lanes t = 0..3 of a g hit one bank (4-way conflicts),
+//     t * ldm + g: with ldm = 32 the four lanes t = 0..3 of a g hit one bank (4-way conflicts; v5's
+//     64 channels: ldm = 72, banks 8 t + g as with 40),
 //     with ldm = 40 the 32 lanes hit banks 8 t + g (24: 24 t + g mod 32), all different. (The emulator does not count
 //     wmma's shared accesses; not yet measured.)
 //   B fragment (8 k x 16 pixels)   = the tile's row (r + ky), columns kx .. kx + 15, channels c:
@@ -766,9 +767,8 @@ __device__ __forceinline__ void conv3x3_wmma_tile(
     constexpr int W_FLOATS = 9 * WM_CI * BMS;
     constexpr int TILE_FLOATS = STAGES * (WM_IN_FLOATS + W_FLOATS);
     constexpr int ACC_FLOATS = (WM_THREADS / 32) * 2 * MF * 256;   // the warps' staged accumulators
-    // v4 unrolls its loop over the 9 taps; v5 does not: fully unrolled, ptxas hoists the fragment
-    // loads of several taps and needs more than 255 registers (spills); rolled it keeps 3 blocks
-    // of 128 threads an SM in registers (kernel header). The predicate: 4 channel fragments.
+    // v4 unrolls its loop over the 9 taps; with 4 channel fragments (v5) it stays rolled: unrolled,
+    // ptxas needs more than 255 registers and spills (see v5's header).
     constexpr int TAP_UNROLL = MF == 4 ? 1 : 9;
     // STAGES input tiles and weight tiles; after the last chunk the first floats hold the warps'
     // accumulators (4 warps x 2 MF fragments x 256)
@@ -927,11 +927,18 @@ extern "C" __global__ void conv3x3_wmma_enabled(int* __restrict__ out) { out[0] 
 // same chunks, the same order of the sums and the same TF32 operands, on a bigger block.
 //
 // Block: 4 warps (128 threads), tile WB_BM = 64 output channels x (8 rows x 16 columns) pixels.
-// Warp w owns output rows 2w and 2w + 1 (as in v4) for all 64 channels: 4 x 2 accumulator
-// fragments of 16 channels x 16 pixels. Per tap it loads 4 A fragments (s_w[t][c][16 f ..],
-// col_major, ldm = WB_BM + 8 = 72) and 2 B fragments (the interleaved input tile, ldm = 8) and
-// does 4 x 2 mma_sync: each A fragment feeds 2 products, each B fragment 4. Thread -> data map of
-// the loads, the staging of the accumulators and the epilogue: v4's (conv3x3_wmma_tile, MF = 4).
+// Thread -> data:
+//   loads (per chunk of 8 source channels): thread tid loads input elements e = tid + 128 l
+//     (l < 12) of the 8 x 10 x 18 tile in (row, column, channel) order, channel fastest, and the
+//     float4 of weights (tap l, channel tid / 16, output channels d0 + 4 (tid % 16) .. + 3) for
+//     the 9 taps l: 12 floats and 9 float4 in registers, rounded, then stored.
+//   compute: warp w owns output rows 2w and 2w + 1 (as in v4) for all 64 channels: accumulator
+//     fragment (f, r) = channels d0 + 16 f .. + 15 x columns 0 .. 15 of row 2w + r (f < 4, r < 2).
+//     Per tap it loads 4 A fragments (s_w[t][c][16 f ..], col_major, ldm = WB_BM + 8 = 72) and 2 B
+//     fragments (the interleaved input tile at row 2w + r + ky, column kx, ldm = 8) and does
+//     4 x 2 mma_sync: each A fragment feeds 2 products, each B fragment 4.
+//   epilogue: the warp stages its 8 fragments in shared memory; lanes 0-15 and 16-31 then store
+//     16 consecutive columns of two channels per step (64-byte runs), bias and ReLU applied.
 //
 // Why 64 channels x 32 pixels a warp and not 32 x 64 (2 A x 4 B, also 8 mma per 6 loads): the
 // B fragments cost twice the A fragments in shared memory. A fragment is 128 floats, 4 wavefronts
@@ -969,8 +976,11 @@ extern "C" __global__ void conv3x3_wmma_enabled(int* __restrict__ out) { out[0] 
 //   conversions: 12 + 4 x 9 = 48 cvt a thread per chunk (its share of the tiles) for 72 mma a warp,
 //     0.7 per mma; rounding at the fragments it would be 9 x 6 x 4 = 216 (v4: 144 for 36, 4 per mma).
 //   registers: accumulators 8 fragments x 8 = 64, A 4 x 4 = 16, B 4, the next chunk in flight
-//     12 + 9 x 4 = 48, plus addresses and loader offsets (ptxas's count: tests/test_nvrtc.py and
-//     python -m minunet.bench --kernels print it; no __launch_bounds__ limit, as v4 narrow).
+//     12 + 9 x 4 = 48, plus addresses: ~140. ptxas (CUDA 13) gives it 168 for sm_80 and sm_90,
+//     no spills: 3 blocks of 128 threads an SM (65,536 registers), 12 warps. The loop over the 9
+//     taps is therefore not unrolled (TAP_UNROLL): unrolled, ptxas hoists the fragment loads of
+//     several taps, goes past 255 registers and spills (so does __launch_bounds__(128, 3) over an
+//     unrolled loop); rolled, the other 11 warps of the SM hide a tap's load latency.
 //   blocks: half of v4's channel blocks (64 channels a block), e.g. 64 -> 64 channels on a
 //     568 x 568 output: 71 x 36 = 2,556 blocks (v4 5,112), several waves on 132 SMs; deep layers
 //     are split over their source channels by the launcher (gemm_plan) as v4's.
