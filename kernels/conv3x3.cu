@@ -469,7 +469,7 @@ struct Conv3x3WeightLoader {
     }
 };
 
-// The work split shared by v3 and v4. Grid = (output tiles, channel blocks, splits * N):
+// The work split shared by v3, v4 and v5. Grid = (output tiles, channel blocks, splits * N):
 // blockIdx.z = split * N + n. With one split the block finishes its outputs (bias, ReLU);
 // with several (deep layers: few pixels, long K), split `split` sums the source channels
 // [split * per_split, ...) and writes raw sums to dst = partial[split][n][d][i][j], which

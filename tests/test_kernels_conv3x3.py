@@ -434,13 +434,13 @@ def relative_norm(got, want):
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-@pytest.mark.parametrize("version", ["igemm", "wmma-fp32", "wmma", "wmma_big"])
+@pytest.mark.parametrize("version", ["igemm", "wmma-fp32", "wmma", "wmma_big-fp32", "wmma_big"])
 def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, version):
     """Two SGD steps of tests/test_kernels.py's small U-Net (base 4, depth 2, 64 x 64 in, N = 2,
     dropout, weighted loss) on emu, every 3x3 conv forced to ``version``, against cpu.
 
-    FP32 ("igemm", and "wmma-fp32": conv3x3_wmma built without tensor cores, i.e. the same
-    loaders, channel splits, staging and fused epilogues in FP32): every logit, gradient and
+    FP32 ("igemm", and "wmma-fp32" / "wmma_big-fp32": conv3x3_wmma(_big) built without tensor
+    cores, i.e. the same loaders, channel splits, staging and fused epilogues in FP32): every logit, gradient and
     parameter to 1e-4 of its array's largest value, as test_kernels.py requires of v1/v2.
     TF32 ("wmma", "wmma_big"): the logits and the loss to 1e-2 (relative norm), the parameters after two
     steps to 5e-2. Elementwise gradients cannot be held to a TF32 bound: an activation within TF32
@@ -450,7 +450,7 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
 
     k = backends.get_backend("emu")
     monkeypatch.setattr(k, "conv3x3_version", version.split("-")[0])
-    if version == "wmma-fp32":
+    if version.endswith("-fp32"):
         fallback = EmuModule("#define CONV3X3_NO_WMMA 1\n" + kernel_source("conv3x3"),
                              name="conv3x3_no_wmma.cu")
         original = k.module
