@@ -252,13 +252,19 @@ def test_gemm_plan_of_wmma_big(args, grid, splits):
     assert plan.per_split % plan.shape.ci == 0 and (plan.splits - 1) * plan.per_split < c_src
 
 
+@pytest.mark.parametrize("device", ["emu", "cuda"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4], (2, 16, 13, 21, 64)], ids=str)
-def test_wmma_big_is_bit_identical_to_wmma(case):
+def test_wmma_big_is_bit_identical_to_wmma(case, device):
     """v5 rounds each operand to TF32 once, as it is stored to shared memory; v4 rounds it after
     every fragment load. Rounding is elementwise, and both add the same products in the same
     order (per output: the chunks, the 9 taps, 8 channels a mma_sync), so where both plans split
     the source channels alike, the output, the input gradient and the masked gy (hence the
-    weight and bias gradients) are the same bits. The cases mix 1 and several splits, ReLU on."""
+    weight and bias gradients) are the same bits. The cases mix 1 and several splits, ReLU on.
+    On cuda (skipped without a GPU) it checks the same on the tensor cores."""
+    if device == "cuda":
+        available, reason = cuda_status()
+        if not available:
+            pytest.skip(f"CuPy with a GPU is not available: {reason}")
     n, ci, h, wd, co = case
     for args in ((n, ci, co, h - 2, wd - 2), (n, co, ci, h, wd)):   # forward, input gradient
         assert C.gemm_plan("wmma", *args).splits == C.gemm_plan("wmma_big", *args).splits
@@ -266,7 +272,7 @@ def test_wmma_big_is_bit_identical_to_wmma(case):
     x, w, b, gy = f32(rng, n, ci, h, wd), f32(rng, co, ci, 3, 3), f32(rng, co), f32(rng, n, co, h - 2, wd - 2)
     results = []
     for version in TF32_GEMM:
-        k = backend(version)
+        k = KernelBackend(device, conv3x3=version)
         y = k.conv3x3_forward(x, w, b, relu=True)
         results.append([to_host(y), *(to_host(a) for a in k.conv3x3_backward(x, w, gy, True, y=y))])
     for name, v4, v5 in zip(("y", "gx", "gw", "gb"), *results):
