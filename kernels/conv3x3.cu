@@ -39,7 +39,12 @@
 //                              One code for the forward pass and the input gradient (pad 0 / 2).
 //   conv3x3_wmma,              v4 "wmma": the same implicit GEMM on TF32 tensor cores (m16n16k8,
 //   conv3x3_wmma_narrow        FP32 sums; sm_80+, an FP32 fallback elsewhere); 32 or 16 channels.
-//   Fused epilogues (v3, v4): bias and ReLU in the store (y = max(conv + b, 0)); in the backward
+//   conv3x3_wmma_big           v5 "wmma_big": v4 with a 64-channel block and a 64-channel warp
+//                              tile (4 x 2 fragments: 8 mma_sync per 6 fragment loads, v4: 4 per
+//                              4), operands rounded to TF32 once, as they are stored to shared
+//                              memory; one copy of the tiles (48 KB of static shared memory do not
+//                              hold two), refilled from registers between two barriers.
+//   Fused epilogues (v3 to v5): bias and ReLU in the store (y = max(conv + b, 0)); in the backward
 //   of conv + ReLU, the mask gy * (y > 0) applied as gy is loaded, and that masked gy written
 //   once for the weight gradient. conv3x3_gemm_weights lays out the weights for them.
 //   conv3x3_grad_weight        one block per (co, group of 4 input channels) and slice of the
@@ -330,9 +335,9 @@ extern "C" __global__ void conv3x3_gemm_weights(const float* __restrict__ w, flo
 // elements e = tid, tid + THREADS, ...; their offsets in the source (c * plane + si * W + sj, or
 // -1 outside the plane: a zero) and their slots in shared memory depend on the tile, not on the
 // chunk, so they are computed once (init) and each chunk only adds its base: no division in
-// the loop. load() issues the global
-// reads into registers; store() writes them to shared memory later, so the reads of chunk k+1
-// are in flight while the block computes chunk k (double buffering).
+// the loop (the INTERLEAVED slot is e itself: computed, not held in a register). load() issues
+// the global reads into registers; store() writes them to shared memory later, so the reads of
+// chunk k+1 are in flight while the block computes chunk k (double buffering; v5: one copy).
 // Shared layouts:
 //  - v3: [c][r][q] with rows padded to IWS = IW rounded up to 1 mod 4 floats (34 -> 37,
 //    10 -> 13). A warp's compute loads are 8 pixel groups 4 columns apart in each of 4 rows (wide
@@ -355,7 +360,8 @@ struct Conv3x3TileLoader {
     static constexpr int IWS = INTERLEAVED ? IW : IW + (5 - IW % 4) % 4;   // shared row stride
     static constexpr int FLOATS = INTERLEAVED ? ELEMS : CI * IH * IWS;     // shared floats per copy
     int offset[LOADS];
-    int slot[LOADS];     // shared index of element l (its place in the padded layout)
+    int slot[LOADS];     // shared index of element l (its place in the padded layout; v3 only)
+    int first;           // INTERLEAVED: element l's slot is its index e = first + l * THREADS
     unsigned owner;      // bit l: element l is this block's to write to masked_out
     float value[LOADS];
 
@@ -366,6 +372,7 @@ struct Conv3x3TileLoader {
     }
     __device__ void init(int tid, int i0, int j0, int pad, int H, int W) {
         owner = 0;
+        first = tid;
 #pragma unroll
         for (int l = 0; l < LOADS; ++l) {
             const int e = tid + l * THREADS;
@@ -374,7 +381,7 @@ struct Conv3x3TileLoader {
             const int si = i0 + r - pad, sj = j0 + q - pad;
             const bool inside = e < ELEMS && si >= 0 && si < H && sj >= 0 && sj < W;
             offset[l] = inside ? (c * H + si) * W + sj : -1;
-            slot[l] = e < ELEMS ? (INTERLEAVED ? e : (c * IH + r) * IWS + q) : -1;
+            if (!INTERLEAVED) slot[l] = e < ELEMS ? (c * IH + r) * IWS + q : -1;
             if (inside && r >= pad && q >= pad) owner |= 1u << l;
         }
     }
@@ -398,34 +405,49 @@ struct Conv3x3TileLoader {
     __device__ void store(float* s) const {
 #pragma unroll
         for (int l = 0; l < LOADS; ++l) {
-            if (ELEMS % THREADS == 0 || slot[l] >= 0) s[slot[l]] = value[l];
+            const int at = INTERLEAVED ? (first + l * THREADS < ELEMS ? first + l * THREADS : -1) : slot[l];
+            if (ELEMS % THREADS == 0 || at >= 0) s[at] = value[l];
         }
+    }
+    // v5: the loaded values rounded to TF32 before store() (masked_out got them unrounded)
+    __device__ void to_tf32() {
+#if CONV3X3_WMMA
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l) value[l] = nvcuda::wmma::__float_to_tf32(value[l]);
+#endif
     }
 };
 
 // The weights of one chunk, wt[t][s0 .. s0+CI)[d0 .. d0+BM) -> shared [t][c][BMS], as float4;
-// BMS >= BM is the shared row stride (v4 pads it, see conv3x3_wmma).
+// BMS >= BM is the shared row stride (v4 pads it, see conv3x3_wmma). Vector e = tid + l * THREADS
+// is (tap t, channel c, 4 channels dq) of the chunk; as THREADS is a multiple of the CI * BM / 4
+// vectors of a tap, its (c, dq) depend on tid alone and its tap grows by THREADS / (CI * BM / 4)
+// a step: one offset (l = 0) and a stride, not LOADS offsets held in registers.
 template <int CI, int BM, int THREADS, int BMS = BM>
 struct Conv3x3WeightLoader {
     static constexpr int VECS = 9 * CI * BM / 4;
     static constexpr int LOADS = (VECS + THREADS - 1) / THREADS;
-    int offset[LOADS];   // float index into wt for s0 = 0
+    static_assert(THREADS % (CI * BM / 4) == 0, "a step of THREADS vectors moves by whole taps");
+    static constexpr int TAPS_PER_STEP = THREADS / (CI * BM / 4);
+    int offset;          // float index into wt of vector tid for s0 = 0
+    int tap_stride;      // floats between two taps of wt: S_pad * D_pad
+    int tid;
     float4 value[LOADS];
 
-    __device__ void init(int tid, int d0, int S_pad, int D_pad) {
-#pragma unroll
-        for (int l = 0; l < LOADS; ++l) {
-            const int e = min(tid + l * THREADS, VECS - 1);
-            const int t = e / (CI * BM / 4), c = (e / (BM / 4)) % CI, dq = e % (BM / 4);
-            offset[l] = (t * S_pad + c) * D_pad + d0 + 4 * dq;
-        }
+    __device__ void init(int tid_, int d0, int S_pad, int D_pad) {
+        tid = tid_;
+        const int t = tid / (CI * BM / 4), c = (tid / (BM / 4)) % CI, dq = tid % (BM / 4);
+        offset = (t * S_pad + c) * D_pad + d0 + 4 * dq;
+        tap_stride = S_pad * D_pad;
     }
     __device__ void load(const float* __restrict__ wt, int s0, int D_pad) {
+        const float* from = wt + offset + s0 * D_pad;
 #pragma unroll
         for (int l = 0; l < LOADS; ++l)
-            value[l] = *reinterpret_cast<const float4*>(wt + offset[l] + s0 * D_pad);
+            if (VECS % THREADS == 0 || tid + l * THREADS < VECS)   // past the last tap: not stored
+                value[l] = *reinterpret_cast<const float4*>(from + l * TAPS_PER_STEP * tap_stride);
     }
-    __device__ void store(float* s, int tid) const {
+    __device__ void store(float* s) const {
 #pragma unroll
         for (int l = 0; l < LOADS; ++l) {
             const int e = tid + l * THREADS;
@@ -433,9 +455,21 @@ struct Conv3x3WeightLoader {
                 reinterpret_cast<float4*>(s)[(e / (BM / 4)) * (BMS / 4) + e % (BM / 4)] = value[l];
         }
     }
+    __device__ void to_tf32() {   // v5, as the tile loader's
+#if CONV3X3_WMMA
+#pragma unroll
+        for (int l = 0; l < LOADS; ++l) {
+            float4& v = value[l];
+            v.x = nvcuda::wmma::__float_to_tf32(v.x);
+            v.y = nvcuda::wmma::__float_to_tf32(v.y);
+            v.z = nvcuda::wmma::__float_to_tf32(v.z);
+            v.w = nvcuda::wmma::__float_to_tf32(v.w);
+        }
+#endif
+    }
 };
 
-// The work split shared by v3 and v4. Grid = (output tiles, channel blocks, splits * N):
+// The work split shared by v3, v4 and v5. Grid = (output tiles, channel blocks, splits * N):
 // blockIdx.z = split * N + n. With one split the block finishes its outputs (bias, ReLU);
 // with several (deep layers: few pixels, long K), split `split` sums the source channels
 // [split * per_split, ...) and writes raw sums to dst = partial[split][n][d][i][j], which
@@ -568,7 +602,7 @@ __device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, con
     if (blk.s_begin < blk.s_end) {
         fetch(blk.s_begin);
         tile.store(s_in[0]);
-        wload.store(s_w[0], tid);
+        wload.store(s_w[0]);
     }
     __syncthreads();
     int buf = 0;
@@ -602,7 +636,7 @@ __device__ __forceinline__ void conv3x3_igemm(const float* __restrict__ src, con
         }
         if (more) {                                 // the other copy: nobody reads it now
             tile.store(s_in[buf ^ 1]);
-            wload.store(s_w[buf ^ 1], tid);
+            wload.store(s_w[buf ^ 1]);
         }
         __syncthreads();
         buf ^= 1;
@@ -681,7 +715,8 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 //   A fragment (16 channels x 8 k) = s_w[t][c][d0 .. d0+16), col_major with ldm = 40: rows
 //     padded from 32 to 40 floats (16 to 24 in conv3x3_wmma_narrow). In the TF32 fragment layout PTX documents for mma.sync
 //     (lane = 4 g + t holds rows g, g + 8 and k-columns t, t + 4), lane 4 g + t reads address
-//     t * ldm + g: with ldm = 32 the four lanes t = 0..3 of a g hit one bank (4-way conflicts),
+//     t * ldm + g: with ldm = 32 the four lanes t = 0..3 of a g hit one bank (4-way conflicts; v5's
+//     64 channels: ldm = 72, banks 8 t + g as with 40),
 //     with ldm = 40 the 32 lanes hit banks 8 t + g (24: 24 t + g mod 32), all different. (The emulator does not count
 //     wmma's shared accesses; not yet measured.)
 //   B fragment (8 k x 16 pixels)   = the tile's row (r + ky), columns kx .. kx + 15, channels c:
@@ -715,19 +750,30 @@ extern "C" __global__ void conv3x3_sum_splits(const float* __restrict__ partial,
 using namespace nvcuda;
 #endif
 
-// MF = BM / 16 channel fragments per warp (2: conv3x3_wmma, 1: conv3x3_wmma_narrow).
-template <int BM>
+// MF = BM / 16 channel fragments per warp (2: conv3x3_wmma, 1: conv3x3_wmma_narrow, 4:
+// conv3x3_wmma_big). STAGES copies of the shared tiles: 2 (v4: double buffering, one barrier per
+// chunk) or 1 (v5: the next chunk waits in registers until everyone is done with this one, then
+// is stored between two barriers). ROUND_ON_STORE (v5): operands are rounded to TF32 as they are
+// stored to shared memory, so the fragments are loaded ready; else (v4) after each fragment load.
+template <int BM, int STAGES = 2, bool ROUND_ON_STORE = false>
 __device__ __forceinline__ void conv3x3_wmma_tile(
         const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
         const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
         int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
         int D_pad, int per_split, int relu, int use_mask) {
+    static_assert(STAGES == 1 || STAGES == 2, "one or two copies of the shared tiles");
     constexpr int MF = BM / 16;
-    constexpr int BMS = BM + 8;                  // padded weight rows: 40 or 24 floats (see above)
+    constexpr int BMS = BM + 8;                  // padded weight rows: 72, 40 or 24 floats (see above)
     constexpr int W_FLOATS = 9 * WM_CI * BMS;
-    // two input tiles, two weight tiles; after the last chunk the first floats hold the warps'
+    constexpr int TILE_FLOATS = STAGES * (WM_IN_FLOATS + W_FLOATS);
+    constexpr int ACC_FLOATS = (WM_THREADS / 32) * 2 * MF * 256;   // the warps' staged accumulators
+    // v4 unrolls its loop over the 9 taps; with 4 channel fragments (v5) it stays rolled: unrolled,
+    // ptxas needs more than 255 registers and spills (see v5's header).
+    constexpr int TAP_UNROLL = MF == 4 ? 1 : 9;
+    // STAGES input tiles and weight tiles; after the last chunk the first floats hold the warps'
     // accumulators (4 warps x 2 MF fragments x 256)
-    __shared__ __align__(32) float smem[2 * WM_IN_FLOATS + 2 * W_FLOATS];
+    constexpr int SMEM_FLOATS = TILE_FLOATS > ACC_FLOATS ? TILE_FLOATS : ACC_FLOATS;
+    __shared__ __align__(32) float smem[SMEM_FLOATS];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const Conv3x3Block blk(N, C_src, W_dst, per_split, WM_TH, WM_TW, BM);
     const int plane = H_src * W_src;
@@ -738,8 +784,8 @@ __device__ __forceinline__ void conv3x3_wmma_tile(
     Conv3x3WeightLoader<WM_CI, BM, WM_THREADS, BMS> wload;
     tile.init(tid, blk.i0, blk.j0, pad, H_src, W_src);
     wload.init(tid, blk.d0, S_pad, D_pad);
-    float* const s_in = smem;                      // copy b at s_in + b * WM_IN_FLOATS
-    float* const s_w = smem + 2 * WM_IN_FLOATS;    // copy b at s_w + b * W_FLOATS
+    float* const s_in = smem;                           // copy b at s_in + b * WM_IN_FLOATS
+    float* const s_w = smem + STAGES * WM_IN_FLOATS;    // copy b at s_w + b * W_FLOATS
 
 #if CONV3X3_WMMA
     wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[MF][2];   // [channel fragment][row]
@@ -759,41 +805,50 @@ __device__ __forceinline__ void conv3x3_wmma_tile(
                   (blk.s_end - s0) * plane);
         wload.load(wt, s0, D_pad);
     };
+    auto stage_in = [&](int b) {   // the fetched chunk into copy b (rounded first in v5)
+        if (ROUND_ON_STORE) {
+            tile.to_tf32();
+            wload.to_tf32();
+        }
+        tile.store(s_in + b * WM_IN_FLOATS);
+        wload.store(s_w + b * W_FLOATS);
+    };
     if (blk.s_begin < blk.s_end) {
         fetch(blk.s_begin);
-        tile.store(s_in);
-        wload.store(s_w, tid);
+        stage_in(0);
     }
     __syncthreads();
     int buf = 0;
     for (int s0 = blk.s_begin; s0 < blk.s_end; s0 += WM_CI) {
-        const bool more = s0 + WM_CI < blk.s_end;
+        const bool more = s0 + WM_CI < blk.s_end;   // the same for every thread of the block
         if (more) fetch(s0 + WM_CI);
         const float* sin = s_in + buf * WM_IN_FLOATS;
         const float* sw = s_w + buf * W_FLOATS;
 #if CONV3X3_WMMA
-#pragma unroll
+#pragma unroll (TAP_UNROLL)
         for (int t = 0; t < 9; ++t) {
             const int ky = t / 3, kx = t % 3;
             wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[MF];
 #pragma unroll
             for (int f = 0; f < MF; ++f) {
                 wmma::load_matrix_sync(a[f], sw + t * WM_CI * BMS + 16 * f, BMS);
+                if (!ROUND_ON_STORE)
 #pragma unroll
-                for (int x = 0; x < a[f].num_elements; ++x) a[f].x[x] = wmma::__float_to_tf32(a[f].x[x]);
+                    for (int x = 0; x < a[f].num_elements; ++x) a[f].x[x] = wmma::__float_to_tf32(a[f].x[x]);
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
                 wmma::load_matrix_sync(b, sin + ((2 * warp + r + ky) * WM_IW + kx) * WM_CI, WM_CI);
+                if (!ROUND_ON_STORE)
 #pragma unroll
-                for (int x = 0; x < b.num_elements; ++x) b.x[x] = wmma::__float_to_tf32(b.x[x]);
+                    for (int x = 0; x < b.num_elements; ++x) b.x[x] = wmma::__float_to_tf32(b.x[x]);
 #pragma unroll
                 for (int f = 0; f < MF; ++f) wmma::mma_sync(acc[f][r], a[f], b, acc[f][r]);
             }
         }
 #else
-        // lane's output k: fragment k / 8 (channel half k / 16, row k / 8 % 2), channel
+        // lane's output k: fragment k / 8 (channel fragment k / 16, row k / 8 % 2), channel
         // m = 2 * (k % 8) + lane / 16, column lane % 16 (the order store_matrix_sync uses below)
         const int col = lane % 16, half = lane / 16;
         for (int t = 0; t < 9; ++t)
@@ -806,12 +861,17 @@ __device__ __forceinline__ void conv3x3_wmma_tile(
                     acc[k] += wrow[16 * (k / 16) + 2 * (k % 8)] * ((k / 8) % 2 ? in1 : in0);
             }
 #endif
-        if (more) {
-            tile.store(s_in + (buf ^ 1) * WM_IN_FLOATS);
-            wload.store(s_w + (buf ^ 1) * W_FLOATS, tid);
+        if (STAGES == 2) {
+            if (more) stage_in(buf ^ 1);   // the other copy: nobody reads it now
+            __syncthreads();
+            buf ^= 1;
+        } else {
+            __syncthreads();               // everyone is done with the one copy ...
+            if (more) {
+                stage_in(0);               // ... so it takes the next chunk
+                __syncthreads();
+            }
         }
-        __syncthreads();
-        buf ^= 1;
     }
 
     // Stage the warp's 2 MF fragments: stage[frag][m][col], frag = 2 * channel fragment + row.
@@ -856,8 +916,91 @@ conv3x3_wmma_narrow(const float* __restrict__ src, const float* __restrict__ mas
                                     W_dst, pad, S_pad, D_pad, per_split, relu, use_mask);
 }
 
-// 1 when this build of conv3x3_wmma uses tensor cores, 0 when it falls back to FP32 FMAs.
+// 1 when this build of conv3x3_wmma (and conv3x3_wmma_big) uses tensor cores, 0 when it falls back to FP32 FMAs.
 extern "C" __global__ void conv3x3_wmma_enabled(int* __restrict__ out) { out[0] = CONV3X3_WMMA; }
+
+// ---------------------------------------------------------------------------------------------
+// v5: wmma_big, v4 with a larger warp tile and operands rounded to TF32 once (issue 16).
+//
+// What it computes: the same implicit GEMM as v4 (dst = A @ B over K = 9 taps x source channels,
+// forward pad 0 / input gradient pad 2, channel split, fused bias + ReLU and ReLU mask), with the
+// same chunks, the same order of the sums and the same TF32 operands, on a bigger block.
+//
+// Block: 4 warps (128 threads), tile WB_BM = 64 output channels x (8 rows x 16 columns) pixels.
+// Thread -> data:
+//   loads (per chunk of 8 source channels): thread tid loads input elements e = tid + 128 l
+//     (l < 12) of the 8 x 10 x 18 tile in (row, column, channel) order, channel fastest, and the
+//     float4 of weights (tap l, channel tid / 16, output channels d0 + 4 (tid % 16) .. + 3) for
+//     the 9 taps l: 12 floats and 9 float4 in registers, rounded, then stored.
+//   compute: warp w owns output rows 2w and 2w + 1 (as in v4) for all 64 channels: accumulator
+//     fragment (f, r) = channels d0 + 16 f .. + 15 x columns 0 .. 15 of row 2w + r (f < 4, r < 2).
+//     Per tap it loads 4 A fragments (s_w[t][c][16 f ..], col_major, ldm = WB_BM + 8 = 72) and 2 B
+//     fragments (the interleaved input tile at row 2w + r + ky, column kx, ldm = 8) and does
+//     4 x 2 mma_sync: each A fragment feeds 2 products, each B fragment 4.
+//   epilogue: the warp stages its 8 fragments in shared memory; lanes 0-15 and 16-31 then store
+//     16 consecutive columns of two channels per step (64-byte runs), bias and ReLU applied.
+//
+// Why 64 channels x 32 pixels a warp and not 32 x 64 (2 A x 4 B, also 8 mma per 6 loads): the
+// B fragments cost twice the A fragments in shared memory. A fragment is 128 floats, 4 wavefronts
+// (of 32 banks) at best. A, col_major with ldm = 72: lane 4g + t reads 72 t + g, banks 8 t + g, all
+// 32 different: 4 wavefronts. B, from the [row][column][8 channels] tile with ldm = 8: lane
+// 4g + t reads 8 g + t, and g, g + 4 fall on the same bank: 2-way, 8 wavefronts. Any ldm that
+// keeps every tap's start 32-byte aligned (as load_matrix_sync wants) is a multiple of 8 and has
+// the same conflict. So per tap: 4 x 4 + 2 x 8 = 32 wavefronts for 8 mma (2 A x 4 B: 40; v4's
+// 2 x 2: 24 for 4 mma).
+//
+// Rounding once. v4 rounds every element of every fragment after loading it (__float_to_tf32):
+// the same shared value is rounded by 9 taps x several warps. v5 rounds each value once, in
+// registers, before storing it to shared memory (the loaders' to_tf32), and loads the fragments
+// ready to use. Rounding is elementwise, so the fragments hold exactly the values v4's hold after
+// its rounding, and the products and their order are v4's: v5's output is bit-identical to
+// conv3x3_wmma's wherever both split the channels alike (tests/test_kernels_conv3x3.py checks
+// it). masked_out (the masked gy for the weight gradient) is written unrounded, before.
+//
+// One copy of the shared tiles. Per chunk: input 8 x 10 x 18 = 1,440 floats, weights 9 x 8 x 72 =
+// 5,184 floats: 26,496 bytes; two copies (v4's double buffering) would need 52,992, over the 48 KB
+// of static shared memory a kernel may declare without the dynamic opt-in the launcher does not
+// use. So the next chunk's global loads go to registers before this chunk's products (their
+// latency still hides behind them, as in v4), and are stored after a barrier (everyone is done
+// with the copy), followed by a second barrier (the copy is complete): 2 barriers per chunk of
+// 72 mma a warp, where v4 has 1 per 36. The epilogue stages 4 warps x 8 fragments x 256 floats =
+// 32 KB through the same array, so the block declares 32,768 bytes.
+//
+// Napkin math (predicted, H100/H200 class: ~2,048 TF32 FLOP per SM cycle (495 TFLOP/s / 132 SMs /
+// 1.83 GHz), one shared-memory wavefront per SM cycle):
+//   per block and chunk: 2 * 64 * 128 * 72 = 1,179,648 FLOPs for 1,440 + 4,608 floats from L2 =
+//     24 KB: 49 FLOP/B (v4: 590k FLOPs for 15 KB, 39 FLOP/B).
+//   per warp and chunk: 72 mma_sync (4,096 FLOPs each: ~2 SM cycles at the tensor cores' peak) for
+//     54 fragment loads = 288 wavefronts, 4 per mma (v4: 6). Shared memory bounds the loop at
+//     ~2/4 = 50% of the tensor peak (v4: ~33%): the predicted gain of the loop is ~1.5x.
+//   conversions: 12 + 4 x 9 = 48 cvt a thread per chunk (its share of the tiles) for 72 mma a warp,
+//     0.7 per mma; rounding at the fragments it would be 9 x 6 x 4 = 216 (v4: 144 for 36, 4 per mma).
+//   registers: accumulators 8 fragments x 8 = 64, A 4 x 4 = 16, B 4, the next chunk in flight
+//     12 + 9 x 4 = 48, plus addresses: ~140. ptxas (CUDA 13) gives it 168 for sm_80 and sm_90,
+//     no spills: 3 blocks of 128 threads an SM (65,536 registers), 12 warps. The loop over the 9
+//     taps is therefore not unrolled (TAP_UNROLL): unrolled, ptxas hoists the fragment loads of
+//     several taps, goes past 255 registers and spills (so does __launch_bounds__(128, 3) over an
+//     unrolled loop); rolled, the other 11 warps of the SM hide a tap's load latency.
+//   blocks: half of v4's channel blocks (64 channels a block), e.g. 64 -> 64 channels on a
+//     568 x 568 output: 71 x 36 = 2,556 blocks (v4 5,112), several waves on 132 SMs; deep layers
+//     are split over their source channels by the launcher (gemm_plan) as v4's.
+// It pays where C_dst is a multiple of 64 (every 3x3 layer of the paper's network); with 32 or
+// fewer output channels half of the block or more is padding (v4's tiles fit those). "auto" does
+// not pick it by rule: on cuda the tuner's table (minunet/backends/cuda_choices.json) does, once
+// `python -m minunet.bench --device cuda --tune` has measured it.
+// Without tensor cores it is v4's FP32 fallback with 64 channels (CONV3X3_WMMA = 0, no rounding).
+// ---------------------------------------------------------------------------------------------
+#define WB_BM 64                                 // conv3x3_wmma_big: 64 channels per block
+static_assert(GEMM_D_ALIGN % WB_BM == 0, "the weight loader reads whole 64-channel rows of wt");
+
+extern "C" __global__ void
+conv3x3_wmma_big(const float* __restrict__ src, const float* __restrict__ mask, const float* __restrict__ wt,
+                 const float* __restrict__ bias, float* __restrict__ dst, float* __restrict__ masked_out,
+                 int N, int C_src, int H_src, int W_src, int C_dst, int H_dst, int W_dst, int pad, int S_pad,
+                 int D_pad, int per_split, int relu, int use_mask) {
+    conv3x3_wmma_tile<WB_BM, 1, true>(src, mask, wt, bias, dst, masked_out, N, C_src, H_src, W_src, C_dst, H_dst,
+                                      W_dst, pad, S_pad, D_pad, per_split, relu, use_mask);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Weight gradient: a reduction over N*Ho*Wo pixels for each of Co*Ci*9 weights.

@@ -1,18 +1,19 @@
-"""The 3x3 convolution's implicit-GEMM kernels (v3 "igemm", v4 "wmma" in kernels/conv3x3.cu), the
+"""The 3x3 convolution's implicit-GEMM kernels (v3 "igemm", v4 "wmma", v5 "wmma_big" in
+kernels/conv3x3.cu), the
 fused conv + ReLU op, and the skipped input gradient of the network's input.
 
 Every test runs on "emu" in the emulator's checked mode (out-of-bounds accesses, races, unwritten
 shared memory and outputs are errors), against the NumPy reference in float64 on the same float32
 inputs. Shapes are small (checked mode is slow) but cover: N > 1, odd planes that are not
 multiples of any tile (wide 8 x 32, deep 8 x 8, wmma 8 x 16), channel counts that are not
-multiples of the channel tiles (32, 64) or chunks (4, 8), one input channel (U-Net's first layer),
+multiples of the channel tiles (16, 32, 64) or chunks (4, 8), one input channel (U-Net's first layer),
 deep small planes with many channels (which split their source channels), bias or none, ReLU
 fused or not.
 
 Tolerances, |got - want| <= bound:
 - FP32 kernels (naive, tiled, igemm): atol = rtol = 1e-4 (sums of at most ~700 products of
   N(0, 1) values in float32, rounding ~6e-8 per term), as tests/test_kernels.py.
-- TF32 (wmma): each operand is rounded to 10 mantissa bits (relative error <= 2^-11), so each
+- TF32 (wmma, wmma_big): each operand is rounded to 10 mantissa bits (relative error <= 2^-11), so each
   product is off by at most ~2^-10 of |a * b|, and a sum of products by at most 2^-10 * sum |a * b|:
   the bound is 2^-10 times the same convolution of the absolute values (computed by the reference),
   plus the FP32 tolerance above. This is a guaranteed bound, not a fitted one.
@@ -40,7 +41,8 @@ from .conftest import assert_close, compile_with_cuda_headers
 
 SUM_TOL = dict(rtol=1e-4, atol=1e-4)
 TF32_REL = 2.0 ** -10
-GEMM = ("igemm", "wmma")
+GEMM = ("igemm", "wmma", "wmma_big")
+TF32_GEMM = ("wmma", "wmma_big")   # tensor-core versions: TF32 operands whatever the precision
 
 # (N, Ci, H, W, Co). Output planes: 7x9 (smaller than every tile), 10x38 (one input channel, two
 # narrow tiles across, none full), 5x6 with 20 -> 33 channels (deep tile, 2 channel splits),
@@ -87,7 +89,7 @@ def run_case(k, rng, case, bias=True, relu=False):
     x, w, gy = f32(rng, n, ci, h, wd), f32(rng, co, ci, 3, 3), f32(rng, n, co, h - 2, wd - 2)
     b = f32(rng, co) if bias else None
     version = k.conv3x3_version
-    tf32 = version == "wmma" or (version == "auto" and k.precision == "tf32")   # (see test_auto_choice)
+    tf32 = version in TF32_GEMM or (version == "auto" and k.precision == "tf32")   # (see test_auto_choice)
     what = f"conv3x3[{version}, relu={relu}, bias={bias}] {case}"
 
     y = to_host(k.conv3x3_forward(x, w, b, relu=relu))
@@ -122,14 +124,14 @@ def test_gemm_versions_on_cuda(version, case):
 
 
 def test_versions_are_listed_for_the_benchmark():
-    assert CONV3X3_VERSIONS == ("auto", "naive", "tiled", "igemm", "wmma")
+    assert CONV3X3_VERSIONS == ("auto", "naive", "tiled", "igemm", "wmma", "wmma_big")
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("version", GEMM)
 def test_gemm_versions_match_reference(version, case, relu):
-    """v3 and v4, forced, on every case, with the bias and the ReLU fused or not."""
+    """v3, v4 and v5, forced, on every case, with the bias and the ReLU fused or not."""
     run_case(backend(version), np.random.default_rng(sum(case) + relu), case, bias=True, relu=relu)
 
 
@@ -148,7 +150,7 @@ def test_every_version_without_bias_and_with_fused_relu(version):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_shapes_every_gemm_version(seed):
-    """Random odd shapes (seeded): both GEMM versions on the same draw, fp32 and tf32 precision."""
+    """Random odd shapes (seeded): every GEMM version on the same draw, fp32 and tf32 precision."""
     rng = np.random.default_rng(100 + seed)
     case = (int(rng.integers(1, 3)), int(rng.integers(1, 41)), int(rng.integers(3, 23)),
             int(rng.integers(3, 40)), int(rng.integers(1, 41)))
@@ -194,13 +196,17 @@ def test_same_bits_under_every_thread_and_block_order(version):
 
 
 def test_cases_reach_every_shape():
-    """CASES run every igemm and wmma tile shape and the channel split (forward and input gradient)."""
+    """CASES run every igemm and wmma tile shape and the channel split (forward and input gradient),
+    and wmma_big (one tile shape) with and without a split."""
     plans = [C.gemm_plan("igemm", n, ci, co, h - 2, w - 2) for n, ci, h, w, co in CASES]
     plans += [C.gemm_plan("igemm", n, co, ci, h, w) for n, ci, h, w, co in CASES]
     assert {p.shape for p in plans} == {C.IGEMM_WIDE, C.IGEMM_NARROW, C.IGEMM_DEEP}
     wmma = [C.gemm_plan("wmma", n, ci, co, h - 2, w - 2) for n, ci, h, w, co in CASES]
     wmma += [C.gemm_plan("wmma", n, co, ci, h, w) for n, ci, h, w, co in CASES]
     assert {p.shape for p in wmma} == {C.WMMA, C.WMMA_NARROW}
+    big = [C.gemm_plan("wmma_big", n, ci, co, h - 2, w - 2) for n, ci, h, w, co in CASES]
+    big += [C.gemm_plan("wmma_big", n, co, ci, h, w) for n, ci, h, w, co in CASES]
+    assert {p.shape for p in big} == {C.WMMA_BIG} and {p.splits > 1 for p in big} == {True, False}
     assert any(p.splits > 1 for p in plans) and any(p.splits > 1 for p in wmma)
 
 
@@ -227,6 +233,52 @@ def test_gemm_plan_picks_tile_and_split_from_the_shape(args, shape, splits):
     assert plan.grid[2] == plan.splits * n
 
 
+@pytest.mark.parametrize("args,grid,splits", [
+    # the paper's widest layer: 64 -> 64 channels on a 568 x 568 output, one 64-channel block
+    # per 8 x 16 tile (v4: two 32-channel blocks)
+    ((1, 64, 64, 568, 568), (71 * 36, 1, 1), 1),
+    # its input gradient: a 570 x 570 plane
+    ((1, 64, 64, 570, 570), (72 * 36, 1, 1), 1),
+    # the bottom: 1024 channels on 28 x 28, 8 tiles x 16 channel blocks = 128 < 264: split in 3
+    ((1, 1024, 1024, 28, 28), (8, 16, 3), 3),
+    # fewer than 64 channels: the one tile, mostly padding (the tuner measures whether it pays)
+    ((2, 8, 20, 9, 11), (2, 1, 2), 1),
+])
+def test_gemm_plan_of_wmma_big(args, grid, splits):
+    n, c_src, c_dst, h, w = args
+    plan = C.gemm_plan("wmma_big", n, c_src, c_dst, h, w)
+    assert plan.shape is C.WMMA_BIG and (plan.shape.bm, plan.shape.th, plan.shape.tw) == (64, 8, 16)
+    assert plan.grid == grid and plan.splits == splits
+    assert plan.per_split % plan.shape.ci == 0 and (plan.splits - 1) * plan.per_split < c_src
+
+
+@pytest.mark.parametrize("device", ["emu", "cuda"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4], (2, 16, 13, 21, 64)], ids=str)
+def test_wmma_big_is_bit_identical_to_wmma(case, device):
+    """v5 rounds each operand to TF32 once, as it is stored to shared memory; v4 rounds it after
+    every fragment load. Rounding is elementwise, and both add the same products in the same
+    order (per output: the chunks, the 9 taps, 8 channels a mma_sync), so where both plans split
+    the source channels alike, the output, the input gradient and the masked gy (hence the
+    weight and bias gradients) are the same bits. The cases mix 1 and several splits, ReLU on.
+    On cuda (skipped without a GPU) it checks the same on the tensor cores."""
+    if device == "cuda":
+        available, reason = cuda_status()
+        if not available:
+            pytest.skip(f"CuPy with a GPU is not available: {reason}")
+    n, ci, h, wd, co = case
+    for args in ((n, ci, co, h - 2, wd - 2), (n, co, ci, h, wd)):   # forward, input gradient
+        assert C.gemm_plan("wmma", *args).splits == C.gemm_plan("wmma_big", *args).splits
+    rng = np.random.default_rng(sum(case))
+    x, w, b, gy = f32(rng, n, ci, h, wd), f32(rng, co, ci, 3, 3), f32(rng, co), f32(rng, n, co, h - 2, wd - 2)
+    results = []
+    for version in TF32_GEMM:
+        k = KernelBackend(device, conv3x3=version)
+        y = k.conv3x3_forward(x, w, b, relu=True)
+        results.append([to_host(y), *(to_host(a) for a in k.conv3x3_backward(x, w, gy, True, y=y))])
+    for name, v4, v5 in zip(("y", "gx", "gw", "gb"), *results):
+        assert np.array_equal(v4, v5), f"{case}: {name} differs between wmma and wmma_big"
+
+
 def test_auto_choice_per_device_and_precision(monkeypatch):
     """"auto": cuda -> a version measured on a GPU for the layer if the choices table has one,
     else igemm (fp32) or wmma (tf32, >= 8 source channels, tensor cores); emu -> the emulator's
@@ -245,6 +297,11 @@ def test_auto_choice_per_device_and_precision(monkeypatch):
     assert C.conv3x3_version(fake("emu", "fp32"), big) == "tiled"
     assert C.conv3x3_version(fake("emu", "fp32"), deep) == "naive"
     assert C.conv3x3_version(fake("emu", "tf32"), deep) == "wmma"
+    for device in ("cuda", "emu"):   # v5 is never the rule's choice (only a measured table's)
+        for precision in ("fp32", "tf32"):
+            for case in (big, deep, first):
+                assert "wmma_big" not in {C.conv3x3_version(fake(device, precision), case, grad_input=g)
+                                          for g in (False, True)}
     forced = fake("cuda", "tf32")
     forced.conv3x3_version = "naive"
     assert C.conv3x3_version(forced, big) == "naive"
@@ -264,8 +321,9 @@ def test_wmma_under_tf32_precision_via_auto():
 
 # ---- the FP32 fallback of conv3x3_wmma (sm_75, or no <mma.h>) -----------------------------------
 def test_wmma_kernel_without_tensor_cores_computes_the_same_in_fp32(monkeypatch):
-    """Compiled with CONV3X3_NO_WMMA (what sm_75 gets), conv3x3_wmma computes its tiles with FP32
-    FMAs: the FP32 tolerance holds, and conv3x3_wmma_enabled reports 0 (1 in the normal build)."""
+    """Compiled with CONV3X3_NO_WMMA (what sm_75 gets), conv3x3_wmma and conv3x3_wmma_big compute
+    their tiles with FP32 FMAs (and wmma_big does not round its operands): the FP32 tolerance holds,
+    and conv3x3_wmma_enabled reports 0 (1 in the normal build)."""
     source = kernel_source("conv3x3")   # gemm_tiles.cuh inlined, as the backend compiles it
     fallback = EmuModule("#define CONV3X3_NO_WMMA 1\n" + source, name="conv3x3_no_wmma.cu")
     k = backend("wmma")
@@ -277,10 +335,18 @@ def test_wmma_kernel_without_tensor_cores_computes_the_same_in_fp32(monkeypatch)
     original = k.module
     monkeypatch.setattr(k, "module", lambda file: fallback if file == "conv3x3" else original(file))
     rng = np.random.default_rng(4)
-    for co in (13, 20):   # conv3x3_wmma_narrow, conv3x3_wmma
+    # conv3x3_wmma_narrow, conv3x3_wmma, conv3x3_wmma_big (one and two 64-channel blocks)
+    for version, co in (("wmma", 13), ("wmma", 20), ("wmma_big", 20), ("wmma_big", 70)):
+        k.conv3x3_version = version
         x, w, b = f32(rng, 2, 11, 10, 19), f32(rng, co, 11, 3, 3), f32(rng, co)
-        assert_close(k.conv3x3_forward(x, w, b, relu=True), C.reference_forward(f64(x), f64(w), f64(b), True),
-                     what=f"wmma FP32 fallback, {co} channels", **SUM_TOL)
+        y = k.conv3x3_forward(x, w, b, relu=True)
+        assert_close(y, C.reference_forward(f64(x), f64(w), f64(b), True),
+                     what=f"{version} FP32 fallback, {co} channels", **SUM_TOL)
+        if version == "wmma_big":   # its input gradient too, with the ReLU mask fused
+            gy = f32(rng, 2, co, 8, 17)
+            gx = k.conv3x3_backward(x, w, gy, True, y=y)[0]
+            want = C.reference_backward(f64(x), f64(w), f64(gy) * (f64(y) > 0))[0]
+            assert_close(gx, want, what=f"{version} FP32 fallback gx, {co} channels", **SUM_TOL)
 
 
 # ---- item 4: the network's input gets no gradient -----------------------------------------------
@@ -374,15 +440,15 @@ def relative_norm(got, want):
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-@pytest.mark.parametrize("version", ["igemm", "wmma-fp32", "wmma"])
+@pytest.mark.parametrize("version", ["igemm", "wmma-fp32", "wmma", "wmma_big-fp32", "wmma_big"])
 def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, version):
     """Two SGD steps of tests/test_kernels.py's small U-Net (base 4, depth 2, 64 x 64 in, N = 2,
     dropout, weighted loss) on emu, every 3x3 conv forced to ``version``, against cpu.
 
-    FP32 ("igemm", and "wmma-fp32": conv3x3_wmma built without tensor cores, i.e. the same
-    loaders, channel splits, staging and fused epilogues in FP32): every logit, gradient and
+    FP32 ("igemm", and "wmma-fp32" / "wmma_big-fp32": conv3x3_wmma(_big) built without tensor
+    cores, i.e. the same loaders, channel splits, staging and fused epilogues in FP32): every logit, gradient and
     parameter to 1e-4 of its array's largest value, as test_kernels.py requires of v1/v2.
-    TF32 ("wmma"): the logits and the loss to 1e-2 (relative norm), the parameters after two
+    TF32 ("wmma", "wmma_big"): the logits and the loss to 1e-2 (relative norm), the parameters after two
     steps to 5e-2. Elementwise gradients cannot be held to a TF32 bound: an activation within TF32
     rounding of 0 lands on the other side of its ReLU, and that flips one gradient entry entirely
     (on emu: logits 1.3e-3, parameters 1.7e-2 off in norm; "wmma-fp32" shows the rest is exact)."""
@@ -390,7 +456,7 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
 
     k = backends.get_backend("emu")
     monkeypatch.setattr(k, "conv3x3_version", version.split("-")[0])
-    if version == "wmma-fp32":
+    if version.endswith("-fp32"):
         fallback = EmuModule("#define CONV3X3_NO_WMMA 1\n" + kernel_source("conv3x3"),
                              name="conv3x3_no_wmma.cu")
         original = k.module
@@ -400,7 +466,7 @@ def test_unet_trains_on_emu_with_gemm_versions_and_matches_cpu(monkeypatch, vers
     (logits, loss), grads, params = run_training_steps("emu")
     assert list(grads) == list(grads_ref)
 
-    if version == "wmma":
+    if version in TF32_GEMM:
         assert relative_norm(logits, logits_ref) <= 1e-2
         assert abs(loss - loss_ref) <= 1e-2 * abs(loss_ref)
         for name in params_ref:

@@ -63,7 +63,7 @@ class Knob:
 
 
 KNOBS = {
-    "conv3x3": Knob("conv3x3_version", "CONV3X3_VERSIONS", ("conv3x3",), tf32_only=("wmma",)),
+    "conv3x3": Knob("conv3x3_version", "CONV3X3_VERSIONS", ("conv3x3",), tf32_only=("wmma", "wmma_big")),
     "reduction": Knob("reduction", "REDUCTIONS", ("conv3x3", "conv_transpose2x2", "conv1x1"), "_backward"),
     "conv_transpose2x2": Knob("conv_transpose2x2_version", "CONV_TRANSPOSE2X2_VERSIONS", ("conv_transpose2x2",)),
 }

@@ -86,7 +86,7 @@ def cuda_options() -> tuple[str, ...]:
     compile to their FP32 fallbacks, and ``has_tf32`` warns)."""
     include = cuda_include_dir()
     return CUDA_OPTIONS + ((f"-I{include}",) if include is not None else ())
-CONV3X3_VERSIONS = ("auto", "naive", "tiled", "igemm", "wmma")   # v1..v4, see the module docstring
+CONV3X3_VERSIONS = ("auto", "naive", "tiled", "igemm", "wmma", "wmma_big")   # v1..v5, see ops/conv3x3.py
 REDUCTIONS = ("auto", "tree", "serial", "gemm")
 CONV_TRANSPOSE2X2_VERSIONS = ("auto", "naive", "gemm")
 PRECISIONS = ("fp32", "tf32")

@@ -6,7 +6,7 @@
 This module holds, in order: the differentiable op ``conv3x3`` (argument checks and its autograd
 Function), the NumPy reference forward and backward (the oracle), the fast CPU kernels (Numba:
 device ``cpu``), the launcher of the CUDA kernels in ``kernels/conv3x3.cu`` (v1 naive, v2 tiled,
-v3 igemm, v4 wmma, chosen per shape and precision in ``conv3x3_version``; the weight and bias
+v3 igemm, v4 wmma, v5 wmma_big, chosen per shape and precision in ``conv3x3_version``; the weight and bias
 gradients serial or tree; on ``cuda`` and ``emu``), and the registry entry (implementations,
 test and benchmark cases, napkin math).
 
@@ -517,7 +517,7 @@ GW_THREADS, GW_CI = _CU["GW_THREADS"], _CU["GW_CI"]     # grad-weight block: thr
 
 @dataclass(frozen=True)
 class GemmShape:
-    """One block shape of the implicit-GEMM kernels (v3 igemm, v4 wmma): the kernel's name, its
+    """One block shape of the implicit-GEMM kernels (v3 igemm, v4 wmma, v5 wmma_big): the kernel's name, its
     threads, output channels (BM), output rows x columns (TH x TW) and source channels per chunk."""
     kernel: str
     threads: int
@@ -536,7 +536,8 @@ IGEMM_DEEP = GemmShape("conv3x3_igemm_deep", _CU["IGD_THREADS"], _CU["IGD_BM"], 
 WMMA = GemmShape("conv3x3_wmma", _CU["WM_THREADS"], _CU["WM_BM"], _CU["WM_TH"], _CU["WM_TW"], _CU["WM_CI"])
 WMMA_NARROW = GemmShape("conv3x3_wmma_narrow", _CU["WM_THREADS"], _CU["WM_BM_NARROW"], _CU["WM_TH"], _CU["WM_TW"],
                         _CU["WM_CI"])
-GEMM_VERSIONS = ("igemm", "wmma")
+WMMA_BIG = GemmShape("conv3x3_wmma_big", _CU["WM_THREADS"], _CU["WB_BM"], _CU["WM_TH"], _CU["WM_TW"], _CU["WM_CI"])
+GEMM_VERSIONS = ("igemm", "wmma", "wmma_big")
 # A GEMM launch with fewer blocks than this splits its source channels (deterministically, see
 # conv3x3_sum_splits): 2 blocks per SM of the 132-SM H200 the project measures on. A split keeps
 # at least MIN_SPLIT_CHANNELS source channels (below that the partial sums cost more than they gain).
@@ -559,7 +560,7 @@ class GemmPlan:
 
 
 def gemm_plan(version: str, n: int, c_src: int, c_dst: int, h_dst: int, w_dst: int) -> GemmPlan:
-    """The block shape and grid of an implicit-GEMM launch (v3 "igemm" or v4 "wmma").
+    """The block shape and grid of an implicit-GEMM launch (v3 "igemm", v4 "wmma", v5 "wmma_big").
 
     igemm: the tile that wastes least on padding (output pixels past the plane's edge, channels
     past C_dst), preferring wide (32 channels x 8 x 32 pixels), then deep (64 x 8 x 8), then narrow
@@ -577,6 +578,8 @@ def gemm_plan(version: str, n: int, c_src: int, c_dst: int, h_dst: int, w_dst: i
 
     if version == "wmma":   # the 16-channel tile where 32 would be half padding
         shape = WMMA_NARROW if c_dst <= WMMA_NARROW.bm else WMMA
+    elif version == "wmma_big":   # one tile, 64 channels (the tuner decides where it pays)
+        shape = WMMA_BIG
     else:
         candidates = (IGEMM_WIDE, IGEMM_DEEP, IGEMM_NARROW)
         least = min(padded_work(c) for c in candidates)
@@ -595,7 +598,7 @@ def gemm_plan(version: str, n: int, c_src: int, c_dst: int, h_dst: int, w_dst: i
 
 
 def tensor_cores(k) -> bool:
-    """Whether conv3x3_wmma runs on tensor cores on this device (sm_80+ and <mma.h> found by the
+    """Whether conv3x3_wmma (and conv3x3_wmma_big) runs on tensor cores on this device (sm_80+ and <mma.h> found by the
     compiler; else it computes the same tiles with FP32 FMAs). Asked once per backend."""
     if getattr(k, "_conv3x3_tensor_cores", None) is None:
         flag = k.xp.zeros(1, dtype=k.xp.int32)
@@ -617,6 +620,7 @@ def conv3x3_version(k, case, grad_input: bool = False) -> str:
       the small planes: in the H200 files of 2026-12-04 (bench/results/h200-2026-12-04/ncu16.csv)
       its advantage there came from v2 launching grids far smaller than one wave of blocks, which
       igemm's deep tile and channel split (``gemm_plan``: at least TARGET_BLOCKS blocks) remove.
+      v5 "wmma_big" is never the rule's choice: only a table that measured it faster picks it.
     - on ``emu``: the emulator's own choice, for its speed (it is not a GPU): "wmma" under
       "tf32" as on cuda, else the v1/v2 rule (tiled when the plane fills one 16 x 32 tile, naive
       below), which runs fastest there.
@@ -651,7 +655,7 @@ def gemm_weights(k, w, grad_input: bool):
 
 
 def gemm_conv(k, version: str, src, w, bias, out_shape, grad_input: bool, relu: bool = False, mask=None):
-    """One implicit-GEMM launch (v3 igemm or v4 wmma), forward (src = x) or input gradient
+    """One implicit-GEMM launch (v3 igemm, v4 wmma or v5 wmma_big), forward (src = x) or input gradient
     (src = gy, grad_input): returns (dst, masked) where masked = src * (mask > 0) when a ReLU
     ``mask`` is given (the kernel writes it while loading, for the weight gradient), else None."""
     n, c_src, h_src, w_src = src.shape
