@@ -24,6 +24,9 @@
 //   seek(p)                            this lane's pixel of the stage: its offsets (one division)
 //   load_fp32(s_a, s_b, lane, lrow, row0, col0, live, bias)   a stage, v3's layout (below)
 //   load_tf32(s_a, s_b, lane, warp, row0, col0, live, bias)   a stage, v4's layout (below)
+//   a4(row, live), b4(col, live)       gemm_large: A's rows row .. row + 3 (B's columns) of the
+//   GROUPS_AT_ONCE                     lane's pixel as a float4; groups of 4 of the operand that
+//                                      is not gy loaded at once (wl_load_groups)
 //
 // A loader puts its lane's pixel of each of its rows of A and columns of B into the shared tiles
 // (0 for rows and columns past the matrix and for lanes past the slice, so the product needs no
@@ -46,6 +49,12 @@
 // register tile of rows ty + 16r and columns tx + 16c; per pixel k it reads 4 A values (2
 // distinct addresses a warp: broadcasts) and 4 B values (16 consecutive floats a warp: no bank
 // conflict) for 16 FMAs. The stores to gw are coalesced (consecutive tx, consecutive columns).
+//
+// gemm_large (reduction "gemm_large", at the end of this file): the same product in larger tiles,
+// FP32 128 x 128 (64 x 128 for a gw of at most 64 rows) with an 8 x 8 register tile a thread and
+// float4 shared-memory reads, and TF32 64 x 128 with 2 x 4 fragments a warp, rounded to TF32 once
+// when staged; the launcher (KernelBackend.grad_weight, gemm_tile) runs v3 / v4 for a gw of fewer
+// than 128 columns, where a 128-column tile would be at least half padding.
 //
 // v4 TF32, wgrad_gemm_tf32: 128 threads = 4 warps; warp w computes the 32 x 32 quarter
 // (w / 2, w % 2) of the tile as 2 x 2 nvcuda::wmma accumulator fragments of 16 x 16 (m16n16k8,
@@ -274,14 +283,11 @@ __device__ __forceinline__ void tf32_mma(Tf32Accumulator (&acc)[FM][FN], const f
     wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA> fa[FM];
     wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LayoutB> fb[FN];
 #pragma unroll
-    for (int f = 0; f < FM; ++f) {
-        wmma::load_matrix_sync(fa[f], a + f * a_next, lda);
-        if (ROUND) tf32_round(fa[f]);
-    }
-#pragma unroll
-    for (int f = 0; f < FN; ++f) {
-        wmma::load_matrix_sync(fb[f], b + f * b_next, ldb);
-        if (ROUND) tf32_round(fb[f]);
+    for (int f = 0; f < (FM > FN ? FM : FN); ++f) {   // A's and B's loads interleaved (v4's order)
+        if (f < FM) wmma::load_matrix_sync(fa[f], a + f * a_next, lda);
+        if (f < FN) wmma::load_matrix_sync(fb[f], b + f * b_next, ldb);
+        if (ROUND && f < FM) tf32_round(fa[f]);
+        if (ROUND && f < FN) tf32_round(fb[f]);
     }
 #pragma unroll
     for (int fi = 0; fi < FM; ++fi)
@@ -411,7 +417,8 @@ __device__ __forceinline__ void wl_load_groups(int warp, float* bias, Get get, P
 // One stage's pixel (the lane's) of the tile's BM rows of A and BN columns of B (wl_load_groups;
 // the operand that is not gy in rounds of Op::GROUPS_AT_ONCE groups), handed to put_a(m, v) /
 // put_b(c, v), m and c the group's first row and column in the tile (the FP32 and the TF32 kernel
-// stage them differently).
+// stage them differently). B first: in the other order ptxas spilled conv_transpose2x2's TF32
+// kernel (whose B is gy: 32 loads a lane in one round) at its 168 registers.
 template <class Op, int BM, int BN, int WARPS, class PutA, class PutB>
 __device__ __forceinline__ void wl_load_stage(const Op& op, int warp, int row0, int col0, bool live, float* bias,
                                               PutA put_a, PutB put_b) {
@@ -423,6 +430,24 @@ __device__ __forceinline__ void wl_load_stage(const Op& op, int warp, int row0, 
         warp, bias, [&](int c) { return op.b4(col0 + c, live); }, put_b);
     wl_load_groups<GA, WARPS, UA, Op::GY_ON_ROWS, 4>(
         warp, bias, [&](int m) { return op.a4(row0 + m, live); }, put_a);
+}
+
+// The loop of both large kernels over the stages of 32 pixels of the block's slice [start, stop):
+// lane l loads pixel p0 + l of the stage (a lane past the end loads zeros: its indices stay in
+// range), then, after a barrier, compute() works on the staged tiles, and a second barrier keeps
+// the next stage from overwriting them while others still read.
+template <class Op, int BM, int BN, int WARPS, class PutA, class PutB, class Compute>
+__device__ __forceinline__ void wl_stages(Op& op, int start, int stop, int lane, int warp, int row0, int col0,
+                                          float* bias, PutA put_a, PutB put_b, Compute compute) {
+    for (int p0 = start; p0 < stop; p0 += WL_BK) {
+        const int p = p0 + lane;
+        const bool live = p < stop;
+        op.seek(live ? p : start);
+        wl_load_stage<Op, BM, BN, WARPS>(op, warp, row0, col0, live, bias, put_a, put_b);
+        __syncthreads();   // the stage is in shared memory
+        compute();
+        __syncthreads();   // everyone is done with the stage before the next one overwrites it
+    }
 }
 
 // FP32, wgrad_gemm_large_fp32<Op, BM>: a BM x 128 tile of gw per block (BM = 128, or 64 for a gw
@@ -446,14 +471,17 @@ __device__ __forceinline__ void wl_load_stage(const Op& op, int warp, int row0, 
 // repeated addresses), so at worst 16 wavefronts for 64 FFMA instructions a pixel: shared memory
 // (one wavefront a cycle) feeds 64 x 32 / 16 = 128 FMAs a cycle, the FP32 peak of an SM's 128
 // lanes; v3's 8 wavefronts for 16 FFMA feed 64, half of it. Issue slots: 64 FFMA of 68
-// instructions a pixel (94%; v3 16 of 24, 67%). Registers: 64 accumulators + 16 operands + 16
-// bias sums + addresses: ~128 a thread, so two 256-thread blocks (16 warps) an SM. Shared memory: 2 x 32 x 132 x 4 =
-// 33,792 bytes (BM 128) or 25,600 (BM 64), one stage: a second stage for double buffering would
-// pass 48 KB of static shared memory with BM 128; the other resident block's loads overlap this
-// block's FMAs instead. Global loads: (BM + 128) x 32 floats a stage for BM x 128 x 32 FMAs, 64
-// FMAs a load (BM 128; 43 for BM 64) against v3's 32: half the L1/L2 traffic. Predicted: about
-// twice v3's FP32 throughput on a large layer (the 256 -> 256 channel 3x3 weight gradient), less
-// the stage loads the second block cannot hide.
+// instructions a pixel (94%; v3 16 of 24, 67%). Registers: 64 accumulators + 16 operands + up to
+// 16 bias sums + the stage's loads in flight and their addresses; the launch bounds hold BM 128 to
+// 128 a thread (WL_MIN_BLOCKS: two 256-thread blocks, 16 warps an SM) and BM 64 to 168 (three
+// 128-thread blocks, 12 warps). Shared memory: one stage, 2 x 32 x 132 x 4 = 33,792 bytes (BM
+// 128) or 32 x (68 + 132) x 4 = 25,600 (BM 64); two stages for double buffering (67,584 or
+// 51,200 bytes) would pass the 48 KB of static shared memory a block may have, so the other
+// resident blocks' FMAs overlap this block's stage loads instead. Global loads: (BM + 128) x 32
+// floats a stage for BM x 128 x 32 FMAs: 64 FMAs a load with BM 128 (half v3's L1/L2 traffic per
+// FMA), 43 with BM 64 (v3: 32). Predicted: up to twice v3's FP32 throughput on the large layers
+// (such as the 256 -> 256 channel 3x3 weight gradient), less the stage loads that the other
+// blocks do not hide.
 template <class Op, int BM>
 __device__ __forceinline__ void wgrad_gemm_large_fp32(Op op, float* __restrict__ out, float* __restrict__ out_bias,
                                                       int pixels_per_slice) {
@@ -470,39 +498,27 @@ __device__ __forceinline__ void wgrad_gemm_large_fp32(Op op, float* __restrict__
     const int start = blockIdx.z * pixels_per_slice;
     const int stop = min(op.pixels, start + pixels_per_slice);
 
-    float acc[8][8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-    float bias[Bias::COUNT];
-#pragma unroll
-    for (int r = 0; r < Bias::COUNT; ++r) bias[r] = 0.0f;
-
-    for (int p0 = start; p0 < stop; p0 += BK) {
-        const int p = p0 + lane;
-        const bool live = p < stop;
-        op.seek(live ? p : start);   // a lane past the end computes in-range (unused) indices
-        wl_load_stage<Op, BM, BN, WARPS>(
-            op, warp, row0, col0, live, bias,
-            [&](int m, float4 v) { *reinterpret_cast<float4*>(&s_a[lane * LDA + m]) = v; },
-            [&](int c, float4 v) { *reinterpret_cast<float4*>(&s_b[lane * LDB + c]) = v; });
-        __syncthreads();   // the stage is in shared memory
+    float acc[8][8] = {};
+    float bias[Bias::COUNT] = {};   // the sums of the bias channels this lane loads
+    wl_stages<Op, BM, BN, WARPS>(
+        op, start, stop, lane, warp, row0, col0, bias,
+        [&](int m, float4 v) { *reinterpret_cast<float4*>(&s_a[lane * LDA + m]) = v; },
+        [&](int c, float4 v) { *reinterpret_cast<float4*>(&s_b[lane * LDB + c]) = v; },
+        [&]() {
 #pragma unroll 4
-        for (int k = 0; k < BK; ++k) {
-            const float4 a0 = *reinterpret_cast<const float4*>(&s_a[k * LDA + 4 * ty]);
-            const float4 a1 = *reinterpret_cast<const float4*>(&s_a[k * LDA + BM / 2 + 4 * ty]);
-            const float4 b0 = *reinterpret_cast<const float4*>(&s_b[k * LDB + 4 * tx]);
-            const float4 b1 = *reinterpret_cast<const float4*>(&s_b[k * LDB + BN / 2 + 4 * tx]);
-            const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-            const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            for (int k = 0; k < BK; ++k) {
+                const float4 a0 = *reinterpret_cast<const float4*>(&s_a[k * LDA + 4 * ty]);
+                const float4 a1 = *reinterpret_cast<const float4*>(&s_a[k * LDA + BM / 2 + 4 * ty]);
+                const float4 b0 = *reinterpret_cast<const float4*>(&s_b[k * LDB + 4 * tx]);
+                const float4 b1 = *reinterpret_cast<const float4*>(&s_b[k * LDB + BN / 2 + 4 * tx]);
+                const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+                const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-            for (int i = 0; i < 8; ++i)
+                for (int i = 0; i < 8; ++i)
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
-        }
-        __syncthreads();   // everyone is done with the stage before the next one overwrites it
-    }
+                    for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
+            }
+        });
 
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -525,18 +541,32 @@ __device__ __forceinline__ void wgrad_gemm_large_fp32(Op op, float* __restrict__
 // rows 4 w .. 4 w + 3, 4 w + 16 .., ...), each value at s[m][l] (consecutive lanes, consecutive
 // floats: no bank conflict). Rounded to TF32 once, there (wmma::__float_to_tf32, to nearest: the
 // same values v4 gives each fragment element after every load), so the fragments are loaded and
-// used as they are: a staged value feeds 2 (A) or 4 (B) fragment loads of the warps, each
-// rounded before by v4. The bias adds the unrounded float32 gy values, as v3 and v4.
+// used as they are: a staged value feeds the fragment loads of the 2 warps that share its rows
+// (or columns), which v4 rounds each. The bias adds the unrounded float32 gy values, as v3, v4.
 //
 // Napkin math (predicted, not measured). A k-step of 8 pixels: 2 A + 4 B fragment loads for 8
 // mma_sync a warp (v4: 2 + 2 for 4): 1.33 mma per fragment load against 1. Rounding: a lane
 // rounds the 48 values it stages a stage, 1.5 cvt.rna per mma_sync, against v4's 4 elements of
-// each of its 4 fragments a k-step, 4 per mma_sync. Global loads: (64 + 128) x 32 floats a stage for 64 x 128 x 32
-// FMAs: 43 FMAs a load (v4: 32). Shared memory: the stage (64 + 128) x 36 floats = 27,648 bytes;
+// each of its 4 fragments a k-step, 4 per mma_sync. Global loads: (64 + 128) x 32 floats a stage
+// for 64 x 128 x 32 FMAs: 43 FMAs a load (v4: 32). Shared memory: the stage (64 + 128) x 36 floats = 27,648 bytes;
 // the 64 x 132-float result staged after the last stage, 33,792 bytes, sets the size. Double
-// buffering (two stages, 55,296 bytes) would pass 48 KB of static shared memory; with ~128
-// registers a thread, four blocks (16 warps) an SM overlap each other's loads instead. Registers:
-// 8 fragments x 8 accumulators + 6 x 4 operands + 16 bias sums + addresses.
+// buffering (two stages, 55,296 bytes) would pass the 48 KB of static shared memory a block may
+// have, so the other resident blocks overlap this one's stage loads instead. Registers: 8
+// fragments x 8 accumulators + 6 x 4 operands + up to 16 bias sums + the loads in flight; the
+// launch bounds hold them to 168 (WL_MIN_BLOCKS_SHORT: three 128-thread blocks, 12 warps an SM).
+// Predicted: more mma_sync per fragment load and fewer conversions than v4, so a larger share of
+// the time on the tensor cores; by how much only a GPU can tell (python -m minunet.bench --tune).
+#ifdef WG_WMMA_TF32
+// A group of 4 rows (columns) m .. m + 3 of the lane's pixel into a [row][pixel] tile of WLT_LD
+// floats a row, rounded to TF32 (to nearest) once here.
+__device__ __forceinline__ void wl_put_tf32(float* s, int m, int lane, float4 v) {
+    s[(m + 0) * WLT_LD + lane] = nvcuda::wmma::__float_to_tf32(v.x);
+    s[(m + 1) * WLT_LD + lane] = nvcuda::wmma::__float_to_tf32(v.y);
+    s[(m + 2) * WLT_LD + lane] = nvcuda::wmma::__float_to_tf32(v.z);
+    s[(m + 3) * WLT_LD + lane] = nvcuda::wmma::__float_to_tf32(v.w);
+}
+#endif
+
 template <class Op>
 __device__ __forceinline__ void wgrad_gemm_large_tf32(Op op, float* __restrict__ out, float* __restrict__ out_bias,
                                                       int pixels_per_slice) {
@@ -558,35 +588,17 @@ __device__ __forceinline__ void wgrad_gemm_large_tf32(Op op, float* __restrict__
 
     Tf32Accumulator acc[2][4];
     tf32_zero(acc);
-    float bias[Bias::COUNT];
+    float bias[Bias::COUNT] = {};   // the sums of the bias channels this lane loads
+    wl_stages<Op, BM, BN, WARPS>(
+        op, start, stop, lane, warp, row0, col0, bias,
+        [&](int m, float4 v) { wl_put_tf32(s_a, m, lane, v); },
+        [&](int c, float4 v) { wl_put_tf32(s_b, c, lane, v); },
+        [&]() {
 #pragma unroll
-    for (int r = 0; r < Bias::COUNT; ++r) bias[r] = 0.0f;
-
-    for (int p0 = start; p0 < stop; p0 += BK) {
-        const int p = p0 + lane;
-        const bool live = p < stop;
-        op.seek(live ? p : start);   // a lane past the end computes in-range (unused) indices
-        wl_load_stage<Op, BM, BN, WARPS>(
-            op, warp, row0, col0, live, bias,
-            [&](int m, float4 v) {
-                s_a[(m + 0) * LD + lane] = wmma::__float_to_tf32(v.x);
-                s_a[(m + 1) * LD + lane] = wmma::__float_to_tf32(v.y);
-                s_a[(m + 2) * LD + lane] = wmma::__float_to_tf32(v.z);
-                s_a[(m + 3) * LD + lane] = wmma::__float_to_tf32(v.w);
-            },
-            [&](int c, float4 v) {
-                s_b[(c + 0) * LD + lane] = wmma::__float_to_tf32(v.x);
-                s_b[(c + 1) * LD + lane] = wmma::__float_to_tf32(v.y);
-                s_b[(c + 2) * LD + lane] = wmma::__float_to_tf32(v.z);
-                s_b[(c + 3) * LD + lane] = wmma::__float_to_tf32(v.w);
-            });
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 8)
-            tf32_mma<wmma::row_major, wmma::col_major, false>(acc, s_a + wrow * LD + kk, 16 * LD, LD,
-                                                              s_b + wcol * LD + kk, 16 * LD, LD);
-        __syncthreads();
-    }
+            for (int kk = 0; kk < BK; kk += 8)
+                tf32_mma<wmma::row_major, wmma::col_major, false>(acc, s_a + wrow * LD + kk, 16 * LD, LD,
+                                                                  s_b + wcol * LD + kk, 16 * LD, LD);
+        });
 
     tf32_store(s_c + wrow * LDC + wcol, LDC, acc);
     __syncthreads();

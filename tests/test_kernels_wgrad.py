@@ -222,7 +222,8 @@ def test_tf32_really_rounds(version):
 
 
 # small layers for the determinism tests: gemm's, and gemm_large's own (at least 128 columns)
-ORDER_CASES = {"gemm": {"conv3x3": (2, 5, 9, 14, 7), "conv1x1": (2, 5, 9, 14, 7), "conv_transpose2x2": (2, 5, 5, 7, 3)},
+ORDER_CASES = {"gemm": {"conv3x3": (2, 5, 9, 14, 7), "conv1x1": (2, 5, 9, 14, 7),
+                        "conv_transpose2x2": (2, 5, 5, 7, 3)},
                "gemm_large": {"conv3x3": (2, 15, 9, 14, 7), "conv1x1": (2, 130, 9, 14, 7),
                               "conv_transpose2x2": (2, 5, 5, 7, 33)}}
 
@@ -289,7 +290,8 @@ def test_gemm_large_grids_fill_a_gpu_for_the_unet_layers(monkeypatch, name, shap
     backend = KernelBackend("emu", reduction="gemm_large", precision=precision)
     monkeypatch.setattr(backend, "has_tf32", lambda file: True)
     grids = {}
-    monkeypatch.setattr(backend, "launch", lambda file, kernel, grid, block, args: grids.setdefault(kernel, (grid, block, args)))
+    monkeypatch.setattr(backend, "launch",
+                        lambda file, kernel, grid, block, args: grids.setdefault(kernel, (grid, block, args)))
     wshape = {"conv3x3": (co, ci, 3, 3), "conv1x1": (co, ci, 1, 1), "conv_transpose2x2": (ci, co, 2, 2)}[name]
     out = {"conv3x3": (n, co, h - 2, w - 2), "conv1x1": (n, co, h, w), "conv_transpose2x2": (n, co, 2 * h, 2 * w)}[name]
     getattr(backend, f"{name}_backward")(np.zeros((n, ci, h, w), np.float32), np.zeros(wshape, np.float32),
