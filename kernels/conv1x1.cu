@@ -22,6 +22,8 @@
 //   conv1x1_grad_weight_gemm (v3, FP32) / conv1x1_grad_weight_gemm_tf32 (v4, TF32 tensor cores):
 //     gw = gy @ x^T as a tiled GEMM over the pixels, the bias fused; see the section at the end
 //     (the tiles and the product: gemm_tiles.cuh, shared with conv3x3 and conv_transpose2x2).
+//   conv1x1_grad_weight_gemm_128x128 / _64x128 / _64x128_tf32: the same in larger tiles
+//     (reduction "gemm_large"), for Ci >= 128; the classifier (Ci = 64) runs v3 / v4.
 
 extern "C" __global__ void conv1x1_forward(const float* __restrict__ x, const float* __restrict__ w,
                                            const float* __restrict__ b, float* __restrict__ y,

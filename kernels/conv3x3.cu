@@ -62,6 +62,9 @@
 //                              (v3 and v4: the tiles, stage loop and product are
 //                              gemm_tiles.cuh's, shared with conv1x1 and conv_transpose2x2;
 //                              this file gives them its operands, Conv3x3WgradOperands.)
+//   conv3x3_grad_weight_gemm_128x128, _gemm_64x128, _gemm_64x128_tf32   reduction "gemm_large":
+//                              the same GEMM in larger tiles (FP32 8 x 8 a thread, TF32 2 x 4
+//                              fragments a warp; gemm_tiles.cuh), for Ci*9 >= 128.
 //   Every weight-gradient kernel also computes the bias gradient (fused: the same pass over gy).
 //
 // Index arithmetic is 32-bit: the Python launcher refuses arrays of 2^31 or more elements.

@@ -35,6 +35,8 @@
 //                                  pixel's 2x2 block of gy), the bias fused; see the section below
 //                                  (the tiles and the product: gemm_tiles.cuh, shared with conv3x3
 //                                  and conv1x1, as is the TF32 fragment step of the _tf32 GEMMs).
+//   conv_transpose2x2_grad_weight_gemm_128x128, _64x128, _64x128_tf32: the same in larger tiles
+//                                  (reduction "gemm_large"), for Co*4 >= 128.
 
 extern "C" __global__ void conv_transpose2x2_forward(const float* __restrict__ x, const float* __restrict__ w,
                                                      const float* __restrict__ b, float* __restrict__ y,
