@@ -524,8 +524,8 @@ class KernelBackend:
             # a gemm grid has few, fat blocks (one per 64 x 64 tile of gw: a single one for a
             # first layer's 64 x 9 weights), so it is split down to WG_MIN_SLICE pixels a block;
             # a larger tile counts as the 64 x 64 tiles it holds (128 x 128: 4), so gemm_large
-            # gets as many slices as gemm for the same gw: 4x fewer, 4x fatter blocks, and the
-            # same partial sums for sum_partials to add
+            # gets about as many slices as gemm for the same gw (4x fewer, 4x fatter blocks) and
+            # no more partial sums for sum_partials to add
             min_slice = min(min_slice, defines["WG_MIN_SLICE"])
             target = ceil_div(TARGET_BLOCKS * defines["WG_BM"] * defines["WG_BN"], bm * bn)
             kernel = f"{kernel}_{suffix}"
