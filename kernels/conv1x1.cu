@@ -22,6 +22,8 @@
 //   conv1x1_grad_weight_gemm (v3, FP32) / conv1x1_grad_weight_gemm_tf32 (v4, TF32 tensor cores):
 //     gw = gy @ x^T as a tiled GEMM over the pixels, the bias fused; see the section at the end
 //     (the tiles and the product: gemm_tiles.cuh, shared with conv3x3 and conv_transpose2x2).
+//   conv1x1_grad_weight_gemm_128x128 / _64x128 / _64x128_tf32: the same in larger tiles
+//     (reduction "gemm_large"), for Ci >= 128; the classifier (Ci = 64) runs v3 / v4.
 
 extern "C" __global__ void conv1x1_forward(const float* __restrict__ x, const float* __restrict__ w,
                                            const float* __restrict__ b, float* __restrict__ y,
@@ -152,6 +154,7 @@ extern "C" __global__ void conv1x1_grad_weight_serial(const float* __restrict__ 
 struct Conv1x1WgradOperands {
     static constexpr bool GY_ON_ROWS = true;          // A = gy: its rows are the bias channels
     static constexpr int COLUMNS_PER_CHANNEL = 1;     // (used only where gy is B)
+    static constexpr int GROUPS_AT_ONCE = 32;                    // the large tiles' loads of x: gemm_tiles.cuh
     const float* x;
     const float* gy;
     int Ci, P, Co;
@@ -173,6 +176,9 @@ struct Conv1x1WgradOperands {
         wg_load_channels<WG_BM / WG_LOAD_ROWS, WG_LOAD_ROWS, true>(s_a[lane], 1, gy, gy_at, P, lrow, row0, Co, live, bias);
         wg_load_channels<WG_BN / WG_LOAD_ROWS, WG_LOAD_ROWS, false>(s_b[lane], 1, x, x_at, P, lrow, col0, Ci, live, bias);
     }
+    // the large tiles' groups: gy rows (channels) row .. row + 3, x rows col .. col + 3
+    __device__ __forceinline__ float4 a4(int row, bool live) const { return wg_channels4(gy, gy_at, P, row, Co, live); }
+    __device__ __forceinline__ float4 b4(int col, bool live) const { return wg_channels4(x, x_at, P, col, Ci, live); }
     __device__ __forceinline__ void load_tf32(float* s_a, float* s_b, int lane, int warp, int row0, int col0, bool live,
                                               float* bias) const {
         wg_load_channels<WT_BM / 4, 4, true>(s_a + lane, WT_LD, gy, gy_at, P, warp, row0, Co, live, bias);
@@ -196,4 +202,30 @@ extern "C" __global__ void __launch_bounds__(WT_THREADS)
 conv1x1_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
                               float* __restrict__ out_bias, int N, int Ci, int P, int Co, int pixels_per_slice) {
     wgrad_gemm_tf32(Conv1x1WgradOperands(x, gy, N, Ci, P, Co), out, out_bias, pixels_per_slice);
+}
+
+// gemm_large (gemm_tiles.cuh): FP32 128 x 128 tiles (256 threads) or, for a gw of at most 64 rows,
+// 64 x 128 (128 threads), 8 x 8 a thread; TF32 64 x 128 tiles (128 threads, 2 x 4 fragments a
+// warp; sm_80+, after conv1x1_grad_weight_has_tf32). Grid (ceil(Ci / 128), ceil(Co / BM), slices).
+// The launcher runs v3 / v4 instead where Ci < 128 (U-Net's classifier: Co = 2, Ci = 64), whose
+// 128-column tile would be at least half padding.
+extern "C" __global__ void __launch_bounds__(WL_THREADS, WL_MIN_BLOCKS)
+conv1x1_grad_weight_gemm_128x128(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
+                                 float* __restrict__ out_bias, int N, int Ci, int P, int Co, int pixels_per_slice) {
+    wgrad_gemm_large_fp32<Conv1x1WgradOperands, WL_BM>(Conv1x1WgradOperands(x, gy, N, Ci, P, Co), out, out_bias,
+                                                       pixels_per_slice);
+}
+
+extern "C" __global__ void __launch_bounds__(WL_THREADS_SHORT, WL_MIN_BLOCKS_SHORT)
+conv1x1_grad_weight_gemm_64x128(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
+                                float* __restrict__ out_bias, int N, int Ci, int P, int Co, int pixels_per_slice) {
+    wgrad_gemm_large_fp32<Conv1x1WgradOperands, WL_BM_SHORT>(Conv1x1WgradOperands(x, gy, N, Ci, P, Co), out,
+                                                             out_bias, pixels_per_slice);
+}
+
+extern "C" __global__ void __launch_bounds__(WLT_THREADS, WL_MIN_BLOCKS_SHORT)
+conv1x1_grad_weight_gemm_64x128_tf32(const float* __restrict__ x, const float* __restrict__ gy,
+                                     float* __restrict__ out, float* __restrict__ out_bias, int N, int Ci, int P,
+                                     int Co, int pixels_per_slice) {
+    wgrad_gemm_large_tf32(Conv1x1WgradOperands(x, gy, N, Ci, P, Co), out, out_bias, pixels_per_slice);
 }

@@ -67,6 +67,9 @@
 //                              (v3 and v4: the tiles, stage loop and product are
 //                              gemm_tiles.cuh's, shared with conv1x1 and conv_transpose2x2;
 //                              this file gives them its operands, Conv3x3WgradOperands.)
+//   conv3x3_grad_weight_gemm_128x128, _gemm_64x128, _gemm_64x128_tf32   reduction "gemm_large":
+//                              the same GEMM in larger tiles (FP32 8 x 8 a thread, TF32 2 x 4
+//                              fragments a warp; gemm_tiles.cuh), for Ci*9 >= 128.
 //   Every weight-gradient kernel also computes the bias gradient (fused: the same pass over gy).
 //
 // Index arithmetic is 32-bit: the Python launcher refuses arrays of 2^31 or more elements.
@@ -1190,6 +1193,7 @@ extern "C" __global__ void conv3x3_grad_weight_serial(const float* __restrict__ 
 struct Conv3x3WgradOperands {
     static constexpr bool GY_ON_ROWS = true;          // A = gy: its rows are the bias channels
     static constexpr int COLUMNS_PER_CHANNEL = 1;     // (used only where gy is B)
+    static constexpr int GROUPS_AT_ONCE = 2;                     // the large tiles' loads of X: gemm_tiles.cuh
     const float* x;
     const float* gy;
     int Ci, W, Co, Wo, plane_out, plane_in;
@@ -1226,6 +1230,13 @@ struct Conv3x3WgradOperands {
             s_b[lane][c] = column(col0 + c, live);
         }
     }
+    // the large tiles' groups: gy rows (channels) row .. row + 3, X columns col .. col + 3
+    __device__ __forceinline__ float4 a4(int row, bool live) const {
+        return wg_channels4(gy, gy_at, plane_out, row, Co, live);
+    }
+    __device__ __forceinline__ float4 b4(int col, bool live) const {
+        return make_float4(column(col, live), column(col + 1, live), column(col + 2, live), column(col + 3, live));
+    }
     __device__ __forceinline__ void load_tf32(float* s_a, float* s_b, int lane, int warp, int row0, int col0, bool live,
                                               float* bias) const {
         wg_load_channels<WT_BM / 4, 4, true>(s_a + lane, WT_LD, gy, gy_at, plane_out, warp, row0, Co, live, bias);
@@ -1252,4 +1263,31 @@ extern "C" __global__ void __launch_bounds__(WT_THREADS)
 conv3x3_grad_weight_gemm_tf32(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
                               float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
     wgrad_gemm_tf32(Conv3x3WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
+}
+
+// gemm_large (gemm_tiles.cuh): FP32 128 x 128 tiles (256 threads) or, for Co <= 64, 64 x 128 (128
+// threads), 8 x 8 a thread; TF32 64 x 128 tiles (128 threads, 2 x 4 fragments a warp; sm_80+,
+// after conv3x3_grad_weight_has_tf32). Grid (ceil(Ci*9 / 128), ceil(Co / BM), slices). The
+// launcher runs v3 / v4 instead where Ci*9 < 128 (the first layer: 9 columns).
+extern "C" __global__ void __launch_bounds__(WL_THREADS, WL_MIN_BLOCKS)
+conv3x3_grad_weight_gemm_128x128(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
+                                 float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co,
+                                 int pixels_per_slice) {
+    wgrad_gemm_large_fp32<Conv3x3WgradOperands, WL_BM>(Conv3x3WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias,
+                                                       pixels_per_slice);
+}
+
+extern "C" __global__ void __launch_bounds__(WL_THREADS_SHORT, WL_MIN_BLOCKS_SHORT)
+conv3x3_grad_weight_gemm_64x128(const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ out,
+                                float* __restrict__ out_bias, int N, int Ci, int H, int W, int Co,
+                                int pixels_per_slice) {
+    wgrad_gemm_large_fp32<Conv3x3WgradOperands, WL_BM_SHORT>(Conv3x3WgradOperands(x, gy, N, Ci, H, W, Co), out,
+                                                             out_bias, pixels_per_slice);
+}
+
+extern "C" __global__ void __launch_bounds__(WLT_THREADS, WL_MIN_BLOCKS_SHORT)
+conv3x3_grad_weight_gemm_64x128_tf32(const float* __restrict__ x, const float* __restrict__ gy,
+                                     float* __restrict__ out, float* __restrict__ out_bias, int N, int Ci, int H,
+                                     int W, int Co, int pixels_per_slice) {
+    wgrad_gemm_large_tf32(Conv3x3WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
 }

@@ -35,6 +35,8 @@
 //                                  pixel's 2x2 block of gy), the bias fused; see the section below
 //                                  (the tiles and the product: gemm_tiles.cuh, shared with conv3x3
 //                                  and conv1x1, as is the TF32 fragment step of the _tf32 GEMMs).
+//   conv_transpose2x2_grad_weight_gemm_128x128, _64x128, _64x128_tf32: the same in larger tiles
+//                                  (reduction "gemm_large"), for Co*4 >= 128.
 
 extern "C" __global__ void conv_transpose2x2_forward(const float* __restrict__ x, const float* __restrict__ w,
                                                      const float* __restrict__ b, float* __restrict__ y,
@@ -225,6 +227,7 @@ __device__ __forceinline__ float4 ct_block(const float* __restrict__ gy, int at,
 struct ConvTranspose2x2WgradOperands {
     static constexpr bool GY_ON_ROWS = false;         // B = G: gy is on the columns ...
     static constexpr int COLUMNS_PER_CHANNEL = 4;     // ... 4 taps (a*2 + b) per bias channel
+    static constexpr int GROUPS_AT_ONCE = 2;                     // the large tiles' loads of x: gemm_tiles.cuh
     const float* x;
     const float* gy;
     int Ci, W, Co, plane;
@@ -241,13 +244,15 @@ struct ConvTranspose2x2WgradOperands {
         x_at = n * Ci * plane + q;
         gy_at = n * Co * 4 * plane + 2 * i * 2 * W + 2 * j;
     }
+    // G's columns 4*co .. 4*co + 3: output channel co's 2x2 block (0 past Co or the slice)
+    __device__ __forceinline__ float4 block(int co, bool live) const {
+        return live && co < Co ? ct_block(gy, gy_at + co * 4 * plane, W) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     // Columns 4*cc .. 4*cc + 3 of the tile (output channel co0 + cc; 0 past Co or the slice) to
     // dst[(4*cc + k) * dst_stride], and their sum to the channel's bias sum.
     template <class Dst>
     __device__ __forceinline__ void load_block(Dst dst, int dst_stride, int cc, int co0, bool live, float& bias) const {
-        const int co = co0 + cc;
-        float4 g = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (live && co < Co) g = ct_block(gy, gy_at + co * 4 * plane, W);
+        const float4 g = block(co0 + cc, live);
         dst[(4 * cc + 0) * dst_stride] = g.x;
         dst[(4 * cc + 1) * dst_stride] = g.y;
         dst[(4 * cc + 2) * dst_stride] = g.z;
@@ -262,6 +267,10 @@ struct ConvTranspose2x2WgradOperands {
 #pragma unroll
         for (int r = 0; r < WG_BN / 4 / WG_LOAD_ROWS; ++r) load_block(s_b[lane], 1, lrow + r * WG_LOAD_ROWS, col0 / 4, live, bias[r]);
     }
+    // the large tiles' groups: x rows (channels) row .. row + 3; G columns col .. col + 3 (col a
+    // multiple of 4: one output channel's block)
+    __device__ __forceinline__ float4 a4(int row, bool live) const { return wg_channels4(x, x_at, plane, row, Ci, live); }
+    __device__ __forceinline__ float4 b4(int col, bool live) const { return block(col / 4, live); }
     __device__ __forceinline__ void load_tf32(float* s_a, float* s_b, int lane, int warp, int row0, int col0, bool live,
                                               float* bias) const {
         wg_load_channels<WT_BM / 4, 4, false>(s_a + lane, WT_LD, x, x_at, plane, warp, row0, Ci, live, bias);
@@ -284,6 +293,34 @@ conv_transpose2x2_grad_weight_gemm_tf32(const float* __restrict__ x, const float
                                         float* __restrict__ out, float* __restrict__ out_bias,
                                         int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
     wgrad_gemm_tf32(ConvTranspose2x2WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
+}
+
+// gemm_large (gemm_tiles.cuh): FP32 128 x 128 tiles (256 threads) or, for Ci <= 64, 64 x 128 (128
+// threads), 8 x 8 a thread; TF32 64 x 128 tiles (128 threads, 2 x 4 fragments a warp; sm_80+,
+// after conv_transpose2x2_grad_weight_has_tf32). Grid (ceil(Co*4 / 128), ceil(Ci / BM), slices);
+// a group of 4 columns is one output channel's 2x2 block (b4), and its bias sum. The launcher
+// runs v3 / v4 instead where Co*4 < 128.
+extern "C" __global__ void __launch_bounds__(WL_THREADS, WL_MIN_BLOCKS)
+conv_transpose2x2_grad_weight_gemm_128x128(const float* __restrict__ x, const float* __restrict__ gy,
+                                           float* __restrict__ out, float* __restrict__ out_bias,
+                                           int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
+    wgrad_gemm_large_fp32<ConvTranspose2x2WgradOperands, WL_BM>(ConvTranspose2x2WgradOperands(x, gy, N, Ci, H, W, Co),
+                                                                out, out_bias, pixels_per_slice);
+}
+
+extern "C" __global__ void __launch_bounds__(WL_THREADS_SHORT, WL_MIN_BLOCKS_SHORT)
+conv_transpose2x2_grad_weight_gemm_64x128(const float* __restrict__ x, const float* __restrict__ gy,
+                                          float* __restrict__ out, float* __restrict__ out_bias,
+                                          int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
+    wgrad_gemm_large_fp32<ConvTranspose2x2WgradOperands, WL_BM_SHORT>(
+        ConvTranspose2x2WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
+}
+
+extern "C" __global__ void __launch_bounds__(WLT_THREADS, WL_MIN_BLOCKS_SHORT)
+conv_transpose2x2_grad_weight_gemm_64x128_tf32(const float* __restrict__ x, const float* __restrict__ gy,
+                                               float* __restrict__ out, float* __restrict__ out_bias,
+                                               int N, int Ci, int H, int W, int Co, int pixels_per_slice) {
+    wgrad_gemm_large_tf32(ConvTranspose2x2WgradOperands(x, gy, N, Ci, H, W, Co), out, out_bias, pixels_per_slice);
 }
 
 // =============================================================================================

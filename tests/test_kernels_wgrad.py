@@ -1,14 +1,19 @@
 """The weight-gradient GEMM kernels (issue 16): ``<op>_grad_weight_gemm`` (FP32, register tiles)
 and ``<op>_grad_weight_gemm_tf32`` (TF32 tensor cores through nvcuda::wmma) of conv3x3, conv1x1
-and conv_transpose2x2, against the float64 NumPy reference on the same float32 inputs.
+and conv_transpose2x2 (reduction "gemm"), and their larger tiles (reduction "gemm_large":
+``_gemm_128x128`` and ``_gemm_64x128`` FP32, ``_gemm_64x128_tf32``), against the float64 NumPy
+reference on the same float32 inputs.
 
 Shapes: the registry's cases (odd sizes, N > 1) and cases with channel counts that are not
 multiples of the 64 x 64 tiles (several row and column tiles, the last ones partly empty),
 pixel counts that are not multiples of the 32-pixel stage, and pixel ranges split into slices:
 forced by lowering ``min_pixels_per_slice``, and by more than WG_MAX_SLICE = 2048 pixels per
 weight (the launcher's accuracy bound). Each test runs every version forced (``reduction`` =
-"gemm", precision fp32 and tf32); the older versions ("tree", "serial") stay tested in
-tests/test_kernels.py.
+"gemm" and "gemm_large", precision fp32 and tf32); the older versions ("tree", "serial") stay
+tested in tests/test_kernels.py. "gemm_large" runs its own kernels only where gw has at least 128
+columns (else gemm's: the cases below 128 check that fallback), so LARGE_CASES have 128 columns
+or more: rows <= 64 (the 64 x 128 FP32 tile), 65 .. 128 and past 128 (several 128-row tiles),
+columns past 128 (a second, mostly empty column tile), and pixels past WG_MAX_SLICE.
 
 Tolerances:
 - FP32: the op's registry tolerance (atol = rtol = 1e-4: sums of N(0, 1) products, float32
@@ -64,15 +69,50 @@ EXTRA_CASES = [
     ("conv_transpose2x2", (2, 65, 3, 5, 17)),   # 68 columns (Co*4), 65 rows (Ci)
     ("conv_transpose2x2", (2, 2, 35, 31, 3)),   # 2,170 input pixels
 ]
+# gemm_large's own tiles: gw (rows x cols) = conv3x3 Co x Ci*9, conv1x1 Co x Ci, up-convolution
+# Ci x Co*4, with at least 128 columns
+LARGE_CASES = [
+    ("conv3x3", (2, 15, 7, 12, 70)),         # 70 x 135: one 128-row tile (two 64-row TF32 ones), 2 column tiles
+    ("conv3x3", (1, 16, 9, 8, 33)),          # 33 x 144: the 64 x 128 FP32 tile
+    ("conv3x3", (1, 15, 6, 7, 131)),         # 131 x 135: 2 x 2 tiles of 128, the last ones nearly empty
+    ("conv3x3", (1, 15, 48, 48, 3)),         # 2,116 pixels: 2 slices of at most 2,048
+    ("conv1x1", (3, 130, 5, 7, 66)),         # 66 x 130
+    ("conv1x1", (2, 129, 3, 5, 7)),          # 7 x 129
+    ("conv1x1", (2, 128, 20, 55, 2)),        # 2 x 128, 2,200 pixels
+    ("conv_transpose2x2", (2, 65, 3, 5, 33)),    # 65 x 132
+    ("conv_transpose2x2", (2, 7, 3, 5, 35)),     # 7 x 140
+    ("conv_transpose2x2", (1, 130, 3, 3, 40)),   # 130 x 160
+    ("conv_transpose2x2", (2, 2, 35, 31, 32)),   # 2 x 128, 2,170 input pixels
+]
 CASES = ([(name, case) for name, op in GEMM_OPS.items() for case in op.TEST_CASES] + EXTRA_CASES)
+VERSIONS = ["gemm", "gemm_large"]
+VERSION_CASES = [("gemm", name, case) for name, case in CASES] + \
+    [("gemm_large", name, case) for name, case in CASES + LARGE_CASES]
 
 
-def make_backend(device: str, precision: str, split: bool) -> KernelBackend:
+def gemm_shape(name: str, case) -> tuple[int, int]:
+    """gw's (rows, cols) as the GEMM sees it."""
+    _, ci, _, _, co = case
+    return {"conv3x3": (co, ci * 9), "conv1x1": (co, ci), "conv_transpose2x2": (ci, co * 4)}[name]
+
+
+def expected_kernel(name: str, case, version: str, precision: str) -> str:
+    """The weight-gradient kernel the launcher must run (written out here, not asked of it)."""
+    rows, cols = gemm_shape(name, case)
+    suffix = "_tf32" if precision == "tf32" else ""
+    if version == "gemm" or cols < 128:   # gemm_large falls back to gemm below 128 columns
+        return f"{name}_grad_weight_gemm{suffix}"
+    if precision == "tf32":
+        return f"{name}_grad_weight_gemm_64x128_tf32"
+    return f"{name}_grad_weight_gemm_{128 if rows > 64 else 64}x128"
+
+
+def make_backend(device: str, precision: str, split: bool, version: str = "gemm") -> KernelBackend:
     if device == "cuda":
         available, reason = cuda_status()
         if not available:
             pytest.skip(f"CuPy with a GPU is not available: {reason}")
-    backend = KernelBackend(device, reduction="gemm", precision=precision)
+    backend = KernelBackend(device, reduction=version, precision=precision)
     if split:
         backend.min_pixels_per_slice = 37  # many slices, the last one only partly full
     return backend
@@ -124,11 +164,11 @@ def reference(name, args, absolute=False):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split", [False, True], ids=["", "split"])
-@pytest.mark.parametrize("name,case", CASES)
-def test_fp32_gemm_matches_reference(rng, monkeypatch, device, name, case, split):
-    backend = make_backend(device, "fp32", split)
+@pytest.mark.parametrize("version,name,case", VERSION_CASES)
+def test_fp32_gemm_matches_reference(rng, monkeypatch, device, version, name, case, split):
+    backend = make_backend(device, "fp32", split, version)
     (gx, gw, gb), args, names = run(backend, name, case, rng, monkeypatch)
-    assert f"{name}_grad_weight_gemm" in names, names
+    assert expected_kernel(name, case, version, "fp32") in names, names
     pixels = pixels_of(name, case)
     # these grids have at most 4 tiles, far from filling a GPU: split whenever a slice can be smaller
     slices = pixels > min(backend.min_pixels_per_slice, MIN_SLICE)
@@ -136,16 +176,16 @@ def test_fp32_gemm_matches_reference(rng, monkeypatch, device, name, case, split
     want = reference(name, args)
     tol = ops.tolerance(GEMM_OPS[name], backward_name(GEMM_OPS[name]), case)
     for got, ref, what in zip((gx, gw, gb), want, ("gx", "gw", "gb")):
-        assert_close(got, ref, what=f"{name} {case} {what} [gemm fp32{', split' if split else ''}]", **tol)
+        assert_close(got, ref, what=f"{name} {case} {what} [{version} fp32{', split' if split else ''}]", **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split", [False, True], ids=["", "split"])
-@pytest.mark.parametrize("name,case", CASES)
-def test_tf32_gemm_within_its_rounding_bound(rng, monkeypatch, device, name, case, split):
-    backend = make_backend(device, "tf32", split)
+@pytest.mark.parametrize("version,name,case", VERSION_CASES)
+def test_tf32_gemm_within_its_rounding_bound(rng, monkeypatch, device, version, name, case, split):
+    backend = make_backend(device, "tf32", split, version)
     (_, gw, gb), args, names = run(backend, name, case, rng, monkeypatch)
-    assert f"{name}_grad_weight_gemm_tf32" in names, names
+    assert expected_kernel(name, case, version, "tf32") in names, names
     pixels = pixels_of(name, case)
     x, w, gy, _ = args
     _, ref_gw, ref_gb = reference(name, args)
@@ -153,22 +193,26 @@ def test_tf32_gemm_within_its_rounding_bound(rng, monkeypatch, device, name, cas
     accumulation = (pixels / 4 + 64) * 2.0**-24 * abs_gw
     assert (np.abs(gw - ref_gw) <= 2.0**-10 * abs_gw + accumulation + 1e-6).all(), \
         f"{name} {case}: TF32 error {np.abs(gw - ref_gw).max():.3g} beyond 2^-10 * sum|products|"
-    # against the reference of the TF32-rounded inputs only the float32 accumulation remains
+    # against the reference of the TF32-rounded inputs only the float32 accumulation remains (the
+    # emulator's mma_sync truncates unrounded inputs, as a GPU does: gemm_large's rounding when
+    # staging must happen, or this fails)
     _, tf32_gw, _ = getattr(R, backward_name(GEMM_OPS[name]))(
         to_tf32(x).astype(np.float64), w.astype(np.float64), to_tf32(gy).astype(np.float64), True)
     assert (np.abs(gw - tf32_gw) <= accumulation + 1e-6).all(), \
         f"{name} {case}: {np.abs(gw - tf32_gw).max():.3g} from the TF32-rounded reference"
     # the bias adds unrounded float32 gy values in both precisions
-    assert_close(gb, ref_gb, rtol=1e-4, atol=1e-4, what=f"{name} {case} gb [gemm tf32]")
+    assert_close(gb, ref_gb, rtol=1e-4, atol=1e-4, what=f"{name} {case} gb [{version} tf32]")
 
 
-def test_tf32_really_rounds(rng):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tf32_really_rounds(version):
     """The TF32 kernel's error against the exact result is far above float32's (it rounds the
     inputs), and the FP32 kernel's is not: the two precisions run different kernels."""
-    case = (2, 9, 12, 13, 10)   # 2 x 10 x 11 = 220 pixels per weight
+    case = (2, 15, 12, 13, 10)   # 2 x 10 x 11 = 220 pixels per weight; 135 columns (gemm_large's own)
     results = {}
     for precision in ("fp32", "tf32"):
-        (_, gw, _), args, _ = run(make_backend("emu", precision, False), "conv3x3", case, np.random.default_rng(5))
+        (_, gw, _), args, _ = run(make_backend("emu", precision, False, version), "conv3x3", case,
+                                  np.random.default_rng(5))
         results[precision] = gw
     _, ref_gw, _ = reference("conv3x3", args)
     _, abs_gw, _ = reference("conv3x3", args, absolute=True)
@@ -177,12 +221,21 @@ def test_tf32_really_rounds(rng):
     assert (np.abs(results["tf32"] - ref_gw) > fp32_bound).any()
 
 
+# small layers for the determinism tests: gemm's, and gemm_large's own (at least 128 columns)
+ORDER_CASES = {"gemm": {"conv3x3": (2, 5, 9, 14, 7), "conv1x1": (2, 5, 9, 14, 7),
+                        "conv_transpose2x2": (2, 5, 5, 7, 3)},
+               "gemm_large": {"conv3x3": (2, 15, 9, 14, 7), "conv1x1": (2, 130, 9, 14, 7),
+                              "conv_transpose2x2": (2, 5, 5, 7, 33)}}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
 @pytest.mark.parametrize("name", list(GEMM_OPS))
-def test_gemm_is_deterministic(name, precision):
+def test_gemm_is_deterministic(name, precision, version):
     """Bitwise the same twice, with many slices (no atomics; the slices are added in order)."""
-    case = {"conv3x3": (2, 5, 9, 14, 7), "conv1x1": (2, 5, 9, 14, 7), "conv_transpose2x2": (2, 5, 5, 7, 3)}[name]
-    outs = [run(make_backend("emu", precision, True), name, case, np.random.default_rng(11))[0] for _ in range(2)]
+    case = ORDER_CASES[version][name]
+    outs = [run(make_backend("emu", precision, True, version), name, case, np.random.default_rng(11))[0]
+            for _ in range(2)]
     for first, second in zip(*outs):
         assert np.array_equal(first, second)
 
@@ -214,8 +267,74 @@ def test_gemm_slices_fill_a_gpu_and_bound_each_sum(monkeypatch, shape):
         assert int(first_args[2]) <= math.isqrt(slices) + 1
 
 
+# U-Net's weight-gradient layers at the paper's size (base 64, 572 x 572): (op, (N, Ci, H, W, Co))
+UNET_LAYERS = [("conv3x3", (1, 1, 572, 572, 64)), ("conv3x3", (1, 64, 570, 570, 64)),
+               ("conv3x3", (1, 64, 284, 284, 128)), ("conv3x3", (1, 256, 138, 138, 256)),
+               ("conv3x3", (1, 512, 66, 66, 512)), ("conv3x3", (1, 1024, 30, 30, 1024)),
+               ("conv3x3", (1, 128, 392, 392, 64)), ("conv3x3", (2, 16, 348, 348, 16)),
+               ("conv_transpose2x2", (1, 1024, 28, 28, 512)), ("conv_transpose2x2", (1, 128, 196, 196, 64)),
+               ("conv1x1", (1, 64, 388, 388, 2))]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "tf32"])
-def test_gemm_does_not_depend_on_the_thread_order(precision):
+@pytest.mark.parametrize("name,shape", UNET_LAYERS)
+def test_gemm_large_grids_fill_a_gpu_for_the_unet_layers(monkeypatch, name, shape, precision):
+    """gemm_large's launch for U-Net's layers (64 -> 1024 channels, the up-convolutions, the 1x1
+    classifier): the kernel and tile for gw's shape (gemm's below 128 columns), every block sums
+    at most WG_MAX_SLICE pixels, and the blocks hold as much work as gemm's TARGET_BLOCKS 64 x 64
+    tiles (a 128 x 128 tile counts 4), or one block per WG_MIN_SLICE pixels of every tile. Only
+    the grid is checked: the launches are recorded, not run."""
+    from minunet.backends.kernels import TARGET_BLOCKS
+
+    n, ci, h, w, co = shape
+    backend = KernelBackend("emu", reduction="gemm_large", precision=precision)
+    monkeypatch.setattr(backend, "has_tf32", lambda file: True)
+    grids = {}
+    monkeypatch.setattr(backend, "launch",
+                        lambda file, kernel, grid, block, args: grids.setdefault(kernel, (grid, block, args)))
+    wshape = {"conv3x3": (co, ci, 3, 3), "conv1x1": (co, ci, 1, 1), "conv_transpose2x2": (ci, co, 2, 2)}[name]
+    out = {"conv3x3": (n, co, h - 2, w - 2), "conv1x1": (n, co, h, w), "conv_transpose2x2": (n, co, 2 * h, 2 * w)}[name]
+    getattr(backend, f"{name}_backward")(np.zeros((n, ci, h, w), np.float32), np.zeros(wshape, np.float32),
+                                         np.zeros(out, np.float32), True)
+    kernel = expected_kernel(name, shape, "gemm_large", precision)
+    (tiles_x, tiles_y, slices), (threads,), args = grids[kernel]
+    rows, cols = gemm_shape(name, shape)
+    bm, bn = (64, 64) if kernel.endswith(("_gemm", "_gemm_tf32")) else (64 if "64x128" in kernel else 128, 128)
+    assert threads == {(64, 64): 128 if precision == "tf32" else 256, (64, 128): 128, (128, 128): 256}[(bm, bn)]
+    assert (tiles_x, tiles_y) == (-(-cols // bn), -(-rows // bm))
+    pixels = n * (h - 2) * (w - 2) if name == "conv3x3" else n * h * w
+    per_slice = int(args[-1])
+    used = -(-pixels // per_slice)
+    assert per_slice <= MAX_SLICE and used <= slices <= used + math.isqrt(max(used - 1, 0)) + 1
+    work = tiles_x * tiles_y * bm * bn // (64 * 64)   # in 64 x 64 tiles
+    assert work * used >= min(TARGET_BLOCKS, work * (pixels // MIN_SLICE))
+    if name == "conv1x1" or (name == "conv3x3" and ci == 1):
+        assert kernel.endswith(("_gemm", "_gemm_tf32"))   # 64 and 9 columns: gemm's 64 x 64 tiles
+
+
+def test_auto_runs_gemm_large_only_where_a_gpu_measured_it_faster(monkeypatch):
+    """"auto" is unchanged by the new version: the rules never name gemm_large, the shipped table
+    (measured before it existed) never does, and a table whose times say it is faster does."""
+    from minunet.backends import choices
+
+    for device, precision in (("emu", "fp32"), ("emu", "tf32"), ("cuda", "fp32"), ("cuda", "tf32")):
+        backend = KernelBackend("emu", reduction="auto", precision=precision)
+        backend.device = device   # the rule only; nothing is launched
+        assert all(backend.weight_gradient_version(o, t) != "gemm_large"
+                   for o, t in ((147_456, 16), (589_824, 18_496), (9, 324_900)))
+    table = choices.load_table(choices.TABLE_PATH)
+    for key in table.get("choices", {}).get("reduction", {}):
+        assert choices.measured_choice("reduction", key, table) != "gemm_large", key
+    key = "conv3x3 1x256x138x138->256 fp32"
+    measured = {"device": "cuda", "choices": {"reduction": {key: {"ms": {"gemm": 1.8, "gemm_large": 1.1}}}}}
+    assert choices.measured_choice("reduction", key, measured) == "gemm_large"
+    measured["choices"]["reduction"][key]["ms"]["gemm_large"] = 2.0
+    assert choices.measured_choice("reduction", key, measured) == "gemm"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_gemm_does_not_depend_on_the_thread_order(precision, version):
     """The same bits under three of the emulator's shuffle seeds (the order of blocks, and of a
     block's threads between barriers): no result depends on an order a GPU does not promise."""
     from minunet.emulator import set_shuffle_seed, shuffle_seed
@@ -226,8 +345,9 @@ def test_gemm_does_not_depend_on_the_thread_order(precision):
         for seed in (0, 7, 12345):
             set_shuffle_seed(seed)
             for name in GEMM_OPS:
-                outs.append((seed, name, run(make_backend("emu", precision, True), name,
-                                             (2, 5, 9, 14, 7), np.random.default_rng(3))[0]))
+                case = (2, 5, 9, 14, 7) if version == "gemm" else ORDER_CASES[version][name]
+                outs.append((seed, name, run(make_backend("emu", precision, True, version), name,
+                                             case, np.random.default_rng(3))[0]))
     finally:
         set_shuffle_seed(before)
     for seed, name, got in outs:
@@ -235,13 +355,14 @@ def test_gemm_does_not_depend_on_the_thread_order(precision):
         assert all(np.array_equal(a, b) for a, b in zip(got, first)), f"{name}: seed {seed} changed the result"
 
 
-@settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 3), ci=st.integers(1, 20), co=st.integers(1, 70), h=st.integers(3, 17),
+@settings(max_examples=16, deadline=None)
+@given(n=st.integers(1, 3), ci=st.integers(1, 20), co=st.integers(1, 140), h=st.integers(3, 17),
        w=st.integers(3, 40), split=st.booleans(), precision=st.sampled_from(["fp32", "tf32"]),
-       seed=st.integers(0, 2**32 - 1))
-def test_conv3x3_gemm_random_shapes(n, ci, co, h, w, split, precision, seed):
-    """Random shapes (hypothesis), both precisions, with and without the forced slice split."""
-    backend = make_backend("emu", precision, split)
+       version=st.sampled_from(VERSIONS), seed=st.integers(0, 2**32 - 1))
+def test_conv3x3_gemm_random_shapes(n, ci, co, h, w, split, precision, version, seed):
+    """Random shapes (hypothesis), both precisions, both versions (gemm_large's own tiles from
+    ci = 15: 135 columns; 64 and 128 rows), with and without the forced slice split."""
+    backend = make_backend("emu", precision, split, version)
     (_, gw, gb), args, _ = run(backend, "conv3x3", (n, ci, h, w, co), np.random.default_rng(seed))
     _, ref_gw, ref_gb = reference("conv3x3", args)
     _, abs_gw, _ = reference("conv3x3", args, absolute=True)
@@ -254,9 +375,11 @@ def test_conv3x3_gemm_random_shapes(n, ci, co, h, w, split, precision, seed):
 
 
 def test_reduction_knob_has_every_version(monkeypatch):
-    assert REDUCTIONS == ("auto", "tree", "serial", "gemm")
+    assert REDUCTIONS == ("auto", "tree", "serial", "gemm", "gemm_large")
     monkeypatch.setenv("MINUNET_REDUCTION", "gemm")
     assert KernelBackend("emu").reduction == "gemm"
+    monkeypatch.setenv("MINUNET_REDUCTION", "gemm_large")
+    assert KernelBackend("emu").reduction == "gemm_large"
 
 
 @pytest.mark.parametrize("outputs,terms", [(147_456, 16), (36_864, 400), (576, 512), (4_608, 4_624),
@@ -310,6 +433,7 @@ def test_tf32_kernels_compile_to_tensor_core_code(name, arch):
 
     ptx = compile_with_cuda_headers(kernel_source(name), f"{name}.cu", arch)
     assert f".entry {name}_grad_weight_gemm_tf32(" in ptx
+    assert f".entry {name}_grad_weight_gemm_64x128_tf32(" in ptx
     has_mma = "wmma.mma.sync" in ptx and ".tf32" in ptx
     assert has_mma == (arch != "compute_75")
 

@@ -24,7 +24,8 @@ def nvrtc():
 
 
 def kernel_names(source: str) -> set[str]:
-    return set(re.findall(r'extern "C" __global__ void(?:\s+__launch_bounds__\(\w+\))?\s+(\w+)\s*\(', source))
+    # __launch_bounds__(THREADS) or (THREADS, MIN_BLOCKS): names, numbers, commas, spaces
+    return set(re.findall(r'extern "C" __global__ void(?:\s+__launch_bounds__\([\w\s,]+\))?\s+(\w+)\s*\(', source))
 
 
 @pytest.mark.parametrize("arch", nvrtc_check.ARCHITECTURES)

@@ -35,7 +35,12 @@ Choices of kernel, each made per launch from the shapes unless a version is forc
   of threads per output group, adding the threads' partial sums with a shared-memory tree),
   ``"serial"`` (one thread per output, a loop over its terms), ``"gemm"`` (the weight gradient
   as a matrix product over pixels: shared-memory tiles, a register tile per thread, and with
-  ``precision="tf32"`` the tensor cores), or ``"auto"`` (the default). ``"auto"`` on ``cuda`` is
+  ``precision="tf32"`` the tensor cores: 64 x 64 tiles of gw), ``"gemm_large"`` (the same product
+  in larger tiles, ``gemm_tile``: FP32 128 x 128, 8 x 8 a thread, float4 shared-memory reads;
+  TF32 64 x 128, 2 x 4 fragments a warp, rounded to TF32 once when staged; gw narrower than 128
+  columns, such as the classifier's 2 x 64 or the first layer's 64 x 9, runs "gemm"; not measured
+  on a GPU yet, so "auto" runs it only where a GPU-measured table names it), or ``"auto"`` (the
+  default). ``"auto"`` on ``cuda`` is
   always gemm: on an H200 (bench/results/h200-2026-12-04) the serial kernel was the slowest of
   the paper's training step (56% of its kernel time) and the tree one next; the gemm kernels
   themselves are not measured on a GPU yet. ``"auto"`` on ``emu`` chooses for the emulator's
@@ -87,7 +92,7 @@ def cuda_options() -> tuple[str, ...]:
     include = cuda_include_dir()
     return CUDA_OPTIONS + ((f"-I{include}",) if include is not None else ())
 CONV3X3_VERSIONS = ("auto", "naive", "tiled", "igemm", "wmma", "wmma_big")   # v1..v5, see ops/conv3x3.py
-REDUCTIONS = ("auto", "tree", "serial", "gemm")
+REDUCTIONS = ("auto", "tree", "serial", "gemm", "gemm_large")
 CONV_TRANSPOSE2X2_VERSIONS = ("auto", "naive", "gemm")
 PRECISIONS = ("fp32", "tf32")
 # Block size of the one-thread-per-element kernels. Those kernels work with any block size (they
@@ -113,6 +118,29 @@ _MODULES: dict[tuple, tuple[int, int, object]] = {}
 # the same keys -> ((header path, mtime_ns, size), ...): the local headers the .cu file includes
 _HEADERS: dict[tuple, tuple[tuple[str, int, int], ...]] = {}
 RELOADS = 0     # calls of KernelBackend.reload so far (a captured step is stale after one)
+
+
+GEMM_VERSIONS = ("gemm", "gemm_large")   # the reductions that are a tiled matrix product (gemm_tiles.cuh)
+
+
+def gemm_tile(defines: dict, version: str, rows: int, tf32: bool) -> tuple[int, int, int, str]:
+    """The weight-gradient GEMM kernel of ``version`` for a gw of ``rows`` rows: ``(rows per
+    block, columns per block, threads, kernel suffix)`` from gemm_tiles.cuh's defines. "gemm":
+    v3's 64 x 64 FP32 tiles (``_gemm``), or v4's TF32 ones (``_gemm_tf32``). "gemm_large": FP32
+    128 x 128 tiles (``_gemm_128x128``), 64 x 128 where gw has at most 64 rows (a 128-row tile
+    would be half padding); TF32 64 x 128 tiles (``_gemm_64x128_tf32``)."""
+    if version == "gemm":
+        prefix = "WT" if tf32 else "WG"
+        return defines[f"{prefix}_BM"], defines[f"{prefix}_BN"], defines[f"{prefix}_THREADS"], \
+            "gemm_tf32" if tf32 else "gemm"
+    bn = defines["WL_BN"]
+    if tf32:
+        bm, threads = defines["WLT_BM"], defines["WLT_THREADS"]
+    elif rows > defines["WL_BM_SHORT"]:
+        bm, threads = defines["WL_BM"], defines["WL_THREADS"]
+    else:
+        bm, threads = defines["WL_BM_SHORT"], defines["WL_THREADS_SHORT"]
+    return bm, bn, threads, f"gemm_{bm}x{bn}" + ("_tf32" if tf32 else "")
 
 
 def slice_group(slices: int) -> int:
@@ -224,8 +252,8 @@ class KernelBackend:
 
     @property
     def reduction(self) -> str:
-        """"auto", "tree", "serial" or "gemm": how weight and bias gradients are summed (module
-        docstring)."""
+        """"auto", "tree", "serial", "gemm" or "gemm_large": how weight and bias gradients are
+        summed (module docstring)."""
         return self._reduction
 
     @reduction.setter
@@ -460,7 +488,9 @@ class KernelBackend:
         per bias. Tree: ``kernel`` (arguments: arrays, gw, gb, ints, pixels_per_slice), ``blocks``
         blocks of ``threads``. Gemm: ``<kernel>_gemm``, or ``<kernel>_gemm_tf32`` with precision
         tf32 (the same arguments), for gw seen as a ``gemm = (rows, cols)`` matrix (gw's shape,
-        flattened to 2-D); its tile sizes come from the file's WG_* / WT_* defines. Tree and gemm
+        flattened to 2-D); its tile sizes come from the file's WG_* / WT_* defines. Gemm_large:
+        ``<kernel>_gemm_128x128``, ``_gemm_64x128`` or ``_gemm_64x128_tf32`` (``gemm_tile``; the
+        WL_* / WLT_* defines), or gemm's kernels for a gw of fewer than WL_BN = 128 columns. Tree and gemm
         split the pixels into slices when there are too few blocks to fill a GPU (down to
         ``min_pixels_per_slice`` pixels a block, gemm to the file's WG_MIN_SLICE if that is fewer;
         and gemm when a block would sum more than WG_MAX_SLICE pixels); each slice writes its own partial results
@@ -473,28 +503,34 @@ class KernelBackend:
         # a version measured fastest for this layer on this GPU (backends/choices.py; ``case`` is
         # the layer's (N, Ci, H, W, Co)), else weight_gradient_version's rule
         version = choices.choose(self, "reduction", file, case) or self.weight_gradient_version(size, pixels)
-        if version == "gemm" and gemm is None:
+        if version in GEMM_VERSIONS and gemm is None:
             version = "tree"   # an op without a gemm kernel
+        if version == "gemm_large" and gemm[1] < _file_defines(file)["WL_BN"]:
+            version = "gemm"   # gw narrower than a 128-column tile: that tile would be at least half padding
         if version == "serial":
             gw, gb = self.empty(shape), self.empty((channels,))
             self.launch_elementwise(file, f"{kernel}_serial", size + channels, (*arrays, gw, gb, *int32s(*ints)))
             return gw, gb
-        max_slice, min_slice = pixels, self.min_pixels_per_slice
-        if version == "gemm":
+        max_slice, min_slice, target = pixels, self.min_pixels_per_slice, TARGET_BLOCKS
+        if version in GEMM_VERSIONS:
             rows, cols = gemm
             require(rows * cols == size, f"{kernel}: a gemm of {rows} x {cols} is not the {shape} weights")
             defines = _file_defines(file)
             tf32 = self._precision == "tf32" and self.has_tf32(file)
-            prefix = "WT" if tf32 else "WG"
-            tiles = (ceil_div(cols, defines[f"{prefix}_BN"]), ceil_div(rows, defines[f"{prefix}_BM"]))
-            blocks, threads = tiles[0] * tiles[1], defines[f"{prefix}_THREADS"]
+            bm, bn, threads, suffix = gemm_tile(defines, version, rows, tf32)
+            tiles = (ceil_div(cols, bn), ceil_div(rows, bm))
+            blocks = tiles[0] * tiles[1]
             max_slice = defines["WG_MAX_SLICE"]
             # a gemm grid has few, fat blocks (one per 64 x 64 tile of gw: a single one for a
-            # first layer's 64 x 9 weights), so it is split down to WG_MIN_SLICE pixels a block
+            # first layer's 64 x 9 weights), so it is split down to WG_MIN_SLICE pixels a block;
+            # a larger tile counts as the 64 x 64 tiles it holds (128 x 128: 4), so gemm_large
+            # gets about as many slices as gemm for the same gw (4x fewer, 4x fatter blocks) and
+            # no more partial sums for sum_partials to add
             min_slice = min(min_slice, defines["WG_MIN_SLICE"])
-            kernel = f"{kernel}_gemm_tf32" if tf32 else f"{kernel}_gemm"
+            target = ceil_div(TARGET_BLOCKS * defines["WG_BM"] * defines["WG_BN"], bm * bn)
+            kernel = f"{kernel}_{suffix}"
         slices = max(ceil_div(pixels, max_slice),
-                     min(ceil_div(TARGET_BLOCKS, blocks), ceil_div(pixels, min_slice)))
+                     min(ceil_div(target, blocks), ceil_div(pixels, min_slice)))
         per_slice = ceil_div(pixels, slices)
         slices = ceil_div(pixels, per_slice)
         group = slice_group(slices) if slices > SLICE_SUM_LOOP else 1
@@ -505,7 +541,7 @@ class KernelBackend:
             gw, gb = self.empty(shape), self.empty((channels,))
         else:
             gw, gb = self.empty((slices, size)), self.empty((slices, channels))
-        grid = (*tiles, slices) if version == "gemm" else (blocks, slices)
+        grid = (*tiles, slices) if version in GEMM_VERSIONS else (blocks, slices)
         self.launch(file, kernel, grid, (threads,), (*arrays, gw, gb, *int32s(*ints), np.int32(per_slice)))
         if slices == 1:
             return gw, gb
