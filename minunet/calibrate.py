@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ def read_ncu_csv(path) -> list[MeasuredLaunch]:
 class Versions:
     """What a measured step ran, read from its kernel names, launch by launch: each 3x3
     convolution launch's version (forward and input gradient in launch order: "naive", "tiled",
-    "igemm", "wmma"), each weight gradient's ("tree", "serial", "gemm"), the up-convolution's
+    "igemm", "wmma", "wmma_big"), each weight gradient's ("tree", "serial", "gemm", "gemm_large"), the up-convolution's
     (one knob for the step), the precision, whether the network's input got a gradient (the
     code before 2026-12-04 computed one; now the first layer launches no input gradient) and
     whether SGD was one launch (now) or one per parameter (before)."""
@@ -118,21 +119,33 @@ def conv3x3_version_of(kernel: str) -> str | None:
     for prefix in CONV3X3_CHOICES:
         if kernel.startswith(prefix):
             return kernel.removeprefix(prefix)          # "naive" / "tiled"
-    for version in ("igemm", "wmma"):
+    from .ops.conv3x3 import GEMM_VERSIONS
+
+    # longest name first: conv3x3_wmma_big_... is v5 "wmma_big", not v4 "wmma"
+    for version in sorted(GEMM_VERSIONS, key=len, reverse=True):
         if kernel.startswith(f"conv3x3_{version}"):
             return version
     return None
 
 
+# <op>_grad_weight[_serial | _gemm | _gemm_<tile>][_tf32]: the tile-named GEMMs are "gemm_large"
+_WEIGHT_GRADIENT = re.compile(r"(?P<op>\w+?_grad_weight)(?:_(?P<kind>serial|gemm(?:_\d+x\d+)?))?(?:_tf32)?")
+
+
+def weight_gradient_version_of(kernel: str) -> str | None:
+    """The weight-gradient version ("tree", "serial", "gemm", "gemm_large") a launch of
+    ``kernel`` ran, or None for any other kernel (``*_has_tf32`` included)."""
+    match = _WEIGHT_GRADIENT.fullmatch(kernel)
+    if match is None or match["op"] not in REDUCTION_KERNELS:
+        return None
+    kind = match["kind"] or "tree"
+    return "gemm_large" if kind.startswith("gemm_") else kind
+
+
 def kernel_choices(measured: list[MeasuredLaunch], layers: int) -> Versions:
     """The ``Versions`` of a measured step of a U-Net with ``layers`` 3x3 convolutions."""
     conv3x3 = [v for v in (conv3x3_version_of(m.kernel) for m in measured) if v is not None]
-    weight_gradient = []
-    for m in measured:
-        base = m.kernel.removesuffix("_tf32").removesuffix("_gemm").removesuffix("_serial")
-        if base in REDUCTION_KERNELS:
-            weight_gradient.append("serial" if m.kernel.endswith("_serial") else
-                                   "gemm" if "_gemm" in m.kernel else "tree")
+    weight_gradient = [v for v in (weight_gradient_version_of(m.kernel) for m in measured) if v is not None]
     names = {m.kernel for m in measured}
     up_gemm = any(n.startswith("conv_transpose2x2_forward_gemm") for n in names)
     tf32 = any(n.endswith("_tf32") or n.startswith("conv3x3_wmma") for n in names)

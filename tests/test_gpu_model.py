@@ -207,11 +207,13 @@ def test_kernel_choices_follow_the_file_launch_by_launch():
     names = ["conv3x3_forward_tiled", "relu_forward", "conv3x3_forward_naive", "conv3x3_gemm_weights",
              "conv3x3_igemm_wide", "conv3x3_sum_splits", "conv3x3_grad_input_naive",
              "conv3x3_grad_weight_serial", "conv3x3_wmma_narrow", "conv_transpose2x2_grad_weight",
-             "conv1x1_grad_weight_gemm_tf32", "conv3x3_grad_weight_gemm", "sgd_momentum"]
+             "conv1x1_grad_weight_gemm_tf32", "conv3x3_grad_weight_gemm", "conv3x3_wmma_big",
+             "conv3x3_grad_weight_gemm_128x128", "conv_transpose2x2_grad_weight_gemm_64x128_tf32",
+             "conv3x3_grad_weight_has_tf32", "sgd_momentum"]
     measured = [calibrate.MeasuredLaunch(i, k, (256, 1, 1), (1, 1, 1), 1e-6) for i, k in enumerate(names)]
     versions = calibrate.kernel_choices(measured, layers=2)
-    assert versions.conv3x3 == ["tiled", "naive", "igemm", "naive", "wmma"]
-    assert versions.weight_gradient == ["serial", "tree", "gemm", "gemm"]
+    assert versions.conv3x3 == ["tiled", "naive", "igemm", "naive", "wmma", "wmma_big"]
+    assert versions.weight_gradient == ["serial", "tree", "gemm", "gemm", "gemm_large", "gemm_large"]
     assert versions.conv_transpose2x2 == "naive" and versions.precision == "tf32"
     assert versions.input_gradient    # 5 conv3x3 launches for 2 layers: the input got a gradient too
     old_style = calibrate.kernel_choices(measured[:1] + measured[2:3] + measured[6:8], layers=2)
