@@ -770,9 +770,6 @@ __device__ __forceinline__ void conv3x3_wmma_tile(
     constexpr int W_FLOATS = 9 * WM_CI * BMS;
     constexpr int TILE_FLOATS = STAGES * (WM_IN_FLOATS + W_FLOATS);
     constexpr int ACC_FLOATS = (WM_THREADS / 32) * 2 * MF * 256;   // the warps' staged accumulators
-    // v4 unrolls its loop over the 9 taps; with 4 channel fragments (v5) it stays rolled: unrolled,
-    // ptxas needs more than 255 registers and spills (see v5's header).
-    constexpr int TAP_UNROLL = MF == 4 ? 1 : 9;
     // STAGES input tiles and weight tiles; after the last chunk the first floats hold the warps'
     // accumulators (4 warps x 2 MF fragments x 256)
     constexpr int SMEM_FLOATS = TILE_FLOATS > ACC_FLOATS ? TILE_FLOATS : ACC_FLOATS;
@@ -828,8 +825,8 @@ __device__ __forceinline__ void conv3x3_wmma_tile(
         const float* sin = s_in + buf * WM_IN_FLOATS;
         const float* sw = s_w + buf * W_FLOATS;
 #if CONV3X3_WMMA
-#pragma unroll (TAP_UNROLL)
-        for (int t = 0; t < 9; ++t) {
+        // One tap's products: 8 source channels at tap t for the warp's fragments.
+        auto tap = [&](int t) {
             const int ky = t / 3, kx = t % 3;
             wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[MF];
 #pragma unroll
@@ -849,6 +846,18 @@ __device__ __forceinline__ void conv3x3_wmma_tile(
 #pragma unroll
                 for (int f = 0; f < MF; ++f) wmma::mma_sync(acc[f][r], a[f], b, acc[f][r]);
             }
+        };
+        // v4 unrolls its loop over the 9 taps; with 4 channel fragments (v5) it stays rolled:
+        // unrolled, ptxas needs more than 255 registers and spills (see v5's header). Two loop
+        // headers rather than `#pragma unroll (MF == 4 ? 1 : 9)`: GCC (the emulator's fast mode
+        // turns the pragma into `#pragma GCC unroll`) rejects a count that depends on a template
+        // parameter.
+        if constexpr (MF == 4) {
+#pragma unroll 1
+            for (int t = 0; t < 9; ++t) tap(t);
+        } else {
+#pragma unroll
+            for (int t = 0; t < 9; ++t) tap(t);
         }
 #else
         // lane's output k: fragment k / 8 (channel fragment k / 16, row k / 8 % 2), channel
@@ -981,7 +990,7 @@ extern "C" __global__ void conv3x3_wmma_enabled(int* __restrict__ out) { out[0] 
 //   registers: accumulators 8 fragments x 8 = 64, A 4 x 4 = 16, B 4, the next chunk in flight
 //     12 + 9 x 4 = 48, plus addresses: ~140. ptxas (CUDA 13) gives it 168 for sm_80 and sm_90,
 //     no spills: 3 blocks of 128 threads an SM (65,536 registers), 12 warps. The loop over the 9
-//     taps is therefore not unrolled (TAP_UNROLL): unrolled, ptxas hoists the fragment loads of
+//     taps is therefore not unrolled (`#pragma unroll 1`): unrolled, ptxas hoists the fragment loads of
 //     several taps, goes past 255 registers and spills (so does __launch_bounds__(128, 3) over an
 //     unrolled loop); rolled, the other 11 warps of the SM hide a tap's load latency.
 //   blocks: half of v4's channel blocks (64 channels a block), e.g. 64 -> 64 channels on a
