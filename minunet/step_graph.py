@@ -137,10 +137,13 @@ class CudaCapture:
         # non-blocking stream is not synchronised with legacy-stream work of other threads, which
         # would invalidate the capture.
         self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.ready = cupy.cuda.Event(disable_timing=True)   # recorded again before each step
 
     def after_caller(self) -> None:
-        """Order this stream after the work queued so far on the caller's current stream."""
-        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
+        """Order this stream after the work queued so far on the caller's current stream (an
+        event recorded there; wait_event takes the event's state at the call)."""
+        self.ready.record(self.cupy.cuda.get_current_stream())
+        self.stream.wait_event(self.ready)
 
     def current(self):
         """``with capture.current():`` makes the stream CuPy's current one: CuPy launches every
@@ -156,6 +159,12 @@ class CudaCapture:
         keeps each MemoryPointer, so no block the graph uses returns to the pool while the graph
         may be replayed."""
         allocate = self.cupy.cuda.get_allocator()
+        if type(getattr(allocate, "__self__", None)).__name__ == "MemoryAsyncPool":
+            # cudaMallocAsync inside a capture becomes a memory node of the graph, and a graph
+            # whose allocations are not freed in it cannot be launched again
+            raise StepGraphError("a captured training step needs CuPy's default memory pool, not "
+                                 "cupy.cuda.MemoryAsyncPool (stream-ordered allocations become "
+                                 "graph nodes); run without --graph")
 
         def keep(size):
             memory = allocate(size)

@@ -124,7 +124,8 @@ def test_replayed_steps_equal_eager_steps_bit_for_bit_on_cuda(rng):
     """The same with a real CUDA graph (stream capture, Graph.launch)."""
     need("cuda")
     graph = check_equivalence("cuda", batches(rng, 5, 2))
-    assert (graph.captures, graph.replays) == (1, 3) and graph._graph is not None
+    assert (graph.captures, graph.replays) == (1, 3) and graph._graph is not None and graph._held
+    assert {(f, k) for *_, f, k in graph.launches} <= graph.loaded   # all loaded before the capture
 
 
 def test_an_array_operation_in_the_step_breaks_the_replay(rng, monkeypatch):
@@ -208,7 +209,11 @@ class CaptureViolation(RuntimeError):
 
 
 class FakeEvent:
-    pass
+    def __init__(self, disable_timing=False):
+        self.stream = None
+
+    def record(self, stream=None):
+        self.stream = stream
 
 
 class FakeGraph:
@@ -246,6 +251,8 @@ class FakeStream:
 
     def wait_event(self, event):
         assert not self.cupy.capturing(), "an event wait inside the capture"
+        assert event.stream is not None and event.stream is not self, "a wait on an event not recorded"
+        self.cupy.waits.append((self, event.stream))
 
     def begin_capture(self, mode=None):
         if self.null:
@@ -272,7 +279,7 @@ class FakeCupy:
     make a host read or a misplaced launch inside a capture fail the way CUDA does."""
 
     def __init__(self):
-        self.stack, self.modes, self.allocated, self.unheld = [], [], [], []
+        self.stack, self.modes, self.allocated, self.unheld, self.waits = [], [], [], [], []
         self.null = FakeStream(self, null=True)
         self.streams = [self.null]
         self.executed = set()    # the kernel functions that ran at least once (are loaded)
@@ -283,6 +290,9 @@ class FakeCupy:
     def Stream(self, null=False, non_blocking=False):   # noqa: N802 (CuPy's name)
         self.streams.append(FakeStream(self, null, non_blocking))
         return self.streams[-1]
+
+    def Event(self, disable_timing=False):   # noqa: N802 (CuPy's name)
+        return FakeEvent(disable_timing)
 
     def get_current_stream(self):
         return self.stack[-1] if self.stack else self.null
@@ -354,30 +364,6 @@ class DeviceArray(np.ndarray):
         if DeviceArray.cupy is not None:
             DeviceArray.cupy.violation(f"a host read of a device array ({what})")
 
-    def __float__(self):
-        self._read("float()")
-        return super().__float__()
-
-    def __int__(self):
-        self._read("int()")
-        return super().__int__()
-
-    def __index__(self):
-        self._read("index")
-        return super().__index__()
-
-    def __bool__(self):
-        self._read("bool()")
-        return super().__bool__()
-
-    def item(self, *args):
-        self._read("item()")
-        return super().item(*args)
-
-    def tolist(self):
-        self._read("tolist()")
-        return super().tolist()
-
     def __getitem__(self, key):
         out = super().__getitem__(key)
         if not isinstance(out, np.ndarray):
@@ -387,6 +373,17 @@ class DeviceArray(np.ndarray):
     def get(self):
         self._read("get()")
         return np.array(self)
+
+
+def _read_guarded(name: str):
+    def method(self, *args):
+        self._read(name)
+        return getattr(np.ndarray, name)(self, *args)
+    return method
+
+
+for _name in ("__float__", "__int__", "__index__", "__bool__", "item", "tolist"):
+    setattr(DeviceArray, _name, _read_guarded(_name))
 
 
 class DeviceNumpy(types.SimpleNamespace):
@@ -459,6 +456,7 @@ def test_the_cuda_capture_code_replays_the_eager_steps_bit_for_bit_on_a_fake_cup
     assert fake_cupy.modes == [None]                      # CuPy's default: relaxed mode
     assert stream.non_blocking and not stream.is_capturing()
     assert graph._graph.streams == [stream] * 3           # the capture's own launch, then 2 replays
+    assert fake_cupy.waits == [(stream, fake_cupy.null)] * 4   # each step after the caller's stream
     assert len(graph._graph.launches) == len(graph.launches)   # every launch went to the graph
     assert {k for *_, k in graph.launches} >= set(CAPTURE_ONLY_KERNELS)
     assert {(f, k) for *_, f, k in graph.launches} <= graph.loaded   # all loaded before the capture
@@ -514,6 +512,29 @@ def test_a_host_read_inside_the_captured_step_fails_with_one_line_and_ends_the_c
     assert not graph.capture.stream.is_capturing() and not graph.captured
     assert model.forward_count == count and all(p.grad is None for p in optimizer.params)
     assert_same_state(state(model, optimizer), before, "after a failed capture")
+
+
+@pytest.mark.parametrize("read", ["float(loss.data)", "loss.item()"])
+def test_a_host_read_inside_the_captured_step_fails_with_one_line_on_cuda(rng, monkeypatch, read):
+    """What the fake CuPy claims, on a GPU: CUDA refuses the read inside the capture; StepGraph
+    ends the capture and raises one line; the stream works again and the weights are untouched."""
+    import minunet.step_graph as step_graph
+
+    need("cuda")
+    monkeypatch.setattr(ReadingLoss, "read", staticmethod(HOST_READS[read]))
+    data = batches(rng, 3, 1)
+    model, optimizer = model_and_optimizer("cuda")
+    graph = StepGraph(model, optimizer)
+    graph.step(*data[0])
+    monkeypatch.setattr(step_graph, "WeightedCrossEntropy", ReadingLoss)
+    before = state(model, optimizer)
+    with pytest.raises(StepGraphError) as error:
+        graph.step(*data[1])
+    assert len(str(error.value).splitlines()) == 1
+    assert not graph.capture.stream.is_capturing() and not graph.captured
+    assert_same_state(state(model, optimizer), before, "after a failed capture")
+    monkeypatch.setattr(step_graph, "WeightedCrossEntropy", WeightedCrossEntropy)
+    assert np.isfinite(graph.step(*data[2]))       # eager again, on the same stream
 
 
 def test_the_fake_cupy_lets_the_same_reads_through_outside_a_capture(rng, fake_cupy):
