@@ -185,9 +185,16 @@ class CudaCapture:
         return self.stream.end_capture()
 
     def abort(self) -> None:
-        """End a capture that failed, dropping its graph, unless it is already over."""
-        with contextlib.suppress(Exception):
-            if self.stream.is_capturing():
+        """End a capture that failed, dropping its graph, unless it is already over. CuPy's
+        ``is_capturing()`` raises RuntimeError for a capture CUDA invalidated (a host read inside
+        it, say: cupy_backends/cuda/api/runtime.pyx, streamIsCapturing), and such a capture is
+        still to be ended: cudaStreamEndCapture ends it and reports the invalidation (suppressed)."""
+        try:
+            capturing = self.stream.is_capturing()
+        except RuntimeError:
+            capturing = True
+        if capturing:
+            with contextlib.suppress(Exception):
                 self.stream.end_capture()
 
     def launch(self, graph) -> None:

@@ -262,6 +262,8 @@ class FakeStream:
         self.capture, self.invalidated = [], None
 
     def is_capturing(self):
+        if self.invalidated:      # what CuPy's streamIsCapturing does
+            raise RuntimeError("the stream was capturing, but an error has invalidated the capture sequence")
         return self.capture is not None
 
     def end_capture(self):
@@ -445,7 +447,7 @@ def fake_cuda_graph(cupy):
     return lambda model, optimizer: StepGraph(model, optimizer, capture=CudaCapture(cupy))
 
 
-def test_the_cuda_capture_code_replays_the_eager_steps_bit_for_bit_on_a_fake_cupy(rng, fake_cupy):
+def test_the_capture_code_replays_the_eager_steps_bit_for_bit_on_a_fake_cupy(rng, fake_cupy):
     """StepGraph's cuda path (CudaCapture: stream capture, graph launches) on emu: launches are
     recorded on the capturing stream and run only by the graph's launch, as on a GPU, and the
     steps are still the eager ones, bit for bit. The fake fails any launch on another stream and
@@ -548,7 +550,7 @@ def test_the_fake_cupy_lets_the_same_reads_through_outside_a_capture(rng, fake_c
         read(loss)
 
 
-def test_a_capture_cuda_refuses_at_its_end_is_one_line(rng, fake_cupy, monkeypatch):
+def test_a_capture_refused_at_its_end_is_one_line(rng, fake_cupy, monkeypatch):
     """CUDA refuses the capture only at its end (end_capture reports it invalidated):
     StepGraphError, one line, the stream no longer capturing; the next steps are eager again."""
     data = batches(rng, 3, 1)
