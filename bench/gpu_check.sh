@@ -26,7 +26,8 @@
 # Usage, from the repository root:
 #   OUT=/some/folder bash bench/gpu_check.sh
 #   GPU_CHECK_DRY=1 OUT=/tmp/gpu_check bash bench/gpu_check.sh   # dry run: the same commands on
-#       the emulator (device emu) at tiny sizes, ncu skipped, limits and deadline x6 (the emulator on a busy CPU): catches a typo for free
+#       the emulator (device emu) at tiny sizes, ncu skipped, limits and deadline x6 (the emulator on a busy CPU;
+#       GPU_CHECK_SCALE=12 for x12): catches a typo for free
 #   GPU_CHECK_ECHO=1 ...   only lists each stage's command
 # Afterwards: copy cuda_choices.json to minunet/backends/ (after reading it) and the tables to
 # bench/results/ with the date and the GPU.
@@ -42,7 +43,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # minunet from this checko
 START=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
-    DEV=emu; SCALE=6
+    DEV=emu; SCALE=${GPU_CHECK_SCALE:-6}   # more on a CPU busy with other work
     PAPER="--base-channels 1 --tile 188 --step-tiles 188"      # tiny stand-ins for the two networks
     DEFAULT="--base-channels 2 --tile 188 --step-tiles 188"
     TRAIN="--base-channels 2 --tile 188 --iterations 3 --synthetic-count 2 --synthetic-size 200"

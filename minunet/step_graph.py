@@ -8,8 +8,9 @@ once and replays them all with ONE ``cudaGraphLaunch``: no Python, no per-kernel
 loss, the backward, the SGD update and zero_grad:
 
 1. the first call on a new batch shape (or after anything below changed) runs the step eagerly:
-   it compiles the kernels, asks the device its one-time questions (host reads), and on ``cuda``
-   fills CuPy's memory pool with blocks of the step's sizes;
+   it compiles and loads the kernels, asks the device its one-time questions (host reads), and on
+   ``cuda`` fills CuPy's memory pool with blocks of the step's sizes (the warm-up keeps its launch
+   arguments until it ends, so the pool holds all of them at once, as the capture will need);
 2. the second call captures: every launch of ``KernelBackend.launch`` (the single choke point of
    both kernel devices) is appended to a list as (function, grid, block, args); on ``cuda`` the
    step also runs inside ``cupy.cuda.Stream.begin_capture`` / ``end_capture``, which turns the
@@ -35,9 +36,10 @@ Hazards, and how each is met:
 - **Memory lifetime.** A graph replays its kernels on the addresses they had when captured. The
   recorded arguments keep every array of the step alive (activations, gradients, the loss), so
   none can be freed and handed out again while the graph may still write it: they are the
-  graph's private memory pool. The price is memory: a captured step keeps all of its buffers at
-  once (an eager backward frees activations as it goes), so this is for small networks, where
-  launches dominate anyway. ``release()`` drops them.
+  graph's private memory pool; on ``cuda`` so is every other block allocated during the capture
+  (below). The price is memory: a captured step keeps all of its buffers at once (an eager
+  backward frees activations as it goes), so this is for small networks, where launches dominate
+  anyway. ``release()`` drops them.
 - **Seeds.** Dropout seeds used to be launch arguments: a replay would repeat the captured step's
   masks. Here the dropout kernels read the seed from a device array (``DeviceSeed``,
   ``dropout_forward_seed_buffer``) that the host rewrites before each replay with the seeds the
