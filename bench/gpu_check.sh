@@ -10,7 +10,7 @@
 #   4. tune         python -m minunet.bench --tune for both networks: the measured choice table
 #                   (every conv3x3 version and reduction the code lists, read from the code)
 #   5. default      the default network (16, 348): its step and op tables, the step captured once
-#                   and replayed as a CUDA graph (--graph), then a 6-second training run
+#                   and replayed as a CUDA graph (--graph), then a 6-second training run with it
 #   6. ncu          Nsight Compute's kernel-time breakdown of one paper training step, fp32 and tf32
 #   7. paper_ops    the paper network's op and kernel-version table
 # Each stage has its own time limit, and none runs past the deadline (420 s from the start); a
@@ -146,11 +146,13 @@ stage tune_default 15 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tun
 stage default 25 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --precision both --repeat $REPEAT --save none
 stage graph 15 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --graph --no-ops --no-torch --repeat $REPEAT --save none
 
-# 5b. a short training run end to end on the device: augmentation on the GPU, the prefetch
-# thread's stream, the one-launch SGD, validation (its log's data/step ms go to the summary)
+# 5b. a short training run end to end on the device, its step captured and replayed (--graph; the
+# eager training iteration is in the default stage's table): augmentation on the GPU, the prefetch
+# thread's stream working during the capture, validation (its log's data/step ms go to the
+# summary; a capture that failed is a "warning: capturing ..." line there, and the run goes on)
 train_run() {
     rm -rf /tmp/gpu_check_run
-    "$PY" -m minunet.train --device $DEV $TRAIN --max-minutes 0.1 --out /tmp/gpu_check_run --quiet &&
+    "$PY" -m minunet.train --device $DEV $TRAIN --graph --max-minutes 0.1 --out /tmp/gpu_check_run --quiet &&
         "$PY" -c "
 import csv, statistics
 every = list(csv.DictReader(open('/tmp/gpu_check_run/log.csv')))
