@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# The whole GPU check of minunet in under 5 minutes, for a lent GPU whose minutes are scarce:
-#   1. setup      the Python stack (CuPy, PyTorch, pytest) is there, else a guarded quick install
-#   2. tests      the kernel tests on device cuda (pytest -k cuda: every op, conv3x3 versions,
-#                 the GEMM weight gradients, resample, SGD), then a 15-second training run
-#   3. bench      python -m minunet.bench, paper network (base 64, tile 572) and default (16, 348):
-#                 the training step, minunet in fp32 and tf32 against PyTorch cuDNN strict FP32
-#                 and TF32; every op and kernel version; the default step captured once and
-#                 replayed as a CUDA graph (--graph)
-#   4. tune       python -m minunet.bench --tune for both networks: the measured choice table
-#   5. ncu        Nsight Compute's kernel-time breakdown of one paper training step, fp32 and tf32
-# Each stage has its own time limit, and none runs past 300 s from the start; a stage that fails
-# or runs out is reported and the next one runs. Everything lands in $OUT (8 files at most):
+# The whole GPU check of minunet in 7 minutes, for a lent GPU whose minutes are scarce (15 min of
+# device time per session, 2-3 of them to start the machine, at most 600 s per command). The
+# stages run most valuable first, so that whatever runs out of time is the least missed:
+#   1. setup        the Python stack (CuPy, PyTorch, pytest) is there, else a guarded quick install
+#   2. tests        the kernel tests on device cuda (pytest -k cuda: every op, conv3x3 versions,
+#                   the GEMM weight gradients, resample, SGD, the captured training step)
+#   3. paper_step   python -m minunet.bench, paper network (base 64, tile 572): the training step,
+#                   minunet in fp32 and tf32 against PyTorch cuDNN strict FP32 and TF32
+#   4. tune         python -m minunet.bench --tune for both networks: the measured choice table
+#                   (every conv3x3 version and reduction the code lists, read from the code)
+#   5. default      the default network (16, 348): its step and op tables, the step captured once
+#                   and replayed as a CUDA graph (--graph), then a 6-second training run with it
+#   6. ncu          Nsight Compute's kernel-time breakdown of one paper training step, fp32 and tf32
+#   7. paper_ops    the paper network's op and kernel-version table
+# Each stage has its own time limit, and none runs past the deadline (420 s from the start); a
+# stage that fails or runs out is reported and the next one runs. The budget, in seconds
+# (limits from the H200 run of 2026-12-04, plus room for the kernel versions added since):
+#   setup 30 | tests 60 | paper_step 70 | tune_paper 40 + tune_default 15 | default 25 + graph 15
+#   + train 25 | ncu_fp32 20 + ncu_tf32 20 | paper_ops 35   = 355 of the 420 s deadline (65 s for
+#   the summaries between stages and the start of each Python); run it with a 480 s command limit.
+# Everything lands in $OUT (8 files at most):
 #   summary.txt tests.txt bench_paper.txt bench_default.txt tune.txt cuda_choices.json
 #   ncu_fp32.csv ncu_tf32.csv
 #
 # Usage, from the repository root:
 #   OUT=/some/folder bash bench/gpu_check.sh
 #   GPU_CHECK_DRY=1 OUT=/tmp/gpu_check bash bench/gpu_check.sh   # dry run: the same commands on
-#       the emulator (device emu) at tiny sizes, ncu skipped, limits x6 (the emulator on a busy CPU): catches a typo for free
+#       the emulator (device emu) at tiny sizes, ncu skipped, limits and deadline x6 (the emulator on a busy CPU;
+#       GPU_CHECK_SCALE=12 for x12): catches a typo for free
 #   GPU_CHECK_ECHO=1 ...   only lists each stage's command
 # Afterwards: copy cuda_choices.json to minunet/backends/ (after reading it) and the tables to
 # bench/results/ with the date and the GPU.
@@ -33,7 +43,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # minunet from this checko
 START=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
-    DEV=emu; SCALE=6
+    DEV=emu; SCALE=${GPU_CHECK_SCALE:-6}   # more on a CPU busy with other work
     PAPER="--base-channels 1 --tile 188 --step-tiles 188"      # tiny stand-ins for the two networks
     DEFAULT="--base-channels 2 --tile 188 --step-tiles 188"
     TRAIN="--base-channels 2 --tile 188 --iterations 3 --synthetic-count 2 --synthetic-size 200"
@@ -50,7 +60,7 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 
 # stage NAME SECONDS LOG COMMAND...: run COMMAND with a time limit (x SCALE, and never past the
 # whole check's deadline), its output to LOG (appended), and one line of verdict in the summary.
-DEADLINE=$(( START + 300 * SCALE ))
+DEADLINE=$(( START + 420 * SCALE ))   # the budget table at the top
 stage() {
     local name=$1 limit=$(( $2 * SCALE )) log=$3; shift 3
     local t0=$(date +%s)
@@ -109,21 +119,40 @@ export PY DEV
 export -f setup
 stage setup 30 "$SUMMARY" bash -c setup
 
-# 2. the kernel tests on cuda (on emu in a dry run, -k cuda deselects them all: a parse check)
+# 2. the kernel tests on cuda (on emu in a dry run, -k cuda deselects them all: a parse check),
+# the captured training step's cuda test (tests/test_step_graph.py) among them
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-stage tests 45 "$OUT/tests.txt" "$PY" -m pytest -q -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py \
+stage tests 60 "$OUT/tests.txt" "$PY" -m pytest -q -p no:cacheprovider $XDIST -k cuda tests/test_kernels.py \
     tests/test_kernels_conv3x3.py tests/test_kernels_wgrad.py tests/test_resample.py tests/test_optim.py \
     tests/test_step_graph.py
 
 # (limits from the H200 run of 2026-12-04: setup compiled the kernels with NVRTC in ~10 s, the
-# tests took 34 s, the paper's step tables 50-56 s, its op table 26 s, tune 12 + 3 s, ncu 8 s each)
+# tests took 34 s, the paper's step tables 50-56 s, its op table 26 s, tune 12 + 3 s, ncu 8 s each;
+# the tests, the step tables and the tune have more kernel versions to go through since)
 
-# 2b. a short training run end to end on the device: augmentation on the GPU, the prefetch
-# thread's stream, the one-launch SGD, validation (its log's data/step ms go to the summary)
+# 3. the headline: the paper's training step against PyTorch in strict FP32 and TF32
+stage paper_step 70 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-ops
+
+# 4. the measured choice table, one network after the other (merged into one file); the versions
+# and reductions it times are the ones the code lists (minunet.backends.choices), none named here
+rm -f "$OUT/cuda_choices.json"
+stage tune_paper 40 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $PAPER --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
+stage tune_default 15 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $DEFAULT --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
+
+# 5. the default network: its step and op tables, then the step captured once as a CUDA graph and
+# replayed (minunet.step_graph, train --graph; its cuda test ran in stage 2): the "training step
+# (graph replay)" row beside the bare step
+stage default 25 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --precision both --repeat $REPEAT --save none
+stage graph 15 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --graph --no-ops --no-torch --repeat $REPEAT --save none
+
+# 5b. a short training run end to end on the device, its step captured and replayed (--graph; the
+# eager training iteration is in the default stage's table): augmentation on the GPU, the prefetch
+# thread's stream working during the capture, validation (its log's data/step ms go to the
+# summary; a capture that failed is a "warning: capturing ..." line there, and the run goes on)
 train_run() {
     rm -rf /tmp/gpu_check_run
-    "$PY" -m minunet.train --device $DEV $TRAIN --max-minutes 0.1 --out /tmp/gpu_check_run --quiet &&
+    "$PY" -m minunet.train --device $DEV $TRAIN --graph --max-minutes 0.1 --out /tmp/gpu_check_run --quiet &&
         "$PY" -c "
 import csv, statistics
 every = list(csv.DictReader(open('/tmp/gpu_check_run/log.csv')))
@@ -135,21 +164,7 @@ print(open('/tmp/gpu_check_run/metrics.json').read())"
 export TRAIN; export -f train_run
 stage train 25 "$SUMMARY" bash -c train_run
 
-# 3. the tables: the training step against PyTorch in strict FP32 and TF32 (the headline: the
-# paper's step first, its op table after the default network's tables), every op and version
-stage paper_step 60 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-ops
-stage default 25 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --precision both --repeat $REPEAT --save none
-# 3b. the default step captured once as a CUDA graph and replayed (minunet.step_graph, train --graph;
-# its cuda test ran in stage 2): the "training step (graph replay)" row beside the bare step
-stage graph 15 "$OUT/bench_default.txt" "$PY" -m minunet.bench --device $DEV $DEFAULT --graph --no-ops --no-torch --repeat $REPEAT --save none
-stage paper_ops 35 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-step
-
-# 4. the measured choice table, one network after the other (merged into one file)
-rm -f "$OUT/cuda_choices.json"
-stage tune_paper 25 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $PAPER --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
-stage tune_default 10 "$OUT/tune.txt" "$PY" -m minunet.bench --device $DEV --tune $DEFAULT --repeat $REPEAT --tune-output "$OUT/cuda_choices.json"
-
-# 5. ncu: one paper training step (the last of two), per kernel; --clock-control none keeps the
+# 6. ncu: one paper training step (the last of two), per kernel; --clock-control none keeps the
 # GPU's own clocks (the 2026-12-04 files used ncu's base clocks: up to 1.3x longer)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 [ "${GPU_CHECK_ECHO:-0}" = 1 ] && NCU=${NCU:-ncu}
@@ -166,6 +181,9 @@ else
         "$PY" -c "from minunet.bench import summarize_ncu; print(summarize_ncu('$OUT/ncu_$precision.csv'))" >> "$SUMMARY" 2>&1
     done
 fi
+
+# 7. last, the least missed: the paper network's op and kernel-version table
+stage paper_ops 35 "$OUT/bench_paper.txt" "$PY" -m minunet.bench --device $DEV $PAPER --precision both --repeat $REPEAT --save none --no-step
 
 # the headline: the training-step lines of both tables
 say ""

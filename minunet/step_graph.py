@@ -8,8 +8,9 @@ once and replays them all with ONE ``cudaGraphLaunch``: no Python, no per-kernel
 loss, the backward, the SGD update and zero_grad:
 
 1. the first call on a new batch shape (or after anything below changed) runs the step eagerly:
-   it compiles the kernels, asks the device its one-time questions (host reads), and on ``cuda``
-   fills CuPy's memory pool with blocks of the step's sizes;
+   it compiles and loads the kernels, asks the device its one-time questions (host reads), and on
+   ``cuda`` fills CuPy's memory pool with blocks of the step's sizes (the warm-up keeps its launch
+   arguments until it ends, so the pool holds all of them at once, as the capture will need);
 2. the second call captures: every launch of ``KernelBackend.launch`` (the single choke point of
    both kernel devices) is appended to a list as (function, grid, block, args); on ``cuda`` the
    step also runs inside ``cupy.cuda.Stream.begin_capture`` / ``end_capture``, which turns the
@@ -35,9 +36,10 @@ Hazards, and how each is met:
 - **Memory lifetime.** A graph replays its kernels on the addresses they had when captured. The
   recorded arguments keep every array of the step alive (activations, gradients, the loss), so
   none can be freed and handed out again while the graph may still write it: they are the
-  graph's private memory pool. The price is memory: a captured step keeps all of its buffers at
-  once (an eager backward frees activations as it goes), so this is for small networks, where
-  launches dominate anyway. ``release()`` drops them.
+  graph's private memory pool; on ``cuda`` so is every other block allocated during the capture
+  (below). The price is memory: a captured step keeps all of its buffers at once (an eager
+  backward frees activations as it goes), so this is for small networks, where launches dominate
+  anyway. ``release()`` drops them.
 - **Seeds.** Dropout seeds used to be launch arguments: a replay would repeat the captured step's
   masks. Here the dropout kernels read the seed from a device array (``DeviceSeed``,
   ``dropout_forward_seed_buffer``) that the host rewrites before each replay with the seeds the
@@ -61,10 +63,40 @@ Hazards, and how each is met:
   (validation, a checkpoint) finds it done. Launches from other threads (the batch-preparing
   thread) are not recorded.
 
-The ``cuda`` path follows CuPy's documented API (Stream.begin_capture's relaxed default mode,
-which permits the memory pool to grow during a capture, end_capture, Graph.launch); it was NOT run
-on a GPU in the session that wrote it: tests/test_step_graph.py has a ``cuda`` test that the next
-GPU session runs (bench/gpu_check.sh), and any speed given for it is predicted.
+The ``cuda`` capture, checked line by line against CuPy's documentation and source
+(``cupy/cuda/stream.pyx``, ``cupy/cuda/graph.pyx``, ``cupy/_core/core.pyx``; class
+:class:`CudaCapture`):
+
+- ``Stream.begin_capture()`` without a mode uses ``cudaStreamCaptureModeRelaxed``; CuPy chose it so
+  that its memory pool may call ``cudaMalloc`` (an "unsafe" call in the other modes) when it has
+  to grow during a capture. A capture must begin and end on the same stream, not the legacy
+  default stream (CuPy refuses it), and the launches must go to that stream: CuPy launches every
+  kernel (``RawKernel.__call__``, its own fills and copies) on ``get_current_stream()``, so the
+  capture runs inside ``with stream:``, as the example of CuPy's ``begin_capture`` docstring does.
+- No host synchronisation inside: CuPy's ``ndarray.get()`` (``float(a)``, ``int(a)``, ``a.item()``
+  and ``cupy.asnumpy`` go through it) copies to pageable host memory, which a capture cannot
+  record (CUDA: cudaErrorStreamCaptureUnsupported, and the capture is invalidated); a host-to-
+  device copy from pinned memory would be recorded with the host buffer's address baked in.
+  The step has neither (module docstring above; tests/test_step_graph.py's fake CuPy fails on
+  both); a violation ends the capture and raises :class:`StepGraphError`.
+- Kernels are compiled and loaded before the capture: the eager warm-up launches every kernel of
+  the step once, and the two kernels only a captured step uses (``CAPTURE_ONLY_KERNELS``) are
+  launched once on one element before the capture. CUDA's lazy loading (the default since 12.2)
+  loads a kernel at its first use, and a module load must not fall inside a capture.
+- Memory: the graph bakes in every pointer it was captured with. Besides the recorded launch
+  arguments, every block CuPy allocates during the capture (``cupy.cuda.using_allocator``, a
+  thread-local allocator that forwards to the current one and keeps each block) is held by the
+  StepGraph until ``release()``: a temporary freed inside the capture would otherwise go back to
+  the memory pool and be handed to other code while later replays still write it. The batch is
+  copied into fixed buffers before each replay.
+- A failure inside the capture (a host read, a launch error) ends the capture, puts the host
+  state back (the forward count, the gradients), drops what was captured and raises
+  :class:`StepGraphError` with one line; ``python -m minunet.train --graph`` then trains on
+  without the graph (the same numbers).
+
+The ``cuda`` path was NOT run on a GPU in the sessions that wrote it: tests/test_step_graph.py
+runs the same :class:`CudaCapture` code on emu against a fake CuPy, and has a ``cuda`` test that
+the next GPU session runs (bench/gpu_check.sh); any speed given for it is predicted.
 """
 from __future__ import annotations
 
@@ -77,6 +109,7 @@ import numpy as np
 from .backends import get_backend
 from .backends import kernels as _kernels
 from .ops.cross_entropy import WeightedCrossEntropy
+from .ops.elementwise import dropout_kernels_forward_seed_buffer
 from .tensor import Tensor
 
 
@@ -84,8 +117,90 @@ from .tensor import Tensor
 CAPTURE_ONLY_KERNELS = ("dropout_forward_seed_buffer", "sgd_momentum_if_finite")
 
 
+class StepGraphError(RuntimeError):
+    """Capturing the training step failed; one line that says why. Nothing of the step ran and
+    the StepGraph holds no capture (module docstring)."""
+
+
 def _raw(a):
     return a.data if isinstance(a, Tensor) else a
+
+
+class CudaCapture:
+    """CuPy's stream capture, as StepGraph uses it (module docstring: each call checked against
+    CuPy's documentation and source). ``cupy`` is the module to use: CuPy itself, or in
+    tests/test_step_graph.py a fake that runs the same calls on emu."""
+
+    def __init__(self, cupy=None):
+        if cupy is None:
+            import cupy
+        self.cupy = cupy
+        # A capture cannot use the legacy default stream (Stream.begin_capture refuses it), and a
+        # non-blocking stream is not synchronised with legacy-stream work of other threads, which
+        # would invalidate the capture.
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.ready = cupy.cuda.Event(disable_timing=True)   # recorded again before each step
+
+    def after_caller(self) -> None:
+        """Order this stream after the work queued so far on the caller's current stream (an
+        event recorded there; wait_event takes the event's state at the call)."""
+        self.ready.record(self.cupy.cuda.get_current_stream())
+        self.stream.wait_event(self.ready)
+
+    def current(self):
+        """``with capture.current():`` makes the stream CuPy's current one: CuPy launches every
+        kernel, copy and fill on ``get_current_stream()``, so all of them go to this stream, the
+        capturing one during a capture."""
+        return self.stream
+
+    @contextlib.contextmanager
+    def holding(self, held: list):
+        """Keep every device block allocated in this thread inside the block (appended to
+        ``held``): ``cupy.cuda.using_allocator`` sets a thread-local allocator; this one forwards
+        to the allocator in use (``cupy.cuda.get_allocator()``, the memory pool by default) and
+        keeps each MemoryPointer, so no block the graph uses returns to the pool while the graph
+        may be replayed."""
+        allocate = self.cupy.cuda.get_allocator()
+        if type(getattr(allocate, "__self__", None)).__name__ == "MemoryAsyncPool":
+            # cudaMallocAsync inside a capture becomes a memory node of the graph, and a graph
+            # whose allocations are not freed in it cannot be launched again
+            raise StepGraphError("a captured training step needs CuPy's default memory pool, not "
+                                 "cupy.cuda.MemoryAsyncPool (stream-ordered allocations become "
+                                 "graph nodes); run without --graph")
+
+        def keep(size):
+            memory = allocate(size)
+            held.append(memory)
+            return memory
+
+        with self.cupy.cuda.using_allocator(keep):
+            yield
+
+    def begin(self) -> None:
+        # No mode: CuPy's default, cudaStreamCaptureModeRelaxed, under which the memory pool may
+        # cudaMalloc when it grows (the comment in cupy/cuda/stream.pyx, begin_capture)
+        self.stream.begin_capture()
+
+    def end(self):
+        """The captured graph (``cupy.cuda.Graph``, instantiated by CuPy). Raises when CUDA
+        invalidated the capture; the capture is over either way (cudaStreamEndCapture)."""
+        return self.stream.end_capture()
+
+    def abort(self) -> None:
+        """End a capture that failed, dropping its graph, unless it is already over. CuPy's
+        ``is_capturing()`` raises RuntimeError for a capture CUDA invalidated (a host read inside
+        it, say: cupy_backends/cuda/api/runtime.pyx, streamIsCapturing), and such a capture is
+        still to be ended: cudaStreamEndCapture ends it and reports the invalidation (suppressed)."""
+        try:
+            capturing = self.stream.is_capturing()
+        except RuntimeError:
+            capturing = True
+        if capturing:
+            with contextlib.suppress(Exception):
+                self.stream.end_capture()
+
+    def launch(self, graph) -> None:
+        graph.launch(self.stream)
 
 
 class StepGraph:
@@ -94,9 +209,12 @@ class StepGraph:
 
     >>> graph = StepGraph(model, optimizer)          # doctest: +SKIP
     >>> loss = graph.step(x, target, weight)         # a float; weights updated unless it is not finite
+
+    ``capture``: on ``cuda`` a :class:`CudaCapture` is made; on ``emu`` none (the recorded launches
+    are replayed), unless one is given (the tests give a CudaCapture over a fake CuPy).
     """
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model, optimizer, capture: CudaCapture | None = None):
         device = model.device
         if device not in ("cuda", "emu"):
             raise ValueError(f"a captured training step needs a kernel device (cuda or emu), not "
@@ -106,17 +224,17 @@ class StepGraph:
         self.model, self.optimizer, self.device = model, optimizer, device
         self.backend = get_backend(device)
         self.xp = self.backend.xp
-        self.stream = None
-        if device == "cuda":
-            import cupy
-
-            self.stream = cupy.cuda.Stream(non_blocking=True)   # ordered by events (step())
+        if capture is None and device == "cuda":
+            capture = CudaCapture()
+        self.capture = capture
         layers = getattr(model, "DROPOUT_LAYERS", 0)
         self.seeds = self.xp.zeros(max(layers, 1), dtype=np.uint32)   # the dropout seeds, rewritten per step
         self.captures = 0    # steps captured so far (a new capture after each invalidation)
         self.replays = 0
         self.launches: list = []    # (function, grid, block, args, file, kernel) of the captured step
-        self._graph = None          # the cupy.cuda.Graph (cuda)
+        self.loaded: set = set()    # (file, kernel) launched by this thread before the capture
+        self._graph = None          # the captured graph (capture.end())
+        self._held: list = []       # the device blocks allocated during the capture (cuda)
         self._inputs = None         # the captured step's input buffers (x, target, weight)
         self._loss = None           # the captured step's loss buffer
         self._captured = None       # signature() of the captured step
@@ -143,7 +261,7 @@ class StepGraph:
 
     def release(self) -> None:
         """Drop the captured step and its buffers (the next two steps warm up and capture again)."""
-        self.launches, self._graph, self._inputs, self._loss = [], None, None, None
+        self.launches, self._graph, self._held, self._inputs, self._loss = [], None, [], None, None
         self._captured = self._warmed = None
 
     # ---- the step ---------------------------------------------------------------------------
@@ -151,14 +269,13 @@ class StepGraph:
         """One training step on this batch: x (N,C,H,W), target (N,H',W') class indices, weight
         (N,H',W'), arrays or Tensors (host or device). Returns the loss; when it is not finite
         the weights and momentum are left as they were. Eager the first time a signature is seen,
-        captured the second time, replayed afterwards."""
+        captured the second time, replayed afterwards. Raises StepGraphError when the capture
+        fails (nothing of this step ran then)."""
         signature = self.signature(x, target, weight)
         if self._captured is not None and signature != self._captured:
             self.release()
-        if self.stream is not None:   # after the caller's work so far (the batch's upload, say)
-            import cupy
-
-            self.stream.wait_event(cupy.cuda.get_current_stream().record())
+        if self.capture is not None:   # after the caller's work so far (the batch's upload, say)
+            self.capture.after_caller()
         with self._on_stream():
             if self._captured is not None:
                 return self._replay(x, target, weight)
@@ -169,19 +286,31 @@ class StepGraph:
             return value
 
     def _on_stream(self):
-        return self.stream if self.stream is not None else contextlib.nullcontext()
+        return self.capture.current() if self.capture is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _recording(self, launches: list):
+        """Every kernel launch of this thread inside the block is appended to ``launches``."""
+        self.backend.recorder = (threading.get_ident(), launches)
+        try:
+            yield
+        finally:
+            self.backend.recorder = None
 
     def _eager(self, x, target, weight) -> float:
         from . import functional as F
 
         x, target, weight = (a if isinstance(a, Tensor) else Tensor(a, device=self.device)
                              for a in (x, target, weight))
-        loss = F.weighted_cross_entropy(self.model(x), target, weight)
-        value = loss.item()
-        if math.isfinite(value):
-            loss.backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad()
+        launches = []
+        with self._recording(launches):     # which kernels are loaded now (a capture must not load one)
+            loss = F.weighted_cross_entropy(self.model(x), target, weight)
+            value = loss.item()
+            if math.isfinite(value):
+                loss.backward()
+                self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.loaded.update((launch[4], launch[5]) for launch in launches)
         return value
 
     def _device_copy(self, a, dtype):
@@ -213,42 +342,64 @@ class StepGraph:
             else:
                 self.xp.copyto(buffer, a, casting="same_kind")
 
+    def _load_capture_only_kernels(self) -> None:
+        """Launch the kernels only a captured step uses once, on one element, before the capture:
+        CUDA loads a kernel lazily at its first use (the default since CUDA 12.2), and a module
+        load must not fall inside a capture. The update sees a NaN loss and changes nothing."""
+        xp, launches = self.xp, []
+        with self._recording(launches):
+            dropout_kernels_forward_seed_buffer(self.backend, xp.zeros(1, dtype=np.float32), 0.5, self.seeds, 0)
+            self.backend.sgd_step_if_finite(xp.zeros(1, dtype=np.float32), xp.zeros(1, dtype=np.float32),
+                                            xp.zeros(1, dtype=np.float32), 0.0, 0.0,
+                                            xp.full(1, np.nan, dtype=np.float32))
+        self.loaded.update((launch[4], launch[5]) for launch in launches)
+
     def _capture(self, x, target, weight) -> float:
-        model, opt, backend = self.model, self.optimizer, self.backend
+        model, opt, capture = self.model, self.optimizer, self.capture
         opt.prepare()      # an update inside the capture must not replace the arrays it updates
         self._inputs = (self._device_copy(x, np.float32), self._device_copy(target, np.int32),
                         self._device_copy(weight, np.float32))
         self._check_target(self._inputs[1])
         tx, tt, tw = (Tensor._from_array(a, self.device) for a in self._inputs)
         self._write_seeds()
-        for kernel in CAPTURE_ONLY_KERNELS:   # looked up (loaded) now: no module load inside a capture
-            backend.function("elementwise", kernel)
-        launches = []
+        self._load_capture_only_kernels()
+        launches, held = [], []
+        count = getattr(model, "forward_count", None)
         seeds_from = getattr(model, "dropout_seeds_from", None)
-        backend.recorder = (threading.get_ident(), launches)
         graph = None
         try:
-            with (seeds_from(self.seeds) if seeds_from else contextlib.nullcontext()):
-                if self.stream is not None:
-                    self.stream.begin_capture()
-                try:
-                    loss = WeightedCrossEntropy.apply(model(tx), tt, tw)
-                    loss.backward()
-                    opt.step(unless_nonfinite=loss.data)
-                    opt.zero_grad()
-                except BaseException:
-                    if self.stream is not None:
-                        with contextlib.suppress(Exception):
-                            self.stream.end_capture()
-                    raise
-                if self.stream is not None:
-                    graph = self.stream.end_capture()
-        finally:
-            backend.recorder = None
-        self.launches, self._graph, self._loss = launches, graph, loss.data
+            with self._recording(launches), \
+                    (seeds_from(self.seeds) if seeds_from else contextlib.nullcontext()), \
+                    (capture.holding(held) if capture is not None else contextlib.nullcontext()):
+                if capture is not None:
+                    capture.begin()
+                loss = WeightedCrossEntropy.apply(model(tx), tt, tw)
+                loss.backward()
+                opt.step(unless_nonfinite=loss.data)
+                opt.zero_grad()
+                if capture is not None:
+                    graph = capture.end()
+        except BaseException as exc:
+            self.release()
+            if capture is None:     # emu's own recording: the launches ran, the error is the step's
+                raise
+            # End the capture (the stream must not stay capturing). Nothing of the step ran on the
+            # device (a capture runs nothing), so the host state goes back to before it: the
+            # dropout masks' forward count, no gradients.
+            capture.abort()
+            if count is not None:
+                object.__setattr__(model, "forward_count", count)
+            opt.zero_grad()
+            if not isinstance(exc, Exception):     # KeyboardInterrupt and the like: as they are
+                raise
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise StepGraphError(f"capturing the training step as a CUDA graph on {self.device!r} failed: "
+                                 f"{type(exc).__name__}: {detail} (a captured step may only launch "
+                                 f"kernels: no host read, no host-device copy); run without --graph") from exc
+        self.launches, self._graph, self._held, self._loss = launches, graph, held, loss.data
         self.captures += 1
         if graph is not None:
-            graph.launch(self.stream)          # a capture ran nothing: this is the step's work
+            capture.launch(graph)          # a capture ran nothing: this is the step's work
         self._captured = self.signature(x, target, weight)
         return self._read_loss()
 
@@ -256,7 +407,7 @@ class StepGraph:
         self._load(x, target, weight)
         self._write_seeds()
         if self._graph is not None:
-            self._graph.launch(self.stream)
+            self.capture.launch(self._graph)
         else:
             for function, grid, block, args, file, kernel in self.launches:
                 try:
@@ -275,5 +426,7 @@ class StepGraph:
             write(self.seeds)
 
     def _read_loss(self) -> float:
+        """The loss as a float. On cuda, ``get()`` copies on the current stream (this one) into
+        pageable host memory, which returns once the copy is done, after the whole step."""
         loss = self._loss
         return float(loss.get() if hasattr(loss, "get") else loss)

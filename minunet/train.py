@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "core); the data and results do not depend on it")
     model.add_argument("--graph", action="store_true", help="for --device cuda (or emu): capture "
                        "the whole training step once as a CUDA graph and replay it for every batch "
-                       "(one launch instead of ~200; the same numbers; minunet.step_graph). Not run "
-                       "on a GPU yet")
+                       "(one launch instead of ~200; the same numbers; minunet.step_graph; if the "
+                       "capture fails, a warning and the eager step). Not run on a GPU yet")
     run_ = p.add_argument_group("output")
     run_.add_argument("--out", default="runs/train", help="output folder")
     run_.add_argument("--resume", action="store_true", help="continue the run in --out with its "
@@ -532,10 +532,10 @@ def train_steps(run_: Run) -> tuple[int, str]:
     # it. So a batch stays referenced until the next step's loss.item() has waited for this stream,
     # i.e. until every kernel of the step that read it has finished.
     held = []
+    from .step_graph import StepGraph, StepGraphError
+
     graph = None
     if getattr(args, "graph", False):   # forward, loss, backward and update as one replayed graph
-        from .step_graph import StepGraph
-
         graph = StepGraph(run_.model, run_.optimizer)
     with _InterruptFlag() as interrupt:
         try:
@@ -544,11 +544,15 @@ def train_steps(run_: Run) -> tuple[int, str]:
                 (xs, targets, weights), rng_state, _ = batches.next()
                 x, target, weight = (Tensor(a, device=run_.device) for a in (xs, targets, weights))
                 data_ms = 1e3 * (time.perf_counter() - started)
+                if graph is not None:   # a non-finite loss has left the weights untouched (the update checks it)
+                    try:
+                        value = graph.step(x, target, weight)
+                    except StepGraphError as exc:   # nothing of the step ran: it runs eagerly below
+                        progress.write(f"warning: {exc}; training on without it (the same numbers)")
+                        graph = None
                 if graph is None:
                     loss = F.weighted_cross_entropy(run_.model(x), target, weight)
                     value = loss.item()
-                else:   # a non-finite loss has left the weights untouched (the update checks it)
-                    value = graph.step(x, target, weight)
                 held[:] = (xs, targets, weights)     # frees the previous batch (see above)
                 if not math.isfinite(value):
                     status, message = EXIT_FAILED, _nan_message(run_, value)
