@@ -359,6 +359,31 @@ def test_second_module_of_the_same_code_is_a_cache_hit(monkeypatch, tmp_path):
     assert compiler.compile_count() == before + 2
 
 
+def test_a_real_file_is_compiled_once_whatever_the_working_folder(monkeypatch, tmp_path):
+    """A kernel file's #line names are absolute, so the library built from the repository root
+    serves a notebook running in notebooks/ too; a source without a file (a relative name) is
+    keyed by the folder, whose path its debug line tables depend on."""
+    monkeypatch.setenv("MINUNET_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "src" / "once.cu"
+    source.parent.mkdir()
+    source.write_text(f"// unique {tmp_path.name}\nextern \"C\" __global__ void k(float* y) {{ y[0] = 2.0f; }}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    before = compiler.compile_count()
+    EmuModule(source.read_text(), name=str(source))
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(compiler, "_loaded", {})           # a fresh process in another folder
+    y = np.zeros(1, np.float32)
+    EmuModule(source.read_text(), name=str(source)).get_function("k")(1, 1, (y,))
+    assert compiler.compile_count() == before + 1 and y[0] == 2.0
+    code = f"// relative {tmp_path.name}\nextern \"C\" __global__ void k(float* y) {{ y[0] = 3.0f; }}\n"
+    EmuModule(code, name="relative.cu")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compiler, "_loaded", {})
+    EmuModule(code, name="relative.cu")
+    assert compiler.compile_count() == before + 3
+
+
 def test_debug_build_compiles_without_optimisation(monkeypatch, tmp_path):
     monkeypatch.setenv("MINUNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("MINUNET_EMU_DEBUG", "1")

@@ -168,11 +168,14 @@ def build(code: str, name: str, options: tuple[str, ...] = (), mode: str = "chec
     command = find_compiler()
     identity = _compiler_identity(tuple(command))
     flags = _flags(identity, mode) + extra
-    # The working directory is part of the key: the library's debug information records it
-    # (DW_AT_comp_dir), and the source lines of error reports are resolved through it, so a
-    # library built from another checkout would report the wrong lines.
+    # The working directory is part of the key when the source's name is relative: the library's
+    # debug information records it (DW_AT_comp_dir), and a relative file name in the line tables
+    # is resolved through it, so a library built from another folder would report the wrong
+    # lines. A real file's #line names are absolute, so its library serves every folder (the
+    # notebooks, run from notebooks/, reuse the test suite's kernels instead of compiling them again).
+    where = "" if Path(label).is_absolute() else os.getcwd()
     key_text = "\0".join([unit, *[h.read_text() for h in headers()],
-                          " ".join(command), identity, " ".join(flags), os.getcwd()])
+                          " ".join(command), identity, " ".join(flags), where])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     if key in _loaded:
         return _loaded[key]
